@@ -1,0 +1,260 @@
+"""The `cvxmri` command line.
+
+Errors in the user's input end the command with one line on stderr, ``cvxmri: error: ...``,
+and exit status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from cvxmri.errors import CvxmriError
+
+log = logging.getLogger("cvxmri")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error instead of usage plus message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"cvxmri: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _add_mask_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mask",
+        action="append",
+        choices=("poisson", "cartesian", "equispaced"),
+        help="sampling pattern; repeat for several (default: poisson and cartesian)",
+    )
+    parser.add_argument("--accel", type=_number, default=4.0, help="acceleration R (default 4)")
+    parser.add_argument(
+        "--center-fraction",
+        type=_number,
+        default=0.04,
+        help="fully sampled centre fraction of the 1D masks (default 0.04)",
+    )
+    parser.add_argument(
+        "--calib-size",
+        type=_positive_int,
+        default=16,
+        help="side of the fully sampled centre of the Poisson-disc mask (default 16)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = _Parser(prog="cvxmri", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = commands.add_parser("data", help="build and inspect datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    simulate = data_commands.add_parser(
+        "simulate", help="simulate multi-coil fastMRI-layout k-space from NIfTI volumes"
+    )
+    simulate.add_argument(
+        "--nifti",
+        action="append",
+        type=Path,
+        help="magnitude volume to simulate from; repeat for several "
+        "(default: Colin27 and MNI152, installed offline)",
+    )
+    simulate.add_argument("--out", type=Path, default=Path("data/default"), help="dataset root")
+    simulate.add_argument("--matrix", type=_positive_int, default=128, help="recon matrix")
+    simulate.add_argument("--coils", type=_positive_int, default=8, help="number of coils")
+    simulate.add_argument("--snr", type=_number, default=30.0, help="SNR of the combined image")
+    simulate.add_argument(
+        "--readout-oversampling", type=_positive_int, default=1, help="fastMRI knee: 2"
+    )
+    simulate.add_argument(
+        "--slice-step", type=_positive_int, default=2, help="use every n-th slice"
+    )
+    simulate.add_argument("--seed", type=int, default=0, help="random seed")
+    simulate.add_argument("--force", action="store_true", help="replace an existing dataset")
+
+    prepare = data_commands.add_parser(
+        "prepare", help="compute and cache the ESPIRiT coil maps of every split"
+    )
+    prepare.add_argument("--data", type=Path, default=Path("data/default"), help="dataset root")
+    prepare.add_argument("--split", action="append", help="split(s) (default: all three)")
+
+    info = data_commands.add_parser("info", help="print what a fastMRI HDF5 file holds")
+    info.add_argument("file", type=Path)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate reconstruction methods on a split (PSNR, SSIM, NMSE)"
+    )
+    evaluate.add_argument(
+        "--method",
+        action="append",
+        help="zero-filled or cs; repeat for several (default: both)",
+    )
+    _add_mask_options(evaluate)
+    evaluate.add_argument("--data", type=Path, default=Path("data/default"), help="dataset root")
+    evaluate.add_argument("--split", default="test", help="split (default test)")
+    evaluate.add_argument("--target", choices=("sense", "rss"), default="sense")
+    evaluate.add_argument("--cs-lambda", type=_number, help="CS l1-wavelet weight")
+    evaluate.add_argument("--cs-iterations", type=_positive_int, help="CS iterations")
+    evaluate.add_argument("--config", type=Path, help="YAML config; options given override it")
+    evaluate.add_argument("--out", type=Path, help="run folder (default runs/evaluate-<time>)")
+    evaluate.add_argument("--force", action="store_true", help="replace an existing run folder")
+    return parser
+
+
+def _mask_specs(args: argparse.Namespace) -> list:
+    from cvxmri.masks import MaskSpec
+
+    kinds = args.mask or ["poisson", "cartesian"]
+    specs = [
+        MaskSpec(kind, args.accel, args.center_fraction, (args.calib_size, args.calib_size))
+        for kind in kinds
+    ]
+    for spec in specs:
+        spec.validate()
+    return specs
+
+
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    from cvxmri.data.simulate import SimulationConfig, default_sources, load_nifti, simulate_dataset
+
+    config = SimulationConfig(
+        matrix=args.matrix,
+        coils=args.coils,
+        snr=args.snr,
+        readout_oversampling=args.readout_oversampling,
+        slice_step=args.slice_step,
+        seed=args.seed,
+    )
+    config.validate()
+    sources = [load_nifti(p) for p in args.nifti] if args.nifti else default_sources()
+    manifest = simulate_dataset(sources, args.out, config, overwrite=args.force)
+    counts = manifest["counts"]
+    print(
+        f"wrote {len(manifest['files'])} files to {args.out} "  # type: ignore[arg-type]
+        f"(slices: train {counts['train']}, val {counts['val']}, test {counts['test']}); "  # type: ignore[index]
+        f"manifest: {args.out / 'manifest.json'}"
+    )
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from cvxmri.data.prepare import EspiritConfig, find_files, prepare_volume
+
+    for split in args.split or ["train", "val", "test"]:
+        for path in tqdm(find_files(args.data, split), desc=f"coil maps {split}", unit="file"):
+            prepare_volume(path, args.data / "cache", EspiritConfig())
+    print(f"coil maps cached under {args.data / 'cache'}")
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    from cvxmri.data.fastmri_h5 import read_volume
+
+    volume = read_volume(args.file)
+    kind = "multi-coil" if volume.multicoil else "single-coil"
+    enc = volume.encoding
+    print(f"{args.file}: {kind}, {volume.kspace.shape[0]} slices, {volume.kspace.shape[1]} coils")
+    print(f"  kspace (H x W): {volume.kspace.shape[-2]} x {volume.kspace.shape[-1]}")
+    print(f"  recon matrix: {enc.recon_shape[0]} x {enc.recon_shape[1]}")
+    print(f"  acquired phase-encoding columns: [{enc.padding[0]}, {enc.padding[1]})")
+    target = "none" if volume.target is None else f"{volume.target.shape}"
+    print(f"  target: {target}")
+    print(f"  attributes: {volume.attrs}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from cvxmri.config import load_yaml
+    from cvxmri.evaluate import EvaluateConfig, evaluate, format_table
+    from cvxmri.runs import default_run_dir, run_folder
+
+    config = load_yaml(EvaluateConfig, args.config) if args.config else EvaluateConfig()
+    overrides: dict[str, object] = {"data": str(args.data), "split": args.split}
+    overrides["target"] = args.target
+    if args.method:
+        overrides["methods"] = args.method
+    if args.mask or not args.config:
+        overrides["masks"] = _mask_specs(args)
+    cs = config.cs
+    if args.cs_lambda is not None:
+        cs = replace(cs, lamda=args.cs_lambda)
+    if args.cs_iterations is not None:
+        cs = replace(cs, iterations=args.cs_iterations)
+    config = replace(config, cs=cs, **overrides)
+    config.validate()
+    out = args.out or default_run_dir("evaluate")
+    with run_folder(out, config, overwrite=args.force) as folder:
+        summary = evaluate(config, folder)
+    table = format_table(summary)
+    print(f"{config.split} split, target {config.target} (mean ± std over volumes / slices)")
+    print(table)
+    print(f"results: {out}")
+
+
+COMMANDS = {
+    ("data", "simulate"): _cmd_simulate,
+    ("data", "prepare"): _cmd_prepare,
+    ("data", "info"): _cmd_info,
+    ("evaluate", None): _cmd_evaluate,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `cvxmri` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    # The run folder's log gets INFO; the console only what -v asks for.
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[console])
+    command = COMMANDS[(args.command, getattr(args, "data_command", None))]
+    try:
+        command(args)
+    except CvxmriError as err:
+        if args.debug:
+            raise
+        print(f"cvxmri: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cvxmri: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        message = str(err).splitlines()[0] if str(err) else ""
+        print(
+            f"cvxmri: internal error: {type(err).__name__}: {message} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

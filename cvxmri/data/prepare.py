@@ -1,0 +1,176 @@
+"""From raw k-space to what reconstruction needs: coil maps, targets and normalisation.
+
+- Coil sensitivities: ESPIRiT (sigpy's `EspiritCalib`) from the central ``calib_width``
+  lines of each slice's fully sampled k-space, computed once and cached next to the data.
+  This is the usual "maps from a calibration region" convention of SENSE-based learned
+  reconstruction (e.g. MoDL and the Stanford knee sets); every method gets the same maps.
+- Targets: the SENSE-combined complex image ``x* = sum_c conj(S_c) F^H y_c`` and fastMRI's
+  root-sum-of-squares image, both centre-cropped in image space to the recon matrix.
+- Normalisation: each slice (with its mask) is divided by the 99th percentile of the
+  zero-filled magnitude ``|x0|`` over the recon matrix. It uses measured data only, so it is
+  available at test time, and it puts every input on one scale, which matters for the
+  regulariser of the convex stages. PSNR and SSIM are invariant to a common scale.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from cvxmri.data.fastmri_h5 import Volume, read_volume
+from cvxmri.errors import CvxmriError
+from cvxmri.physics import Sense, center_crop, ifft2c
+
+log = logging.getLogger(__name__)
+
+NORM_PERCENTILE = 99.0
+
+
+@dataclass(frozen=True)
+class EspiritConfig:
+    """sigpy `EspiritCalib` parameters."""
+
+    calib_width: int = 24
+    thresh: float = 0.02
+    kernel_width: int = 6
+    crop: float = 0.95
+
+    def tag(self) -> str:
+        """A folder name that changes whenever a parameter does."""
+        return f"espirit-cw{self.calib_width}-t{self.thresh:g}-k{self.kernel_width}-c{self.crop:g}"
+
+
+def espirit_maps(kspace: np.ndarray, config: EspiritConfig) -> np.ndarray:
+    """ESPIRiT sensitivities (C, H, W) of one slice's multi-coil k-space (C, H, W)."""
+    import sigpy.mri
+
+    app = sigpy.mri.app.EspiritCalib(
+        kspace,
+        calib_width=config.calib_width,
+        thresh=config.thresh,
+        kernel_width=config.kernel_width,
+        crop=config.crop,
+        show_pbar=False,
+    )
+    return np.asarray(app.run(), dtype=np.complex64)
+
+
+@dataclass
+class PreparedVolume:
+    """A fastMRI volume with what reconstruction needs, all on the full k-space grid except
+    the targets, which are cropped to the recon matrix.
+
+    Attributes:
+        name: the file name (seeds its evaluation mask).
+        kspace: complex64 (S, C, H, W), fully sampled.
+        maps: complex64 (S, C, H, W) coil sensitivities (ones for single-coil data).
+        target: complex64 (S, h, w) SENSE-combined image.
+        rss: float32 (S, h, w) root-sum-of-squares image (fastMRI's target).
+        recon_shape: (h, w).
+        padding: acquired phase-encoding columns [left, right).
+    """
+
+    name: str
+    kspace: np.ndarray
+    maps: np.ndarray
+    target: np.ndarray
+    rss: np.ndarray
+    recon_shape: tuple[int, int]
+    padding: tuple[int, int]
+
+
+def _cache_path(path: Path, cache_dir: Path, config: EspiritConfig) -> Path:
+    return cache_dir / config.tag() / path.parent.name / path.name
+
+
+def _fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def load_maps(path: Path, volume: Volume, cache_dir: Path, config: EspiritConfig) -> np.ndarray:
+    """The coil maps of a volume, from the cache or computed (then cached atomically)."""
+    if not volume.multicoil:
+        return np.ones_like(volume.kspace)
+    cached = _cache_path(path, cache_dir, config)
+    fingerprint = _fingerprint(path)
+    if cached.is_file():
+        try:
+            with h5py.File(cached, "r") as hf:
+                if (
+                    hf.attrs.get("source") == fingerprint
+                    and hf["maps"].shape == volume.kspace.shape
+                ):
+                    return np.asarray(hf["maps"][()])
+        except OSError:
+            log.warning("%s: damaged cache file, recomputing", cached)
+    calib = min(config.calib_width, *volume.kspace.shape[-2:])
+    if calib != config.calib_width:
+        config = EspiritConfig(calib, config.thresh, config.kernel_width, config.crop)
+    maps = np.stack([espirit_maps(k, config) for k in volume.kspace])
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as hf:
+            hf.create_dataset("maps", data=maps)
+            hf.attrs["source"] = fingerprint
+            for key, value in asdict(config).items():
+                hf.attrs[key] = value
+        os.replace(tmp, cached)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return maps
+
+
+def prepare_volume(
+    path: str | Path, cache_dir: str | Path, config: EspiritConfig | None = None
+) -> PreparedVolume:
+    """Read a fastMRI file and attach coil maps and targets."""
+    path = Path(path)
+    config = config or EspiritConfig()
+    volume = read_volume(path)
+    maps = load_maps(path, volume, Path(cache_dir), config)
+    kspace_t = torch.from_numpy(volume.kspace)
+    recon_shape = volume.encoding.recon_shape
+    target = center_crop(Sense(torch.from_numpy(maps)).H(kspace_t), recon_shape)
+    rss = center_crop(ifft2c(kspace_t).abs().pow(2).sum(dim=-3).sqrt(), recon_shape)
+    return PreparedVolume(
+        name=path.name,
+        kspace=volume.kspace,
+        maps=maps,
+        target=target.numpy(),
+        rss=rss.numpy(),
+        recon_shape=recon_shape,
+        padding=volume.encoding.padding,
+    )
+
+
+def normalisation_scale(x0: torch.Tensor, recon_shape: tuple[int, int]) -> torch.Tensor:
+    """Per-slice scale: the 99th percentile of the zero-filled magnitude over the recon
+    matrix. ``x0`` is (B, H, W) complex; returns (B,)."""
+    magnitude = center_crop(x0, recon_shape).abs().flatten(1)
+    scale = torch.quantile(magnitude.float(), NORM_PERCENTILE / 100, dim=1)
+    if not torch.all(scale > 0):
+        raise CvxmriError("zero-filled image is zero: the mask samples no signal")
+    return scale
+
+
+def find_files(root: str | Path, split: str) -> list[Path]:
+    """The HDF5 files of a split: ``root/multicoil_<split>`` or ``root/singlecoil_<split>``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CvxmriError(f"{root}: data folder does not exist")
+    folders = [root / f"{kind}_{split}" for kind in ("multicoil", "singlecoil")]
+    files = sorted(p for folder in folders if folder.is_dir() for p in folder.glob("*.h5"))
+    if not files:
+        raise CvxmriError(
+            f"{root}: no .h5 files in multicoil_{split}/ or singlecoil_{split}/ "
+            "(run 'cvxmri data simulate' to build the default dataset)"
+        )
+    return files

@@ -1,0 +1,332 @@
+"""Simulate multi-coil k-space in the fastMRI layout from magnitude volumes (NIfTI).
+
+Per axial slice: resample to the recon matrix, add a smooth random phase, multiply by
+birdcage coil sensitivities (sigpy), take the centred orthonormal FFT and add complex
+Gaussian noise. Slices are grouped into slabs; each slab is one fastMRI file, and slabs go to
+train, val or test with guard slices dropped between neighbouring slabs so that no split sees
+the neighbour of another split's slice.
+
+This is simulated k-space from magnitude images: it lacks real phase, real coil geometry and
+real noise correlations, so absolute PSNR/SSIM are optimistic ("implicit data crimes",
+Shimron et al., PNAS 2022). Comparisons between methods on the same data stay fair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from skimage.transform import resize
+
+from cvxmri.data.fastmri_h5 import EncodingInfo, Volume, write_volume
+from cvxmri.errors import CvxmriError
+from cvxmri.physics import center_crop, fft2c, ifft2c
+
+log = logging.getLogger(__name__)
+
+COLIN27_PATH = Path("/usr/share/mricron/templates/ch2.nii.gz")
+SPLITS = ("train", "val", "test")
+# Slabs cycle through this pattern (60% train, 20% val, 20% test), so every split sees
+# anatomy from the whole head; the cycle starts at a per-volume offset.
+SPLIT_PATTERN = ("train", "val", "train", "test", "train")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Parameters of the k-space simulation.
+
+    Attributes:
+        matrix: recon matrix (square), pixels.
+        coils: number of birdcage coils.
+        snr: SNR of the coil-combined fully sampled image: mean foreground magnitude over the
+            noise standard deviation (coil maps are normalised to unit root-sum-of-squares).
+        readout_oversampling: k-space has ``matrix * readout_oversampling`` readout samples
+            (fastMRI knee: 2); targets are cropped back in image space.
+        slice_step: use every n-th axial slice of the volume.
+        slab_slices: slices per file (slab).
+        guard_slices: slices dropped between neighbouring slabs.
+        min_foreground: drop slices whose foreground covers less of the matrix than this.
+        phase_strength: peak-to-peak radians of the smooth random phase.
+        seed: seed of the phase, the noise and the split offsets.
+    """
+
+    matrix: int = 128
+    coils: int = 8
+    snr: float = 30.0
+    readout_oversampling: int = 1
+    slice_step: int = 2
+    slab_slices: int = 6
+    guard_slices: int = 2
+    min_foreground: float = 0.2
+    phase_strength: float = 2.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise `CvxmriError` for impossible values."""
+        checks = {
+            "matrix": self.matrix >= 16,
+            "coils": self.coils >= 1,
+            "snr": np.isfinite(self.snr) and self.snr > 0,
+            "readout_oversampling": self.readout_oversampling >= 1,
+            "slice_step": self.slice_step >= 1,
+            "slab_slices": self.slab_slices >= 1,
+            "guard_slices": self.guard_slices >= 0,
+            "min_foreground": 0 <= self.min_foreground < 1,
+            "phase_strength": self.phase_strength >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise CvxmriError(f"invalid simulation setting {name}={getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A magnitude volume to simulate from."""
+
+    name: str
+    image: nib.Nifti1Image
+    origin: str
+
+
+def load_nifti(path: str | Path) -> Source:
+    """Load a NIfTI file as a simulation source, with a one-line error if it cannot be."""
+    path = Path(path)
+    if not path.is_file():
+        raise CvxmriError(f"{path}: no such file")
+    try:
+        image = nib.load(path)
+        image.get_fdata(dtype=np.float32)
+    except Exception as err:  # nibabel raises many types for damaged files
+        raise CvxmriError(f"{path}: cannot read as NIfTI ({type(err).__name__}: {err})") from None
+    name = path.name.removesuffix(".gz").removesuffix(".nii")
+    return Source(name=name, image=image, origin=f"{path} (sha256 {_sha256(path)[:16]})")
+
+
+def default_sources() -> list[Source]:
+    """The real anatomy that installs offline: Colin27 (Debian mricron-data) and MNI152
+    2009 (shipped inside nilearn). Whichever is installed is used."""
+    sources = []
+    if COLIN27_PATH.is_file():
+        source = load_nifti(COLIN27_PATH)
+        sources.append(Source("colin27", source.image, f"Colin27 T1, {source.origin}"))
+    try:
+        from nilearn.datasets import load_mni152_template
+    except ImportError:
+        log.warning("nilearn is not installed: the MNI152 template is skipped")
+    else:
+        sources.append(
+            Source("mni152", load_mni152_template(resolution=1), "MNI152 2009 T1 (nilearn)")
+        )
+    if not sources:
+        raise CvxmriError(
+            "no default volume found: install Debian's mricron-data (Colin27) or the nilearn "
+            "package (MNI152), or pass --nifti FILE"
+        )
+    return sources
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def axial_slices(image: nib.Nifti1Image, matrix: int) -> tuple[np.ndarray, np.ndarray]:
+    """Axial slices resampled to a square ``matrix`` grid that holds the whole in-plane FOV.
+
+    Returns the slices (n, matrix, matrix), anterior up, scaled so the volume's 99.9th
+    percentile is 1, and the indices of the slices in the canonical (RAS) volume.
+    """
+    canonical = nib.as_closest_canonical(image)
+    data = np.asarray(canonical.get_fdata(dtype=np.float32))
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise CvxmriError(f"expected a 3D volume, got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise CvxmriError("the volume contains NaN or Inf values")
+    data = np.clip(data, 0, None)
+    scale = float(np.percentile(data, 99.9))
+    if scale <= 0:
+        raise CvxmriError("the volume is empty (all values <= 0)")
+    data /= scale
+    dx, dy = (float(z) for z in canonical.header.get_zooms()[:2])
+    fov = max(data.shape[0] * dx, data.shape[1] * dy)
+    pixel = fov / matrix
+    size = (round(data.shape[1] * dy / pixel), round(data.shape[0] * dx / pixel))
+    out = np.zeros((data.shape[2], matrix, matrix), dtype=np.float32)
+    top, left = (matrix - size[0]) // 2, (matrix - size[1]) // 2
+    for k in range(data.shape[2]):
+        # RAS (x: left->right, y: posterior->anterior): rows run anterior to posterior.
+        plane = np.flipud(data[:, :, k].T)
+        out[k, top : top + size[0], left : left + size[1]] = resize(
+            plane, size, order=1, anti_aliasing=True, preserve_range=True
+        )
+    return np.clip(out, 0, None), np.arange(data.shape[2])
+
+
+def foreground_fraction(image: np.ndarray, level: float = 0.1) -> float:
+    """Fraction of pixels above ``level`` (relative to the volume scale of 1)."""
+    return float((image > level).mean())
+
+
+def smooth_phase(shape: tuple[int, int], strength: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random phase map: a random low-frequency field, scaled to ``strength``
+    radians peak to peak."""
+    coeffs = np.zeros(shape, dtype=np.complex128)
+    ch, cw = shape[0] // 2, shape[1] // 2
+    coeffs[ch - 2 : ch + 3, cw - 2 : cw + 3] = rng.normal(size=(5, 5)) + 1j * rng.normal(
+        size=(5, 5)
+    )
+    field = np.real(np.fft.ifft2(np.fft.ifftshift(coeffs)))
+    span = field.max() - field.min()
+    return (field - field.min()) / span * strength if span > 0 else np.zeros(shape)
+
+
+def birdcage_maps(coils: int, shape: tuple[int, int]) -> np.ndarray:
+    """Birdcage coil sensitivities (sigpy) normalised to unit root-sum-of-squares."""
+    import sigpy.mri
+
+    maps = sigpy.mri.birdcage_maps((coils, *shape), r=1.5, nzz=coils)
+    return (maps / np.sqrt((np.abs(maps) ** 2).sum(axis=0, keepdims=True))).astype(np.complex64)
+
+
+def simulate_slice(
+    image: np.ndarray, maps: np.ndarray, config: SimulationConfig, rng: np.random.Generator
+) -> np.ndarray:
+    """Multi-coil k-space (C, H * oversampling, W) of one magnitude slice (H, W)."""
+    height, width = image.shape
+    full = (height * config.readout_oversampling, width)
+    padded = np.zeros(full, dtype=np.float32)
+    top = (full[0] - height) // 2
+    padded[top : top + height] = image
+    phase = smooth_phase(full, config.phase_strength, rng)
+    obj = torch.from_numpy((padded * np.exp(1j * phase)).astype(np.complex64))
+    kspace = fft2c(torch.from_numpy(maps) * obj).numpy()
+    foreground = padded > 0.1
+    sigma = float(padded[foreground].mean()) / config.snr if foreground.any() else 0.0
+    # Complex noise with E|n|^2 = sigma^2; the FFT is unitary, so image noise has the same std.
+    noise = rng.normal(size=(2, *kspace.shape)) * (sigma / np.sqrt(2))
+    return (kspace + noise[0] + 1j * noise[1]).astype(np.complex64)
+
+
+def rss_target(kspace: np.ndarray, recon_shape: tuple[int, int]) -> np.ndarray:
+    """fastMRI's multi-coil target: root-sum-of-squares of the coil images, centre-cropped."""
+    images = ifft2c(torch.from_numpy(kspace))
+    return center_crop(images.abs().pow(2).sum(dim=-3).sqrt(), recon_shape).numpy()
+
+
+def slabs(n_slices: int, slab: int, guard: int) -> Iterator[range]:
+    """Consecutive slabs of ``slab`` positions separated by ``guard`` dropped positions."""
+    start = 0
+    while start + slab <= n_slices:
+        yield range(start, start + slab)
+        start += slab + guard
+
+
+def simulate_dataset(
+    sources: list[Source], out_dir: str | Path, config: SimulationConfig, overwrite: bool = False
+) -> dict[str, object]:
+    """Simulate every source into ``out_dir/multicoil_{train,val,test}/`` with a
+    ``manifest.json``, and return the manifest.
+
+    The dataset is built in a sibling folder and moved into place at the end, so an
+    interrupted run leaves no half-written dataset. An existing ``out_dir`` is replaced only
+    with ``overwrite``.
+    """
+    config.validate()
+    final = Path(out_dir)
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise CvxmriError(f"{final}: already exists and is not empty (use --force to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out_dir = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir()
+    try:
+        manifest = _simulate_into(sources, out_dir, config)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    out_dir.rename(final)
+    return manifest
+
+
+def _simulate_into(
+    sources: list[Source], out_dir: Path, config: SimulationConfig
+) -> dict[str, object]:
+    rng = np.random.default_rng(config.seed)
+    full = (config.matrix * config.readout_oversampling, config.matrix)
+    maps = birdcage_maps(config.coils, full)
+    encoding = EncodingInfo.full(full, (config.matrix, config.matrix))
+    files = []
+    for source_index, source in enumerate(sources):
+        try:
+            images, indices = axial_slices(source.image, config.matrix)
+        except CvxmriError as err:
+            raise CvxmriError(f"{source.name}: {err}") from None
+        keep = [
+            k
+            for k in range(0, len(images), config.slice_step)
+            if foreground_fraction(images[k]) >= config.min_foreground
+        ]
+        # Only runs of slices that are contiguous in the volume form a slab.
+        offset = int(rng.integers(len(SPLIT_PATTERN))) + source_index
+        n_slabs = 0
+        for slab in slabs(len(keep), config.slab_slices, config.guard_slices):
+            positions = [keep[i] for i in slab]
+            if positions[-1] - positions[0] != config.slice_step * (len(positions) - 1):
+                continue
+            split = SPLIT_PATTERN[(offset + n_slabs) % len(SPLIT_PATTERN)]
+            kspace = np.stack([simulate_slice(images[k], maps, config, rng) for k in positions])
+            target = rss_target(kspace, encoding.recon_shape)
+            name = f"{source.name}_{n_slabs:03d}.h5"
+            volume = Volume(
+                kspace,
+                target,
+                encoding,
+                {"acquisition": "SIM_T1", "patient_id": source.name},
+            )
+            write_volume(out_dir / f"multicoil_{split}" / name, volume)
+            files.append(
+                {
+                    "file": f"multicoil_{split}/{name}",
+                    "split": split,
+                    "source": source.name,
+                    "source_slices": [int(indices[k]) for k in positions],
+                }
+            )
+            log.info("%s: %s (%d slices)", split, name, len(positions))
+            n_slabs += 1
+        if n_slabs == 0:
+            raise CvxmriError(
+                f"{source.name}: no slab of {config.slab_slices} slices with enough foreground"
+            )
+    manifest = {
+        "kind": "simulated multi-coil k-space from magnitude volumes",
+        "sources": [{"name": s.name, "origin": s.origin} for s in sources],
+        "config": asdict(config),
+        "split_rule": (
+            f"slabs of {config.slab_slices} slices (every {config.slice_step}th axial slice), "
+            f"{config.guard_slices} slices dropped between slabs, slabs assigned cyclically "
+            f"by {list(SPLIT_PATTERN)}"
+        ),
+        "files": files,
+        "counts": {
+            split: sum(len(f["source_slices"]) for f in files if f["split"] == split)
+            for split in SPLITS
+        },
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
