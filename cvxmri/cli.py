@@ -166,7 +166,9 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     from cvxmri.data.prepare import EspiritConfig, find_files, prepare_volume
 
     for split in args.split or ["train", "val", "test"]:
-        for path in tqdm(find_files(args.data, split), desc=f"coil maps {split}", unit="file"):
+        for path in tqdm(
+            find_files(args.data, split), desc=f"coil maps {split}", unit="file", disable=None
+        ):
             prepare_volume(path, args.data / "cache", EspiritConfig())
     print(f"coil maps cached under {args.data / 'cache'}")
 

@@ -103,7 +103,7 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
     slice_rows: list[dict[str, object]] = []
     volume_rows: list[dict[str, object]] = []
     seconds = {(m, s.describe()): 0.0 for m in config.methods for s in config.masks}
-    for path in tqdm(files, desc=f"evaluate {config.split}", unit="file"):
+    for path in tqdm(files, desc=f"evaluate {config.split}", unit="file", disable=None):
         volume = prepare_volume(path, cache, config.espirit)
         target = np.abs(volume.target) if config.target == "sense" else volume.rss
         kspace = torch.from_numpy(volume.kspace)

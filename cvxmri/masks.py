@@ -312,7 +312,7 @@ class _DensityModel:
         self.profile2 = np.sort(free_profile2.ravel())
         self.num_calib = num_calib
         # tail[k] = sum of 1 / profile2 over the unsaturated points k, k + 1, ...
-        self.tail = np.concatenate([np.cumsum((1.0 / self.profile2)[::-1])[::-1], [0.0]])
+        self.tail = np.cumsum((1.0 / self.profile2)[::-1])[::-1]
 
     def inverse(self, count: int) -> float:
         """The ``u`` at which the model gives ``count`` samples (``count`` below the total)."""
@@ -320,7 +320,7 @@ class _DensityModel:
         # With the k points of smallest profile saturated, count(u) = k + u * tail[k] for
         # profile2[k - 1] <= u <= profile2[k]: find the consistent k.
         k = np.arange(self.profile2.size)
-        u = (free - k) / self.tail[:-1]
+        u = (free - k) / self.tail
         lower = np.concatenate([[0.0], self.profile2[:-1]])
         consistent = (u >= lower) & (u <= self.profile2)
         return float(u[np.argmax(consistent)])
@@ -425,16 +425,15 @@ def poisson_disc_mask(
     scale_low, scale_high = 1.0 / float(profile.max()), math.inf
     dense_mask, dense_count = np.ones((height, width), dtype=bool), total
     best_mask: BoolArray | None = None
+    best_error = math.inf
     for _ in range(max_iter):
         if not scale_low < scale < scale_high:
             scale = 2 * scale_low if math.isinf(scale_high) else math.sqrt(scale_low * scale_high)
         mask = _dart_throw((scale * profile) ** 2, priority, calib)
         count = int(mask.sum())
-        if low <= count <= high and (
-            best_mask is None or abs(count - target) < abs(int(best_mask.sum()) - target)
-        ):
-            best_mask = mask
-        if abs(count - target) <= good_enough:
+        if low <= count <= high and abs(count - target) < best_error:
+            best_mask, best_error = mask, abs(count - target)
+        if best_error <= good_enough:
             break
         if count > target:
             scale_low = scale

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -110,3 +111,12 @@ def singlecoil_file(tmp_path: Path) -> Path:
 def devices() -> list[str]:
     """CPU always, CUDA when present (tests never require a GPU)."""
     return ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def phantom_nifti(path: Path, depth: int = 60) -> Path:
+    """An ellipsoid 'head' with an inner structure, 1 x 1 x 1 mm voxels."""
+    x, y, z = np.mgrid[:48, :56, :depth]
+    head = ((x - 24) / 20) ** 2 + ((y - 28) / 24) ** 2 + ((z - depth / 2) / (depth / 2.2)) ** 2
+    data = (head < 1) * 100.0 + (((x - 24) / 8) ** 2 + ((y - 28) / 10) ** 2 < 1) * 50.0
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4)), path)
+    return path

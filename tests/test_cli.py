@@ -1,0 +1,153 @@
+"""The command line end to end on a tiny dataset, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import phantom_nifti
+
+from cvxmri.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    nifti = phantom_nifti(root / "head.nii.gz", depth=120)
+    code = main(
+        [
+            "data",
+            "simulate",
+            "--nifti",
+            str(nifti),
+            "--out",
+            str(root / "data"),
+            "--matrix",
+            "32",
+            "--coils",
+            "4",
+        ]
+    )
+    assert code == 0
+    return root
+
+
+def test_simulate_then_info(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = sorted((tiny / "data" / "multicoil_test").glob("*.h5"))
+    assert files
+    assert main(["data", "info", str(files[0])]) == 0
+    out = capsys.readouterr().out
+    assert "multi-coil" in out and "recon matrix: 32 x 32" in out
+
+
+def test_evaluate_zero_filled_and_cs(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tiny / "run"
+    code = main(
+        [
+            "evaluate",
+            "--data",
+            str(tiny / "data"),
+            "--split",
+            "test",
+            "--method",
+            "zero-filled",
+            "--method",
+            "cs",
+            "--cs-iterations",
+            "30",
+            "--calib-size",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "zero-filled" in printed and "poisson 4x" in printed and "cartesian 4x" in printed
+    for name in ("config.yaml", "log.txt", "per_slice.csv", "per_volume.csv", "summary.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    results = {(r["method"], r["mask"].split()[0]): r for r in summary["results"]}
+    assert set(results) == {(m, k) for m in ("zero-filled", "cs") for k in ("poisson", "cartesian")}
+    for kind in ("poisson", "cartesian"):
+        zf = results[("zero-filled", kind)]["volume"]["psnr"]["mean"]
+        cs = results[("cs", kind)]["volume"]["psnr"]["mean"]
+        assert cs > zf
+    n_slices = sum(
+        len(h5py.File(p)["kspace"]) for p in (tiny / "data" / "multicoil_test").glob("*.h5")
+    )
+    assert results[("cs", "poisson")]["slice"]["psnr"]["n"] == n_slices
+
+
+def test_evaluation_is_deterministic(tiny: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        args = [
+            "evaluate",
+            "--data",
+            str(tiny / "data"),
+            "--method",
+            "zero-filled",
+            "--out",
+            str(tiny / name),
+        ]
+        assert main(args) == 0
+        runs.append((tiny / name / "per_slice.csv").read_text())
+    assert runs[0] == runs[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cvxmri.cli", *args], capture_output=True, text=True, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["evaluate", "--accel", "1"], "acceleration must be finite and > 1"),
+        (["evaluate", "--accel", "0.5"], "acceleration must be finite and > 1"),
+        (["evaluate", "--accel", "four"], "not a number"),
+        (["evaluate", "--center-fraction", "1.5"], "center_fraction must be in (0, 1)"),
+        (["evaluate", "--center-fraction", "0"], "center_fraction must be in (0, 1)"),
+        (["evaluate", "--data", "/nonexistent"], "data folder does not exist"),
+        (["evaluate", "--method", "magic"], "unknown method"),
+        (["evaluate", "--config", "/nonexistent.yaml"], "no such config file"),
+        (["data", "info", "/nonexistent.h5"], "no such file"),
+        (["data", "simulate", "--nifti", "/nonexistent.nii"], "no such file"),
+        (["data", "simulate", "--snr", "-3"], "invalid simulation setting snr"),
+    ],
+)
+def test_bad_input_one_line_error(args: list[str], message: str) -> None:
+    result = _run(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("cvxmri: error:")
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_file_errors_and_no_partial_output(tiny: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data" / "multicoil_test"
+    data.mkdir(parents=True)
+    source = next((tiny / "data" / "multicoil_test").glob("*.h5"))
+    bad = data / source.name
+    bad.write_bytes(source.read_bytes())
+    with h5py.File(bad, "r+") as hf:
+        kspace = hf["kspace"][()]
+        kspace[0, 0, 0, 0] = np.nan
+        hf["kspace"][...] = kspace
+    out = tmp_path / "run"
+    result = _run("evaluate", "--data", str(tmp_path / "data"), "--out", str(out))
+    assert result.returncode == 2
+    assert "NaN or Inf" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))
+    bad.write_text("garbage")
+    result = _run("data", "info", str(bad))
+    assert result.returncode == 2 and "not a readable HDF5 file" in result.stderr
