@@ -403,8 +403,8 @@ def poisson_disc_mask(
         if num_calib > total / (acceleration * (1 - tol)):
             raise CvxmriError(
                 f"acceleration {acceleration} unreachable: the {calib_size[0]}x{calib_size[1]} "
-                f"calibration region alone has {num_calib} of the {total / acceleration:.0f} "
-                f"samples allowed on a {height}x{width} grid"
+                f"calibration region alone has {num_calib} samples, more than the "
+                f"{total / acceleration:.0f} it allows on a {height}x{width} grid"
             )
         raise CvxmriError(
             f"acceleration {acceleration} unreachable within tol {tol} on a {height}x{width} grid"

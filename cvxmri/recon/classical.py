@@ -30,7 +30,7 @@ class CSConfig:
         iterations: FISTA iterations.
     """
 
-    lamda: float = 1e-3
+    lamda: float = 3e-3
     iterations: int = 100
 
 
