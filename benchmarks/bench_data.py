@@ -128,7 +128,12 @@ def table(rows: list[dict[str, object]]) -> str:
     lines = ["| step | size | median time |", "|---|---|---|"]
     for row in rows:
         seconds = float(row["seconds"])  # type: ignore[arg-type]
-        shown = f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+        if seconds < 1e-3:
+            shown = f"{seconds * 1e6:.0f} µs"
+        elif seconds < 1:
+            shown = f"{seconds * 1e3:.1f} ms"
+        else:
+            shown = f"{seconds:.2f} s"
         lines.append(f"| {row['step']} | {row['size']} | {shown} |")
     return "\n".join(lines)
 

@@ -93,6 +93,12 @@ def evaluation_mask(
     return spec.sample(shape, np.random.default_rng(seed_from_name(name)), padding)
 
 
+def coil_support(maps: torch.Tensor) -> torch.Tensor:
+    """Where any coil is sensitive: (B, H, W) 0/1. Outside it the SENSE model has no data
+    and the SENSE target is zero, so every method's image is restricted to it."""
+    return (maps.abs().sum(dim=-3) > 0).to(maps.real.dtype)
+
+
 def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
     """Run every method on every mask over the split; write CSV/JSON into ``out``; return the
     summary."""
@@ -108,6 +114,7 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
         target = np.abs(volume.target) if config.target == "sense" else volume.rss
         kspace = torch.from_numpy(volume.kspace)
         maps = torch.from_numpy(volume.maps)
+        support = coil_support(maps)
         for spec in config.masks:
             mask_np = evaluation_mask(spec, volume.name, kspace.shape[-2:], volume.padding)
             mask = torch.from_numpy(mask_np.astype(np.float32))
@@ -116,7 +123,7 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
             masked = masked / scale[:, None, None, None]
             for method, reconstruct in reconstructors.items():
                 start = time.perf_counter()
-                image = reconstruct(masked, maps, mask)
+                image = reconstruct(masked, maps, mask) * support
                 seconds[(method, spec.describe())] += time.perf_counter() - start
                 pred = (center_crop(image, volume.recon_shape).abs() * scale[:, None, None]).numpy()
                 key = {"method": method, "mask": spec.describe(), "file": volume.name}

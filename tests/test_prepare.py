@@ -76,3 +76,15 @@ def test_find_files_errors(tmp_path: Path) -> None:
     (tmp_path / "multicoil_test").mkdir()
     with pytest.raises(CvxmriError, match=r"no \.h5 files"):
         find_files(tmp_path, "test")
+
+
+def test_coil_support_restricts_to_sensitive_pixels(dataset: Path) -> None:
+    from cvxmri.evaluate import coil_support
+
+    volume = prepare_volume(find_files(dataset, "train")[0], dataset / "cache")
+    support = coil_support(torch.from_numpy(volume.maps))
+    assert support.shape == (volume.maps.shape[0], *volume.maps.shape[-2:])
+    # ESPIRiT's crop zeroes the maps in air far from the object, and only there.
+    inside = (np.abs(volume.maps).sum(axis=1) > 0).astype(np.float32)
+    np.testing.assert_array_equal(support.numpy(), inside)
+    assert 0 < support.mean() < 1
