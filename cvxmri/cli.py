@@ -122,6 +122,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", type=Path, help="YAML config; options given override it")
     evaluate.add_argument("--out", type=Path, help="run folder (default runs/evaluate-<time>)")
     evaluate.add_argument("--force", action="store_true", help="replace an existing run folder")
+    train = commands.add_parser(
+        "train", help="train a network (layer-wise convex, layer-wise, end-to-end)"
+    )
+    train.add_argument(
+        "--method",
+        choices=("layerwise-convex", "layerwise", "end-to-end"),
+        default="layerwise-convex",
+    )
+    train.add_argument(
+        "--preset", default="quick", help="quick (CPU, minutes), paper (GPU) or tiny"
+    )
+    train.add_argument(
+        "--config", type=Path, help="YAML config over the preset; options override it"
+    )
+    _add_mask_options(train)
+    train.add_argument("--layers", type=_positive_int, help="network depth k+1 (paper: 5)")
+    train.add_argument("--channels", type=_positive_int, help="hidden width")
+    train.add_argument("--epochs", type=_positive_int, help="epochs (per stage for layer-wise)")
+    train.add_argument("--lr", type=_number, help="Adam learning rate")
+    train.add_argument("--beta", type=_number, help="group-lasso weight of the convex stages")
+    train.add_argument("--program", choices=("gated", "cone"), help="convex program of a stage")
+    train.add_argument("--stage-cache", choices=("memory", "disk", "none"))
+    train.add_argument("--data", type=Path, help="dataset root (default data/default)")
+    train.add_argument("--device", help="cpu, cuda or auto")
+    train.add_argument("--amp", action="store_true", help="bf16 autocast")
+    train.add_argument("--seed", type=int, help="random seed")
+    train.add_argument("--out", type=Path, help="run folder (default runs/<method>-<mask>-<time>)")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    train.add_argument("--force", action="store_true", help="replace an existing run folder")
     return parser
 
 
@@ -218,11 +247,100 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"results: {out}")
 
 
+def _train_config(args: argparse.Namespace) -> object:
+    """Preset, then the YAML file over it, then the command-line options over both."""
+    from dataclasses import replace
+
+    import yaml
+
+    from cvxmri.config import from_dict, to_dict
+    from cvxmri.training.config import TrainConfig, preset
+
+    kind = args.mask[0] if args.mask else "poisson"
+    if args.mask and len(args.mask) > 1:
+        raise CvxmriError("train takes one --mask")
+    base = to_dict(preset(args.preset, kind))
+    if args.config:
+        if not args.config.is_file():
+            raise CvxmriError(f"{args.config}: no such config file")
+        try:
+            overlay = yaml.safe_load(args.config.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise CvxmriError(
+                f"{args.config}: not valid YAML ({str(err).splitlines()[0]})"
+            ) from None
+        base = _merge(base, overlay, str(args.config))
+    config = from_dict(TrainConfig, base, str(args.config or "preset"))
+    if args.mask or not args.config:
+        config = replace(
+            config, mask=_mask_specs(argparse.Namespace(**{**vars(args), "mask": [kind]}))[0]
+        )
+    optim = config.optim
+    for name, value in (("epochs", args.epochs), ("lr", args.lr)):
+        if value is not None:
+            optim = replace(optim, **{name: value})
+    convex = config.convex
+    if args.beta is not None:
+        convex = replace(convex, beta=args.beta)
+    if args.program is not None:
+        convex = replace(convex, program=args.program)
+    overrides = {
+        "method": args.method,
+        "layers": args.layers,
+        "channels": args.channels,
+        "stage_cache": args.stage_cache,
+        "device": args.device,
+        "seed": args.seed,
+        "data": None if args.data is None else str(args.data),
+        "amp": args.amp or None,
+    }
+    config = replace(
+        config, optim=optim, convex=convex, **{k: v for k, v in overrides.items() if v is not None}
+    )
+    config.validate()
+    return config
+
+
+def _merge(base: dict, overlay: object, where: str) -> dict:
+    if not isinstance(overlay, dict):
+        raise CvxmriError(f"{where}: expected a mapping at the top level")
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = _merge(base[key], value, f"{where}.{key}")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from cvxmri.training.run import train
+
+    config = _train_config(args)
+    out = args.out or default_train_dir(config)
+    metrics = train(config, out, resume=args.resume, force=args.force)
+    final = metrics["final"]
+    print(
+        f"{config.method} {config.mask.describe()}, {config.layers} layers: "
+        f"val PSNR {final['val_psnr']:.2f} dB, SSIM {final['val_ssim']:.4f} "
+        f"({metrics['train_seconds']:.0f} s)"
+    )
+    print(f"model: {out / 'model.pt'}")
+
+
+def default_train_dir(config: object) -> Path:
+    """``runs/<method>-<mask kind>-<date>-<time>``."""
+    from cvxmri.runs import default_run_dir
+
+    return default_run_dir(f"{config.method}-{config.mask.kind}")  # type: ignore[attr-defined]
+
+
 COMMANDS = {
     ("data", "simulate"): _cmd_simulate,
     ("data", "prepare"): _cmd_prepare,
     ("data", "info"): _cmd_info,
     ("evaluate", None): _cmd_evaluate,
+    ("train", None): _cmd_train,
 }
 
 

@@ -22,9 +22,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cvxmri.data.prepare import EspiritConfig, find_files, normalisation_scale, prepare_volume
+from cvxmri.data.prepare import (
+    EspiritConfig,
+    coil_support,
+    evaluation_mask,
+    find_files,
+    normalisation_scale,
+    prepare_volume,
+)
 from cvxmri.errors import CvxmriError
-from cvxmri.masks import MaskSpec, seed_from_name
+from cvxmri.masks import MaskSpec
 from cvxmri.metrics import slice_metrics, volume_metrics
 from cvxmri.physics import Sense, center_crop
 from cvxmri.recon import CLASSICAL_METHODS, CSConfig, cs_l1_wavelet, zero_filled_sense
@@ -84,19 +91,6 @@ def classical_reconstructor(method: str, cs: CSConfig) -> Reconstructor:
     if method == "zero-filled":
         return zero_filled_sense
     return lambda kspace, maps, mask: cs_l1_wavelet(kspace, maps, mask, cs)
-
-
-def evaluation_mask(
-    spec: MaskSpec, name: str, shape: tuple[int, int], padding: tuple[int, int]
-) -> np.ndarray:
-    """The fixed evaluation mask of one file (seeded from its name)."""
-    return spec.sample(shape, np.random.default_rng(seed_from_name(name)), padding)
-
-
-def coil_support(maps: torch.Tensor) -> torch.Tensor:
-    """Where any coil is sensitive: (B, H, W) 0/1. Outside it the SENSE model has no data
-    and the SENSE target is zero, so every method's image is restricted to it."""
-    return (maps.abs().sum(dim=-3) > 0).to(maps.real.dtype)
 
 
 def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:

@@ -79,7 +79,7 @@ def test_find_files_errors(tmp_path: Path) -> None:
 
 
 def test_coil_support_restricts_to_sensitive_pixels(dataset: Path) -> None:
-    from cvxmri.evaluate import coil_support
+    from cvxmri.data.prepare import coil_support
 
     volume = prepare_volume(find_files(dataset, "train")[0], dataset / "cache")
     support = coil_support(torch.from_numpy(volume.maps))

@@ -25,6 +25,7 @@ import torch
 
 from cvxmri.data.fastmri_h5 import Volume, read_volume
 from cvxmri.errors import CvxmriError
+from cvxmri.masks import MaskSpec, seed_from_name
 from cvxmri.physics import Sense, center_crop, ifft2c
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,19 @@ def normalisation_scale(x0: torch.Tensor, recon_shape: tuple[int, int]) -> torch
     if not torch.all(scale > 0):
         raise CvxmriError("zero-filled image is zero: the mask samples no signal")
     return scale
+
+
+def evaluation_mask(
+    spec: MaskSpec, name: str, shape: tuple[int, int], padding: tuple[int, int]
+) -> np.ndarray:
+    """The fixed evaluation mask of one file (seeded from its name)."""
+    return spec.sample(shape, np.random.default_rng(seed_from_name(name)), padding)
+
+
+def coil_support(maps: torch.Tensor) -> torch.Tensor:
+    """Where any coil is sensitive: (B, H, W) 0/1. Outside it the SENSE model has no data
+    and the SENSE target is zero, so every method's image is restricted to it."""
+    return (maps.abs().sum(dim=-3) > 0).to(maps.real.dtype)
 
 
 def find_files(root: str | Path, split: str) -> list[Path]:

@@ -1,0 +1,571 @@
+"""The convex program of one layer-wise training stage (docs: method.md).
+
+A stage regresses the residual ``r = x* - x0`` from its input ``X = h_{i-1}`` with a
+two-layer network whose ReLU sign patterns are frozen by P gate filters. With the gates
+fixed the model is linear in its weights, so training is a convex program:
+
+- ``program="gated"`` (gated ReLU):
+  ``min_v  1/(2N) sum_n ||sum_p D_p(X_n) * conv(X_n, v_p) - r_n||^2 + beta sum_g ||v_g||``
+- ``program="cone"``: the exact ReLU program with ``v = w - z`` and group norms of ``w`` and
+  ``z``, its cone constraints ``(2 D_p - 1) * conv(X, w_p) >= 0`` (same for ``z``) kept as
+  the convex penalty ``cone_penalty * sum relu(-(2 D_p - 1) * conv(X, w_p))``.
+
+Unlike method.md, the data term is divided by the number of samples N ("mean-scaled"), so
+the objective of a mini-batch is an unbiased estimate of the full-batch one and ``beta``
+does not depend on the size of the training set.
+
+Groups (``output_groups``): ``"separate"`` puts every (pattern, output channel) filter
+``v_p[c]`` (shape ``(C_in, K, K)``) in its own group, i.e. the real and imaginary outputs are
+separate scalar problems sharing the gates (Sahiner et al., ICLR 2021); ``"frobenius"`` puts
+all outputs of a pattern in one group (``v_p``, shape ``(out, C_in, K, K)``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cvxmri.errors import CvxmriError
+
+PROGRAMS = ("gated", "cone")
+OUTPUT_GROUPS = ("separate", "frobenius")
+
+# Gate patterns active on fewer than this fraction (or more than 1 - it) of the sample's
+# pixels are "constant", and a pattern agreeing with an accepted one on more than
+# DUPLICATE_AGREEMENT of the pixels is a duplicate; both are redrawn.
+MIN_ACTIVE_FRACTION = 0.01
+DUPLICATE_AGREEMENT = 0.99
+# Redraw rounds before init_gates gives up and keeps what it has (with a warning): a sample
+# with no spatial variation has no informative hyperplane at all.
+GATE_REDRAW_ROUNDS = 20
+# A group whose norm is at most this fraction of the largest is dropped by to_relu.
+ZERO_GROUP_RELATIVE = 1e-12
+
+
+@dataclass(frozen=True)
+class ConvexStageConfig:
+    """Settings of one convex stage.
+
+    Attributes:
+        patterns: P, the number of gate filters (sign patterns).
+        kernel_size: K, odd size of the square filters ('same' convolutions).
+        beta: group-lasso weight, for the mean-scaled data term.
+        program: ``"gated"`` (unconstrained gated ReLU) or ``"cone"`` (cone constraints as a
+            penalty, pushing towards an exact ReLU network).
+        cone_penalty: rho, weight of the constraint-violation penalty (``program="cone"``).
+        output_groups: ``"separate"`` (one group per pattern and output channel) or
+            ``"frobenius"`` (one group per pattern over all output channels).
+        gate_seed: seed of the gate filters and of the data points their hyperplanes pass
+            through.
+    """
+
+    patterns: int = 32
+    kernel_size: int = 7
+    beta: float = 1e-4
+    program: str = "gated"
+    cone_penalty: float = 1.0
+    output_groups: str = "separate"
+    gate_seed: int = 0
+
+    def validate(self) -> None:
+        """Raise `CvxmriError` naming the first invalid setting."""
+        if not _is_int(self.patterns) or self.patterns < 1:
+            raise CvxmriError(f"patterns must be an integer >= 1, got {self.patterns!r}")
+        if not _is_int(self.kernel_size) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise CvxmriError(f"kernel_size must be an odd integer >= 1, got {self.kernel_size!r}")
+        if not _is_real(self.beta) or not math.isfinite(self.beta) or self.beta < 0:
+            raise CvxmriError(f"beta must be a finite number >= 0, got {self.beta!r}")
+        if self.program not in PROGRAMS:
+            raise CvxmriError(f"program must be one of {PROGRAMS}, got {self.program!r}")
+        if (
+            not _is_real(self.cone_penalty)
+            or not math.isfinite(self.cone_penalty)
+            or self.cone_penalty < 0
+        ):
+            raise CvxmriError(
+                f"cone_penalty must be a finite number >= 0, got {self.cone_penalty!r}"
+            )
+        if self.output_groups not in OUTPUT_GROUPS:
+            raise CvxmriError(
+                f"output_groups must be one of {OUTPUT_GROUPS}, got {self.output_groups!r}"
+            )
+        if not _is_int(self.gate_seed):
+            raise CvxmriError(f"gate_seed must be an integer, got {self.gate_seed!r}")
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass, but True patterns is a configuration mistake.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def group_norms_of(weight: Tensor, output_groups: str) -> Tensor:
+    """Group norms of a weight of shape ``(P, out, C_in, K, K)``.
+
+    ``"separate"``: ``(P, out)`` norms over ``(C_in, K, K)``; ``"frobenius"``: ``(P,)`` norms
+    over ``(out, C_in, K, K)``. The same grouping gives the dual norms of a gradient.
+    """
+    if output_groups == "separate":
+        return torch.linalg.vector_norm(weight.flatten(2), dim=2)
+    return torch.linalg.vector_norm(weight.flatten(1), dim=1)
+
+
+def group_soft_threshold(weight: Tensor, threshold: float, output_groups: str) -> Tensor:
+    """The prox of ``threshold * sum_g ||weight_g||``: ``weight_g * max(0, 1 - t/||weight_g||)``."""
+    norms = group_norms_of(weight, output_groups)
+    # torch.where keeps 0/0 (a zero group with threshold 0) out of the result.
+    scale = torch.where(
+        norms > threshold,
+        1 - threshold / norms.clamp_min(torch.finfo(norms.dtype).tiny),
+        torch.zeros_like(norms),
+    )
+    return weight * scale.reshape(*scale.shape, *([1] * (weight.dim() - scale.dim())))
+
+
+class _ReluUnits(NamedTuple):
+    """Hidden units of the mapped ReLU network, one per non-zero (pattern, output) filter."""
+
+    filters: Tensor  # (n, C_in, K, K): w / sqrt(||w||)
+    out_weights: Tensor  # (n,): +-sqrt(||w||)
+    out_channels: Tensor  # (n,) long: the output channel each unit feeds
+    patterns: Tensor  # (n,) long: the gate pattern each unit came from
+
+
+class ConvexStage(torch.nn.Module):
+    """One stage's convex model ``sum_p D_p(X) * conv(X, v_p)`` with fixed 0/1 gates ``D_p``.
+
+    Buffers (fixed, saved in the state dict): ``gate_weight (P, C_in, K, K)``,
+    ``gate_bias (P,)``, ``input_mean (C_in,)``, ``input_std (C_in,)``. Parameters: ``v``
+    (gated) or ``w`` and ``z`` (cone), each ``(P, out, C_in, K, K)``, initialised to zero.
+
+    Until `init_gates` is called the gates are seeded Gaussian hyperplanes through the origin
+    of the un-normalised input, which are degenerate on non-negative (post-ReLU) inputs; call
+    `init_gates` on a sample of the stage's inputs before training.
+    """
+
+    gate_weight: Tensor
+    gate_bias: Tensor
+    input_mean: Tensor
+    input_std: Tensor
+
+    def __init__(self, in_channels: int, out_channels: int, config: ConvexStageConfig) -> None:
+        """A zero model with data-independent gates (see `init_gates`)."""
+        super().__init__()
+        config.validate()
+        if not _is_int(in_channels) or in_channels < 1:
+            raise CvxmriError(f"in_channels must be an integer >= 1, got {in_channels!r}")
+        if not _is_int(out_channels) or out_channels < 1:
+            raise CvxmriError(f"out_channels must be an integer >= 1, got {out_channels!r}")
+        self.config = config
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        p, k = config.patterns, config.kernel_size
+        gen = torch.Generator().manual_seed(config.gate_seed)
+        self.register_buffer("gate_weight", self._draw_filters(p, gen).float())
+        self.register_buffer("gate_bias", torch.zeros(p))
+        self.register_buffer("input_mean", torch.zeros(in_channels))
+        self.register_buffer("input_std", torch.ones(in_channels))
+        shape = (p, out_channels, in_channels, k, k)
+        if config.program == "gated":
+            self.v = torch.nn.Parameter(torch.zeros(shape))
+        else:
+            self.w = torch.nn.Parameter(torch.zeros(shape))
+            self.z = torch.nn.Parameter(torch.zeros(shape))
+
+    # ----------------------------------------------------------------------------- gates
+
+    def _draw_filters(self, count: int, gen: torch.Generator) -> Tensor:
+        # Drawn in float64 on the CPU so that the filters depend on the seed alone, not on
+        # the device or dtype the module lives on.
+        k = self.config.kernel_size
+        fan_in = self.in_channels * k * k
+        return torch.randn(count, self.in_channels, k, k, generator=gen, dtype=torch.float64) / (
+            math.sqrt(fan_in)
+        )
+
+    def _normalise(self, x: Tensor) -> Tensor:
+        mean = self.input_mean.to(x.dtype).view(1, -1, 1, 1)
+        std = self.input_std.to(x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    @torch.no_grad()
+    def init_gates(self, x: Tensor) -> None:
+        """Data-dependent gates from a sample batch ``x`` of stage inputs ``(B, C_in, H, W)``.
+
+        Sets the per-channel input normalisation (used only inside the gate convolution) to
+        the sample's mean and std (std clamped at 1e-6, so all-zero channels are harmless),
+        draws gate filters i.i.d. ``N(0, 1/(C_in K K))`` from a generator seeded with
+        ``gate_seed``, and sets each bias so that the hyperplane passes (halfway to the next
+        lower response, so that no sample pixel sits on a tie) through the response at a
+        random pixel of a random sample image: on non-negative inputs a hyperplane through
+        the origin would be active almost everywhere. Patterns that are constant on
+        the sample (active fraction < 1% or > 99%) or duplicate an accepted pattern (> 99%
+        agreement) are redrawn, for at most 20 rounds; if some remain (a sample with no
+        spatial variation) they are kept and a RuntimeWarning says how many. Deterministic
+        for a given seed and sample.
+        """
+        self._check_input(x)
+        batch, _, height, width = x.shape
+        p = self.config.patterns
+        pad = self.config.kernel_size // 2
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(var.sqrt().clamp_min(1e-6))
+        xn = self._normalise(x)
+        pixels = batch * height * width
+
+        gen = torch.Generator().manual_seed(self.config.gate_seed)
+        weight = torch.zeros(p, self.in_channels, *self.gate_weight.shape[2:], dtype=torch.float64)
+        bias = torch.zeros(p, dtype=torch.float64)
+        # Accepted patterns as +-1 so that agreements are one matrix product.
+        signs = torch.zeros(p, pixels, dtype=x.dtype, device=x.device)
+        accepted = torch.zeros(p, dtype=torch.bool)
+        todo = list(range(p))
+        for _ in range(GATE_REDRAW_ROUNDS):
+            if not todo:
+                break
+            count = len(todo)
+            filters = self._draw_filters(count, gen)
+            images = torch.randint(batch, (count,), generator=gen)
+            rows = torch.randint(height, (count,), generator=gen)
+            cols = torch.randint(width, (count,), generator=gen)
+            response = F.conv2d(xn, filters.to(x), padding=pad)  # (B, count, H, W)
+            chosen = response[images, torch.arange(count), rows, cols]
+            # Threshold halfway between the chosen pixel's response and the next lower one:
+            # the chosen point is active, and no sample pixel lies on the hyperplane, so the
+            # patterns of the sample do not flip with the dtype or device at a tie.
+            flat = response.transpose(0, 1).reshape(count, pixels)
+            below = torch.where(flat < chosen[:, None], flat, -torch.inf).amax(dim=1)
+            offsets = -torch.where(torch.isfinite(below), (chosen + below) / 2, chosen)
+            active = response + offsets.view(1, -1, 1, 1) >= 0
+            cand = active.transpose(0, 1).reshape(count, pixels).to(x.dtype) * 2 - 1
+            fractions = (cand.sum(dim=1) / pixels + 1) / 2
+            # Agreement of each candidate with every accepted pattern and every candidate:
+            # (1 + <s_a, s_b> / M) / 2.
+            with_accepted = (cand @ signs.T / pixels + 1) / 2
+            with_cands = (cand @ cand.T / pixels + 1) / 2
+            # with_accepted holds the rows of the patterns accepted before this round; those
+            # accepted in it are compared through with_cands.
+            before = accepted.to(x.device, copy=True)
+            remaining = []
+            for index, slot in enumerate(todo):
+                weight[slot] = filters[index]
+                bias[slot] = offsets[index].double().cpu()
+                signs[slot] = cand[index]
+                fraction = float(fractions[index])
+                constant = not MIN_ACTIVE_FRACTION <= fraction <= 1 - MIN_ACTIVE_FRACTION
+                earlier = [i for i in range(index) if accepted[todo[i]]]
+                duplicate = bool(
+                    (with_accepted[index][before] > DUPLICATE_AGREEMENT).any()
+                    or (with_cands[index, earlier] > DUPLICATE_AGREEMENT).any()
+                )
+                if constant or duplicate:
+                    remaining.append(slot)
+                else:
+                    accepted[slot] = True
+            todo = remaining
+        if todo:
+            warnings.warn(
+                f"init_gates: {len(todo)} of {p} gate patterns are still constant or "
+                f"duplicate after {GATE_REDRAW_ROUNDS} rounds; the sample has too little "
+                "spatial variation",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.gate_weight.copy_(weight)
+        self.gate_bias.copy_(bias)
+
+    @torch.no_grad()
+    def gates(self, x: Tensor) -> Tensor:
+        """The sign patterns ``1[conv(normalise(x), u_p) + b_p >= 0]``: float 0/1, ``(B, P, H, W)``.
+
+        Computed in the dtype of ``x``, without autograd (the patterns are constants).
+        """
+        self._check_input(x)
+        pre = F.conv2d(
+            self._normalise(x),
+            self.gate_weight.to(x.dtype),
+            self.gate_bias.to(x.dtype),
+            padding=self.config.kernel_size // 2,
+        )
+        return (pre >= 0).to(x.dtype)
+
+    # ------------------------------------------------------------------------------ model
+
+    def effective_weight(self) -> Tensor:
+        """The weight ``v`` of the gated model, ``(P, out, C_in, K, K)`` (cone: ``w - z``)."""
+        if self.config.program == "gated":
+            return self.v
+        return self.w - self.z
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise CvxmriError(
+                f"stage input must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+
+    def _responses(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``conv(x, weight_p[c])`` for every (p, c) as ``(B, P, out, H, W)``: one convolution."""
+        p, out, c_in, k, _ = weight.shape
+        y = F.conv2d(x, weight.reshape(p * out, c_in, k, k), padding=k // 2)
+        return y.view(x.shape[0], p, out, *x.shape[2:])
+
+    def apply_weight(self, x: Tensor, weight: Tensor, gates: Tensor | None = None) -> Tensor:
+        """The gated model with an arbitrary weight: ``sum_p D_p * conv(x, weight_p[c])``.
+
+        ``gates`` (``(B, P, H, W)``, float or bool) may be passed to reuse precomputed
+        patterns; solvers use this to keep the linear operator ``A`` fixed.
+        """
+        d = self.gates(x) if gates is None else gates
+        return (self._responses(x, weight) * d.unsqueeze(2)).sum(dim=1)
+
+    def apply_adjoint(self, x: Tensor, residual: Tensor, gates: Tensor | None = None) -> Tensor:
+        """The adjoint of `apply_weight` in the weight: ``A^T residual``, ``(P, out, C_in, K, K)``.
+
+        This is the gradient of ``<apply_weight(x, weight), residual>``, computed with the
+        convolution's weight-gradient kernel, without an autograd graph.
+        """
+        d = self.gates(x) if gates is None else gates
+        p, out = self.config.patterns, self.out_channels
+        k = self.config.kernel_size
+        grad_y = d.unsqueeze(2) * residual.unsqueeze(1)  # (B, P, out, H, W)
+        grad_y = grad_y.reshape(x.shape[0], p * out, *x.shape[2:])
+        shape = (p * out, self.in_channels, k, k)
+        grad = torch.nn.grad.conv2d_weight(x, shape, grad_y, padding=k // 2)
+        return grad.view(p, out, self.in_channels, k, k)
+
+    def forward(self, x: Tensor, gates: Tensor | None = None) -> Tensor:
+        """``sum_p D_p * conv(x, v_p[c])`` for each output channel c: ``(B, out, H, W)``."""
+        self._check_input(x)
+        return self.apply_weight(x, self.effective_weight(), gates)
+
+    def data_term(self, x: Tensor, r: Tensor, gates: Tensor | None = None) -> Tensor:
+        """``0.5 * sum((forward(x) - r)^2) / B``: summed over channels and pixels, mean over the
+        batch, so mini-batch and full-batch objectives agree."""
+        return 0.5 * (self.forward(x, gates) - r).square().sum() / x.shape[0]
+
+    def group_norms(self) -> Tensor:
+        """Norms of the penalty's groups: separate ``(P, out)``, frobenius ``(P,)``; for the
+        cone program those of ``w`` and of ``z`` stacked on a leading axis of size 2."""
+        groups = self.config.output_groups
+        if self.config.program == "gated":
+            return group_norms_of(self.v, groups)
+        return torch.stack([group_norms_of(self.w, groups), group_norms_of(self.z, groups)])
+
+    def penalty(self) -> Tensor:
+        """``beta * sum of group norms`` (cone: of ``w`` and of ``z``)."""
+        return self.config.beta * self.group_norms().sum()
+
+    def cone_violation(self, x: Tensor, gates: Tensor | None = None) -> Tensor:
+        """Total violation of the cone constraints, mean over the batch (0 for gated).
+
+        ``sum_{p,c,pixels} relu(-(2 D_p - 1) * conv(x, w_p[c])) + (same for z)``, over B.
+        """
+        self._check_input(x)
+        if self.config.program == "gated":
+            return x.new_zeros(())
+        d = self.gates(x) if gates is None else gates
+        sign = (2 * d.to(x.dtype) - 1).unsqueeze(2)
+        total = F.relu(-sign * self._responses(x, self.w)).sum()
+        total = total + F.relu(-sign * self._responses(x, self.z)).sum()
+        return total / x.shape[0]
+
+    def objective(self, x: Tensor, r: Tensor, gates: Tensor | None = None) -> Tensor:
+        """The convex objective on this batch: data term + penalty (+ rho * cone violation)."""
+        d = self.gates(x) if gates is None else gates
+        value = self.data_term(x, r, d) + self.penalty()
+        if self.config.program == "cone":
+            value = value + self.config.cone_penalty * self.cone_violation(x, d)
+        return value
+
+    def features(self, x: Tensor, kind: str) -> Tensor:
+        """Hidden features passed to the next stage.
+
+        ``kind="gated"``: ``D_p * conv(x, v_p[c])`` for every (p, c), channel ``p * out + c``,
+        ``(B, P * out, H, W)`` (cone: ``v = w - z``). ``kind="relu"``:
+        ``relu(conv(x, hidden filters of to_relu()))``, ``(B, n_hidden, H, W)``.
+        """
+        self._check_input(x)
+        if kind == "gated":
+            y = self._responses(x, self.effective_weight()) * self.gates(x).unsqueeze(2)
+            return y.reshape(x.shape[0], -1, *x.shape[2:])
+        if kind == "relu":
+            first, _ = self.to_relu()
+            return F.relu(first(x))
+        raise CvxmriError(f"features kind must be 'gated' or 'relu', got {kind!r}")
+
+    # ---------------------------------------------------------------- mapping to a ReLU net
+
+    def _relu_units(self) -> _ReluUnits:
+        if self.config.program == "gated":
+            weights = [(self.v, 1.0)]
+        else:
+            weights = [(self.w, 1.0), (self.z, -1.0)]
+        norms = [group_norms_of(w.detach(), "separate") for w, _ in weights]  # (P, out) each
+        largest = max(float(n.max()) for n in norms)
+        filters, out_weights, channels, patterns = [], [], [], []
+        for (weight, sign), norm in zip(weights, norms, strict=True):
+            keep = norm > ZERO_GROUP_RELATIVE * largest if largest > 0 else norm > 0
+            index_p, index_c = torch.nonzero(keep, as_tuple=True)
+            root = norm[index_p, index_c].sqrt()
+            filters.append(weight.detach()[index_p, index_c] / root.view(-1, 1, 1, 1))
+            out_weights.append(sign * root)
+            channels.append(index_c)
+            patterns.append(index_p)
+        return _ReluUnits(
+            torch.cat(filters), torch.cat(out_weights), torch.cat(channels), torch.cat(patterns)
+        )
+
+    def to_relu(self) -> tuple[torch.nn.Conv2d, torch.nn.Conv2d]:
+        """The ordinary two-layer ReLU network of the solution (method.md's mapping).
+
+        Each non-zero ``w_p[c]`` gives a hidden ``KxK`` filter ``w_p[c] / sqrt(||w_p[c]||)``
+        (bias 0) with output weight ``+sqrt(||w_p[c]||)`` into output channel c of a ``1x1``
+        convolution (bias 0); each non-zero ``z_p[c]`` the same with ``-sqrt(||z_p[c]||)``.
+        Groups with norm <= 1e-12 * the largest are dropped; if all are, one zero hidden
+        filter is returned. For the cone program the network equals the convex model on any
+        data where the cone constraints hold. For gated solutions ``v_p[c]`` is mapped like
+        ``w``; this is exact only where the gate ``D_p`` agrees with the sign of
+        ``conv(x, v_p[c])`` (`mapping_report` measures how far it is).
+
+        Returns ``(first, last)``: ``Conv2d(C_in, n_hidden, K, padding=K//2)`` and
+        ``Conv2d(n_hidden, out, 1)``, on the device and dtype of the parameters.
+        """
+        units = self._relu_units()
+        weight = self.effective_weight()
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        k = self.config.kernel_size
+        hidden = max(1, units.filters.shape[0])
+        first = torch.nn.Conv2d(self.in_channels, hidden, k, padding=k // 2, **factory)
+        last = torch.nn.Conv2d(hidden, self.out_channels, 1, **factory)
+        with torch.no_grad():
+            first.weight.zero_()
+            first.bias.zero_()
+            last.weight.zero_()
+            last.bias.zero_()
+            count = units.filters.shape[0]
+            if count:
+                first.weight.copy_(units.filters)
+                units_index = torch.arange(count, device=units.out_channels.device)
+                last.weight[units.out_channels, units_index, 0, 0] = units.out_weights
+        return first, last
+
+    @torch.no_grad()
+    def mapping_report(self, x: Tensor) -> dict[str, float]:
+        """How far the `to_relu` network is from the convex model on data ``x``.
+
+        ``violation_fraction``: fraction of (pixel, hidden unit) pairs, over the non-zero
+        units, where the unit's gate disagrees with the sign of its pre-activation (a zero
+        pre-activation agrees with both); ``relative_output_difference``:
+        ``||relu_net(x) - forward(x)|| / ||forward(x)||``; ``hidden_units``: the number of
+        non-zero units.
+        """
+        self._check_input(x)
+        units = self._relu_units()
+        first, last = self.to_relu()
+        model = self.forward(x)
+        mapped = last(F.relu(first(x)))
+        count = units.filters.shape[0]
+        fraction = 0.0
+        if count:
+            pre = first(x)
+            d = self.gates(x)[:, units.patterns] > 0
+            disagree = (d & (pre < 0)) | (~d & (pre > 0))
+            fraction = float(disagree.to(torch.float64).mean())
+        tiny = torch.finfo(x.dtype).tiny
+        difference = float(
+            torch.linalg.vector_norm(mapped - model)
+            / torch.linalg.vector_norm(model).clamp_min(tiny)
+        )
+        return {
+            "violation_fraction": fraction,
+            "relative_output_difference": difference,
+            "hidden_units": float(count),
+        }
+
+
+# ---------------------------------------------------------------------------- certificate
+
+
+def _certificate(
+    stage: ConvexStage, batches: Iterable[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]
+) -> dict[str, float]:
+    """The certificate from (x, r, gates or None, prediction or None) batches; solvers pass
+    cached gates and the predictions they already have to save a convolution."""
+    config = stage.config
+    weight = stage.effective_weight().detach()
+    grad = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
+    count = 0
+    rr = re = ee = violation = 0.0
+    with torch.no_grad():
+        for x, r, gates, prediction in batches:
+            d = stage.gates(x) if gates is None else gates
+            pred = stage.apply_weight(x, weight, d) if prediction is None else prediction
+            e = r - pred
+            # A^T (A v - r): the (unscaled) gradient of the data term w.r.t. v.
+            grad -= stage.apply_adjoint(x, e, d).double()
+            r64, e64 = r.double(), e.double()
+            rr += float((r64 * r64).sum())
+            re += float((r64 * e64).sum())
+            ee += float((e64 * e64).sum())
+            if config.program == "cone":
+                violation += float(stage.cone_violation(x, d)) * x.shape[0]
+            count += x.shape[0]
+        if count == 0:
+            raise CvxmriError("duality_gap needs at least one sample")
+        grad /= count
+        penalty = float(stage.penalty())
+    data = 0.5 * ee / count
+    primal = data + penalty + config.cone_penalty * violation / count
+    dual_norms = group_norms_of(grad, config.output_groups)
+    max_dual = float(dual_norms.max())
+    scale = 1.0 if max_dual <= config.beta else config.beta / max_dual
+    dual = (scale * re - 0.5 * scale * scale * ee) / count
+    gap = primal - dual
+    tiny = torch.finfo(torch.float64).tiny
+    return {
+        "primal": primal,
+        "dual": dual,
+        "gap": gap,
+        "relative_gap": gap / max(abs(primal), tiny),
+        "dual_scale": scale,
+        "n": float(count),
+        "max_dual_norm": max_dual,
+    }
+
+
+def duality_gap(stage: ConvexStage, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """The optimality certificate of the stage's current weights on a fixed training set.
+
+    ``batches`` (iterated once) yields ``(x, r)``; N is the total number of samples. With the
+    mean-scaled data term ``L(v) = 1/(2N) sum_n ||A_n v - r_n||^2`` and ``e = r - A v``:
+
+    - ``primal = L + beta * sum of group norms`` (cone: ``L(w - z)``, norms of ``w`` and
+      ``z``, plus ``cone_penalty`` times the mean violation);
+    - ``g = grad L = -A^T e / N`` (one pass over the data); the dual norm of a group is
+      ``||g_{p,c}||`` (separate) or ``||g_p||_F`` (frobenius), and
+      ``s = min(1, beta / max dual norm)`` (1 when all are 0) makes ``theta = s e`` dual
+      feasible;
+    - ``dual = (0.5 ||r||^2 - 0.5 ||r - s e||^2) / N``.
+
+    ``primal - dual >= 0`` bounds the suboptimality and is 0 exactly at the optimum of the
+    gated program. For ``program="cone"`` the dual point is feasible for the gated
+    relaxation, whose optimum is at most the cone program's (``||w|| + ||z|| >= ||w - z||``
+    and the violation is >= 0), so the gap is still a valid upper bound on the cone
+    program's suboptimality, but it need not reach 0 at the cone optimum.
+
+    Returns ``primal``, ``dual``, ``gap``, ``relative_gap = gap / |primal|``,
+    ``dual_scale = s``, ``n = N`` and ``max_dual_norm`` (the largest dual norm of ``g``; at
+    ``v = 0`` it is the ``beta`` from which on ``v = 0`` is optimal).
+    """
+    return _certificate(stage, ((x, r, None, None) for x, r in batches))

@@ -1,0 +1,172 @@
+"""Training and validation data: zero-filled inputs and SENSE targets as 2-channel images.
+
+A split is loaded once (k-space, cached ESPIRiT maps, targets). For given masks, every slice
+becomes a pair ``(x0, x*)`` of (2, h, w) real tensors (real and imaginary channels) on the
+recon matrix, divided by the slice's normalisation scale (`cvxmri.data.prepare`).
+
+Masks: evaluation splits use the fixed per-file masks of `cvxmri.evaluate`; training uses
+one fixed mask per slice (``fixed_masks``) or a fresh mask per epoch. Every random choice is
+derived from ``(seed, epoch, ...)``, not from a running generator, so a resumed run makes the
+same choices as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cvxmri.data.prepare import (
+    EspiritConfig,
+    coil_support,
+    evaluation_mask,
+    find_files,
+    normalisation_scale,
+    prepare_volume,
+)
+from cvxmri.masks import MaskSpec, seed_from_name
+from cvxmri.models.cnn import to_channels
+from cvxmri.physics import Sense, center_crop
+
+
+@dataclass
+class PairSet:
+    """Normalised network inputs and targets of a set of slices.
+
+    Attributes:
+        x0: (N, 2, h, w) zero-filled SENSE images.
+        target: (N, 2, h, w) SENSE-combined fully sampled images.
+        support: (N, 1, h, w) coil support (0/1).
+        scale: (N,) normalisation scale of each slice.
+        files: (N,) file name of each slice (volume metrics group by it).
+    """
+
+    x0: Tensor
+    target: Tensor
+    support: Tensor
+    scale: Tensor
+    files: list[str]
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+
+class SliceData:
+    """All slices of one split in memory, ready to be masked.
+
+    Args:
+        root: dataset root.
+        split: train, val or test.
+        mask: the sampling pattern.
+        max_slices: keep only the first n slices (0: all).
+        espirit: coil-map settings; maps are cached under ``root/cache``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        mask: MaskSpec,
+        max_slices: int = 0,
+        espirit: EspiritConfig | None = None,
+    ) -> None:
+        kspace, maps, targets, files, slices = [], [], [], [], []
+        self.mask = mask
+        for path in find_files(root, split):
+            volume = prepare_volume(path, Path(root) / "cache", espirit or EspiritConfig())
+            kspace.append(torch.from_numpy(volume.kspace))
+            maps.append(torch.from_numpy(volume.maps))
+            targets.append(torch.from_numpy(volume.target))
+            files += [volume.name] * len(volume.kspace)
+            slices += list(range(len(volume.kspace)))
+            self.recon_shape = volume.recon_shape
+            self.padding = volume.padding
+            if max_slices and len(files) >= max_slices:
+                break
+        count = max_slices or len(files)
+        self.kspace = torch.cat(kspace)[:count]
+        self.maps = torch.cat(maps)[:count]
+        self.targets = torch.cat(targets)[:count]
+        self.files = files[:count]
+        self.slices = slices[:count]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def evaluation_masks(self) -> Tensor:
+        """The fixed per-file evaluation masks (as `cvxmri evaluate` draws them)."""
+        shape = tuple(self.kspace.shape[-2:])
+        cache: dict[str, np.ndarray] = {}
+        for name in self.files:
+            if name not in cache:
+                cache[name] = evaluation_mask(self.mask, name, shape, self.padding)
+        return torch.from_numpy(np.stack([cache[n] for n in self.files]).astype(np.float32))
+
+    def training_masks(self, seed: int, epoch: int | None) -> Tensor:
+        """One mask per slice: fixed for the run (``epoch=None``) or fresh for an epoch."""
+        shape = tuple(self.kspace.shape[-2:])
+        masks = []
+        for name, index in zip(self.files, self.slices, strict=True):
+            key = [seed, seed_from_name(f"{name}:{index}")] + ([] if epoch is None else [epoch])
+            masks.append(self.mask.sample(shape, np.random.default_rng(key), self.padding))
+        return torch.from_numpy(np.stack(masks).astype(np.float32))
+
+    def pairs(self, masks: Tensor, batch: int = 16) -> PairSet:
+        """Normalised ``(x0, x*)`` pairs for these masks."""
+        x0s, scales, supports = [], [], []
+        for start in range(0, len(self), batch):
+            part = slice(start, start + batch)
+            mask = masks[part][:, None]
+            maps = self.maps[part]
+            x0 = Sense(maps, mask).H(self.kspace[part] * mask)
+            scale = normalisation_scale(x0, self.recon_shape)
+            x0s.append(center_crop(x0, self.recon_shape) / scale[:, None, None])
+            scales.append(scale)
+            supports.append(center_crop(coil_support(maps), self.recon_shape))
+        scale = torch.cat(scales)
+        return PairSet(
+            x0=to_channels(torch.cat(x0s)),
+            target=to_channels(self.targets / scale[:, None, None]),
+            support=torch.cat(supports)[:, None],
+            scale=scale,
+            files=list(self.files),
+        )
+
+
+def derived_seed(*keys: int) -> int:
+    """A 31-bit seed from integers, the same in every process (unlike ``hash``)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, stage: int, epoch: int) -> list[Tensor]:
+    """The shuffled index batches of one epoch (derived from seed, stage and epoch)."""
+    generator = torch.Generator().manual_seed(derived_seed(seed, stage, epoch, 0))
+    order = torch.randperm(n, generator=generator)
+    return list(order.split(batch_size))
+
+
+def crop_windows(
+    n: int, shape: tuple[int, int], crop: int, seed: int, stage: int, epoch: int
+) -> Tensor:
+    """(n, 2) top-left corners of this epoch's random crops (all zero when crop is 0)."""
+    if crop == 0 or crop >= min(shape):
+        return torch.zeros(n, 2, dtype=torch.long)
+    generator = torch.Generator().manual_seed(derived_seed(seed, stage, epoch, 1))
+    top = torch.randint(0, shape[0] - crop + 1, (n,), generator=generator)
+    left = torch.randint(0, shape[1] - crop + 1, (n,), generator=generator)
+    return torch.stack([top, left], dim=1)
+
+
+def take_crops(images: Tensor, corners: Tensor, crop: int) -> Tensor:
+    """Crop each image (B, C, H, W) at its corner; whole images when crop is 0."""
+    if crop == 0 or crop >= min(images.shape[-2:]):
+        return images
+    return torch.stack(
+        [
+            img[:, top : top + crop, left : left + crop]
+            for img, (top, left) in zip(images, corners.tolist(), strict=True)
+        ]
+    )

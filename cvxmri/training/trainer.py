@@ -1,0 +1,528 @@
+"""Training: layer-wise (convex or not) and end-to-end, with exact resume.
+
+Layer-wise training (method.md) builds the network one stage at a time. Stage ``i`` trains
+a two-layer model on the output ``h_{i-1}`` of the frozen prefix to predict the residual
+``x* - x0``; then its first layer is frozen and appended, and its second layer is dropped
+unless it is the last stage. The prefix runs without autograd, and with fixed masks its
+output (the stage input) is computed once per stage and kept in memory or on disk, so a
+stage's memory does not grow with depth.
+
+- ``layerwise-convex``: the stage is a `ConvexStage` trained on its convex objective with
+  Adam; its optimality certificate (relative duality gap) is logged per epoch.
+- ``layerwise``: the same greedy schedule with an ordinary conv-ReLU-1x1 stage trained by
+  backpropagation (the non-convex ablation).
+- ``end-to-end``: the ordinary ReLU CNN of the same depth and width trained jointly.
+
+Every stage and epoch writes ``checkpoints/last.pt``; a resumed run continues from it and
+ends with the same weights as an uninterrupted one, because every random choice (masks,
+crops, batch order, initialisation) is derived from (seed, stage, epoch).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from cvxmri.config import to_dict
+from cvxmri.errors import CvxmriError
+from cvxmri.metrics import slice_metrics, volume_metrics
+from cvxmri.models.cnn import GatedConv, ReconCNN, ReluConv
+from cvxmri.models.convex import ConvexStage, duality_gap
+from cvxmri.training.checkpoint import load_checkpoint, save_checkpoint
+from cvxmri.training.config import TrainConfig
+from cvxmri.training.data import (
+    PairSet,
+    SliceData,
+    crop_windows,
+    derived_seed,
+    epoch_batches,
+    take_crops,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK = 8  # images per no-grad forward pass when computing stage inputs and metrics
+
+
+class TrainingStopped(Exception):
+    """Raised when ``stop_after`` epochs have run; the run folder can be resumed."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` means CUDA when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CvxmriError("device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+class TwoLayerStage(nn.Module):
+    """The non-convex stage: ``conv(KxK) -> ReLU -> conv(1x1)``, trained by backprop."""
+
+    def __init__(self, in_channels: int, hidden: int, kernel_size: int) -> None:
+        super().__init__()
+        self.first = ReluConv(in_channels, hidden, kernel_size)
+        self.last = nn.Conv2d(hidden, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Predicted residual."""
+        return self.last(self.first(x))
+
+
+def gated_layers(stage: ConvexStage) -> tuple[GatedConv, nn.Conv2d]:
+    """The gated hidden layer and the 1x1 summation of a convex stage, as network modules.
+
+    ``x0 + last(first(x))`` equals ``x0 + stage(x)`` exactly: channel ``p * out + c`` of the
+    hidden layer is ``D_p * conv(x, v_p[c])`` and the 1x1 layer sums it into output ``c``.
+    """
+    patterns, out, in_channels, k, _ = stage.effective_weight().shape
+    first = GatedConv(in_channels, patterns, out, k)
+    with torch.no_grad():
+        first.value.weight.copy_(
+            stage.effective_weight().reshape(patterns * out, in_channels, k, k)
+        )
+        first.gate_weight.copy_(stage.gate_weight)
+        first.gate_bias.copy_(stage.gate_bias)
+        first.input_mean.copy_(stage.input_mean)
+        first.input_std.copy_(stage.input_std)
+    last = nn.Conv2d(patterns * out, out, 1)
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+        for c in range(out):
+            last.weight[c, c::out] = 1.0
+    return first, last
+
+
+def relu_layers(stage: ConvexStage) -> tuple[ReluConv, nn.Conv2d]:
+    """The mapped ReLU hidden layer and output layer of a convex stage (`to_relu`)."""
+    first_conv, last = stage.to_relu()
+    first = ReluConv(first_conv.in_channels, first_conv.out_channels, first_conv.kernel_size[0])
+    first.conv = first_conv
+    return first, last
+
+
+class Trainer:
+    """Trains one network as configured, writing into ``out`` (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, out: Path) -> None:
+        config.validate()
+        self.config = config
+        self.out = out
+        self.device = resolve_device(config.device)
+        self.train_data = SliceData(
+            config.data, "train", config.mask, max_slices=config.max_train_slices
+        )
+        self.val_data = SliceData(config.data, "val", config.mask)
+        self.val_pairs = self.val_data.pairs(self.val_data.evaluation_masks())
+        self.fixed_pairs = (
+            self.train_data.pairs(self.train_data.training_masks(config.seed, None))
+            if config.fixed_masks
+            else None
+        )
+        self.history: list[dict[str, Any]] = []
+        self.certificates: list[dict[str, Any]] = []
+        self.depth_metrics: list[dict[str, Any]] = []
+        self.writer: Any = None
+
+    # ------------------------------------------------------------------ shared helpers
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
+
+    def _pairs(self, epoch: int) -> PairSet:
+        if self.fixed_pairs is not None:
+            return self.fixed_pairs
+        masks = self.train_data.training_masks(self.config.seed, epoch)
+        return self.train_data.pairs(masks)
+
+    @torch.no_grad()
+    def _apply(self, module: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+        """``module`` over ``images`` in chunks, on the device, results on the CPU."""
+        outputs = []
+        for start in range(0, images.shape[0], CHUNK):
+            chunk = images[start : start + CHUNK].to(self.device)
+            with self._autocast():
+                outputs.append(module(chunk).float().cpu())
+        return torch.cat(outputs)
+
+    def validate(self, model: ReconCNN) -> dict[str, float]:
+        """Whole-image validation metrics (fastMRI volume and slice conventions)."""
+        model.eval()
+        pairs = self.val_pairs
+        pred = self._apply(model, pairs.x0) * pairs.support
+        scale = pairs.scale[:, None, None]
+        pred_mag = torch.linalg.vector_norm(pred, dim=1) * scale
+        target_mag = torch.linalg.vector_norm(pairs.target, dim=1) * scale
+        volumes = []
+        for name in dict.fromkeys(pairs.files):
+            index = [i for i, f in enumerate(pairs.files) if f == name]
+            volumes.append(volume_metrics(target_mag[index], pred_mag[index]))
+        per_slice = slice_metrics(target_mag, pred_mag)
+        return {
+            "val_psnr": float(sum(v["psnr"] for v in volumes) / len(volumes)),
+            "val_ssim": float(sum(v["ssim"] for v in volumes) / len(volumes)),
+            "val_nmse": float(sum(v["nmse"] for v in volumes) / len(volumes)),
+            "val_psnr_slice": float(sum(per_slice["psnr"]) / len(per_slice["psnr"])),
+            "val_ssim_slice": float(sum(per_slice["ssim"]) / len(per_slice["ssim"])),
+        }
+
+    def _optimizer(
+        self, params: list[nn.Parameter]
+    ) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.StepLR]:
+        optim = self.config.optim
+        optimizer = torch.optim.Adam(params, lr=optim.lr)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, optim.step, optim.gamma)
+        return optimizer, scheduler
+
+    def _record(self, row: dict[str, Any], step: int) -> None:
+        self.history.append(row)
+        log.info("%s", row)
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, float) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+
+    def _batches(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        stage: int,
+        epoch: int,
+        transform: Callable[[Tensor], Tensor] | None = None,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """This epoch's shuffled, cropped batches, on the device. ``transform`` (the frozen
+        prefix, when stage inputs are not cached) runs on whole images before cropping, so
+        cached and recomputed inputs are the same."""
+        cfg = self.config
+        shape = (inputs.shape[-2], inputs.shape[-1])
+        corners = crop_windows(len(inputs), shape, cfg.crop, cfg.seed, stage, epoch)
+        for index in epoch_batches(len(inputs), cfg.optim.batch_size, cfg.seed, stage, epoch):
+            x = inputs[index].to(self.device)
+            if transform is not None:
+                with torch.no_grad(), self._autocast():
+                    x = transform(x).float()
+            yield (
+                take_crops(x, corners[index], cfg.crop),
+                take_crops(targets[index].to(self.device), corners[index], cfg.crop),
+            )
+
+    def _save(self, state: dict[str, Any]) -> None:
+        state.update(
+            history=json.dumps(self.history),
+            certificates=json.dumps(self.certificates),
+            depth_metrics=json.dumps(self.depth_metrics),
+            config=json.dumps(to_dict(self.config)),
+        )
+        save_checkpoint(self.out / "checkpoints" / "last.pt", state)
+
+    def _load(self) -> dict[str, Any] | None:
+        path = self.out / "checkpoints" / "last.pt"
+        if not path.exists():
+            return None
+        state = load_checkpoint(path)
+        saved = json.loads(state["config"])
+        if saved != to_dict(self.config):
+            raise CvxmriError(f"{path}: checkpoint was written with another configuration")
+        self.history = json.loads(state["history"])
+        self.certificates = json.loads(state["certificates"])
+        self.depth_metrics = json.loads(state["depth_metrics"])
+        return state
+
+    # ---------------------------------------------------------------------- entry point
+
+    def fit(self, stop_after: int | None = None) -> ReconCNN:
+        """Train (resuming from ``checkpoints/last.pt`` if present) and return the network.
+
+        Args:
+            stop_after: stop after this many epochs in this call (to test resumption); the
+                run is then resumable.
+        """
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        try:
+            state = self._load()
+            budget = [math.inf if stop_after is None else stop_after]
+            if self.config.method == "end-to-end":
+                return self._fit_end_to_end(state, budget)
+            return self._fit_layerwise(state, budget)
+        finally:
+            self.writer.close()
+
+    # ------------------------------------------------------------------------ end-to-end
+
+    def _fit_end_to_end(self, state: dict[str, Any] | None, budget: list[float]) -> ReconCNN:
+        cfg = self.config
+        torch.manual_seed(derived_seed(cfg.seed, 1000))
+        model = ReconCNN.relu(cfg.layers, cfg.channels, cfg.kernel_size).to(self.device)
+        optimizer, scheduler = self._optimizer(list(model.parameters()))
+        start = 0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start = int(state["epoch"])
+        for epoch in range(start, cfg.optim.epochs):
+            if budget[0] <= 0:
+                raise TrainingStopped
+            began = time.perf_counter()
+            pairs = self._pairs(epoch)
+            model.train()
+            losses = []
+            batches = self._batches(pairs.x0, pairs.target, 0, epoch)
+            for x0, target in tqdm(
+                list(batches),
+                desc=f"end-to-end epoch {epoch + 1}/{cfg.optim.epochs}",
+                leave=False,
+                disable=None,
+            ):
+                optimizer.zero_grad(set_to_none=True)
+                with self._autocast():
+                    pred = model(x0)
+                loss = 0.5 * (pred.float() - target).pow(2).sum() / x0.shape[0]
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            row = {
+                "method": cfg.method,
+                "stage": 0,
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": sum(losses) / len(losses),
+                **self.validate(model),
+                "seconds": time.perf_counter() - began,
+            }
+            self._record(row, epoch)
+            self._save(
+                {
+                    "method": cfg.method,
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                }
+            )
+            budget[0] -= 1
+        self.depth_metrics = [{"layers": cfg.layers, **self.validate(model)}]
+        return model.cpu()
+
+    # ------------------------------------------------------------------------ layer-wise
+
+    def _cache_inputs(self, prefix: ReconCNN, x0: Tensor, stage: int) -> Tensor:
+        """The frozen prefix's features of every training image, in memory or on disk."""
+        features = self._apply(prefix.features, x0)
+        if self.config.stage_cache == "memory":
+            return features
+        path = self.out / "cache" / f"stage{stage + 1}_inputs.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(features, path)
+        del features
+        return torch.load(path, mmap=True, weights_only=True)
+
+    def _new_stage(self, in_channels: int, stage: int, sample: Tensor) -> nn.Module:
+        cfg = self.config
+        if cfg.method == "layerwise-convex":
+            stage_cfg = replace(cfg.stage_config(), gate_seed=derived_seed(cfg.seed, stage, 7))
+            module = ConvexStage(in_channels, 2, stage_cfg)
+            module.init_gates(sample)
+            return module.to(self.device)
+        torch.manual_seed(derived_seed(cfg.seed, stage, 8))
+        return TwoLayerStage(in_channels, cfg.channels, cfg.kernel_size).to(self.device)
+
+    def _freeze(self, module: nn.Module) -> tuple[nn.Module, nn.Conv2d]:
+        """The stage's hidden layer and output layer as network modules."""
+        if isinstance(module, ConvexStage):
+            return gated_layers(module) if self.config.features == "gated" else relu_layers(module)
+        assert isinstance(module, TwoLayerStage)
+        return module.first, module.last
+
+    def _stage_loss(self, module: nn.Module, x: Tensor, r: Tensor) -> Tensor:
+        if isinstance(module, ConvexStage):
+            gates = module.gates(x)  # in full precision: bf16 could flip sign patterns
+            with self._autocast():
+                return module.objective(x, r, gates=gates).float()
+        with self._autocast():
+            pred = module(x)
+        return 0.5 * (pred.float() - r).pow(2).sum() / x.shape[0]
+
+    def _certificate(
+        self,
+        module: ConvexStage,
+        inputs: Tensor,
+        residual: Tensor,
+        transform: Callable[[Tensor], Tensor] | None,
+    ) -> dict[str, float]:
+        """The duality gap on whole training images (the fixed convex problem)."""
+
+        def batches() -> Iterator[tuple[Tensor, Tensor]]:
+            for i in range(0, len(inputs), CHUNK):
+                x = inputs[i : i + CHUNK].to(self.device)
+                if transform is not None:
+                    with torch.no_grad():
+                        x = transform(x)
+                yield x, residual[i : i + CHUNK].to(self.device)
+
+        return duality_gap(module, batches())
+
+    def _fit_layerwise(self, state: dict[str, Any] | None, budget: list[float]) -> ReconCNN:
+        cfg = self.config
+        stages = cfg.layers - 1
+        prefix: ReconCNN | None = None
+        start_stage, start_epoch = 0, 0
+        if state is not None:
+            start_stage, start_epoch = int(state["stage"]), int(state["epoch"])
+            if state["prefix"]:
+                prefix = ReconCNN._build(json.loads(state["prefix_architecture"]))
+                prefix.load_state_dict(state["prefix"])
+                prefix.to(self.device).eval()
+        for stage in range(start_stage, stages):
+            module, optimizer, scheduler, first_epoch = self._start_stage(
+                prefix, stage, state if stage == start_stage else None, start_epoch
+            )
+            cached = None
+            if prefix is not None and cfg.stage_cache != "none":
+                cached = self._cache_inputs(prefix, self._pairs(0).x0, stage)
+            transform = None if prefix is None or cached is not None else prefix.features
+            for epoch in range(first_epoch, cfg.optim.epochs):
+                if budget[0] <= 0:
+                    raise TrainingStopped
+                began = time.perf_counter()
+                pairs = self._pairs(stage * cfg.optim.epochs + epoch)
+                inputs = cached if cached is not None else pairs.x0
+                residual = pairs.target - pairs.x0
+                module.train()
+                losses = []
+                batches = list(self._batches(inputs, residual, stage + 1, epoch, transform))
+                desc = (
+                    f"{cfg.method} stage {stage + 1}/{stages} epoch {epoch + 1}/{cfg.optim.epochs}"
+                )
+                for x, r in tqdm(batches, desc=desc, leave=False, disable=None):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = self._stage_loss(module, x, r)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(loss.item())
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                network = self._network(prefix, module)
+                row: dict[str, Any] = {
+                    "method": cfg.method,
+                    "stage": stage + 1,
+                    "epoch": epoch + 1,
+                    "lr": lr,
+                    "train_loss": sum(losses) / len(losses),
+                    **self.validate(network),
+                }
+                last_epoch = epoch + 1 == cfg.optim.epochs
+                every = cfg.certificate_every
+                if isinstance(module, ConvexStage) and (
+                    last_epoch or (every and (epoch + 1) % every == 0)
+                ):
+                    cert = self._certificate(module, inputs, residual, transform)
+                    row.update({f"cert_{k}": v for k, v in cert.items() if k != "n"})
+                    self.certificates.append({"stage": stage + 1, "epoch": epoch + 1, **cert})
+                row["seconds"] = time.perf_counter() - began
+                self._record(row, stage * cfg.optim.epochs + epoch)
+                budget[0] -= 1
+                if not last_epoch:
+                    self._save(
+                        {
+                            "method": cfg.method,
+                            "stage": stage,
+                            "epoch": epoch + 1,
+                            "stage_module": module.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            **_prefix_state(prefix),
+                        }
+                    )
+            prefix = self._finish_stage(prefix, module, stage)
+        assert prefix is not None
+        return prefix.cpu()
+
+    def _start_stage(
+        self, prefix: ReconCNN | None, stage: int, state: dict[str, Any] | None, epoch: int
+    ) -> tuple[nn.Module, torch.optim.Adam, torch.optim.lr_scheduler.StepLR, int]:
+        """A new stage (gates from a sample of its inputs), or the one a checkpoint holds."""
+        x0 = self._pairs(0).x0[:16]
+        sample = x0 if prefix is None else self._apply(prefix.features, x0)
+        module = self._new_stage(sample.shape[1], stage, sample.to(self.device))
+        optimizer, scheduler = self._optimizer(list(module.parameters()))
+        if state is None or epoch == 0:
+            return module, optimizer, scheduler, 0
+        module.load_state_dict(state["stage_module"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        return module, optimizer, scheduler, epoch
+
+    def _network(self, prefix: ReconCNN | None, module: nn.Module) -> ReconCNN:
+        """The network of this depth: the frozen prefix, the stage's two layers."""
+        first, last = self._freeze(module)
+        return ReconCNN([*(prefix.hidden if prefix else []), first], last).to(self.device)
+
+    def _finish_stage(self, prefix: ReconCNN | None, module: nn.Module, stage: int) -> ReconCNN:
+        """Freeze the stage, export and validate the network of this depth, checkpoint."""
+        cfg = self.config
+        if isinstance(module, ConvexStage):
+            x0 = self._pairs(0).x0[:CHUNK]
+            sample = x0 if prefix is None else self._apply(prefix.features, x0)
+            report = module.mapping_report(sample.to(self.device))
+            self.certificates.append({"stage": stage + 1, "mapping": report})
+        network = self._network(prefix, module).eval()
+        for parameter in network.parameters():
+            parameter.requires_grad_(False)
+        depth = stage + 2
+        network.cpu().save(
+            self.out / f"model_depth{depth}.pt", {"layers": depth, "method": cfg.method}
+        )
+        network.to(self.device)
+        self.depth_metrics.append({"layers": depth, **self.validate(network)})
+        self._save({"method": cfg.method, "stage": stage + 1, "epoch": 0, **_prefix_state(network)})
+        return network
+
+
+def _prefix_state(prefix: ReconCNN | None) -> dict[str, Any]:
+    if prefix is None:
+        return {"prefix": {}, "prefix_architecture": "[]"}
+    return {"prefix": prefix.state_dict(), "prefix_architecture": json.dumps(prefix.architecture())}
+
+
+def write_outputs(trainer: Trainer, model: ReconCNN) -> dict[str, Any]:
+    """The exported network, history (CSV), certificates and metrics (JSON) of a run."""
+    out = trainer.out
+    config = trainer.config
+    model.save(
+        out / "model.pt",
+        {"method": config.method, "layers": model.depth, "mask": config.mask.describe()},
+    )
+    if trainer.history:
+        keys = list(dict.fromkeys(k for row in trainer.history for k in row))
+        with (out / "history.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(trainer.history)
+    (out / "certificates.json").write_text(json.dumps(trainer.certificates, indent=2))
+    metrics = {
+        "method": config.method,
+        "mask": config.mask.describe(),
+        "final": trainer.depth_metrics[-1] if trainer.depth_metrics else {},
+        "by_depth": trainer.depth_metrics,
+        "train_seconds": sum(float(r.get("seconds", 0.0)) for r in trainer.history),
+    }
+    (out / "metrics_val.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,149 @@
+"""Training: exported layers equal the stage, frozen layers get no gradient, exact resume,
+and networks that save and load without the training code."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import phantom_nifti
+
+from cvxmri.data.simulate import SimulationConfig, load_nifti, simulate_dataset
+from cvxmri.errors import CvxmriError
+from cvxmri.models.cnn import ReconCNN
+from cvxmri.models.convex import ConvexStage, ConvexStageConfig
+from cvxmri.training.config import TrainConfig, preset
+from cvxmri.training.trainer import Trainer, TrainingStopped, gated_layers, write_outputs
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    source = load_nifti(phantom_nifti(root / "head.nii.gz", depth=120))
+    simulate_dataset([source], root / "data", SimulationConfig(matrix=24, coils=3, slab_slices=2))
+    return root / "data"
+
+
+def tiny(data: Path, method: str, **changes: object) -> TrainConfig:
+    config = replace(preset("tiny"), method=method, data=str(data), **changes)
+    return replace(config, optim=replace(config.optim, epochs=2))
+
+
+def test_gated_export_equals_stage() -> None:
+    torch.manual_seed(0)
+    stage = ConvexStage(3, 2, ConvexStageConfig(patterns=5, kernel_size=3))
+    x = torch.relu(torch.randn(4, 3, 10, 12))
+    stage.init_gates(x)
+    with torch.no_grad():
+        stage.v.normal_()
+    first, last = gated_layers(stage)
+    network = ReconCNN([first], last)
+    x0 = torch.randn(4, 2, 10, 12)
+    # The network adds its input; with a 2-channel prefix it equals x0 + stage(x0).
+    stage2 = ConvexStage(2, 2, ConvexStageConfig(patterns=5, kernel_size=3))
+    stage2.init_gates(x0)
+    with torch.no_grad():
+        stage2.v.normal_()
+    first, last = gated_layers(stage2)
+    network = ReconCNN([first], last)
+    torch.testing.assert_close(network(x0), x0 + stage2(x0), rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_roundtrip_and_rejects_foreign_files(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    stage = ConvexStage(2, 2, ConvexStageConfig(patterns=3, kernel_size=3))
+    stage.init_gates(torch.randn(2, 2, 8, 8))
+    first, last = gated_layers(stage)
+    relu_net = ReconCNN.relu(3, 4, 3)
+    mixed = ReconCNN([first, *relu_net.hidden[1:]], relu_net.final)
+    for net in (relu_net, ReconCNN([first], last)):
+        path = tmp_path / "net.pt"
+        net.save(path, {"note": "x"})
+        again = ReconCNN.load(path)
+        x = torch.randn(2, 2, 8, 8)
+        torch.testing.assert_close(again(x), net(x))
+    assert mixed.depth == 3
+    # A pickle that would run code is refused, and nothing runs.
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (Path.touch, (str(marker),))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "cvxmri.ReconCNN/1", "x": Payload()}, evil)
+    with pytest.raises(CvxmriError, match="not a cvxmri model file"):
+        ReconCNN.load(evil)
+    assert not marker.exists()
+    (tmp_path / "junk.pt").write_text("junk")
+    with pytest.raises(CvxmriError, match="not a cvxmri model file"):
+        ReconCNN.load(tmp_path / "junk.pt")
+
+
+def test_frozen_prefix_gets_no_gradient(data: Path, tmp_path: Path) -> None:
+    trainer = Trainer(tiny(data, "layerwise-convex", layers=3), tmp_path)
+    model = trainer.fit()
+    before = [p.detach().clone() for p in model.hidden[0].parameters()]
+    # Stage 2 trained on top of stage 1: the first layer must be what stage 1 exported.
+    exported = ReconCNN.load(tmp_path / "model_depth2.pt")
+    for a, b in zip(
+        exported.hidden[0].state_dict().values(), model.hidden[0].state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b)
+    assert all(not p.requires_grad for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.hidden[0].parameters(), strict=True))
+
+
+@pytest.mark.parametrize("method", ["layerwise-convex", "layerwise", "end-to-end"])
+def test_resume_gives_identical_weights(data: Path, tmp_path: Path, method: str) -> None:
+    config = tiny(data, method)
+    if method == "end-to-end":
+        config = replace(config, optim=replace(config.optim, epochs=4))
+    whole = Trainer(config, tmp_path / "whole").fit()
+    # Interrupt after 1, then after 2 more epochs (mid-stage and at a stage boundary).
+    out = tmp_path / "parts"
+    with pytest.raises(TrainingStopped):
+        Trainer(config, out).fit(stop_after=1)
+    with pytest.raises(TrainingStopped):
+        Trainer(config, out).fit(stop_after=2)
+    resumed = Trainer(config, out)
+    model = resumed.fit()
+    for (name, a), b in zip(whole.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    metrics = write_outputs(resumed, model)
+    assert len(resumed.history) == 4
+    assert metrics["final"]["layers"] == config.layers
+
+
+def test_stage_cache_options_agree(data: Path, tmp_path: Path) -> None:
+    models = {}
+    for cache in ("memory", "disk", "none"):
+        config = tiny(data, "layerwise-convex", stage_cache=cache)
+        models[cache] = Trainer(config, tmp_path / cache).fit()
+    x = torch.randn(2, 2, 24, 24)
+    reference = models["memory"](x)
+    for cache in ("disk", "none"):
+        torch.testing.assert_close(models[cache](x), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_convex_run_writes_certificates(data: Path, tmp_path: Path) -> None:
+    trainer = Trainer(tiny(data, "layerwise-convex"), tmp_path)
+    model = trainer.fit()
+    write_outputs(trainer, model)
+    certs = [c for c in trainer.certificates if "relative_gap" in c]
+    assert {c["stage"] for c in certs} == {1, 2}
+    for cert in certs:
+        assert cert["gap"] >= -1e-6 * abs(cert["primal"])
+        assert cert["dual"] <= cert["primal"] + 1e-9
+    for name in (
+        "config.yaml",
+        "model.pt",
+        "history.csv",
+        "certificates.json",
+        "metrics_val.json",
+        "model_depth2.pt",
+        "model_depth3.pt",
+    ):
+        assert (tmp_path / name).exists() or name == "config.yaml", name
