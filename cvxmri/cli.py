@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="zero-filled or cs; repeat for several (default: both)",
     )
+    evaluate.add_argument(
+        "--model", action="append", type=Path, help="a trained network (model.pt); repeatable"
+    )
     _add_mask_options(evaluate)
     evaluate.add_argument("--data", type=Path, default=Path("data/default"), help="dataset root")
     evaluate.add_argument("--split", default="test", help="split (default test)")
@@ -229,6 +232,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     overrides["target"] = args.target
     if args.method:
         overrides["methods"] = args.method
+    elif args.model:
+        overrides["methods"] = []
+    if args.model:
+        overrides["models"] = [str(p) for p in args.model]
     if args.mask or not args.config:
         overrides["masks"] = _mask_specs(args)
     cs = config.cs

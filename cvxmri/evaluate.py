@@ -33,7 +33,8 @@ from cvxmri.data.prepare import (
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec
 from cvxmri.metrics import slice_metrics, volume_metrics
-from cvxmri.physics import Sense, center_crop
+from cvxmri.models.cnn import ReconCNN, to_channels, to_complex
+from cvxmri.physics import CenterCrop, Sense, center_crop
 from cvxmri.recon import CLASSICAL_METHODS, CSConfig, cs_l1_wavelet, zero_filled_sense
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class EvaluateConfig:
         methods: reconstruction methods.
         masks: sampling masks, each evaluated separately.
         target: ``sense`` (magnitude of the SENSE-combined image) or ``rss`` (fastMRI's).
+        models: trained networks (``model.pt`` files) evaluated beside the methods.
         cs: compressed-sensing settings.
         espirit: coil-map settings.
         cache: where coil maps are cached; ``<data>/cache`` when empty.
@@ -65,6 +67,7 @@ class EvaluateConfig:
         default_factory=lambda: [MaskSpec("poisson", 4.0), MaskSpec("cartesian", 4.0, 0.04)]
     )
     target: str = "sense"
+    models: list[str] = field(default_factory=list)
     cs: CSConfig = field(default_factory=CSConfig)
     espirit: EspiritConfig = field(default_factory=EspiritConfig)
     cache: str = ""
@@ -93,6 +96,26 @@ def classical_reconstructor(method: str, cs: CSConfig) -> Reconstructor:
     return lambda kspace, maps, mask: cs_l1_wavelet(kspace, maps, mask, cs)
 
 
+def network_reconstructor(model: ReconCNN, recon_shape: tuple[int, int]) -> Reconstructor:
+    """A trained network as a reconstruction method: zero-filled SENSE image, cropped to
+    the recon matrix, through the network, zero-padded back to the k-space grid."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def run(kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x0 = zero_filled_sense(kspace, maps, mask)
+        crop = CenterCrop((x0.shape[-2], x0.shape[-1]), recon_shape)
+        image = model(to_channels(crop(x0)).to(device)).cpu()
+        return crop.H(to_complex(image))
+
+    return run
+
+
+def model_label(path: Path) -> str:
+    """A method name for a saved network: its run folder, and its depth if not the final."""
+    return path.parent.name if path.stem == "model" else f"{path.parent.name}/{path.stem}"
+
+
 def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
     """Run every method on every mask over the split; write CSV/JSON into ``out``; return the
     summary."""
@@ -100,15 +123,19 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
     files = find_files(config.data, config.split)
     cache = Path(config.cache) if config.cache else Path(config.data) / "cache"
     reconstructors = {m: classical_reconstructor(m, config.cs) for m in config.methods}
+    networks = {model_label(Path(p)): ReconCNN.load(p).eval() for p in config.models}
     slice_rows: list[dict[str, object]] = []
     volume_rows: list[dict[str, object]] = []
-    seconds = {(m, s.describe()): 0.0 for m in config.methods for s in config.masks}
+    labels = [*config.methods, *networks]
+    seconds = {(m, s.describe()): 0.0 for m in labels for s in config.masks}
     for path in tqdm(files, desc=f"evaluate {config.split}", unit="file", disable=None):
         volume = prepare_volume(path, cache, config.espirit)
         target = np.abs(volume.target) if config.target == "sense" else volume.rss
         kspace = torch.from_numpy(volume.kspace)
         maps = torch.from_numpy(volume.maps)
         support = coil_support(maps)
+        for label, network in networks.items():
+            reconstructors[label] = network_reconstructor(network, volume.recon_shape)
         for spec in config.masks:
             mask_np = evaluation_mask(spec, volume.name, kspace.shape[-2:], volume.padding)
             mask = torch.from_numpy(mask_np.astype(np.float32))
@@ -174,14 +201,14 @@ def write_results(
 def format_table(summary: dict[str, object]) -> str:
     """The summary as a fixed-width table: volume metrics (fastMRI) and slice-based ones."""
     header = (
-        f"{'method':<12} {'mask':<28} {'PSNR vol':>14} {'SSIM vol':>15} "
+        f"{'method':<24} {'mask':<28} {'PSNR vol':>14} {'SSIM vol':>15} "
         f"{'PSNR slice':>14} {'SSIM slice':>15} {'NMSE vol':>9} {'time s':>7}"
     )
     lines = [header, "-" * len(header)]
     for entry in summary["results"]:  # type: ignore[union-attr]
         vol, sl = entry["volume"], entry["slice"]
         lines.append(
-            f"{entry['method']:<12} {entry['mask']:<28} "
+            f"{entry['method']:<24} {entry['mask']:<28} "
             f"{vol['psnr']['mean']:>7.2f} ± {vol['psnr']['std']:<4.2f} "
             f"{vol['ssim']['mean']:>7.4f} ± {vol['ssim']['std']:<5.4f} "
             f"{sl['psnr']['mean']:>7.2f} ± {sl['psnr']['std']:<4.2f} "

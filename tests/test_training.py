@@ -147,3 +147,26 @@ def test_convex_run_writes_certificates(data: Path, tmp_path: Path) -> None:
         "model_depth3.pt",
     ):
         assert (tmp_path / name).exists() or name == "config.yaml", name
+
+
+def test_evaluate_model_matches_training_validation(data: Path, tmp_path: Path) -> None:
+    from cvxmri.evaluate import EvaluateConfig, evaluate
+
+    config = tiny(data, "end-to-end")
+    trainer = Trainer(config, tmp_path / "run")
+    metrics = write_outputs(trainer, trainer.fit())
+    (tmp_path / "eval").mkdir()
+    summary = evaluate(
+        EvaluateConfig(
+            data=str(data),
+            split="val",
+            methods=[],
+            masks=[config.mask],
+            models=[str(tmp_path / "run" / "model.pt")],
+        ),
+        tmp_path / "eval",
+    )
+    result = summary["results"][0]
+    assert result["method"] == "run"
+    assert result["volume"]["psnr"]["mean"] == pytest.approx(metrics["final"]["val_psnr"], abs=1e-4)
+    assert result["volume"]["ssim"]["mean"] == pytest.approx(metrics["final"]["val_ssim"], abs=1e-5)

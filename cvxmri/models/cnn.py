@@ -88,6 +88,17 @@ class GatedConv(nn.Module):
         return gates * self.value(x)
 
 
+def zero_conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """A 1x1 output layer initialised to zero, so a network starts as the identity
+    ``x_hat = x0``, like a convex stage (whose weights start at zero). Without it, the random
+    output layer of a fresh network adds noise many times the size of the residual, and
+    training spends its first few hundred steps removing it."""
+    conv = nn.Conv2d(in_channels, out_channels, 1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
 class ReconCNN(nn.Module):
     """Hidden layers ``g_1..g_k``, a final 1x1 convolution ``f`` and the skip from ``x0``.
 
@@ -111,7 +122,7 @@ class ReconCNN(nn.Module):
         for _ in range(layers - 1):
             hidden.append(ReluConv(width, channels, kernel_size))
             width = channels
-        return cls(hidden, nn.Conv2d(width, in_channels, 1))
+        return cls(hidden, zero_conv1x1(width, in_channels))
 
     @property
     def depth(self) -> int:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from cvxmri.config import to_dict
 from cvxmri.errors import CvxmriError
 from cvxmri.metrics import slice_metrics, volume_metrics
-from cvxmri.models.cnn import GatedConv, ReconCNN, ReluConv
+from cvxmri.models.cnn import GatedConv, ReconCNN, ReluConv, zero_conv1x1
 from cvxmri.models.convex import ConvexStage, duality_gap
 from cvxmri.training.checkpoint import load_checkpoint, save_checkpoint
 from cvxmri.training.config import TrainConfig
@@ -74,7 +74,7 @@ class TwoLayerStage(nn.Module):
     def __init__(self, in_channels: int, hidden: int, kernel_size: int) -> None:
         super().__init__()
         self.first = ReluConv(in_channels, hidden, kernel_size)
-        self.last = nn.Conv2d(hidden, 2, 1)
+        self.last = zero_conv1x1(hidden, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         """Predicted residual."""
@@ -208,15 +208,18 @@ class Trainer:
         cached and recomputed inputs are the same."""
         cfg = self.config
         shape = (inputs.shape[-2], inputs.shape[-1])
-        corners = crop_windows(len(inputs), shape, cfg.crop, cfg.seed, stage, epoch)
-        for index in epoch_batches(len(inputs), cfg.optim.batch_size, cfg.seed, stage, epoch):
+        n = len(inputs) * cfg.crops_per_image
+        corners = crop_windows(n, shape, cfg.crop, cfg.seed, stage, epoch)
+        for draw in epoch_batches(n, cfg.optim.batch_size, cfg.seed, stage, epoch):
+            index = draw % len(inputs)
+            corner = corners[draw]
             x = inputs[index].to(self.device)
             if transform is not None:
                 with torch.no_grad(), self._autocast():
                     x = transform(x).float()
             yield (
-                take_crops(x, corners[index], cfg.crop),
-                take_crops(targets[index].to(self.device), corners[index], cfg.crop),
+                take_crops(x, corner, cfg.crop),
+                take_crops(targets[index].to(self.device), corner, cfg.crop),
             )
 
     def _save(self, state: dict[str, Any]) -> None:
@@ -351,11 +354,19 @@ class Trainer:
         assert isinstance(module, TwoLayerStage)
         return module.first, module.last
 
-    def _stage_loss(self, module: nn.Module, x: Tensor, r: Tensor) -> Tensor:
+    def _stage_loss(self, module: nn.Module, x: Tensor, r: Tensor, area: float) -> Tensor:
+        """The stage's training loss on a batch of crops. For a convex stage the pixel sums
+        (data term and cone violation) are scaled by ``area`` (whole image over crop area),
+        so the crop objective estimates the whole-image convex objective that the
+        certificate measures, with the same group-lasso weight."""
         if isinstance(module, ConvexStage):
             gates = module.gates(x)  # in full precision: bf16 could flip sign patterns
             with self._autocast():
-                return module.objective(x, r, gates=gates).float()
+                pixels = module.data_term(x, r, gates=gates).float()
+                if module.config.program == "cone":
+                    violation = module.cone_violation(x, gates=gates).float()
+                    pixels = pixels + module.config.cone_penalty * violation
+            return area * pixels + module.penalty()
         with self._autocast():
             pred = module(x)
         return 0.5 * (pred.float() - r).pow(2).sum() / x.shape[0]
@@ -411,9 +422,14 @@ class Trainer:
                 desc = (
                     f"{cfg.method} stage {stage + 1}/{stages} epoch {epoch + 1}/{cfg.optim.epochs}"
                 )
+                area = (
+                    inputs.shape[-2]
+                    * inputs.shape[-1]
+                    / (batches[0][0].shape[-2] * batches[0][0].shape[-1])
+                )
                 for x, r in tqdm(batches, desc=desc, leave=False, disable=None):
                     optimizer.zero_grad(set_to_none=True)
-                    loss = self._stage_loss(module, x, r)
+                    loss = self._stage_loss(module, x, r, area)
                     loss.backward()
                     optimizer.step()
                     losses.append(loss.item())
