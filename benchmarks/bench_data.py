@@ -33,7 +33,6 @@ from cvxmri.runs import environment
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "data.json"
 DOC = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- bench_data:start -->", "<!-- bench_data:end -->"
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -138,15 +137,17 @@ def table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def update_doc(text: str) -> None:
-    """Replace the bench_data section of docs/benchmarks.md (or append one)."""
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    section = f"{START}\n{text}\n{END}"
-    if START in doc and END in doc:
-        doc = doc[: doc.index(START)] + section + doc[doc.index(END) + len(END) :]
+def update_section(path: Path, name: str, text: str) -> None:
+    """Replace the section between ``<!-- name:start -->`` and ``<!-- name:end -->`` of a
+    Markdown file (or append it)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"{start}\n{text}\n{end}"
+    if start in doc and end in doc:
+        doc = doc[: doc.index(start)] + section + doc[doc.index(end) + len(end) :]
     else:
         doc = doc.rstrip() + "\n\n" + section + "\n"
-    DOC.write_text(doc)
+    path.write_text(doc)
 
 
 def main() -> None:
@@ -174,7 +175,7 @@ def main() -> None:
             f"Median of {args.repeats} runs after a warm-up. JSON: `benchmarks/results/data.json`."
             f"\n\n"
         )
-        update_doc(header + markdown)
+        update_section(DOC, "bench_data", header + markdown)
     print(f"wrote {RESULTS}")
 
 

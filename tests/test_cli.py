@@ -121,6 +121,12 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         (["data", "info", "/nonexistent.h5"], "no such file"),
         (["data", "simulate", "--nifti", "/nonexistent.nii"], "no such file"),
         (["data", "simulate", "--snr", "-3"], "invalid simulation setting snr"),
+        (["train", "--preset", "huge"], "unknown preset"),
+        (["train", "--accel", "1"], "acceleration must be finite and > 1"),
+        (["train", "--lr", "-1"], "invalid training setting optim.lr"),
+        (["train", "--method", "magic"], "invalid choice"),
+        (["train", "--data", "/nonexistent", "--preset", "tiny"], "data folder does not exist"),
+        (["train", "--mask", "poisson", "--mask", "cartesian"], "one --mask"),
     ],
 )
 def test_bad_input_one_line_error(args: list[str], message: str) -> None:
@@ -151,3 +157,74 @@ def test_bad_file_errors_and_no_partial_output(tiny: Path, tmp_path: Path) -> No
     bad.write_text("garbage")
     result = _run("data", "info", str(bad))
     assert result.returncode == 2 and "not a readable HDF5 file" in result.stderr
+
+
+def test_train_cli_run_resume_and_force(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tiny / "train-run"
+    args = [
+        "train",
+        "--method",
+        "layerwise-convex",
+        "--preset",
+        "tiny",
+        "--calib-size",
+        "6",
+        "--data",
+        str(tiny / "data"),
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert "val PSNR" in capsys.readouterr().out
+    for name in (
+        "config.yaml",
+        "log.txt",
+        "model.pt",
+        "history.csv",
+        "certificates.json",
+        "metrics_val.json",
+        "checkpoints",
+    ):
+        assert (out / name).exists(), name
+    assert main(args) == 2  # the folder exists: neither --resume nor --force
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0  # finished run: resume is a no-op
+    assert main([*args, "--resume", "--epochs", "3"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+    assert main([*args, "--force", "--epochs", "1"]) == 0
+
+
+def test_train_with_yaml_config(tiny: Path, tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("method: end-to-end\noptim:\n  epochs: 1\n")
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--preset",
+        "tiny",
+        "--config",
+        str(config),
+        "--calib-size",
+        "6",
+        "--method",
+        "end-to-end",
+        "--data",
+        str(tiny / "data"),
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert "epochs: 1" in (out / "config.yaml").read_text()
+
+
+def test_train_bad_yaml(tmp_path: Path) -> None:
+    for text, message in (
+        ("optim:\n  epoks: 3\n", "unknown key"),
+        ("layers: five\n", "expected an integer"),
+        ("[1, 2", "not valid YAML"),
+    ):
+        path = tmp_path / "bad.yaml"
+        path.write_text(text)
+        result = _run("train", "--config", str(path))
+        assert result.returncode == 2
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

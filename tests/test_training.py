@@ -170,3 +170,17 @@ def test_evaluate_model_matches_training_validation(data: Path, tmp_path: Path) 
     assert result["method"] == "run"
     assert result["volume"]["psnr"]["mean"] == pytest.approx(metrics["final"]["val_psnr"], abs=1e-4)
     assert result["volume"]["ssim"]["mean"] == pytest.approx(metrics["final"]["val_ssim"], abs=1e-5)
+
+
+def test_fista_solver_reaches_small_gap(data: Path, tmp_path: Path) -> None:
+    config = tiny(data, "layerwise-convex", solver="fista", fista_iterations=400, fista_tol=1e-3)
+    config = replace(config, convex=replace(config.convex, beta=0.5))
+    trainer = Trainer(config, tmp_path)
+    trainer.fit()
+    finals = {}
+    for cert in trainer.certificates:
+        if "relative_gap" in cert:
+            finals[cert["stage"]] = cert["relative_gap"]
+    assert set(finals) == {1, 2}
+    assert all(gap <= 1e-3 for gap in finals.values()), finals
+    assert "val_psnr" in trainer.history[-1]

@@ -60,6 +60,11 @@ class TrainConfig:
         stage_cache: where layer-wise stage inputs are kept: memory, disk, or none
             (recomputed from the frozen prefix for every batch).
         certificate_every: compute the convex certificate every n epochs (and at the end).
+        solver: how convex stages are solved: ``adam`` (mini-batches of crops, as the paper)
+            or ``fista`` (full-batch proximal gradient on whole images, which solves the
+            convex program itself; gated program, cached stage inputs).
+        fista_iterations: FISTA iterations per stage (it stops earlier at ``fista_tol``).
+        fista_tol: relative duality gap at which FISTA stops.
         amp: bf16 autocast for the forward passes.
         device: cpu, cuda, or auto (cuda when available).
         seed: every random choice (masks, crops, order, initialisation) derives from it.
@@ -80,6 +85,9 @@ class TrainConfig:
     fixed_masks: bool = True
     stage_cache: str = "memory"
     certificate_every: int = 1
+    solver: str = "adam"
+    fista_iterations: int = 300
+    fista_tol: float = 1e-4
     amp: bool = False
     device: str = "auto"
     seed: int = 0
@@ -106,6 +114,9 @@ class TrainConfig:
             and (self.crop > 0 or self.crops_per_image == 1),
             "stage_cache": self.stage_cache in ("memory", "disk", "none"),
             "certificate_every": self.certificate_every >= 0,
+            "solver": self.solver in ("adam", "fista"),
+            "fista_iterations": self.fista_iterations >= 1,
+            "fista_tol": 0 <= self.fista_tol < 1,
             "device": self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "max_train_slices": self.max_train_slices >= 0,
         }
@@ -121,6 +132,12 @@ class TrainConfig:
             and self.method == "layerwise-convex"
         ):
             raise CvxmriError("features=relu needs convex.program=cone (exact ReLU mapping)")
+        if self.solver == "fista" and (
+            self.convex.program != "gated" or self.stage_cache == "none" or not self.fixed_masks
+        ):
+            raise CvxmriError(
+                "solver=fista needs convex.program=gated, fixed masks and cached stage inputs"
+            )
         if self.stage_cache != "none" and not self.fixed_masks:
             raise CvxmriError("stage inputs can only be cached with fixed_masks=true")
 
