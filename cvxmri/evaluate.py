@@ -200,15 +200,17 @@ def write_results(
 
 def format_table(summary: dict[str, object]) -> str:
     """The summary as a fixed-width table: volume metrics (fastMRI) and slice-based ones."""
+    results = summary["results"]  # type: ignore[index]
+    width = max([len("method"), *(len(str(e["method"])) for e in results)])  # type: ignore[union-attr]
     header = (
-        f"{'method':<24} {'mask':<28} {'PSNR vol':>14} {'SSIM vol':>15} "
+        f"{'method':<{width}} {'mask':<28} {'PSNR vol':>14} {'SSIM vol':>15} "
         f"{'PSNR slice':>14} {'SSIM slice':>15} {'NMSE vol':>9} {'time s':>7}"
     )
     lines = [header, "-" * len(header)]
-    for entry in summary["results"]:  # type: ignore[union-attr]
+    for entry in results:  # type: ignore[union-attr]
         vol, sl = entry["volume"], entry["slice"]
         lines.append(
-            f"{entry['method']:<24} {entry['mask']:<28} "
+            f"{entry['method']:<{width}} {entry['mask']:<28} "
             f"{vol['psnr']['mean']:>7.2f} ± {vol['psnr']['std']:<4.2f} "
             f"{vol['ssim']['mean']:>7.4f} ± {vol['ssim']['std']:<5.4f} "
             f"{sl['psnr']['mean']:>7.2f} ± {sl['psnr']['std']:<4.2f} "
