@@ -184,3 +184,16 @@ def test_fista_solver_reaches_small_gap(data: Path, tmp_path: Path) -> None:
     assert set(finals) == {1, 2}
     assert all(gap <= 1e-3 for gap in finals.values()), finals
     assert "val_psnr" in trainer.history[-1]
+
+
+def test_history_seconds_add_up_to_wall_time(data: Path, tmp_path: Path) -> None:
+    import time
+
+    for solver in ("adam", "fista"):
+        config = tiny(data, "layerwise-convex", solver=solver, fista_iterations=40)
+        start = time.perf_counter()
+        trainer = Trainer(config, tmp_path / solver)
+        trainer.fit()
+        wall = time.perf_counter() - start
+        logged = sum(float(row["seconds"]) for row in trainer.history)
+        assert 0 < logged <= wall, (solver, logged, wall)
