@@ -115,12 +115,13 @@ def parse_ismrmrd_header(xml: bytes | str, source: str = "header") -> EncodingIn
     for axis in "xyz":
         node = root.find("." + "".join(f"//{{{ISMRMRD_NS}}}{n}" for n in [*fov, axis]))
         fov_mm.append(float(node.text) if node is not None and node.text else 0.0)
+    encoded = [_find_int(root, [*enc, axis], source) for axis in "xyz"]
+    recon = [_find_int(root, [*rec, axis], source) for axis in "xyz"]
+    limits = [_find_int(root, [*lims, key], source) for key in ("minimum", "maximum", "center")]
     return EncodingInfo(
-        encoded_size=tuple(_find_int(root, [*enc, a], source) for a in "xyz"),  # type: ignore[arg-type]
-        recon_size=tuple(_find_int(root, [*rec, a], source) for a in "xyz"),  # type: ignore[arg-type]
-        pe_limits=tuple(
-            _find_int(root, [*lims, k], source) for k in ("minimum", "maximum", "center")
-        ),  # type: ignore[arg-type]
+        encoded_size=(encoded[0], encoded[1], encoded[2]),
+        recon_size=(recon[0], recon[1], recon[2]),
+        pe_limits=(limits[0], limits[1], limits[2]),
         fov_mm=(fov_mm[0], fov_mm[1], fov_mm[2]),
     )
 

@@ -228,9 +228,3 @@ class ReconCNN(nn.Module):
         if final["kind"] != "final":
             raise ValueError("the last layer must be the final 1x1 convolution")
         return cls(hidden, nn.Conv2d(int(final["in"]), int(final["out"]), 1))
-
-
-def read_metadata(path: str | Path) -> dict[str, object]:
-    """The metadata stored with a saved network."""
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-    return json.loads(payload["metadata"])

@@ -14,8 +14,9 @@ stage's memory does not grow with depth.
 - ``end-to-end``: the ordinary ReLU CNN of the same depth and width trained jointly.
 
 Every stage and epoch writes ``checkpoints/last.pt``; a resumed run continues from it and
-ends with the same weights as an uninterrupted one, because every random choice (masks,
-crops, batch order, initialisation) is derived from (seed, stage, epoch).
+ends with the same weights as an uninterrupted one (to float32 rounding), because every
+random choice (masks, crops, batch order, initialisation) is derived from (seed, stage,
+epoch).
 """
 
 from __future__ import annotations
