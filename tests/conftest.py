@@ -120,3 +120,14 @@ def phantom_nifti(path: Path, depth: int = 60) -> Path:
     data = (head < 1) * 100.0 + (((x - 24) / 8) ** 2 + ((y - 28) / 10) ** 2 < 1) * 50.0
     nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4)), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 24x24, 3-coil simulated dataset for training tests (all three splits)."""
+    from cvxmri.data.simulate import SimulationConfig, load_nifti, simulate_dataset
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    source = load_nifti(phantom_nifti(root / "head.nii.gz", depth=120))
+    simulate_dataset([source], root / "data", SimulationConfig(matrix=24, coils=3, slab_slices=2))
+    return root / "data"

@@ -12,19 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import phantom_nifti
 
-from cvxmri.data.simulate import SimulationConfig, load_nifti, simulate_dataset
 from cvxmri.models.cnn import ReconCNN
 from cvxmri.training.checkpoint import FAULT_VARIABLE, load_checkpoint
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("kill")
-    source = load_nifti(phantom_nifti(root / "head.nii.gz", depth=120))
-    simulate_dataset([source], root / "data", SimulationConfig(matrix=24, coils=3, slab_slices=2))
-    return root / "data"
+@pytest.fixture
+def data(tiny_data: Path) -> Path:
+    return tiny_data
 
 
 def train(data: Path, out: Path, *extra: str, kill: str | None = None) -> int:

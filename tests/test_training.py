@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import phantom_nifti
 
-from cvxmri.data.simulate import SimulationConfig, load_nifti, simulate_dataset
 from cvxmri.errors import CvxmriError
 from cvxmri.models.cnn import ReconCNN
 from cvxmri.models.convex import ConvexStage, ConvexStageConfig
@@ -18,12 +16,9 @@ from cvxmri.training.config import TrainConfig, preset
 from cvxmri.training.trainer import Trainer, TrainingStopped, gated_layers, write_outputs
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    source = load_nifti(phantom_nifti(root / "head.nii.gz", depth=120))
-    simulate_dataset([source], root / "data", SimulationConfig(matrix=24, coils=3, slab_slices=2))
-    return root / "data"
+@pytest.fixture
+def data(tiny_data: Path) -> Path:
+    return tiny_data
 
 
 def tiny(data: Path, method: str, **changes: object) -> TrainConfig:
