@@ -211,3 +211,24 @@ def test_same_seed_same_run(data: Path, tmp_path: Path, method: str) -> None:
     assert history_a == pytest.approx(history_b, rel=1e-6)
     other = Trainer(tiny(data, method, seed=1), tmp_path / "c").fit()
     assert not all(torch.equal(weights_a[k], v) for k, v in other.state_dict().items())
+
+
+def test_carried_stage_starts_at_previous_prediction() -> None:
+    from cvxmri.training.trainer import carry_prediction
+
+    torch.manual_seed(3)
+    first = ConvexStage(2, 2, ConvexStageConfig(patterns=4, kernel_size=3))
+    x0 = torch.randn(3, 2, 12, 12)
+    first.init_gates(x0)
+    with torch.no_grad():
+        first.v.normal_()
+    layer, last = gated_layers(first)
+    prefix = ReconCNN([layer], last)
+    second = ConvexStage(8, 2, ConvexStageConfig(patterns=4, kernel_size=3))
+    h = prefix.features(x0)
+    second.init_gates(h)
+    carry_prediction(second, prefix.final)
+    layer, last = gated_layers(second)
+    deeper = ReconCNN([*prefix.hidden, layer], last)
+    torch.testing.assert_close(deeper(x0), prefix(x0), rtol=1e-5, atol=1e-5)
+    assert torch.all(second.gates(h)[:, 0] == 1)

@@ -51,6 +51,9 @@ class TrainConfig:
         convex: the convex program of each stage (its ``patterns`` is set from ``channels``).
         features: what a convex stage passes on: ``gated`` (its gated features, exact) or
             ``relu`` (the mapped ReLU units, exact where the cone constraints hold).
+        carry: convex stages after the first keep pattern 0 always on, initialised to
+            the previous stage's output layer, so each stage starts at the previous depth's
+            prediction (gated program only).
         optim: optimiser and schedule.
         crop: side of the random training crops (0: whole images). Evaluation always uses
             whole images.
@@ -79,6 +82,7 @@ class TrainConfig:
     kernel_size: int = 7
     convex: ConvexStageConfig = field(default_factory=ConvexStageConfig)
     features: str = "gated"
+    carry: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     crop: int = 0
     crops_per_image: int = 1
@@ -138,6 +142,8 @@ class TrainConfig:
             raise CvxmriError(
                 "solver=fista needs convex.program=gated, fixed masks and cached stage inputs"
             )
+        if self.carry and self.convex.program != "gated":
+            raise CvxmriError("carry needs convex.program=gated")
         if self.stage_cache != "none" and not self.fixed_masks:
             raise CvxmriError("stage inputs can only be cached with fixed_masks=true")
 

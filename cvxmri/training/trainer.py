@@ -108,6 +108,24 @@ def gated_layers(stage: ConvexStage) -> tuple[GatedConv, nn.Conv2d]:
     return first, last
 
 
+def carry_prediction(stage: ConvexStage, previous_final: nn.Conv2d) -> None:
+    """Make pattern 0 of a gated stage always on (``u_0 = 0``, ``b_0 = 1``: a member of the
+    hyperplane arrangement) and set its weights to the previous stage's 1x1 output layer,
+    so that the stage starts at the previous depth's prediction. The program stays convex
+    and the hidden width is unchanged; the other patterns learn the correction."""
+    if stage.config.program != "gated":
+        raise CvxmriError("carry needs convex.program=gated")
+    weight = previous_final.weight.detach()[:, :, 0, 0]
+    if weight.shape[1] != stage.in_channels:
+        raise CvxmriError("carry: the previous output layer does not match the stage input")
+    centre = stage.config.kernel_size // 2
+    with torch.no_grad():
+        stage.gate_weight[0].zero_()
+        stage.gate_bias[0] = 1.0
+        stage.v[0].zero_()
+        stage.v[0, :, :, centre, centre] = weight.to(stage.v.dtype)
+
+
 def relu_layers(stage: ConvexStage) -> tuple[ReluConv, nn.Conv2d]:
     """The mapped ReLU hidden layer and output layer of a convex stage (`to_relu`)."""
     first_conv, last = stage.to_relu()
@@ -339,12 +357,16 @@ class Trainer:
         del features
         return torch.load(path, mmap=True, weights_only=True)
 
-    def _new_stage(self, in_channels: int, stage: int, sample: Tensor) -> nn.Module:
+    def _new_stage(
+        self, in_channels: int, stage: int, sample: Tensor, prefix: ReconCNN | None
+    ) -> nn.Module:
         cfg = self.config
         if cfg.method == "layerwise-convex":
             stage_cfg = replace(cfg.stage_config(), gate_seed=derived_seed(cfg.seed, stage, 7))
             module = ConvexStage(in_channels, 2, stage_cfg)
             module.init_gates(sample)
+            if cfg.carry and prefix is not None:
+                carry_prediction(module, prefix.final)
             return module.to(self.device)
         torch.manual_seed(derived_seed(cfg.seed, stage, 8))
         return TwoLayerStage(in_channels, cfg.channels, cfg.kernel_size).to(self.device)
@@ -517,7 +539,7 @@ class Trainer:
         """A new stage (gates from a sample of its inputs), or the one a checkpoint holds."""
         x0 = self._pairs(0).x0[:16]
         sample = x0 if prefix is None else self._apply(prefix.features, x0)
-        module = self._new_stage(sample.shape[1], stage, sample.to(self.device))
+        module = self._new_stage(sample.shape[1], stage, sample.to(self.device), prefix)
         optimizer, scheduler = self._optimizer(list(module.parameters()))
         if state is None or epoch == 0:
             return module, optimizer, scheduler, 0
