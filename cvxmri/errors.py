@@ -6,3 +6,13 @@ class CvxmriError(Exception):
 
     The message must name the problem and, where there is one, the offending file or value.
     """
+
+
+def describe_load_error(err: Exception) -> str:
+    """A short reason for a failed ``torch.load(weights_only=True)``: pickled objects other
+    than tensors are refused (never executed); anything else is a damaged or foreign file."""
+    text = str(err)
+    if "Weights only load failed" in text:
+        return "it holds pickled Python objects, which are refused and were not executed"
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first[:200]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cvxmri.errors import CvxmriError
+from cvxmri.errors import CvxmriError, describe_load_error
 
 FORMAT = "cvxmri.ReconCNN/1"
 
@@ -192,8 +192,8 @@ class ReconCNN(nn.Module):
         try:
             payload = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as err:  # torch raises several types for foreign or damaged files
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CvxmriError(f"{path}: not a cvxmri model file ({first})") from None
+            reason = describe_load_error(err)
+            raise CvxmriError(f"{path}: not a cvxmri model file ({reason})") from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise CvxmriError(f"{path}: not a cvxmri model file (format {FORMAT} expected)")
         try:

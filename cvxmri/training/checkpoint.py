@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cvxmri.errors import CvxmriError
+from cvxmri.errors import CvxmriError, describe_load_error
 
 FORMAT = "cvxmri.checkpoint/1"
 # Fault injection for the kill-and-resume test: "before:N" kills the process (SIGKILL) when
@@ -55,8 +55,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for damaged or foreign files
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CvxmriError(f"{path}: not a readable cvxmri checkpoint ({first[:200]})") from None
+        reason = describe_load_error(err)
+        raise CvxmriError(f"{path}: not a readable cvxmri checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CvxmriError(f"{path}: not a cvxmri checkpoint (format {FORMAT} expected)")
     return state

@@ -1,0 +1,491 @@
+"""The bad-input corpus: every case runs the real command line in a fresh process and must
+end with one line ``cvxmri: error: ...`` naming the problem, exit status 2, no traceback,
+no output folder left behind, and no pickle payload executed.
+
+`tests/test_bad_inputs.py` runs the cases; ``.venv/bin/python tests/bad_inputs.py`` runs
+them too and writes the table of messages to docs/robustness.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADER = (
+    b'<?xml version="1.0"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><encoding>'
+    b"<encodedSpace><matrixSize><x>32</x><y>32</y><z>1</z></matrixSize></encodedSpace>"
+    b"<reconSpace><matrixSize><x>32</x><y>32</y><z>1</z></matrixSize></reconSpace>"
+    b"<encodingLimits><kspace_encoding_step_1><minimum>0</minimum><maximum>31</maximum>"
+    b"<center>16</center></kspace_encoding_step_1></encodingLimits></encoding></ismrmrdHeader>"
+)
+
+
+class Payload:
+    """A pickle that creates a marker file when loaded (it must never be loaded)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: ``setup(workdir, good_data)`` prepares files and returns the argv."""
+
+    name: str
+    description: str
+    setup: Callable[[Path, Path], list[str]]
+    expected: str
+
+
+def _file_dataset(work: Path, **datasets: object) -> Path:
+    """A dataset root whose test split holds one file with these datasets."""
+    folder = work / "data" / "multicoil_test"
+    folder.mkdir(parents=True)
+    with h5py.File(folder / "bad.h5", "w") as hf:
+        for key, value in datasets.items():
+            hf.create_dataset(key, data=value)
+    return work / "data"
+
+
+def _kspace(value: complex | None = None, index: tuple[int, ...] = (0, 0, 3, 3)) -> np.ndarray:
+    kspace = (np.random.default_rng(0).normal(size=(2, 3, 32, 32)) + 0j).astype(np.complex64)
+    if value is not None:
+        kspace[index] = value
+    return kspace
+
+
+def _evaluate(data: Path, work: Path, *extra: str) -> list[str]:
+    return [
+        "evaluate",
+        "--data",
+        str(data),
+        "--method",
+        "zero-filled",
+        "--out",
+        str(work / "out"),
+        *extra,
+    ]
+
+
+def _copy_good(work: Path, good: Path) -> Path:
+    shutil.copytree(good, work / "data", ignore=shutil.ignore_patterns("cache"))
+    return work / "data"
+
+
+def _truncated(work: Path, good: Path) -> list[str]:
+    data = _copy_good(work, good)
+    target = next((data / "multicoil_test").glob("*.h5"))
+    target.write_bytes(target.read_bytes()[:2000])
+    return _evaluate(data, work)
+
+
+def _not_hdf5(work: Path, good: Path) -> list[str]:
+    data = _copy_good(work, good)
+    next((data / "multicoil_test").glob("*.h5")).write_text("this is a text file")
+    return _evaluate(data, work)
+
+
+def _checkpoint_with_payload(work: Path, good: Path) -> list[str]:
+    out = work / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    args = [
+        "train",
+        "--preset",
+        "tiny",
+        "--calib-size",
+        "6",
+        "--data",
+        str(good),
+        "--out",
+        str(out),
+    ]
+    from cvxmri.cli import _train_config, build_parser
+    from cvxmri.config import save_yaml
+
+    save_yaml(_train_config(build_parser().parse_args(args)), out / "config.yaml")
+    torch.save(
+        {"format": "cvxmri.checkpoint/1", "x": Payload(work / "PAYLOAD_RAN")},
+        out / "checkpoints" / "last.pt",
+    )
+    return [*args, "--resume"]
+
+
+def _model_with_payload(work: Path, good: Path) -> list[str]:
+    path = work / "evil.pt"
+    torch.save({"format": "cvxmri.ReconCNN/1", "x": Payload(work / "PAYLOAD_RAN")}, path)
+    return ["evaluate", "--data", str(good), "--model", str(path), "--out", str(work / "out")]
+
+
+def _other_configuration(work: Path, good: Path) -> list[str]:
+    out = work / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("method: end-to-end\nlayers: 9\n")
+    return [
+        "train",
+        "--preset",
+        "tiny",
+        "--calib-size",
+        "6",
+        "--data",
+        str(good),
+        "--out",
+        str(out),
+        "--resume",
+    ]
+
+
+def _yaml(text: str) -> Callable[[Path, Path], list[str]]:
+    def setup(work: Path, good: Path) -> list[str]:
+        (work / "c.yaml").write_text(text)
+        return [
+            "train",
+            "--config",
+            str(work / "c.yaml"),
+            "--data",
+            str(good),
+            "--out",
+            str(work / "out"),
+        ]
+
+    return setup
+
+
+def _args(*argv: str) -> Callable[[Path, Path], list[str]]:
+    def setup(work: Path, good: Path) -> list[str]:
+        return [a.replace("{good}", str(good)).replace("{work}", str(work)) for a in argv]
+
+    return setup
+
+
+def _datasets(**datasets: object) -> Callable[[Path, Path], list[str]]:
+    def setup(work: Path, good: Path) -> list[str]:
+        return _evaluate(_file_dataset(work, **datasets), work)
+
+    return setup
+
+
+def _empty_folder(work: Path, good: Path) -> list[str]:
+    (work / "data" / "multicoil_test").mkdir(parents=True)
+    return _evaluate(work / "data", work)
+
+
+def _junk_nifti(work: Path, good: Path) -> list[str]:
+    (work / "junk.nii.gz").write_bytes(b"not a nifti")
+    return ["data", "simulate", "--nifti", str(work / "junk.nii.gz"), "--out", str(work / "out")]
+
+
+def _existing_dataset(work: Path, good: Path) -> list[str]:
+    (work / "out").mkdir()
+    (work / "out" / "keep.txt").write_text("keep")
+    return ["data", "simulate", "--out", str(work / "out")]
+
+
+BROKEN_HEADER = HEADER.replace(b"<reconSpace><matrixSize><x>32</x>", b"<reconSpace><matrixSize>")
+CASES = [
+    Case(
+        "missing-hdf5",
+        "data info on a file that does not exist",
+        _args("data", "info", "{work}/missing.h5"),
+        "no such file",
+    ),
+    Case(
+        "not-hdf5",
+        "a text file where an HDF5 file should be",
+        _not_hdf5,
+        "not a readable HDF5 file",
+    ),
+    Case(
+        "truncated-hdf5",
+        "an HDF5 file cut after 2000 bytes",
+        _truncated,
+        "not a readable HDF5 file",
+    ),
+    Case(
+        "no-kspace",
+        "an HDF5 file without a kspace dataset",
+        _datasets(reconstruction_rss=np.ones((2, 32, 32), np.float32)),
+        "no 'kspace' dataset",
+    ),
+    Case(
+        "kspace-ndim",
+        "k-space with 2 dimensions",
+        _datasets(kspace=np.ones((32, 32), np.complex64)),
+        "kspace must be",
+    ),
+    Case(
+        "kspace-real",
+        "real-valued k-space",
+        _datasets(kspace=np.ones((2, 3, 32, 32))),
+        "kspace must be complex",
+    ),
+    Case(
+        "kspace-nan",
+        "NaN in k-space",
+        _datasets(kspace=_kspace(np.nan), ismrmrd_header=HEADER),
+        "NaN or Inf",
+    ),
+    Case(
+        "kspace-inf",
+        "Inf in k-space",
+        _datasets(kspace=_kspace(np.inf), ismrmrd_header=HEADER),
+        "NaN or Inf",
+    ),
+    Case(
+        "kspace-zero",
+        "all-zero k-space",
+        _datasets(kspace=np.zeros((2, 3, 32, 32), np.complex64), ismrmrd_header=HEADER),
+        "all zeros",
+    ),
+    Case(
+        "header-missing-field",
+        "ISMRMRD header without the recon matrix x",
+        _datasets(kspace=_kspace(), ismrmrd_header=BROKEN_HEADER),
+        "ismrmrd_header has no",
+    ),
+    Case(
+        "header-not-xml",
+        "ISMRMRD header that is not XML",
+        _datasets(kspace=_kspace(), ismrmrd_header=b"<ismrmrd"),
+        "not valid XML",
+    ),
+    Case(
+        "header-kspace-mismatch",
+        "header matrix 32x32, k-space 32x24",
+        _datasets(kspace=np.ones((2, 3, 32, 24), np.complex64), ismrmrd_header=HEADER),
+        "does not match kspace",
+    ),
+    Case(
+        "target-shape",
+        "reconstruction_rss of another shape than the recon matrix",
+        _datasets(
+            kspace=_kspace(),
+            ismrmrd_header=HEADER,
+            reconstruction_rss=np.ones((2, 30, 30), np.float32),
+        ),
+        "expected (2, 32, 32)",
+    ),
+    Case("empty-data-folder", "a data folder with no HDF5 files", _empty_folder, "no .h5 files"),
+    Case(
+        "missing-data-folder",
+        "a data folder that does not exist",
+        _args("evaluate", "--data", "{work}/nothing", "--out", "{work}/out"),
+        "data folder does not exist",
+    ),
+    Case(
+        "accel-one",
+        "acceleration 1",
+        _args("evaluate", "--data", "{good}", "--accel", "1", "--out", "{work}/out"),
+        "acceleration must be",
+    ),
+    Case(
+        "accel-below-one",
+        "acceleration 0.5",
+        _args("train", "--accel", "0.5", "--out", "{work}/out"),
+        "acceleration must be",
+    ),
+    Case(
+        "accel-not-number",
+        "acceleration 'four'",
+        _args("evaluate", "--accel", "four", "--out", "{work}/out"),
+        "not a number",
+    ),
+    Case(
+        "centre-fraction-high",
+        "centre fraction 1.5",
+        _args("evaluate", "--center-fraction", "1.5", "--out", "{work}/out"),
+        "center_fraction must be in (0, 1)",
+    ),
+    Case(
+        "centre-fraction-zero",
+        "centre fraction 0",
+        _args("train", "--center-fraction", "0", "--out", "{work}/out"),
+        "center_fraction must be in (0, 1)",
+    ),
+    Case(
+        "poisson-unreachable",
+        "Poisson disc 100x with a 16x16 calibration on 32x32",
+        _args(
+            "evaluate",
+            "--data",
+            "{good}",
+            "--mask",
+            "poisson",
+            "--accel",
+            "100",
+            "--out",
+            "{work}/out",
+        ),
+        "unreachable",
+    ),
+    Case("unknown-preset", "preset 'huge'", _args("train", "--preset", "huge"), "unknown preset"),
+    Case(
+        "yaml-unknown-key",
+        "YAML config with a misspelt key",
+        _yaml("optim:\n  epoks: 3\n"),
+        "unknown key(s) epoks",
+    ),
+    Case(
+        "yaml-wrong-type",
+        "YAML config with layers: five",
+        _yaml("layers: five\n"),
+        "expected an integer",
+    ),
+    Case("yaml-syntax", "YAML that does not parse", _yaml("layers: [1, 2\n"), "not valid YAML"),
+    Case(
+        "output-not-writable",
+        "an output folder below a regular file",
+        _args(
+            "train",
+            "--preset",
+            "tiny",
+            "--calib-size",
+            "6",
+            "--data",
+            "{good}",
+            "--out",
+            "{good}/manifest.json/run",
+        ),
+        "cannot create the run folder",
+    ),
+    Case(
+        "other-configuration",
+        "--resume of a run started with another configuration",
+        _other_configuration,
+        "another configuration",
+    ),
+    Case(
+        "checkpoint-payload",
+        "a checkpoint carrying a pickle payload meant to run code",
+        _checkpoint_with_payload,
+        "not a readable cvxmri checkpoint",
+    ),
+    Case(
+        "model-payload",
+        "a model file carrying a pickle payload meant to run code",
+        _model_with_payload,
+        "not a cvxmri model file",
+    ),
+    Case(
+        "nifti-missing",
+        "simulate from a NIfTI file that does not exist",
+        _args("data", "simulate", "--nifti", "{work}/none.nii.gz", "--out", "{work}/out"),
+        "no such file",
+    ),
+    Case(
+        "nifti-junk", "simulate from a file that is not NIfTI", _junk_nifti, "cannot read as NIfTI"
+    ),
+    Case(
+        "dataset-exists",
+        "simulate into a non-empty folder without --force",
+        _existing_dataset,
+        "already exists",
+    ),
+    Case(
+        "snr-negative",
+        "simulate with SNR -3",
+        _args("data", "simulate", "--snr", "-3"),
+        "invalid simulation setting snr",
+    ),
+]
+
+
+@dataclass
+class Outcome:
+    """What one case printed and left behind."""
+
+    returncode: int
+    stderr: str
+    payload_ran: bool
+    out_exists: bool
+
+
+def run_case(case: Case, work: Path, good: Path) -> Outcome:
+    """Set the case up in ``work`` and run it in a fresh process."""
+    argv = case.setup(work, good)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CVXMRI_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "cvxmri.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        cwd=work,
+    )
+    return Outcome(
+        result.returncode,
+        result.stderr,
+        (work / "PAYLOAD_RAN").exists(),
+        (work / "out").exists() and not (work / "out" / "keep.txt").exists(),
+    )
+
+
+def write_doc(rows: list[tuple[Case, Outcome]]) -> None:
+    """docs/robustness.md: every case with the message it gives."""
+    lines = [
+        "# Robustness: the bad-input corpus",
+        "",
+        "Every case runs `cvxmri` in a fresh process (`tests/bad_inputs.py`, checked by",
+        "`tests/test_bad_inputs.py`) and must exit with status 2 and one line on stderr that",
+        "names the problem: no traceback (unless `--debug`), no output folder left behind, and",
+        "no pickle payload executed. Regenerate this page with",
+        "`.venv/bin/python tests/bad_inputs.py`. Paths are shortened to their last parts.",
+        "",
+        "| case | input | message |",
+        "|---|---|---|",
+    ]
+    for case, outcome in rows:
+        message = outcome.stderr.strip().replace("|", "\\|")
+        message = " ".join(_short(word) for word in message.split(" "))
+        lines.append(f"| {case.name} | {case.description} | `{message}` |")
+    (ROOT / "docs" / "robustness.md").write_text("\n".join(lines) + "\n")
+
+
+def _short(word: str) -> str:
+    if word.startswith("/") and len(word) > 30:
+        return (
+            ".../"
+            + "/".join(word.rstrip(":").split("/")[-2:])
+            + (":" if word.endswith(":") else "")
+        )
+    return word
+
+
+def main() -> None:
+    """Run every case and write docs/robustness.md."""
+    import tempfile
+
+    from cvxmri.data.simulate import SimulationConfig, load_nifti, simulate_dataset
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import phantom_nifti
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        source = load_nifti(phantom_nifti(base / "head.nii.gz", depth=120))
+        simulate_dataset(
+            [source], base / "good", SimulationConfig(matrix=32, coils=3, slab_slices=2)
+        )
+        rows = []
+        for case in CASES:
+            work = base / case.name
+            work.mkdir()
+            rows.append((case, run_case(case, work, base / "good")))
+            print(f"{case.name}: {rows[-1][1].stderr.strip()}")
+    write_doc(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Every case of the bad-input corpus (tests/bad_inputs.py) fails cleanly, and
+docs/robustness.md lists every case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from bad_inputs import CASES, ROOT, Case, run_case
+from conftest import phantom_nifti
+
+from cvxmri.data.simulate import SimulationConfig, load_nifti, simulate_dataset
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    source = load_nifti(phantom_nifti(root / "head.nii.gz", depth=120))
+    simulate_dataset([source], root / "good", SimulationConfig(matrix=32, coils=3, slab_slices=2))
+    return root / "good"
+
+
+def test_corpus_is_large_and_unique() -> None:
+    names = [case.name for case in CASES]
+    assert len(names) >= 25
+    assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_bad_input_fails_cleanly(case: Case, good: Path, tmp_path: Path) -> None:
+    outcome = run_case(case, tmp_path, good)
+    lines = outcome.stderr.strip().splitlines()
+    assert outcome.returncode == 2, outcome.stderr
+    assert len(lines) == 1, outcome.stderr
+    assert lines[0].startswith("cvxmri: error:")
+    assert case.expected in lines[0], lines[0]
+    assert "Traceback" not in outcome.stderr
+    assert not outcome.payload_ran
+    assert not outcome.out_exists
+
+
+def test_robustness_doc_lists_every_case() -> None:
+    doc = (ROOT / "docs" / "robustness.md").read_text()
+    for case in CASES:
+        assert f"| {case.name} |" in doc, case.name
