@@ -232,3 +232,26 @@ def test_carried_stage_starts_at_previous_prediction() -> None:
     deeper = ReconCNN([*prefix.hidden, layer], last)
     torch.testing.assert_close(deeper(x0), prefix(x0), rtol=1e-5, atol=1e-5)
     assert torch.all(second.gates(h)[:, 0] == 1)
+
+
+def test_refuses_a_stage_cache_that_cannot_fit(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cvxmri.training import data as data_module
+    from cvxmri.training import trainer as trainer_module
+
+    # 64 channels: the cached inputs need 4 x 64 x 24 x 24 x 4 B = 590 kB, the data 110 kB.
+    monkeypatch.setattr(data_module, "available_memory", lambda: 300_000)
+    with pytest.raises(CvxmriError, match=r"cached stage inputs need .* GiB of available memory"):
+        Trainer(tiny(data, "layerwise-convex", channels=64), tmp_path / "a")
+    # Recomputing the prefix needs no cache; end-to-end has none.
+    Trainer(tiny(data, "layerwise-convex", channels=64, stage_cache="none"), tmp_path / "b")
+    Trainer(tiny(data, "end-to-end"), tmp_path / "c")
+    monkeypatch.setattr(
+        trainer_module.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})()
+    )
+    with pytest.raises(CvxmriError, match="free disk"):
+        Trainer(tiny(data, "layerwise-convex", channels=64, stage_cache="disk"), tmp_path / "d")
+    monkeypatch.setattr(data_module, "available_memory", lambda: 1000)
+    with pytest.raises(CvxmriError, match=r"the split needs .* GiB in memory"):
+        Trainer(tiny(data, "end-to-end"), tmp_path / "e")

@@ -12,6 +12,7 @@ same choices as an uninterrupted one.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cvxmri.data.fastmri_h5 import read_encoding
 from cvxmri.data.prepare import (
     EspiritConfig,
     coil_support,
@@ -27,6 +29,7 @@ from cvxmri.data.prepare import (
     normalisation_scale,
     prepare_volume,
 )
+from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec, seed_from_name
 from cvxmri.models.cnn import to_channels
 from cvxmri.physics import Sense, center_crop
@@ -54,6 +57,34 @@ class PairSet:
         return self.x0.shape[0]
 
 
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``)."""
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_split_fits(files: list[Path], max_slices: int) -> None:
+    """Refuse up front a split whose k-space and coil maps (complex64, held in memory)
+    would not fit in available memory, estimated from the files' shapes."""
+    need, slices = 0, 0
+    for path in files:
+        _, shape, _ = read_encoding(path)
+        take = shape[0] if not max_slices else min(shape[0], max_slices - slices)
+        need += take * int(np.prod(shape[1:])) * 8 * 2  # k-space and maps
+        slices += take
+        if max_slices and slices >= max_slices:
+            break
+    have = available_memory()
+    if need > 0.8 * have:
+        raise CvxmriError(
+            f"{files[0].parent}: the split needs {need / 1024**3:.1f} GiB in memory but only "
+            f"{have / 1024**3:.1f} GiB is available: use max_train_slices or a smaller dataset"
+        )
+
+
 class SliceData:
     """All slices of one split in memory, ready to be masked.
 
@@ -75,7 +106,9 @@ class SliceData:
     ) -> None:
         kspace, maps, targets, files, slices = [], [], [], [], []
         self.mask = mask
-        for path in find_files(root, split):
+        paths = find_files(root, split)
+        check_split_fits(paths, max_slices)
+        for path in paths:
             volume = prepare_volume(path, Path(root) / "cache", espirit or EspiritConfig())
             kspace.append(torch.from_numpy(volume.kspace))
             maps.append(torch.from_numpy(volume.maps))

@@ -25,6 +25,7 @@ import csv
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -40,6 +41,7 @@ from cvxmri.errors import CvxmriError
 from cvxmri.metrics import slice_metrics, volume_metrics
 from cvxmri.models.cnn import GatedConv, ReconCNN, ReluConv, zero_conv1x1
 from cvxmri.models.convex import ConvexStage, duality_gap
+from cvxmri.training import data as data_module
 from cvxmri.training.checkpoint import load_checkpoint, save_checkpoint
 from cvxmri.training.config import TrainConfig
 from cvxmri.training.data import (
@@ -55,6 +57,30 @@ from cvxmri.training.fista import fista
 log = logging.getLogger(__name__)
 
 CHUNK = 8  # images per no-grad forward pass when computing stage inputs and metrics
+
+
+def check_resources(config: TrainConfig, n_train: int, shape: tuple[int, int], out: Path) -> None:
+    """Refuse up front a run whose cached stage inputs cannot fit, instead of failing
+    midway: the widest stage input (``channels`` per pixel, float32, every training image)
+    must fit in available memory (``stage_cache: memory``) or free disk (``disk``)."""
+    if config.method == "end-to-end" or config.stage_cache == "none" or config.layers < 3:
+        return
+    # Every variant's hidden layers are ``channels`` wide (2 outputs x channels/2 patterns).
+    need = n_train * config.channels * shape[0] * shape[1] * 4
+    gib = 1024**3
+    if config.stage_cache == "memory":
+        have = data_module.available_memory()
+        where = "available memory"
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        have = shutil.disk_usage(out).free
+        where = f"free disk under {out}"
+    # Keep a margin for the model, the data and the other stage's inputs.
+    if need > 0.8 * have:
+        raise CvxmriError(
+            f"cached stage inputs need {need / gib:.1f} GiB but only {have / gib:.1f} GiB of "
+            f"{where}: use stage_cache none or disk, fewer training slices, or fewer channels"
+        )
 
 
 class TrainingStopped(Exception):
@@ -145,6 +171,7 @@ class Trainer:
         self.train_data = SliceData(
             config.data, "train", config.mask, max_slices=config.max_train_slices
         )
+        check_resources(config, len(self.train_data), self.train_data.recon_shape, out)
         self.val_data = SliceData(config.data, "val", config.mask)
         self.val_pairs = self.val_data.pairs(self.val_data.evaluation_masks())
         self.fixed_pairs = (
