@@ -74,6 +74,8 @@ def _evaluate(data: Path, work: Path, *extra: str) -> list[str]:
         str(data),
         "--method",
         "zero-filled",
+        "--mask",
+        "cartesian",
         "--out",
         str(work / "out"),
         *extra,
@@ -98,10 +100,8 @@ def _not_hdf5(work: Path, good: Path) -> list[str]:
     return _evaluate(data, work)
 
 
-def _checkpoint_with_payload(work: Path, good: Path) -> list[str]:
-    out = work / "run"
-    (out / "checkpoints").mkdir(parents=True)
-    args = [
+def _tiny_train(good: Path, out: Path) -> list[str]:
+    return [
         "train",
         "--preset",
         "tiny",
@@ -112,6 +112,12 @@ def _checkpoint_with_payload(work: Path, good: Path) -> list[str]:
         "--out",
         str(out),
     ]
+
+
+def _checkpoint_with_payload(work: Path, good: Path) -> list[str]:
+    out = work / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    args = _tiny_train(good, out)
     from cvxmri.cli import _train_config, build_parser
     from cvxmri.config import save_yaml
 
@@ -133,18 +139,7 @@ def _other_configuration(work: Path, good: Path) -> list[str]:
     out = work / "run"
     out.mkdir()
     (out / "config.yaml").write_text("method: end-to-end\nlayers: 9\n")
-    return [
-        "train",
-        "--preset",
-        "tiny",
-        "--calib-size",
-        "6",
-        "--data",
-        str(good),
-        "--out",
-        str(out),
-        "--resume",
-    ]
+    return [*_tiny_train(good, out), "--resume"]
 
 
 def _yaml(text: str) -> Callable[[Path, Path], list[str]]:
@@ -316,7 +311,7 @@ CASES = [
     ),
     Case(
         "poisson-unreachable",
-        "Poisson disc 100x with a 16x16 calibration on 32x32",
+        "Poisson disc 100x with a 16x16 calibration on a 24x24 grid",
         _args(
             "evaluate",
             "--data",
@@ -476,7 +471,7 @@ def main() -> None:
         base = Path(tmp)
         source = load_nifti(phantom_nifti(base / "head.nii.gz", depth=120))
         simulate_dataset(
-            [source], base / "good", SimulationConfig(matrix=32, coils=3, slab_slices=2)
+            [source], base / "good", SimulationConfig(matrix=24, coils=3, slab_slices=2)
         )
         rows = []
         for case in CASES:

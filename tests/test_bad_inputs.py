@@ -7,17 +7,11 @@ from pathlib import Path
 
 import pytest
 from bad_inputs import CASES, ROOT, Case, run_case
-from conftest import phantom_nifti
-
-from cvxmri.data.simulate import SimulationConfig, load_nifti, simulate_dataset
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    source = load_nifti(phantom_nifti(root / "head.nii.gz", depth=120))
-    simulate_dataset([source], root / "good", SimulationConfig(matrix=32, coils=3, slab_slices=2))
-    return root / "good"
+@pytest.fixture
+def good(tiny_data: Path) -> Path:
+    return tiny_data
 
 
 def test_corpus_is_large_and_unique() -> None:
