@@ -160,6 +160,24 @@ def test_objective_and_gradient_match_explicit_matrices(program: str, groups: st
     )
 
 
+@pytest.mark.parametrize("chunk", [0, 1, 3])
+def test_direct_gradient_matches_explicit_matrices(chunk: int) -> None:
+    """The autograd-free data term and gradient, pattern chunk by chunk, are the least
+    squares value 0.5 ||A v - r||^2 / B and A^T (A v - r) / B of the explicit matrix."""
+    x, r = smooth_data(2, 3, 6, seed=4)
+    stage, _ = make_stage(x, patterns=5, kernel_size=3, gate_seed=2)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        stage.v.copy_(torch.randn(stage.v.shape, generator=gen, dtype=F64))
+    a = explicit_operator(stage, x)
+    residual = a @ stage.v.detach().reshape(-1) - r.reshape(-1)
+    value, grad = stage.data_term_and_gradient(x, r, chunk)
+    assert value.item() == pytest.approx(0.5 * float(residual @ residual) / 2, rel=1e-6)
+    expected = (a.T @ residual / 2).reshape(stage.v.shape)
+    torch.testing.assert_close(grad, expected.float(), rtol=1e-5, atol=1e-6)
+    assert stage.pattern_gates(x, chunk).equal(stage.gates(x).bool())
+
+
 @pytest.mark.parametrize("groups", ["separate", "frobenius"])
 def test_certificate_and_lipschitz_match_explicit_matrices(groups: str) -> None:
     x, r = smooth_data(3, 2, 5, seed=3)

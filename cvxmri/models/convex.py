@@ -344,6 +344,79 @@ class ConvexStage(torch.nn.Module):
         grad = torch.nn.grad.conv2d_weight(x, shape, grad_y, padding=k // 2)
         return grad.view(p, out, self.in_channels, k, k)
 
+    @torch.no_grad()
+    def pattern_gates(self, x: Tensor, chunk: int = 0) -> Tensor:
+        """The sign patterns as a bool ``(B, P, H, W)`` tensor (a quarter of `gates`' memory),
+        computed ``chunk`` patterns at a time (0: all at once)."""
+        self._check_input(x)
+        p = self.config.patterns
+        step = p if chunk <= 0 else chunk
+        xn = self._normalise(x)
+        out = torch.empty(x.shape[0], p, *x.shape[2:], dtype=torch.bool, device=x.device)
+        for lo in range(0, p, step):
+            hi = min(p, lo + step)
+            pre = F.conv2d(
+                xn,
+                self.gate_weight[lo:hi].to(x.dtype),
+                self.gate_bias[lo:hi].to(x.dtype),
+                padding=self.config.kernel_size // 2,
+            )
+            out[:, lo:hi] = pre >= 0
+        return out
+
+    @torch.no_grad()
+    def data_term_and_gradient(
+        self,
+        x: Tensor,
+        r: Tensor,
+        chunk: int = 0,
+        compute_dtype: torch.dtype | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """`data_term` and its gradient in the effective weight, without autograd.
+
+        The model is linear in its weight, so the gradient is ``A^T (A v - r) / B``
+        (`apply_weight`, `apply_adjoint`). Both products run ``chunk`` patterns at a time
+        (0: all), so the peak memory is the input, the bool gates and one chunk's responses
+        ``(B, chunk * out, H, W)``, against autograd's responses, gated products and their
+        gradients for all patterns at once. ``compute_dtype`` (e.g. bf16) is the dtype of
+        the convolutions; the sums are accumulated in float32.
+
+        Returns:
+            The data term (0-dim float32) and the gradient ``(P, out, C_in, K, K)`` (float32).
+        """
+        self._check_input(x)
+        batch = x.shape[0]
+        p, out, c_in, k = (
+            self.config.patterns,
+            self.out_channels,
+            self.in_channels,
+            self.config.kernel_size,
+        )
+        step = p if chunk <= 0 else chunk
+        dtype = compute_dtype or x.dtype
+        gates = self.pattern_gates(x, chunk)
+        xc = x.to(dtype)
+        weight = self.effective_weight().detach()
+        pred = torch.zeros(batch, out, *x.shape[2:], dtype=torch.float32, device=x.device)
+        for lo in range(0, p, step):
+            hi = min(p, lo + step)
+            y = self._responses(xc, weight[lo:hi].to(dtype))
+            pred += (y * gates[:, lo:hi, None]).sum(dim=1, dtype=torch.float32)
+            del y
+        residual = pred - r.float()
+        value = 0.5 * residual.square().sum() / batch
+        residual = residual.to(dtype)
+        grad = torch.empty(weight.shape, dtype=torch.float32, device=x.device)
+        for lo in range(0, p, step):
+            hi = min(p, lo + step)
+            grad_y = gates[:, lo:hi, None] * residual[:, None]
+            grad_y = grad_y.reshape(batch, (hi - lo) * out, *x.shape[2:])
+            shape = ((hi - lo) * out, c_in, k, k)
+            part = torch.nn.grad.conv2d_weight(xc, shape, grad_y, padding=k // 2)
+            grad[lo:hi] = part.view(hi - lo, out, c_in, k, k).float() / batch
+            del grad_y, part
+        return value, grad
+
     def forward(self, x: Tensor, gates: Tensor | None = None) -> Tensor:
         """``sum_p D_p * conv(x, v_p[c])`` for each output channel c: ``(B, out, H, W)``."""
         self._check_input(x)

@@ -68,7 +68,12 @@ class TrainConfig:
             convex program itself; gated program, cached stage inputs).
         fista_iterations: FISTA iterations per stage (it stops earlier at ``fista_tol``).
         fista_tol: relative duality gap at which FISTA stops.
-        amp: bf16 autocast for the forward passes.
+        amp: bf16 autocast for the forward passes (convex stages: bf16 convolutions, gates
+            in full precision).
+        pattern_chunk: convex stages compute their gradient this many gate patterns at a
+            time (0: all at once); smaller needs less memory.
+        checkpointing: end-to-end: recompute each hidden layer in the backward pass
+            (gradient checkpointing) instead of keeping its activations.
         device: cpu, cuda, or auto (cuda when available).
         seed: every random choice (masks, crops, order, initialisation) derives from it.
         max_train_slices: use at most this many training slices (0: all).
@@ -93,6 +98,8 @@ class TrainConfig:
     fista_iterations: int = 300
     fista_tol: float = 1e-4
     amp: bool = False
+    pattern_chunk: int = 0
+    checkpointing: bool = False
     device: str = "auto"
     seed: int = 0
     max_train_slices: int = 0
@@ -121,6 +128,7 @@ class TrainConfig:
             "solver": self.solver in ("adam", "fista"),
             "fista_iterations": self.fista_iterations >= 1,
             "fista_tol": 0 <= self.fista_tol < 1,
+            "pattern_chunk": self.pattern_chunk >= 0,
             "device": self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "max_train_slices": self.max_train_slices >= 0,
         }

@@ -53,6 +53,7 @@ from cvxmri.training.data import (
     take_crops,
 )
 from cvxmri.training.fista import fista
+from cvxmri.training.steps import convex_stage_step, end_to_end_step, two_layer_stage_step
 
 log = logging.getLogger(__name__)
 
@@ -339,13 +340,16 @@ class Trainer:
                 leave=False,
                 disable=None,
             ):
-                optimizer.zero_grad(set_to_none=True)
-                with self._autocast():
-                    pred = model(x0)
-                loss = 0.5 * (pred.float() - target).pow(2).sum() / x0.shape[0]
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
+                losses.append(
+                    end_to_end_step(
+                        model,
+                        x0,
+                        target,
+                        optimizer,
+                        amp=cfg.amp,
+                        checkpointing=cfg.checkpointing,
+                    )
+                )
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             row = {
@@ -405,22 +409,22 @@ class Trainer:
         assert isinstance(module, TwoLayerStage)
         return module.first, module.last
 
-    def _stage_loss(self, module: nn.Module, x: Tensor, r: Tensor, area: float) -> Tensor:
-        """The stage's training loss on a batch of crops. For a convex stage the pixel sums
-        (data term and cone violation) are scaled by ``area`` (whole image over crop area),
-        so the crop objective estimates the whole-image convex objective that the
-        certificate measures, with the same group-lasso weight."""
+    def _stage_step(
+        self, module: nn.Module, x: Tensor, r: Tensor, optimizer: torch.optim.Optimizer, area: float
+    ) -> float:
+        """One optimiser step of the stage on a batch of crops (see `cvxmri.training.steps`)."""
+        cfg = self.config
         if isinstance(module, ConvexStage):
-            gates = module.gates(x)  # in full precision: bf16 could flip sign patterns
-            with self._autocast():
-                pixels = module.data_term(x, r, gates=gates).float()
-                if module.config.program == "cone":
-                    violation = module.cone_violation(x, gates=gates).float()
-                    pixels = pixels + module.config.cone_penalty * violation
-            return area * pixels + module.penalty()
-        with self._autocast():
-            pred = module(x)
-        return 0.5 * (pred.float() - r).pow(2).sum() / x.shape[0]
+            return convex_stage_step(
+                module,
+                x,
+                r,
+                optimizer,
+                area=area,
+                amp=cfg.amp,
+                pattern_chunk=cfg.pattern_chunk,
+            )
+        return two_layer_stage_step(module, x, r, optimizer, amp=cfg.amp)
 
     def _certificate(
         self,
@@ -484,11 +488,7 @@ class Trainer:
                     / (batches[0][0].shape[-2] * batches[0][0].shape[-1])
                 )
                 for x, r in tqdm(batches, desc=desc, leave=False, disable=None):
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = self._stage_loss(module, x, r, area)
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(loss.item())
+                    losses.append(self._stage_step(module, x, r, optimizer, area))
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
                 network = self._network(prefix, module)
