@@ -46,8 +46,9 @@ def _add_mask_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mask",
         action="append",
-        choices=("poisson", "cartesian", "equispaced"),
-        help="sampling pattern; repeat for several (default: poisson and cartesian)",
+        choices=("poisson", "cartesian", "equispaced", "file"),
+        help="sampling pattern; repeat for several (default: poisson and cartesian); "
+        "file: the 'mask' dataset stored in each HDF5 file",
     )
     parser.add_argument("--accel", type=_number, default=4.0, help="acceleration R (default 4)")
     parser.add_argument(
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--channels", type=_positive_int, help="hidden width")
     train.add_argument("--epochs", type=_positive_int, help="epochs (per stage for layer-wise)")
     train.add_argument("--lr", type=_number, help="Adam learning rate")
+    train.add_argument("--batch-size", type=_positive_int, help="images (crops) per step")
     train.add_argument("--beta", type=_number, help="group-lasso weight of the convex stages")
     train.add_argument("--program", choices=("gated", "cone"), help="convex program of a stage")
     train.add_argument("--stage-cache", choices=("memory", "disk", "none"))
@@ -283,7 +285,11 @@ def _train_config(args: argparse.Namespace) -> object:
             config, mask=_mask_specs(argparse.Namespace(**{**vars(args), "mask": [kind]}))[0]
         )
     optim = config.optim
-    for name, value in (("epochs", args.epochs), ("lr", args.lr)):
+    for name, value in (
+        ("epochs", args.epochs),
+        ("lr", args.lr),
+        ("batch_size", args.batch_size),
+    ):
         if value is not None:
             optim = replace(optim, **{name: value})
     convex = config.convex

@@ -54,7 +54,8 @@ class EvaluateConfig:
         methods: reconstruction methods.
         masks: sampling masks, each evaluated separately.
         target: ``sense`` (magnitude of the SENSE-combined image) or ``rss`` (fastMRI's).
-        models: trained networks (``model.pt`` files) evaluated beside the methods.
+        models: trained networks (``model.pt`` files, or run folders meaning their
+            ``model.pt``) evaluated beside the methods.
         cs: compressed-sensing settings.
         espirit: coil-map settings.
         cache: where coil maps are cached; ``<data>/cache`` when empty.
@@ -111,6 +112,11 @@ def network_reconstructor(model: ReconCNN, recon_shape: tuple[int, int]) -> Reco
     return run
 
 
+def model_file(path: Path) -> Path:
+    """A network file: ``path`` itself, or ``path/model.pt`` when ``path`` is a run folder."""
+    return path / "model.pt" if path.is_dir() else path
+
+
 def model_label(path: Path) -> str:
     """A method name for a saved network: its run folder, and its depth if not the final."""
     return path.parent.name if path.stem == "model" else f"{path.parent.name}/{path.stem}"
@@ -123,7 +129,8 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
     files = find_files(config.data, config.split)
     cache = Path(config.cache) if config.cache else Path(config.data) / "cache"
     reconstructors = {m: classical_reconstructor(m, config.cs) for m in config.methods}
-    networks = {model_label(Path(p)): ReconCNN.load(p).eval() for p in config.models}
+    paths = [model_file(Path(p)) for p in config.models]
+    networks = {model_label(p): ReconCNN.load(p).eval() for p in paths}
     slice_rows: list[dict[str, object]] = []
     volume_rows: list[dict[str, object]] = []
     labels = [*config.methods, *networks]
@@ -137,7 +144,9 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
         for label, network in networks.items():
             reconstructors[label] = network_reconstructor(network, volume.recon_shape)
         for spec in config.masks:
-            mask_np = evaluation_mask(spec, volume.name, kspace.shape[-2:], volume.padding)
+            mask_np = evaluation_mask(
+                spec, volume.name, kspace.shape[-2:], volume.padding, volume.mask
+            )
             mask = torch.from_numpy(mask_np.astype(np.float32))
             masked = kspace * mask
             scale = normalisation_scale(Sense(maps, mask).H(masked), volume.recon_shape)

@@ -41,7 +41,8 @@ __all__ = [
     "seed_from_name",
 ]
 
-MASK_KINDS = ("poisson", "cartesian", "equispaced")
+# "file": the mask stored in each fastMRI file's ``mask`` dataset (evaluation only).
+MASK_KINDS = ("poisson", "cartesian", "equispaced", "file")
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -552,6 +553,8 @@ class MaskSpec:
         than the acceleration asks for.
         """
         self.validate()
+        if self.kind == "file":
+            raise CvxmriError("the 'file' mask is read from each file, not drawn")
         if self.kind == "poisson":
             mask = poisson_disc_mask(shape, self.acceleration, rng, calib_size=self.calib_size)
         elif self.kind == "cartesian":
@@ -562,6 +565,8 @@ class MaskSpec:
 
     def describe(self) -> str:
         """A short label, e.g. "poisson 4x (calib 16x16)" or "cartesian 4x (centre 0.04)"."""
+        if self.kind == "file":
+            return "file mask"
         if self.kind == "poisson":
             rows, cols = self.calib_size
             return f"{self.kind} {self.acceleration:g}x (calib {rows}x{cols})"

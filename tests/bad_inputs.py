@@ -114,6 +114,10 @@ def _tiny_train(good: Path, out: Path) -> list[str]:
     ]
 
 
+def _batch_too_big(work: Path, good: Path) -> list[str]:
+    return [*_tiny_train(good, work / "run"), "--batch-size", "100000000"]
+
+
 def _checkpoint_with_payload(work: Path, good: Path) -> list[str]:
     out = work / "run"
     (out / "checkpoints").mkdir(parents=True)
@@ -165,9 +169,9 @@ def _args(*argv: str) -> Callable[[Path, Path], list[str]]:
     return setup
 
 
-def _datasets(**datasets: object) -> Callable[[Path, Path], list[str]]:
+def _datasets(*extra: str, **datasets: object) -> Callable[[Path, Path], list[str]]:
     def setup(work: Path, good: Path) -> list[str]:
-        return _evaluate(_file_dataset(work, **datasets), work)
+        return _evaluate(_file_dataset(work, **datasets), work, *extra)
 
     return setup
 
@@ -237,6 +241,24 @@ CASES = [
         "Inf in k-space",
         _datasets(kspace=_kspace(np.inf), ismrmrd_header=HEADER),
         "NaN or Inf",
+    ),
+    Case(
+        "mask-shape",
+        "a 'mask' dataset of 30 columns beside k-space of 32",
+        _datasets(kspace=_kspace(), ismrmrd_header=HEADER, mask=np.ones(30, bool)),
+        "mask has shape (30,) but kspace is 32x32",
+    ),
+    Case(
+        "mask-file-missing",
+        "--mask file on a file without a 'mask' dataset",
+        _datasets("--mask", "file", kspace=_kspace(), ismrmrd_header=HEADER),
+        "the file has no 'mask' dataset",
+    ),
+    Case(
+        "batch-too-big",
+        "train with a batch whose step cannot fit in memory",
+        _batch_too_big,
+        "a training step at batch size 100000000 needs about",
     ),
     Case(
         "kspace-zero",

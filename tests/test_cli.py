@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -228,3 +229,30 @@ def test_train_bad_yaml(tmp_path: Path) -> None:
         result = _run("train", "--config", str(path))
         assert result.returncode == 2
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_with_the_files_own_mask(tiny: Path, tmp_path: Path) -> None:
+    """``--mask file`` uses each file's ``mask`` dataset: storing the Cartesian evaluation
+    mask in the files gives the Cartesian results exactly."""
+    from cvxmri.data.fastmri_h5 import read_encoding
+    from cvxmri.data.prepare import evaluation_mask
+    from cvxmri.masks import MaskSpec
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny / "data", data, ignore=shutil.ignore_patterns("cache"))
+    spec = MaskSpec("cartesian", 4.0, 0.04)
+    for path in (data / "multicoil_test").glob("*.h5"):
+        encoding, shape, _ = read_encoding(path)
+        mask = evaluation_mask(spec, path.name, shape[-2:], encoding.padding)
+        assert (mask == mask[:1]).all()
+        with h5py.File(path, "a") as hf:
+            hf.create_dataset("mask", data=mask[0].astype(np.float32))
+    psnr = {}
+    for kind in ("cartesian", "file"):
+        out = tmp_path / kind
+        args = ["evaluate", "--data", str(data), "--method", "zero-filled", "--mask", kind]
+        assert main([*args, "--out", str(out)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        psnr[kind] = summary["results"][0]["volume"]["psnr"]["mean"]
+    assert summary["results"][0]["mask"] == "file mask"
+    assert psnr["file"] == pytest.approx(psnr["cartesian"], rel=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import h5py
@@ -157,3 +158,20 @@ def test_write_is_atomic_on_failure(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         write_volume(out, volume)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("rows_equal", [True, False])
+def test_mask_roundtrip(tmp_path: Path, knee_file: tuple[Path, dict], rows_equal: bool) -> None:
+    """A column mask is stored as fastMRI's (W,) vector, a 2D one as (H, W); both read back
+    as the same bool (H, W) mask."""
+    original = read_volume(knee_file[0])
+    height, width = original.kspace.shape[-2:]
+    rng = np.random.default_rng(0)
+    shape = (1, width) if rows_equal else (height, width)
+    mask = np.broadcast_to(rng.random(shape) < 0.3, (height, width)).copy()
+    out = tmp_path / "masked.h5"
+    write_volume(out, dataclasses.replace(original, mask=mask))
+    with h5py.File(out) as hf:
+        assert hf["mask"].shape == ((width,) if rows_equal else (height, width))
+    np.testing.assert_array_equal(read_volume(out).mask, mask)
+    assert read_volume(knee_file[0]).mask is None

@@ -105,10 +105,8 @@ def test_resume_gives_identical_weights(data: Path, tmp_path: Path, method: str)
         Trainer(config, out).fit(stop_after=2)
     resumed = Trainer(config, out)
     model = resumed.fit()
-    # Equal up to float32 rounding: the CPU convolution library may pick other kernels in
-    # another process state (differences of a few 1e-9 seen), never other results.
     for (name, a), b in zip(whole.state_dict().items(), model.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+        assert torch.equal(a, b), name
     metrics = write_outputs(resumed, model)
     assert len(resumed.history) == 4
     assert metrics["final"]["layers"] == config.layers
@@ -205,10 +203,9 @@ def test_same_seed_same_run(data: Path, tmp_path: Path, method: str) -> None:
         history = [r[k] for r in trainer.history for k in ("train_loss", "val_psnr", "val_ssim")]
         runs.append((model.state_dict(), history))
     (weights_a, history_a), (weights_b, history_b) = runs
-    # Equal up to float32 rounding (see test_resume_gives_identical_weights).
     for key, value in weights_a.items():
-        torch.testing.assert_close(value, weights_b[key], rtol=1e-5, atol=1e-7)
-    assert history_a == pytest.approx(history_b, rel=1e-6)
+        assert torch.equal(value, weights_b[key]), key
+    assert history_a == history_b
     other = Trainer(tiny(data, method, seed=1), tmp_path / "c").fit()
     assert not all(torch.equal(weights_a[k], v) for k, v in other.state_dict().items())
 
@@ -242,6 +239,8 @@ def test_refuses_a_stage_cache_that_cannot_fit(
 
     # 64 channels: the cached inputs need 4 x 64 x 24 x 24 x 4 B = 590 kB, the data 110 kB.
     monkeypatch.setattr(data_module, "available_memory", lambda: 300_000)
+    # The batch guard (tested below) would refuse too: test the cache guard alone.
+    monkeypatch.setattr(trainer_module, "check_step_fits", lambda *args: None)
     with pytest.raises(CvxmriError, match=r"cached stage inputs need .* GiB of available memory"):
         Trainer(tiny(data, "layerwise-convex", channels=64), tmp_path / "a")
     # Recomputing the prefix needs no cache; end-to-end has none.
@@ -255,3 +254,26 @@ def test_refuses_a_stage_cache_that_cannot_fit(
     monkeypatch.setattr(data_module, "available_memory", lambda: 1000)
     with pytest.raises(CvxmriError, match=r"the split needs .* GiB in memory"):
         Trainer(tiny(data, "end-to-end"), tmp_path / "e")
+
+
+def test_refuses_a_batch_that_cannot_fit(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cvxmri.training import data as data_module
+    from cvxmri.training.trainer import step_memory
+
+    config = tiny(data, "end-to-end", channels=64)
+    per_image, validation = step_memory(config, (24, 24))
+    assert validation == 8 * 24 * 24 * 3 * 64 * 4  # eight whole images, three maps each
+    # 16x16 crops, 2 hidden layers: (2 x 2 + 2) x 64 + 8 maps of 4 bytes per pixel.
+    assert per_image == 16 * 16 * (6 * 64 + 8) * 4
+    monkeypatch.setattr(data_module, "available_memory", lambda: 10**9)
+    big = replace(config, optim=replace(config.optim, batch_size=100_000))
+    with pytest.raises(
+        CvxmriError,
+        match=r"batch size 100000 needs about .* GiB .* use optim.batch_size \d+ or less",
+    ):
+        Trainer(big, tmp_path / "a")
+    Trainer(config, tmp_path / "b")
+    # Checkpointing keeps one map per hidden layer: a smaller estimate.
+    assert step_memory(replace(config, checkpointing=True), (24, 24))[0] < per_image

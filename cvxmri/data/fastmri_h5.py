@@ -9,6 +9,8 @@ A fastMRI file holds one volume:
   (slices, h, w) magnitude target, cropped in image space to the recon matrix;
 - ``ismrmrd_header``: ISMRMRD XML with the encoded and recon matrix sizes and the phase-
   encoding limits, from which fastMRI derives the zero-padded k-space columns;
+- ``mask`` (optional, as in fastMRI's test files): the sampling mask, (W,) over the
+  k-space columns or (H, W);
 - attributes ``max`` and ``norm`` of the target volume, ``acquisition``, ``patient_id``.
 
 `read_volume` validates all of it and raises `CvxmriError` with a one-line message naming the
@@ -79,6 +81,7 @@ class Volume:
         encoding: the header's encoding information.
         attrs: the file's attributes (``max``, ``norm``, ``acquisition``, ``patient_id``...).
         multicoil: False for single-coil files (``kspace`` of ndim 3 on disk).
+        mask: bool (H, W) sampling mask from the file's ``mask`` dataset, or None.
     """
 
     kspace: np.ndarray
@@ -86,6 +89,7 @@ class Volume:
     encoding: EncodingInfo
     attrs: dict[str, object] = field(default_factory=dict)
     multicoil: bool = True
+    mask: np.ndarray | None = None
 
 
 def _find_int(root: ET.Element, path: list[str], source: str) -> int:
@@ -240,6 +244,7 @@ def read_volume(path: str | Path, slices: slice | None = None, check_finite: boo
             kspace = np.asarray(dataset[index], dtype=np.complex64)
             key = TARGET_KEYS[multicoil]
             target = np.asarray(hf[key][index], dtype=np.float32) if key in hf else None
+            mask = _read_mask(hf, path, dataset.shape[-2:]) if "mask" in hf else None
         except OSError as err:
             raise CvxmriError(f"{path}: cannot read data, the file is damaged ({err})") from None
         attrs = {key: _plain(value) for key, value in hf.attrs.items()}
@@ -256,7 +261,25 @@ def read_volume(path: str | Path, slices: slice | None = None, check_finite: boo
                 f"{path}: {TARGET_KEYS[multicoil]} has shape {target.shape}, "
                 f"expected {expected} (slices, recon matrix)"
             )
-    return Volume(kspace, target, encoding, attrs, multicoil)
+    return Volume(kspace, target, encoding, attrs, multicoil, mask)
+
+
+def _read_mask(hf: h5py.File, path: Path, grid: tuple[int, int]) -> np.ndarray:
+    """The ``mask`` dataset as a bool (H, W) mask: fastMRI stores (W,) over the columns."""
+    height, width = grid
+    dataset = hf["mask"]
+    if not isinstance(dataset, h5py.Dataset) or dataset.shape not in ((width,), (height, width)):
+        shape = getattr(dataset, "shape", "a group")
+        raise CvxmriError(
+            f"{path}: mask has shape {shape} but kspace is {height}x{width} "
+            f"(expected ({width},) or ({height}, {width}))"
+        )
+    values = np.asarray(dataset[()])
+    if not np.isin(values, (0, 1)).all():
+        raise CvxmriError(f"{path}: mask values must be 0 or 1")
+    if not values.any():
+        raise CvxmriError(f"{path}: mask samples nothing")
+    return np.broadcast_to(values.astype(bool), (height, width)).copy()
 
 
 def _plain(value: object) -> object:
@@ -288,6 +311,9 @@ def write_volume(path: str | Path, volume: Volume) -> None:
                 )
                 attrs["max"] = float(volume.target.max())
                 attrs["norm"] = float(np.linalg.norm(volume.target))
+            if volume.mask is not None:
+                rows_equal = (volume.mask == volume.mask[:1]).all()
+                hf.create_dataset("mask", data=volume.mask[0] if rows_equal else volume.mask)
             for key, value in attrs.items():
                 hf.attrs[key] = value
         os.replace(tmp, path)

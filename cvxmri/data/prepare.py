@@ -75,6 +75,7 @@ class PreparedVolume:
         rss: float32 (S, h, w) root-sum-of-squares image (fastMRI's target).
         recon_shape: (h, w).
         padding: acquired phase-encoding columns [left, right).
+        mask: the file's own bool (H, W) sampling mask (``mask`` dataset), or None.
     """
 
     name: str
@@ -84,6 +85,7 @@ class PreparedVolume:
     rss: np.ndarray
     recon_shape: tuple[int, int]
     padding: tuple[int, int]
+    mask: np.ndarray | None = None
 
 
 def _cache_path(path: Path, cache_dir: Path, config: EspiritConfig) -> Path:
@@ -114,7 +116,9 @@ def load_maps(path: Path, volume: Volume, cache_dir: Path, config: EspiritConfig
     calib = min(config.calib_width, *volume.kspace.shape[-2:])
     if calib != config.calib_width:
         config = EspiritConfig(calib, config.thresh, config.kernel_width, config.crop)
-    maps = np.stack([espirit_maps(k, config) for k in volume.kspace])
+    # C order, as the cache returns them: a strided layout would change the summation
+    # order downstream, and a first run would differ in the last bit from later ones.
+    maps = np.ascontiguousarray(np.stack([espirit_maps(k, config) for k in volume.kspace]))
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
     try:
@@ -149,6 +153,7 @@ def prepare_volume(
         rss=rss.numpy(),
         recon_shape=recon_shape,
         padding=volume.encoding.padding,
+        mask=volume.mask,
     )
 
 
@@ -163,9 +168,18 @@ def normalisation_scale(x0: torch.Tensor, recon_shape: tuple[int, int]) -> torch
 
 
 def evaluation_mask(
-    spec: MaskSpec, name: str, shape: tuple[int, int], padding: tuple[int, int]
+    spec: MaskSpec,
+    name: str,
+    shape: tuple[int, int],
+    padding: tuple[int, int],
+    stored: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The fixed evaluation mask of one file (seeded from its name)."""
+    """The fixed evaluation mask of one file: seeded from its name, or for the ``file`` kind
+    the file's own ``stored`` mask."""
+    if spec.kind == "file":
+        if stored is None:
+            raise CvxmriError(f"{name}: mask 'file' asked for, but the file has no 'mask' dataset")
+        return stored
     return spec.sample(shape, np.random.default_rng(seed_from_name(name)), padding)
 
 

@@ -109,6 +109,8 @@ class TrainConfig:
         if self.method not in METHODS:
             raise CvxmriError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
         self.mask.validate()
+        if self.mask.kind == "file":
+            raise CvxmriError("mask 'file' is for evaluation; training draws its masks")
         self.convex.validate()
         checks = {
             "layers": self.layers >= 2,

@@ -14,7 +14,7 @@ stage's memory does not grow with depth.
 - ``end-to-end``: the ordinary ReLU CNN of the same depth and width trained jointly.
 
 Every stage and epoch writes ``checkpoints/last.pt``; a resumed run continues from it and
-ends with the same weights as an uninterrupted one (to float32 rounding), because every
+ends with the same weights as an uninterrupted one, to the bit, because every
 random choice (masks, crops, batch order, initialisation) is derived from (seed, stage,
 epoch).
 """
@@ -82,6 +82,56 @@ def check_resources(config: TrainConfig, n_train: int, shape: tuple[int, int], o
             f"cached stage inputs need {need / gib:.1f} GiB but only {have / gib:.1f} GiB of "
             f"{where}: use stage_cache none or disk, fewer training slices, or fewer channels"
         )
+
+
+def step_memory(config: TrainConfig, shape: tuple[int, int]) -> tuple[int, int]:
+    """Estimated bytes per image of one training step (activations, gradients and the
+    convolutions' work space) and bytes of a whole-image validation pass: an upper-side
+    estimate for the up-front guard, not a measurement (``cvxmri benchmark memory`` measures).
+
+    Feature maps of ``channels`` per pixel: end-to-end keeps two per hidden layer (the
+    convolution's output and the ReLU's; one with checkpointing) plus two in the backward
+    pass; a layer-wise stage holds its input, the prefix's two while computing it, and about
+    four (convex: responses, their gated product and gradient; non-convex: the hidden
+    activations and their gradients).
+    """
+    pixels = config.crop**2 if config.crop else shape[0] * shape[1]
+    width = 2 if config.amp else 4
+    channels, hidden = config.channels, config.layers - 1
+    if config.method == "end-to-end":
+        maps = (hidden if config.checkpointing else 2 * hidden) * channels + 2 * channels
+    else:
+        maps = 6 * channels
+    validation = CHUNK * shape[0] * shape[1] * 3 * channels * 4
+    return pixels * (maps + 8) * width, validation
+
+
+def check_step_fits(config: TrainConfig, shape: tuple[int, int], device: torch.device) -> None:
+    """Refuse up front a batch whose training step (`step_memory`) cannot fit in the
+    device's free memory (CUDA) or the available memory (CPU)."""
+    if device.type == "cuda":
+        have, _ = torch.cuda.mem_get_info(device)
+        where = f"free memory on {device}"
+    else:
+        have = data_module.available_memory()
+        where = "available memory"
+    batch = config.optim.batch_size
+    per_image, validation = step_memory(config, shape)
+    need = max(batch * per_image, validation)
+    limit = 0.9 * have
+    if need <= limit:
+        return
+    fits = int(limit // per_image) if validation <= limit else 0
+    advice = (
+        f"use optim.batch_size {fits} or less"
+        if fits
+        else "use a smaller crop, fewer channels, or another device"
+    )
+    gib = 1024**3
+    raise CvxmriError(
+        f"a training step at batch size {batch} needs about {need / gib:.1f} GiB but only "
+        f"{have / gib:.1f} GiB of {where}: {advice}"
+    )
 
 
 class TrainingStopped(Exception):
@@ -173,6 +223,7 @@ class Trainer:
             config.data, "train", config.mask, max_slices=config.max_train_slices
         )
         check_resources(config, len(self.train_data), self.train_data.recon_shape, out)
+        check_step_fits(config, self.train_data.recon_shape, self.device)
         self.val_data = SliceData(config.data, "val", config.mask)
         self.val_pairs = self.val_data.pairs(self.val_data.evaluation_masks())
         self.fixed_pairs = (
