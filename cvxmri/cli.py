@@ -115,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="zero-filled or cs; repeat for several (default: both)",
     )
     evaluate.add_argument(
-        "--model", action="append", type=Path, help="a trained network (model.pt); repeatable"
+        "--model",
+        action="append",
+        type=Path,
+        help="a trained network (model.pt, or its run folder); repeatable",
     )
     _add_mask_options(evaluate)
     evaluate.add_argument("--data", type=Path, default=Path("data/default"), help="dataset root")
@@ -156,7 +159,43 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run folder (default runs/<method>-<mask>-<time>)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run")
     train.add_argument("--force", action="store_true", help="replace an existing run folder")
+    _add_reproduce_parsers(commands)
+    _add_benchmark_parsers(commands)
     return parser
+
+
+def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
+    """`cvxmri reproduce` and `cvxmri report`."""
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="the paper's experiment in one command (resumable), with a report",
+    )
+    reproduce.add_argument(
+        "--preset",
+        choices=("quick", "paper", "tiny"),
+        default="quick",
+        help="quick (2 CPU cores, about 20 min), paper (GPU) or tiny (tests)",
+    )
+    reproduce.add_argument(
+        "--data",
+        type=Path,
+        default=Path("data/default"),
+        help="dataset root, simulated when missing (default data/default)",
+    )
+    reproduce.add_argument("--out", type=Path, help="folder (default runs/reproduce-<preset>)")
+    reproduce.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    reproduce.add_argument("--amp", action="store_true", help="bf16 autocast in training")
+    reproduce.add_argument(
+        "--memory-json", type=Path, help="the memory benchmark's JSON, shown in the report"
+    )
+    reproduce.add_argument(
+        "--force", action="store_true", help="start again in a folder begun with other settings"
+    )
+    report = commands.add_parser("report", help="rebuild the report of a reproduce folder")
+    report.add_argument("folder", type=Path, help="the reproduce folder")
+    report.add_argument(
+        "--memory-json", type=Path, help="the memory benchmark's JSON, shown in the report"
+    )
 
 
 def _mask_specs(args: argparse.Namespace) -> list:
@@ -348,12 +387,195 @@ def default_train_dir(config: object) -> Path:
     return default_run_dir(f"{config.method}-{config.mask.kind}")  # type: ignore[attr-defined]
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from cvxmri.reproduce import default_folder, reproduce, reproduce_preset
+
+    config = replace(
+        reproduce_preset(args.preset), data=str(args.data), device=args.device, amp=args.amp
+    )
+    out = args.out or default_folder(args.preset)
+    report = reproduce(config, out, force=args.force, memory_json=args.memory_json)
+    _print_report(out, report)
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from cvxmri.reproduce import rebuild_report
+
+    _print_report(args.folder, rebuild_report(args.folder, memory_json=args.memory_json))
+
+
+def _print_report(folder: Path, report: Path) -> None:
+    import json
+
+    from cvxmri.reproduce import format_results
+
+    results = json.loads((folder / "results.json").read_text())
+    print(f"{results['config']['split']} split, volume mean ± std, networks at full depth:")
+    print(format_results(results))
+    print(f"report: {report} (Markdown: {report.with_suffix('.md')})")
+
+
+def _int_list(text: str) -> list[int]:
+    """``2,5,8``, ``2-12`` or both (``2-4,8``) of integers >= 0; '' is an empty list."""
+    values: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise argparse.ArgumentTypeError(f"not a list of integers >= 0: {text!r}")
+        values += range(int(lo), int(hi or lo) + 1)
+    return values
+
+
+def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
+    """`cvxmri benchmark memory` and `cvxmri benchmark speed`."""
+    from cvxmri.benchmark.workload import METHODS, STAGE_INPUTS
+
+    benchmark = commands.add_parser("benchmark", help="measure training memory and speed")
+    kinds = benchmark.add_subparsers(dest="benchmark_command", required=True, parser_class=_Parser)
+    memory = kinds.add_parser(
+        "memory",
+        help="peak training memory against batch size and depth; largest batch in a budget",
+    )
+    speed = kinds.add_parser(
+        "speed", help="training throughput, training time and compute efficiency"
+    )
+    for parser in (memory, speed):
+        parser.add_argument("--layers", type=int, default=5, help="network depth (default 5)")
+        parser.add_argument("--channels", type=int, default=256, help="hidden width (256)")
+        parser.add_argument("--kernel", type=int, default=7, help="kernel size (default 7)")
+        parser.add_argument("--size", type=int, default=320, help="image side (default 320)")
+        parser.add_argument(
+            "--method", action="append", choices=METHODS, help="repeatable (default: all)"
+        )
+        parser.add_argument(
+            "--stage-inputs",
+            action="append",
+            choices=STAGE_INPUTS,
+            help="layer-wise stage inputs; repeatable (default: both)",
+        )
+        parser.add_argument(
+            "--precision",
+            action="append",
+            choices=("fp32", "bf16"),
+            help="fp32 or bf16 autocast; repeatable (default: both)",
+        )
+        parser.add_argument(
+            "--pattern-chunk",
+            type=int,
+            default=32,
+            help="gate patterns a convex stage processes at once, 0: all (default 32)",
+        )
+        parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+        parser.add_argument("--seed", type=int, default=0, help="random seed")
+        parser.add_argument("--force", action="store_true", help="replace an existing folder")
+    memory.add_argument("--budget-gb", type=_number, default=12.0, help="GiB (default 12)")
+    memory.add_argument(
+        "--search",
+        choices=("auto", "direct", "fit"),
+        default="auto",
+        help="largest batch: direct search or straight-line fit (auto: direct on CUDA)",
+    )
+    memory.add_argument(
+        "--fit-batches", type=_int_list, default=[1, 2], help="batch sizes measured first (1,2)"
+    )
+    memory.add_argument("--max-batch", type=int, default=4096, help="search limit (4096)")
+    memory.add_argument("--steps", type=int, default=1, help="measured steps per trial (1)")
+    memory.add_argument(
+        "--depths", type=_int_list, default=list(range(2, 13)), help="depth sweep (2-12)"
+    )
+    memory.add_argument(
+        "--depth-batch", type=int, default=1, help="batch of the depth and chunk sweeps (1)"
+    )
+    memory.add_argument(
+        "--chunks",
+        type=_int_list,
+        default=[0, 8, 16, 32, 64],
+        help="pattern chunks of the chunk sweep (0,8,16,32,64); '' for none",
+    )
+    memory.add_argument(
+        "--trial-timeout", type=_number, default=3600.0, help="seconds per trial (3600)"
+    )
+    memory.add_argument("--out", type=Path, help="folder (default runs/benchmark-memory-<time>)")
+    speed.add_argument("--batch", type=int, default=1, help="images per step (default 1)")
+    speed.add_argument("--repeats", type=int, default=3, help="timed steps (default 3)")
+    speed.add_argument("--epochs", type=int, default=40, help="epochs per stage (default 40)")
+    speed.add_argument("--images", type=int, default=1000, help="training images (1000)")
+    speed.add_argument("--out", type=Path, help="folder (default runs/benchmark-speed-<time>)")
+
+
+def _benchmark_common(args: argparse.Namespace) -> dict[str, object]:
+    from cvxmri.benchmark.workload import METHODS, STAGE_INPUTS
+    from cvxmri.training.trainer import resolve_device
+
+    return {
+        "layers": args.layers,
+        "channels": args.channels,
+        "kernel_size": args.kernel,
+        "size": args.size,
+        "methods": list(dict.fromkeys(args.method or METHODS)),
+        "stage_inputs": list(dict.fromkeys(args.stage_inputs or STAGE_INPUTS)),
+        "precisions": list(dict.fromkeys(args.precision or ["fp32", "bf16"])),
+        "pattern_chunk": args.pattern_chunk,
+        "device": str(resolve_device(args.device)),
+        "seed": args.seed,
+    }
+
+
+def _cmd_benchmark_memory(args: argparse.Namespace) -> None:
+    from cvxmri.benchmark.memory import MemoryBenchConfig, format_tables, run_memory_benchmark
+    from cvxmri.runs import default_run_dir, run_folder
+
+    config = MemoryBenchConfig(
+        **_benchmark_common(args),  # type: ignore[arg-type]
+        budget_gb=args.budget_gb,
+        search=args.search,
+        fit_batches=args.fit_batches,
+        max_batch=args.max_batch,
+        steps=args.steps,
+        depths=args.depths,
+        depth_batch=args.depth_batch,
+        chunks=args.chunks,
+        trial_timeout=args.trial_timeout,
+    )
+    config.validate()
+    out = args.out or default_run_dir("benchmark-memory")
+    with run_folder(out, config, overwrite=args.force) as folder:
+        result = run_memory_benchmark(config, folder)
+    print(format_tables(result))
+    print(f"results: {out}")
+
+
+def _cmd_benchmark_speed(args: argparse.Namespace) -> None:
+    from cvxmri.benchmark.speed import SpeedBenchConfig, format_tables, run_speed_benchmark
+    from cvxmri.runs import default_run_dir, run_folder
+
+    config = SpeedBenchConfig(
+        **_benchmark_common(args),  # type: ignore[arg-type]
+        batch=args.batch,
+        repeats=args.repeats,
+        epochs=args.epochs,
+        images=args.images,
+    )
+    config.validate()
+    out = args.out or default_run_dir("benchmark-speed")
+    with run_folder(out, config, overwrite=args.force) as folder:
+        result = run_speed_benchmark(config, folder)
+    print(format_tables(result))
+    print(f"results: {out}")
+
+
 COMMANDS = {
     ("data", "simulate"): _cmd_simulate,
     ("data", "prepare"): _cmd_prepare,
     ("data", "info"): _cmd_info,
     ("evaluate", None): _cmd_evaluate,
     ("train", None): _cmd_train,
+    ("reproduce", None): _cmd_reproduce,
+    ("report", None): _cmd_report,
+    ("benchmark", "memory"): _cmd_benchmark_memory,
+    ("benchmark", "speed"): _cmd_benchmark_speed,
 }
 
 
@@ -365,7 +587,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.setLevel(logging.INFO if args.verbose else logging.WARNING)
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[console])
-    command = COMMANDS[(args.command, getattr(args, "data_command", None))]
+    sub = getattr(args, "data_command", None) or getattr(args, "benchmark_command", None)
+    command = COMMANDS[(args.command, sub)]
     try:
         command(args)
     except CvxmriError as err:

@@ -277,3 +277,10 @@ def test_refuses_a_batch_that_cannot_fit(
     Trainer(config, tmp_path / "b")
     # Checkpointing keeps one map per hidden layer: a smaller estimate.
     assert step_memory(replace(config, checkpointing=True), (24, 24))[0] < per_image
+
+
+def test_convex_stages_use_the_networks_kernel_size(data: Path, tmp_path: Path) -> None:
+    config = tiny(data, "layerwise-convex", kernel_size=5)
+    assert config.stage_config().kernel_size == 5
+    model = Trainer(replace(config, optim=replace(config.optim, epochs=1)), tmp_path).fit()
+    assert {layer.value.kernel_size for layer in model.hidden} == {(5, 5)}

@@ -346,22 +346,31 @@ class ConvexStage(torch.nn.Module):
 
     @torch.no_grad()
     def pattern_gates(self, x: Tensor, chunk: int = 0) -> Tensor:
-        """The sign patterns as a bool ``(B, P, H, W)`` tensor (a quarter of `gates`' memory),
-        computed ``chunk`` patterns at a time (0: all at once)."""
+        """The sign patterns as a bool ``(B, P, H, W)`` tensor (a quarter of `gates`' memory).
+
+        ``chunk = 0`` computes them all at once; ``chunk > 0`` one image and ``chunk``
+        patterns at a time, so that the normalised copy of the input is one image's.
+        """
         self._check_input(x)
         p = self.config.patterns
         step = p if chunk <= 0 else chunk
-        xn = self._normalise(x)
+        images = x.shape[0] if chunk <= 0 else 1
+        weight = self.gate_weight.to(x.dtype)
+        bias = self.gate_bias.to(x.dtype)
+        mean = self.input_mean.to(x.dtype).view(1, -1, 1, 1)
+        std = self.input_std.to(x.dtype).view(1, -1, 1, 1)
         out = torch.empty(x.shape[0], p, *x.shape[2:], dtype=torch.bool, device=x.device)
-        for lo in range(0, p, step):
-            hi = min(p, lo + step)
-            pre = F.conv2d(
-                xn,
-                self.gate_weight[lo:hi].to(x.dtype),
-                self.gate_bias[lo:hi].to(x.dtype),
-                padding=self.config.kernel_size // 2,
-            )
-            out[:, lo:hi] = pre >= 0
+        for first in range(0, x.shape[0], images):
+            # Channels-last: the convolution library then works on the tensor as it is,
+            # instead of reordering a copy of it for every call.
+            xn = x[first : first + images].to(memory_format=torch.channels_last, copy=True)
+            xn.sub_(mean).div_(std)
+            for lo in range(0, p, step):
+                hi = min(p, lo + step)
+                pre = F.conv2d(xn, weight[lo:hi], bias[lo:hi], padding=self.config.kernel_size // 2)
+                out[first : first + images, lo:hi] = pre >= 0
+                del pre
+            del xn
         return out
 
     @torch.no_grad()
@@ -375,17 +384,21 @@ class ConvexStage(torch.nn.Module):
         """`data_term` and its gradient in the effective weight, without autograd.
 
         The model is linear in its weight, so the gradient is ``A^T (A v - r) / B``
-        (`apply_weight`, `apply_adjoint`). Both products run ``chunk`` patterns at a time
-        (0: all), so the peak memory is the input, the bool gates and one chunk's responses
-        ``(B, chunk * out, H, W)``, against autograd's responses, gated products and their
-        gradients for all patterns at once. ``compute_dtype`` (e.g. bf16) is the dtype of
-        the convolutions; the sums are accumulated in float32.
+        (`apply_weight`, `apply_adjoint`), a sum over images. ``chunk = 0`` computes it for
+        the whole batch and all patterns at once (fastest). ``chunk > 0`` bounds the working
+        memory: one image and ``chunk`` patterns at a time, so that beyond the input batch
+        the step holds one image's channels-last copy, its bool gates and one chunk's
+        responses ``(1, chunk * out, H, W)``, whatever the batch size; autograd would keep
+        the responses, gated products and their gradients of all patterns and images.
+        ``compute_dtype`` (e.g. bf16) is the dtype of the convolutions; the sums are
+        accumulated in float32. An input already in ``torch.channels_last`` format (and in
+        ``compute_dtype``) is used without a copy.
 
         Returns:
             The data term (0-dim float32) and the gradient ``(P, out, C_in, K, K)`` (float32).
         """
         self._check_input(x)
-        batch = x.shape[0]
+        batch, _, height, width = x.shape
         p, out, c_in, k = (
             self.config.patterns,
             self.out_channels,
@@ -393,29 +406,38 @@ class ConvexStage(torch.nn.Module):
             self.config.kernel_size,
         )
         step = p if chunk <= 0 else chunk
+        images = batch if chunk <= 0 else 1
         dtype = compute_dtype or x.dtype
-        gates = self.pattern_gates(x, chunk)
-        xc = x.to(dtype)
         weight = self.effective_weight().detach()
-        pred = torch.zeros(batch, out, *x.shape[2:], dtype=torch.float32, device=x.device)
-        for lo in range(0, p, step):
-            hi = min(p, lo + step)
-            y = self._responses(xc, weight[lo:hi].to(dtype))
-            pred += (y * gates[:, lo:hi, None]).sum(dim=1, dtype=torch.float32)
-            del y
-        residual = pred - r.float()
-        value = 0.5 * residual.square().sum() / batch
-        residual = residual.to(dtype)
-        grad = torch.empty(weight.shape, dtype=torch.float32, device=x.device)
-        for lo in range(0, p, step):
-            hi = min(p, lo + step)
-            grad_y = gates[:, lo:hi, None] * residual[:, None]
-            grad_y = grad_y.reshape(batch, (hi - lo) * out, *x.shape[2:])
-            shape = ((hi - lo) * out, c_in, k, k)
-            part = torch.nn.grad.conv2d_weight(xc, shape, grad_y, padding=k // 2)
-            grad[lo:hi] = part.view(hi - lo, out, c_in, k, k).float() / batch
-            del grad_y, part
-        return value, grad
+        value = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+        for first in range(0, batch, images):
+            last = min(batch, first + images)
+            n = last - first
+            gates = self.pattern_gates(x[first:last], chunk)
+            xc = x[first:last].to(dtype=dtype, memory_format=torch.channels_last)
+            pred = torch.zeros(n, out, height, width, dtype=torch.float32, device=x.device)
+            for lo in range(0, p, step):
+                hi = min(p, lo + step)
+                y = self._responses(xc, weight[lo:hi].to(dtype))
+                y.mul_(gates[:, lo:hi, None])
+                pred += y.sum(dim=1, dtype=torch.float32)
+                del y
+            residual = pred.sub_(r[first:last].float())
+            value += 0.5 * residual.square().sum()
+            # (n, H, W, 1, out): the gradient of the responses is built channels-last.
+            residual = residual.to(dtype).permute(0, 2, 3, 1).unsqueeze(3)
+            for lo in range(0, p, step):
+                hi = min(p, lo + step)
+                grad_y = torch.empty(n, height, width, hi - lo, out, dtype=dtype, device=x.device)
+                torch.mul(gates[:, lo:hi].permute(0, 2, 3, 1).unsqueeze(4), residual, out=grad_y)
+                grad_y = grad_y.view(n, height, width, (hi - lo) * out).permute(0, 3, 1, 2)
+                shape = ((hi - lo) * out, c_in, k, k)
+                part = torch.nn.grad.conv2d_weight(xc, shape, grad_y, padding=k // 2)
+                grad[lo:hi] += part.view(hi - lo, out, c_in, k, k)
+                del grad_y, part
+            del xc, gates, pred, residual
+        return value / batch, grad / batch
 
     def forward(self, x: Tensor, gates: Tensor | None = None) -> Tensor:
         """``sum_p D_p * conv(x, v_p[c])`` for each output channel c: ``(B, out, H, W)``."""

@@ -158,9 +158,14 @@ class TrainConfig:
             raise CvxmriError("stage inputs can only be cached with fixed_masks=true")
 
     def stage_config(self) -> ConvexStageConfig:
-        """The convex stage settings with the pattern count that gives ``channels`` units."""
+        """The convex stage settings with the pattern count that gives ``channels`` units and
+        the network's kernel size."""
         per_pattern = 2 if self.features == "gated" else 4
-        return replace(self.convex, patterns=max(1, self.channels // per_pattern))
+        return replace(
+            self.convex,
+            patterns=max(1, self.channels // per_pattern),
+            kernel_size=self.kernel_size,
+        )
 
 
 def preset(name: str, mask_kind: str = "poisson") -> TrainConfig:

@@ -1,0 +1,717 @@
+"""`cvxmri benchmark memory`: peak training memory against batch size and depth, and the
+largest batch that fits a memory budget, for end-to-end and layer-wise training.
+
+Every configuration (method, stage, stage inputs, precision, batch size) is measured in a
+fresh process by `cvxmri.benchmark.measure` (its docstring states what is counted): the
+real training step of `cvxmri.training.steps` on random images.
+
+Largest batch that fits the budget (``search``):
+
+- ``direct``: measured. The batch sizes ``fit_batches`` are measured first; a straight line
+  through them predicts the crossing, and an exponential search from the prediction (up by
+  1, 2, 4, ... while it fits, down by 1, 2, 4, ... while it does not) followed by bisection
+  finds the exact largest batch that fits (`max_batch_size`): on CUDA up to a real
+  out-of-memory error at the budget, on the CPU up to a measured peak above the budget.
+- ``fit``: extrapolated. Only ``fit_batches`` are measured; peak memory is linear in the
+  batch size for these models, and the line's crossing of the budget is reported, labelled
+  ``extrapolated``. For a CPU, where one step of the paper's network takes seconds to
+  minutes per image.
+- ``auto``: ``direct`` on CUDA, ``fit`` on the CPU.
+
+A layer-wise method trains one stage at a time with one batch size, so its largest batch is
+the smallest over its stages, and its peak is the largest over its stages. Stage ``j``'s
+step does not depend on the final depth, so the depth sweep measures stages
+``1 .. max(depths) - 1`` once and the peak of a depth-``L`` network is the largest over
+stages ``1 .. L - 1``; end-to-end is measured at every depth.
+
+Output (``memory.json``, schema ``cvxmri.benchmark.memory/1``):
+
+- ``device``, ``command``, ``date``, ``environment``, ``measurement`` (how memory was
+  measured), ``config`` (the resolved `MemoryBenchConfig`), ``budget_bytes``;
+- ``results``: one row per (method, stage inputs, precision): ``method``, ``stage_inputs``
+  (``cached``, ``recomputed`` or ``-`` for end-to-end), ``precision`` (``fp32``/``bf16``),
+  ``max_batch``, ``max_batch_kind`` (``measured``/``extrapolated``), ``vs_end_to_end``
+  (its max batch over end-to-end's at the same precision), ``mib_per_image`` (slope of the
+  fitted line; layer-wise: of its largest stage), ``peak_mib_batch1`` (peak at batch 1,
+  layer-wise: largest stage) and ``limiting_stage``;
+- ``configurations``: one per method, stage, stage inputs and precision, with ``points``
+  (each measured batch size: ``batch``, ``peak_bytes``, ``state_bytes``, ``seconds``,
+  ``oom``, ``fits``), ``fit`` (``bytes_per_image``, ``fixed_bytes``, ``max_batch``),
+  ``max_batch`` and ``max_batch_kind``;
+- ``depth``: ``batch``, and ``rows`` with ``method``, ``stage_inputs``, ``precision``,
+  ``layers``, ``peak_bytes``;
+- ``pattern_chunk``: the convex stage 2 at batch ``batch`` for each chunk size:
+  ``pattern_chunk``, ``precision``, ``peak_bytes``, ``seconds``; and ``recommended``;
+- ``targets``: ``name``, ``value``, ``threshold``, ``direction`` (``at least`` or
+  ``at most``), ``met``, ``note``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from cvxmri.benchmark.measure import CPU_METHOD, CUDA_METHOD, run_trial
+from cvxmri.benchmark.workload import LAYERWISE, METHODS, STAGE_INPUTS, Workload
+from cvxmri.errors import CvxmriError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "cvxmri.benchmark.memory/1"
+GIB = 1024**3
+MIB = 1024**2
+PRECISIONS = ("fp32", "bf16")
+SEARCHES = ("auto", "direct", "fit")
+
+
+@dataclass
+class MemoryBenchConfig:
+    """Settings of `run_memory_benchmark`; saved as ``config.yaml`` in its folder.
+
+    Attributes:
+        layers: network depth (the paper: 5).
+        channels: hidden width (the paper: 256).
+        kernel_size: KxK of the hidden layers (the paper: 7).
+        size: images are ``size x size`` (the paper: 320).
+        budget_gb: memory budget in GiB (the paper's GPU: 12).
+        methods: among end-to-end, end-to-end-checkpointing, layerwise-convex, layerwise.
+        stage_inputs: layer-wise stage inputs ``cached`` and/or ``recomputed``.
+        precisions: ``fp32`` and/or ``bf16`` (autocast).
+        pattern_chunk: gate patterns a convex stage processes at once (0: all).
+        search: ``direct``, ``fit`` or ``auto`` (see the module docstring).
+        fit_batches: batch sizes measured for the straight-line fit (at least two).
+        max_batch: the search stops here.
+        steps: full-size steps per measurement (after a small step that creates Adam's
+            state).
+        depths: network depths of the depth sweep (empty: none).
+        depth_batch: batch size of the depth sweep and of the pattern-chunk sweep.
+        chunks: pattern-chunk sizes of the sweep (empty: none).
+        device: ``cpu``, ``cuda`` or ``auto``.
+        trial_timeout: seconds before one measurement is abandoned.
+        seed: of the random weights and images.
+    """
+
+    layers: int = 5
+    channels: int = 256
+    kernel_size: int = 7
+    size: int = 320
+    budget_gb: float = 12.0
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    stage_inputs: list[str] = field(default_factory=lambda: list(STAGE_INPUTS))
+    precisions: list[str] = field(default_factory=lambda: list(PRECISIONS))
+    pattern_chunk: int = 32
+    search: str = "auto"
+    fit_batches: list[int] = field(default_factory=lambda: [1, 2])
+    max_batch: int = 4096
+    steps: int = 1
+    depths: list[int] = field(default_factory=lambda: list(range(2, 13)))
+    depth_batch: int = 1
+    chunks: list[int] = field(default_factory=lambda: [0, 8, 16, 32, 64])
+    device: str = "auto"
+    trial_timeout: float = 3600.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise `CvxmriError` naming the first impossible setting."""
+        if not self.budget_gb > 0 or not math.isfinite(self.budget_gb):
+            raise CvxmriError(f"budget must be a positive number of GiB, got {self.budget_gb}")
+        for name, values, allowed in (
+            ("method", self.methods, METHODS),
+            ("stage inputs", self.stage_inputs, STAGE_INPUTS),
+            ("precision", self.precisions, PRECISIONS),
+        ):
+            if not values:
+                raise CvxmriError(f"no {name} selected")
+            for value in values:
+                if value not in allowed:
+                    raise CvxmriError(f"unknown {name} {value!r} (choose from {allowed})")
+        if self.search not in SEARCHES:
+            raise CvxmriError(f"search must be one of {SEARCHES}, got {self.search!r}")
+        if len(set(self.fit_batches)) < 2 or min(self.fit_batches) < 1:
+            raise CvxmriError(
+                f"fit batches must be at least two different sizes >= 1, got {self.fit_batches}"
+            )
+        for name, value in (
+            ("max batch", self.max_batch),
+            ("steps", self.steps),
+            ("depth batch", self.depth_batch),
+        ):
+            if value < 1:
+                raise CvxmriError(f"{name} must be >= 1, got {value}")
+        if any(d < 2 for d in self.depths):
+            raise CvxmriError(f"depths must be >= 2, got {self.depths}")
+        if any(c < 0 for c in self.chunks) or self.pattern_chunk < 0:
+            raise CvxmriError("pattern chunks must be >= 0")
+        if not self.trial_timeout > 0:
+            raise CvxmriError(f"trial timeout must be > 0, got {self.trial_timeout}")
+        self.workload("end-to-end").validate()
+
+    @property
+    def budget_bytes(self) -> int:
+        """The budget in bytes (GiB = 2^30 bytes)."""
+        return int(self.budget_gb * GIB)
+
+    def workload(self, method: str, **changes: Any) -> Workload:
+        """The workload of ``method`` at this architecture (batch 1 unless changed)."""
+        base = Workload(
+            method=method,
+            layers=self.layers,
+            channels=self.channels,
+            kernel_size=self.kernel_size,
+            size=self.size,
+            pattern_chunk=self.pattern_chunk,
+            device=self.device,
+            seed=self.seed,
+        )
+        return replace(base, **changes)
+
+
+def max_batch_size(fits: Callable[[int], bool], limit: int, guess: int = 1) -> tuple[int, bool]:
+    """The largest batch ``b`` in ``1..limit`` with ``fits(b)``, for a monotone ``fits``.
+
+    Exponential search from ``guess`` (up by 1, 2, 4, ... while it fits; down by 1, 2, 4,
+    ... while it does not), then bisection of the bracket; each size is tried at most once.
+    From ``guess = 1`` this is doubling then bisection.
+
+    Returns:
+        ``(b, capped)``: ``b = 0`` if not even 1 fits; ``capped`` when ``limit`` itself fits
+        (the true largest may be larger).
+    """
+    tried: dict[int, bool] = {}
+
+    def ok(batch: int) -> bool:
+        if batch not in tried:
+            tried[batch] = fits(batch)
+        return tried[batch]
+
+    guess = min(max(1, guess), limit)
+    step = 1
+    if ok(guess):
+        lo, hi = guess, limit + 1
+        while lo < limit:
+            batch = min(limit, lo + step)
+            if not ok(batch):
+                hi = batch
+                break
+            lo, step = batch, 2 * step
+    else:
+        lo, hi = 0, guess
+        while hi > 1:
+            batch = max(1, hi - step)
+            if ok(batch):
+                lo = batch
+                break
+            hi, step = batch, 2 * step
+    while hi - lo > 1:
+        middle = (lo + hi) // 2
+        if ok(middle):
+            lo = middle
+        else:
+            hi = middle
+    return lo, lo == limit
+
+
+def linear_fit(points: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """Least-squares ``peak = fixed + per_image * batch`` through the measured points (not
+    out of memory); None with fewer than two batch sizes."""
+    good = [(p["batch"], p["peak_bytes"]) for p in points if not p.get("oom")]
+    if len({b for b, _ in good}) < 2:
+        return None
+    n = len(good)
+    mean_b = sum(b for b, _ in good) / n
+    mean_m = sum(m for _, m in good) / n
+    var = sum((b - mean_b) ** 2 for b, _ in good)
+    slope = sum((b - mean_b) * (m - mean_m) for b, m in good) / var
+    return slope, mean_m - slope * mean_b
+
+
+def fit_crossing(fit: tuple[float, float], budget: int, limit: int) -> int:
+    """The largest batch the line keeps within the budget (at most ``limit``)."""
+    slope, fixed = fit
+    if slope <= 0:
+        return limit
+    return max(0, min(limit, math.floor((budget - fixed) / slope)))
+
+
+class Runner:
+    """Runs trials in fresh processes, each workload at most once."""
+
+    def __init__(self, config: MemoryBenchConfig, progress: Any = None) -> None:
+        self.config = config
+        self.cache: dict[str, dict[str, Any]] = {}
+        self.progress = progress
+
+    def trial(self, w: Workload) -> dict[str, Any]:
+        """The measured point of ``w`` (from the cache when measured before)."""
+        key = w.to_json()
+        if key not in self.cache:
+            cfg = self.config
+            result = run_trial(w, cfg.steps, cfg.budget_bytes, cfg.trial_timeout)
+            result["fits"] = (
+                not result.get("oom")
+                and "peak_bytes" in result
+                and result["peak_bytes"] <= cfg.budget_bytes
+            )
+            self.cache[key] = result
+            peak = result.get("peak_bytes")
+            log.info(
+                "%s, batch %d: %s",
+                w.describe(),
+                w.batch,
+                "out of memory"
+                if result.get("oom")
+                else result.get("error", f"peak {peak / MIB:.1f} MiB, {result['seconds']:.2f} s"),
+            )
+            if self.progress is not None:
+                self.progress.set_postfix_str(f"{w.describe()} B={w.batch}", refresh=False)
+                self.progress.update(1)
+        return self.cache[key]
+
+
+def measure_configuration(runner: Runner, w: Workload, direct: bool) -> dict[str, Any]:
+    """Points, fit and largest batch of one configuration (method, stage, inputs, precision)."""
+    cfg = runner.config
+    budget = cfg.budget_bytes
+    points = {b: runner.trial(replace(w, batch=b)) for b in sorted(set(cfg.fit_batches))}
+    fit = linear_fit(list(points.values()))
+    predicted = fit_crossing(fit, budget, cfg.max_batch) if fit else None
+    if direct:
+
+        def fits(batch: int) -> bool:
+            points[batch] = runner.trial(replace(w, batch=batch))
+            return bool(points[batch]["fits"])
+
+        best, capped = max_batch_size(fits, cfg.max_batch, guess=max(1, predicted or 1))
+        kind = "measured"
+        fit = linear_fit(list(points.values())) or fit
+    else:
+        best = predicted if predicted is not None else 0
+        capped, kind = best == cfg.max_batch, "extrapolated"
+    fields = {
+        "method": w.method,
+        "stage": w.stage if w.layerwise else None,
+        "stage_inputs": w.stage_inputs if w.layerwise and w.stage >= 2 else "-",
+        "precision": "bf16" if w.amp else "fp32",
+        "pattern_chunk": w.pattern_chunk if w.method == "layerwise-convex" else None,
+    }
+    return {
+        **fields,
+        "points": [{"batch": b, **points[b]} for b in sorted(points)],
+        "fit": None
+        if fit is None
+        else {
+            "bytes_per_image": fit[0],
+            "fixed_bytes": fit[1],
+            "max_batch": fit_crossing(fit, budget, cfg.max_batch),
+        },
+        "max_batch": best,
+        "max_batch_capped": capped,
+        "max_batch_kind": kind,
+    }
+
+
+def _configurations(cfg: MemoryBenchConfig) -> list[Workload]:
+    """The (method, stage, inputs, precision) workloads of the main table."""
+    out = []
+    for precision in cfg.precisions:
+        amp = precision == "bf16"
+        for method in cfg.methods:
+            if method not in LAYERWISE:
+                out.append(cfg.workload(method, amp=amp))
+                continue
+            for stage in range(1, cfg.layers):
+                modes = ["cached"] if stage == 1 else cfg.stage_inputs
+                for mode in modes:
+                    out.append(cfg.workload(method, amp=amp, stage=stage, stage_inputs=mode))
+    return out
+
+
+def summarise(configurations: list[dict[str, Any]], cfg: MemoryBenchConfig) -> list[dict]:
+    """One row per (method, stage inputs, precision); layer-wise over its stages."""
+    rows = []
+    for precision in cfg.precisions:
+        for method in cfg.methods:
+            modes = cfg.stage_inputs if method in LAYERWISE else ["-"]
+            for mode in modes:
+                mine = [
+                    c
+                    for c in configurations
+                    if c["method"] == method
+                    and c["precision"] == precision
+                    and c["stage_inputs"] in (mode, "-")
+                ]
+                if not mine:
+                    continue
+                limiting = min(mine, key=lambda c: (c["max_batch"], -_peak_at(c, 1)))
+                largest = max(mine, key=lambda c: _peak_at(c, 1))
+                fit = largest["fit"] or {}
+                rows.append(
+                    {
+                        "method": method,
+                        "stage_inputs": mode,
+                        "precision": precision,
+                        "max_batch": limiting["max_batch"],
+                        "max_batch_kind": limiting["max_batch_kind"],
+                        "capped": limiting["max_batch_capped"],
+                        "limiting_stage": limiting["stage"] if method in LAYERWISE else "-",
+                        "peak_mib_batch1": round(_peak_at(largest, 1) / MIB, 1),
+                        "mib_per_image": round(fit.get("bytes_per_image", math.nan) / MIB, 1),
+                    }
+                )
+    for row in rows:
+        reference = next(
+            (r for r in rows if r["method"] == "end-to-end" and r["precision"] == row["precision"]),
+            None,
+        )
+        ratio = math.nan
+        if reference and reference["max_batch"]:
+            ratio = row["max_batch"] / reference["max_batch"]
+        row["vs_end_to_end"] = round(ratio, 2)
+    return rows
+
+
+def _peak_at(configuration: dict[str, Any], batch: int) -> float:
+    """The measured peak at ``batch`` (or the smallest measured batch), for ordering."""
+    points = [p for p in configuration["points"] if "peak_bytes" in p]
+    exact = [p for p in points if p["batch"] == batch]
+    chosen = exact or sorted(points, key=lambda p: p["batch"])[:1]
+    return float(chosen[0]["peak_bytes"]) if chosen else math.inf
+
+
+def depth_sweep(runner: Runner, cfg: MemoryBenchConfig) -> list[dict[str, Any]]:
+    """Peak memory against depth per method at ``depth_batch`` (see the module docstring)."""
+    rows: list[dict[str, Any]] = []
+    if not cfg.depths:
+        return rows
+    deepest = max(cfg.depths)
+    batch = cfg.depth_batch
+    for precision in cfg.precisions:
+        amp = precision == "bf16"
+        for method in cfg.methods:
+            if method not in LAYERWISE:
+                for layers in sorted(cfg.depths):
+                    w = cfg.workload(method, amp=amp, layers=layers, batch=batch)
+                    point = runner.trial(w)
+                    rows.append(_depth_row(method, "-", precision, layers, point))
+                continue
+            for mode in cfg.stage_inputs:
+                peaks = []
+                for stage in range(1, deepest):
+                    w = cfg.workload(
+                        method,
+                        amp=amp,
+                        layers=cfg.layers if stage < cfg.layers else deepest,
+                        stage=stage,
+                        stage_inputs="cached" if stage == 1 else mode,
+                        batch=batch,
+                    )
+                    peaks.append(runner.trial(w))
+                for layers in sorted(cfg.depths):
+                    stages = peaks[: layers - 1]
+                    worst = max(stages, key=lambda p: p.get("peak_bytes", math.inf))
+                    rows.append(_depth_row(method, mode, precision, layers, worst))
+    return rows
+
+
+def _depth_row(
+    method: str, mode: str, precision: str, layers: int, point: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "method": method,
+        "stage_inputs": mode,
+        "precision": precision,
+        "layers": layers,
+        "peak_bytes": point.get("peak_bytes"),
+        "oom": bool(point.get("oom")),
+    }
+
+
+def chunk_sweep(runner: Runner, cfg: MemoryBenchConfig) -> dict[str, Any]:
+    """The convex stage 2 (cached inputs) at ``depth_batch`` for each pattern chunk."""
+    rows: list[dict[str, Any]] = []
+    if not cfg.chunks or "layerwise-convex" not in cfg.methods or cfg.layers < 3:
+        return {"batch": cfg.depth_batch, "rows": rows, "recommended": None}
+    for precision in cfg.precisions:
+        for chunk in cfg.chunks:
+            w = cfg.workload(
+                "layerwise-convex",
+                amp=precision == "bf16",
+                stage=2,
+                pattern_chunk=chunk,
+                batch=cfg.depth_batch,
+            )
+            point = runner.trial(w)
+            rows.append(
+                {
+                    "pattern_chunk": chunk,
+                    "precision": precision,
+                    "peak_bytes": point.get("peak_bytes"),
+                    "seconds": point.get("seconds"),
+                }
+            )
+    return {"batch": cfg.depth_batch, "rows": rows, "recommended": recommend_chunk(rows)}
+
+
+def recommend_chunk(rows: list[dict[str, Any]]) -> int | None:
+    """The fastest chunk size (fp32 where measured) whose peak is within 10% of the lowest
+    peak's working memory above the input batch; ties to the larger chunk."""
+    fp32 = [r for r in rows if r["precision"] == "fp32" and r["peak_bytes"] is not None]
+    chosen = fp32 or [r for r in rows if r["peak_bytes"] is not None]
+    if not chosen:
+        return None
+    lowest = min(r["peak_bytes"] for r in chosen)
+    lean = [r for r in chosen if r["peak_bytes"] <= 1.1 * lowest]
+    return int(min(lean, key=lambda r: (r["seconds"], -r["pattern_chunk"]))["pattern_chunk"])
+
+
+def targets(summary: list[dict], depth: list[dict], cfg: MemoryBenchConfig) -> list[dict]:
+    """The issue's memory targets, checked on this run."""
+    out = []
+    architecture = (
+        f"{cfg.layers} layers, {cfg.channels} channels, {cfg.kernel_size}x{cfg.kernel_size}, "
+        f"{cfg.size}x{cfg.size}"
+    )
+    for precision in cfg.precisions:
+        for row in summary:
+            if (
+                row["method"] != "layerwise-convex"
+                or row["precision"] != precision
+                or cfg.layers < 3  # only the narrow first stage: nothing to compare
+            ):
+                continue
+            out.append(
+                {
+                    "name": f"max batch, layer-wise convex ({row['stage_inputs']} stage inputs) "
+                    f"over end-to-end, {precision}",
+                    "value": row["vs_end_to_end"],
+                    "threshold": 4.0,
+                    "direction": "at least",
+                    "met": bool(row["vs_end_to_end"] >= 4.0),
+                    "note": f"{architecture}, {row['max_batch_kind']}",
+                }
+            )
+    by_key: dict[tuple[str, str, str], dict[int, float]] = {}
+    for row in depth:
+        if row["method"] in LAYERWISE and row["peak_bytes"] is not None:
+            key = (row["method"], row["stage_inputs"], row["precision"])
+            by_key.setdefault(key, {})[row["layers"]] = row["peak_bytes"]
+    for (method, mode, precision), peaks in by_key.items():
+        if 5 in peaks and 12 in peaks:
+            ratio = peaks[12] / peaks[5]
+            out.append(
+                {
+                    "name": f"peak at 12 layers over 5 layers, {method} ({mode} stage inputs), "
+                    f"{precision}",
+                    "value": round(ratio, 3),
+                    "threshold": 1.1,
+                    "direction": "at most",
+                    "met": bool(ratio <= 1.1),
+                    "note": f"batch {cfg.depth_batch}",
+                }
+            )
+    return out
+
+
+def run_memory_benchmark(cfg: MemoryBenchConfig, out: Path) -> dict[str, Any]:
+    """Measure everything ``cfg`` asks for, write ``memory.json``, ``memory.csv``,
+    ``tables.md`` and the plots into ``out``, and return the results."""
+    import torch
+
+    from cvxmri.runs import environment
+    from cvxmri.training.trainer import resolve_device
+
+    device = resolve_device(cfg.device)
+    cfg = replace(cfg, device=str(device))
+    cfg.validate()
+    direct = cfg.search == "direct" or (cfg.search == "auto" and device.type == "cuda")
+    plan = _configurations(cfg)
+    estimate = len(plan) * (len(set(cfg.fit_batches)) + (4 if direct else 0))
+    with tqdm(total=estimate, desc="memory trials", unit="trial", disable=None) as progress:
+        runner = Runner(cfg, progress)
+        configurations = [measure_configuration(runner, w, direct) for w in plan]
+        summary = summarise(configurations, cfg)
+        depth = depth_sweep(runner, cfg)
+        chunks = chunk_sweep(runner, cfg)
+    env = environment()
+    env["torch_threads"] = str(torch.get_num_threads())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else env["processor"]
+    result = {
+        "schema": SCHEMA,
+        "date": str(date.today()),
+        "device": f"{device} ({name})",
+        "command": env["command"],
+        "environment": env,
+        "measurement": CUDA_METHOD if device.type == "cuda" else CPU_METHOD,
+        "inputs": "random images (B, 2, size, size); layer-wise 'cached': the stage input batch "
+        "is given (the whole-dataset cache lives on the host or on disk and is not counted); "
+        "'recomputed': the frozen prefix runs without autograd inside the step",
+        "search": "measured (direct search)" if direct else "extrapolated from measured points",
+        "config": _plain(cfg),
+        "budget_bytes": cfg.budget_bytes,
+        "results": summary,
+        "configurations": configurations,
+        "depth": {"batch": cfg.depth_batch, "rows": depth},
+        "pattern_chunk": chunks,
+        "targets": targets(summary, depth, cfg),
+    }
+    write_outputs(result, out)
+    return result
+
+
+def _plain(cfg: MemoryBenchConfig) -> dict[str, Any]:
+    from cvxmri.config import to_dict
+
+    return to_dict(cfg)
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    """``memory.json``, ``memory.csv`` (one line per measured point), ``tables.md`` and
+    the plots."""
+    from cvxmri.benchmark.plots import plot_memory
+
+    (out / "memory.json").write_text(json.dumps(result, indent=2))
+    with (out / "memory.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            [
+                "method",
+                "stage",
+                "stage_inputs",
+                "precision",
+                "pattern_chunk",
+                "batch",
+                "peak_bytes",
+                "state_bytes",
+                "seconds",
+                "oom",
+                "fits",
+            ]
+        )
+        for c in result["configurations"]:
+            for p in c["points"]:
+                writer.writerow(
+                    [
+                        c["method"],
+                        c["stage"],
+                        c["stage_inputs"],
+                        c["precision"],
+                        c["pattern_chunk"],
+                        p["batch"],
+                        p.get("peak_bytes"),
+                        p.get("state_bytes"),
+                        p.get("seconds"),
+                        p.get("oom"),
+                        p.get("fits"),
+                    ]
+                )
+    (out / "tables.md").write_text(format_tables(result) + "\n")
+    plot_memory(result, out)
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value / MIB:,.0f}"
+
+
+def format_tables(result: dict[str, Any]) -> str:
+    """The results as Markdown tables."""
+    cfg = result["config"]
+    lines = [
+        f"Memory benchmark, {result['device']}, {cfg['layers']} layers, {cfg['kernel_size']}x"
+        f"{cfg['kernel_size']}, {cfg['channels']} channels, {cfg['size']}x{cfg['size']}, "
+        f"budget {cfg['budget_gb']:g} GiB; max batch {result['search']}.",
+        "",
+        "| method | stage inputs | precision | max batch | vs end-to-end | limiting stage "
+        "| peak at batch 1 (MiB) | MiB per image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["results"]:
+        kind = "" if row["max_batch_kind"] == "measured" else " (extrap.)"
+        capped = "+" if row["capped"] else ""
+        lines.append(
+            f"| {row['method']} | {row['stage_inputs']} | {row['precision']} | "
+            f"{row['max_batch']}{capped}{kind} | {row['vs_end_to_end']:.2f}x | "
+            f"{row['limiting_stage']} | {row['peak_mib_batch1']:,.0f} | "
+            f"{row['mib_per_image']:,.1f} |"
+        )
+    batches = sorted({p["batch"] for c in result["configurations"] for p in c["points"]})
+    shown = [b for b in batches if b in cfg["fit_batches"]]
+    lines += [
+        "",
+        "Per stage: measured peak (MiB) at each batch size, fitted MiB per image, max batch.",
+        "",
+        "| method | stage | stage inputs | precision | "
+        + " | ".join(f"B={b}" for b in shown)
+        + " | MiB per image | max batch |",
+        "|---|---|---|---|" + "---|" * (len(shown) + 2),
+    ]
+    for c in result["configurations"]:
+        peaks = {p["batch"]: p for p in c["points"]}
+        cells = [
+            "OOM" if peaks.get(b, {}).get("oom") else _mib(peaks.get(b, {}).get("peak_bytes"))
+            for b in shown
+        ]
+        per_image = c["fit"]["bytes_per_image"] / MIB if c["fit"] else math.nan
+        lines.append(
+            f"| {c['method']} | {c['stage'] or '-'} | {c['stage_inputs']} | {c['precision']} | "
+            + " | ".join(cells)
+            + f" | {per_image:,.1f} | {c['max_batch']} |"
+        )
+    depth = result["depth"]["rows"]
+    if depth:
+        layers = sorted({r["layers"] for r in depth})
+        lines += [
+            "",
+            f"Peak memory (MiB) against depth, batch {result['depth']['batch']} "
+            "(layer-wise: the largest stage).",
+            "",
+            "| method | stage inputs | precision | "
+            + " | ".join(f"{n} layers" for n in layers)
+            + " |",
+            "|---|---|---|" + "---|" * len(layers),
+        ]
+        keys = list(dict.fromkeys((r["method"], r["stage_inputs"], r["precision"]) for r in depth))
+        for key in keys:
+            peaks = {
+                r["layers"]: r
+                for r in depth
+                if (r["method"], r["stage_inputs"], r["precision"]) == key
+            }
+            cells = [
+                "OOM" if peaks[n]["oom"] else _mib(peaks[n]["peak_bytes"]) if n in peaks else "-"
+                for n in layers
+            ]
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    chunks = result["pattern_chunk"]
+    if chunks["rows"]:
+        lines += [
+            "",
+            f"Convex stage 2 (cached inputs), batch {chunks['batch']}, by pattern chunk "
+            f"(0: all patterns at once); recommended: {chunks['recommended']}.",
+            "",
+            "| pattern chunk | precision | peak (MiB) | seconds per step |",
+            "|---|---|---|---|",
+        ]
+        for row in chunks["rows"]:
+            seconds = "-" if row["seconds"] is None else f"{row['seconds']:.2f}"
+            lines.append(
+                f"| {row['pattern_chunk']} | {row['precision']} | {_mib(row['peak_bytes'])} | "
+                f"{seconds} |"
+            )
+    if result["targets"]:
+        lines += ["", "Targets:", ""]
+        for t in result["targets"]:
+            verdict = "met" if t["met"] else "NOT met"
+            lines.append(
+                f"- {t['name']}: {t['value']} (target: {t['direction']} {t['threshold']}, "
+                f"{t['note']}): {verdict}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,358 @@
+"""One measured training configuration: the real modules and the real optimiser step.
+
+A `Workload` names a method (end-to-end, end-to-end with gradient checkpointing, a stage of
+layer-wise convex training, a stage of the non-convex layer-wise ablation), its architecture,
+batch size, precision and device. `prepare` builds what the trainer builds for it and returns
+the step that the trainer calls (`cvxmri.training.steps`), with Adam:
+
+- end-to-end: ``ReconCNN.relu(layers, channels, kernel)`` and `end_to_end_step`;
+- layer-wise stage ``j``: a frozen prefix of ``j - 1`` hidden layers (gated layers made from
+  convex stages for ``layerwise-convex``, ReLU layers for ``layerwise``), then a
+  `ConvexStage` (``channels // 2`` gate patterns, 2 outputs, gates initialised on a small
+  sample) with `convex_stage_step`, or the non-convex `TwoLayerStage` with
+  `two_layer_stage_step`. With ``stage_inputs="recomputed"`` the step first runs the prefix
+  without autograd on the zero-filled batch (as the trainer does with ``stage_cache: none``);
+  with ``"cached"`` the stage input batch is given (``stage_cache: memory`` or ``disk``).
+
+Images are random (memory and speed do not depend on the values of these dense
+computations). `step_flops` counts the step's convolution FLOPs analytically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cvxmri.errors import CvxmriError
+from cvxmri.models.cnn import ReconCNN, ReluConv
+from cvxmri.models.convex import ConvexStage, ConvexStageConfig
+from cvxmri.training.steps import convex_stage_step, end_to_end_step, two_layer_stage_step
+
+METHODS = ("end-to-end", "end-to-end-checkpointing", "layerwise-convex", "layerwise")
+LAYERWISE = ("layerwise-convex", "layerwise")
+STAGE_INPUTS = ("cached", "recomputed")
+LR = 1e-4
+# Input and output images have 2 channels (real, imaginary), as in training.
+IMAGE_CHANNELS = 2
+# Side of the images of the small warm-up step that creates Adam's state before a measured
+# step (the state has the parameters' shapes, whatever the image size) and of the sample the
+# convex stages' gates are initialised on.
+WARMUP_SIZE = 16
+GATE_SAMPLE_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One training step to measure.
+
+    Attributes:
+        method: one of `METHODS`.
+        batch: images per step.
+        layers: network depth (hidden layers + the final 1x1); a layer-wise stage ``j``
+            needs ``j <= layers - 1``.
+        stage: layer-wise stage (1-based; 0 for end-to-end).
+        stage_inputs: layer-wise: ``cached`` (the stage input batch is given) or
+            ``recomputed`` (the frozen prefix runs in the step). Stage 1 has no prefix.
+        channels: hidden width (convex stages: ``channels // 2`` patterns x 2 outputs).
+        kernel_size: KxK of the hidden layers.
+        size: images are ``size x size``.
+        amp: bf16 autocast (convex stages: bf16 convolutions, gates in float32).
+        pattern_chunk: convex stages: gate patterns processed at once (0: all).
+        device: ``cpu`` or ``cuda[:n]``.
+        seed: of the random weights and images.
+    """
+
+    method: str
+    batch: int = 1
+    layers: int = 5
+    stage: int = 0
+    stage_inputs: str = "cached"
+    channels: int = 256
+    kernel_size: int = 7
+    size: int = 320
+    amp: bool = False
+    pattern_chunk: int = 0
+    device: str = "cpu"
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise `CvxmriError` naming the first impossible setting."""
+        if self.method not in METHODS:
+            raise CvxmriError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.layers < 2:
+            raise CvxmriError(f"the network needs at least 2 layers, got {self.layers}")
+        if self.channels < 2 or self.channels % 2:
+            raise CvxmriError(f"channels must be even and >= 2, got {self.channels}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise CvxmriError(f"kernel size must be odd and >= 1, got {self.kernel_size}")
+        if self.size < self.kernel_size:
+            raise CvxmriError(
+                f"image size {self.size} is smaller than the kernel size {self.kernel_size}"
+            )
+        if self.batch < 1:
+            raise CvxmriError(f"batch size must be >= 1, got {self.batch}")
+        if self.pattern_chunk < 0:
+            raise CvxmriError(f"pattern chunk must be >= 0, got {self.pattern_chunk}")
+        if self.stage_inputs not in STAGE_INPUTS:
+            raise CvxmriError(f"stage inputs must be cached or recomputed, got {self.stage_inputs}")
+        if self.method in LAYERWISE and not 1 <= self.stage <= self.layers - 1:
+            raise CvxmriError(
+                f"stage must be in 1..{self.layers - 1} for {self.layers} layers, got {self.stage}"
+            )
+
+    @property
+    def layerwise(self) -> bool:
+        """A stage of layer-wise training."""
+        return self.method in LAYERWISE
+
+    @property
+    def recomputes_prefix(self) -> bool:
+        """The step runs a frozen prefix (layer-wise, stage >= 2, inputs not cached)."""
+        return self.layerwise and self.stage >= 2 and self.stage_inputs == "recomputed"
+
+    def describe(self) -> str:
+        """A short label, e.g. ``layerwise-convex stage 2 (recomputed), bf16``."""
+        text = self.method
+        if self.layerwise:
+            text += f" stage {self.stage}"
+            if self.stage >= 2:
+                text += f" ({self.stage_inputs})"
+        return text + (", bf16" if self.amp else ", fp32")
+
+    def to_json(self) -> str:
+        """The workload as a JSON object (for a worker process)."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Workload:
+        """Inverse of `to_json`."""
+        return cls(**json.loads(text))
+
+
+def conv_flops(c_in: int, c_out: int, kernel: int, pixels: int) -> int:
+    """Multiply-adds x 2 of one 'same' convolution over ``pixels`` output pixels. The
+    backward pass costs as much again for the weight gradient and for the input gradient."""
+    return 2 * c_in * c_out * kernel * kernel * pixels
+
+
+def _prefix_flops(w: Workload, pixels: int) -> int:
+    """Forward FLOPs of the frozen prefix of stage ``w.stage`` (``stage - 1`` layers)."""
+    total = 0
+    for i in range(w.stage - 1):
+        c_in = IMAGE_CHANNELS if i == 0 else w.channels
+        total += conv_flops(c_in, w.channels, w.kernel_size, pixels)
+        if w.method == "layerwise-convex":  # the gated layer's gate convolution
+            total += conv_flops(c_in, w.channels // 2, w.kernel_size, pixels)
+    return total
+
+
+def step_flops(w: Workload) -> int:
+    """Convolution FLOPs of one training step of ``w`` (element-wise work not counted).
+
+    - end-to-end: every layer forward and weight gradient, input gradients of every layer
+      but the first (``x0`` needs none); checkpointing adds one more forward of the hidden
+      layers;
+    - convex stage: the gate convolution (``C_in -> P``), the responses (``C_in -> 2P``)
+      and their weight gradient;
+    - non-convex stage: the KxK layer forward and weight gradient (its input needs no
+      gradient), the 1x1 layer forward, weight and input gradients;
+    - plus the prefix's forward when it is recomputed.
+    """
+    pixels = w.size * w.size
+    c, k, io = w.channels, w.kernel_size, IMAGE_CHANNELS
+    total = 0
+    if not w.layerwise:
+        forward = 0
+        for i in range(w.layers - 1):
+            c_in = io if i == 0 else c
+            layer = conv_flops(c_in, c, k, pixels)
+            forward += layer
+            total += 2 * layer if i == 0 else 3 * layer
+        total += 3 * conv_flops(c, io, 1, pixels)
+        if w.method == "end-to-end-checkpointing":
+            total += forward
+        return w.batch * total
+    c_in = io if w.stage == 1 else c
+    if w.method == "layerwise-convex":
+        patterns = c // 2
+        total += conv_flops(c_in, patterns, k, pixels)
+        total += 2 * conv_flops(c_in, patterns * io, k, pixels)
+    else:
+        total += 2 * conv_flops(c_in, c, k, pixels) + 3 * conv_flops(c, io, 1, pixels)
+    if w.recomputes_prefix:
+        total += _prefix_flops(w, pixels)
+    return w.batch * total
+
+
+def prefix_pass_flops(w: Workload) -> int:
+    """FLOPs of computing stage ``w.stage``'s inputs once for a batch (the cache pass)."""
+    return w.batch * _prefix_flops(w, w.size * w.size)
+
+
+class Prepared:
+    """The modules, optimiser and inputs of a workload, ready to step.
+
+    Attributes:
+        step: one real optimiser step on the full-size batch; returns the loss.
+        warmup: one step on a small batch (creates Adam's state, loads kernels).
+        prefix_pass: layer-wise stage >= 2: the frozen prefix over the batch without
+            autograd, as when stage inputs are cached (None otherwise).
+    """
+
+    def __init__(
+        self,
+        step: Callable[[], float],
+        warmup: Callable[[], float],
+        prefix_pass: Callable[[], Tensor] | None,
+    ) -> None:
+        self.step = step
+        self.warmup = warmup
+        self.prefix_pass = prefix_pass
+
+
+def _randn(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> Tensor:
+    # Made on the device by the device's generator: no host copy of a large batch.
+    return torch.randn(shape, generator=gen, device=device)
+
+
+def _gated_prefix(w: Workload, gen: torch.Generator) -> list[nn.Module]:
+    """The hidden layers a layer-wise convex run would have frozen before stage ``w.stage``:
+    each a convex stage with gates initialised on a small sample and random weights, turned
+    into a gated layer by the trainer's `gated_layers`."""
+    from cvxmri.training.trainer import gated_layers
+
+    layers: list[nn.Module] = []
+    sample = torch.randn(2, IMAGE_CHANNELS, GATE_SAMPLE_SIZE, GATE_SAMPLE_SIZE, generator=gen)
+    for i in range(w.stage - 1):
+        config = ConvexStageConfig(
+            patterns=w.channels // 2, kernel_size=w.kernel_size, gate_seed=w.seed + i
+        )
+        stage = ConvexStage(sample.shape[1], IMAGE_CHANNELS, config)
+        stage.init_gates(sample)
+        with torch.no_grad():
+            stage.v.normal_(0.0, (sample.shape[1] * w.kernel_size**2) ** -0.5, generator=gen)
+        first, _ = gated_layers(stage)
+        with torch.no_grad():
+            sample = first(sample)
+        layers.append(first)
+    return layers
+
+
+def _relu_prefix(w: Workload) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for i in range(w.stage - 1):
+        layers.append(ReluConv(IMAGE_CHANNELS if i == 0 else w.channels, w.channels, w.kernel_size))
+    return layers
+
+
+def _autocast(device: torch.device, amp: bool) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+def prepare(w: Workload) -> Prepared:
+    """Build ``w`` as the trainer would (see the module docstring)."""
+    w.validate()
+    device = torch.device(w.device)
+    gen = torch.Generator().manual_seed(w.seed)
+    batch_gen = torch.Generator(device=device).manual_seed(w.seed)
+    torch.manual_seed(w.seed)
+    shape = (w.batch, IMAGE_CHANNELS, w.size, w.size)
+    small = (1, IMAGE_CHANNELS, WARMUP_SIZE, WARMUP_SIZE)
+    if not w.layerwise:
+        model = ReconCNN.relu(w.layers, w.channels, w.kernel_size, IMAGE_CHANNELS).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+        checkpointing = w.method == "end-to-end-checkpointing"
+        x0, target = _randn(shape, batch_gen, device), _randn(shape, batch_gen, device)
+        x_small, t_small = _randn(small, batch_gen, device), _randn(small, batch_gen, device)
+
+        def e2e(x: Tensor, t: Tensor) -> float:
+            return end_to_end_step(model, x, t, optimizer, amp=w.amp, checkpointing=checkpointing)
+
+        return Prepared(lambda: e2e(x0, target), lambda: e2e(x_small, t_small), None)
+
+    in_channels = IMAGE_CHANNELS if w.stage == 1 else w.channels
+    if w.method == "layerwise-convex":
+        hidden = _gated_prefix(w, gen)
+    else:
+        hidden = _relu_prefix(w)
+    prefix = nn.Sequential(*hidden).to(device).eval()
+    for parameter in prefix.parameters():
+        parameter.requires_grad_(False)
+
+    module: nn.Module
+    if w.method == "layerwise-convex":
+        config = ConvexStageConfig(
+            patterns=w.channels // 2, kernel_size=w.kernel_size, gate_seed=w.seed + w.stage
+        )
+        stage = ConvexStage(in_channels, IMAGE_CHANNELS, config)
+        sample = torch.rand(2, in_channels, GATE_SAMPLE_SIZE, GATE_SAMPLE_SIZE, generator=gen)
+        if w.stage == 1:
+            sample = sample - 0.5
+        stage.init_gates(sample)
+        module = stage.to(device)
+    else:
+        from cvxmri.training.trainer import TwoLayerStage
+
+        module = TwoLayerStage(in_channels, w.channels, w.kernel_size).to(device)
+    optimizer = torch.optim.Adam(module.parameters(), lr=LR)
+
+    def stage_step(x: Tensor, r: Tensor) -> float:
+        if isinstance(module, ConvexStage):
+            return convex_stage_step(
+                module, x, r, optimizer, amp=w.amp, pattern_chunk=w.pattern_chunk
+            )
+        return two_layer_stage_step(module, x, r, optimizer, amp=w.amp)
+
+    def features(x0: Tensor) -> Tensor:
+        # As the trainer's cache pass and its per-batch transform: no autograd, autocast.
+        with torch.no_grad(), _autocast(device, w.amp):
+            return prefix(x0).float()
+
+    r = _randn(shape, batch_gen, device)
+    r_small = _randn(small, batch_gen, device)
+    if w.recomputes_prefix:
+        x0 = _randn(shape, batch_gen, device)
+        x0_small = _randn(small, batch_gen, device)
+        return Prepared(
+            lambda: stage_step(features(x0), r),
+            lambda: stage_step(features(x0_small), r_small),
+            lambda: features(x0),
+        )
+    # Cached stage inputs: non-negative like post-ReLU features (stage 1: the zero-filled
+    # image itself).
+    x_shape = (w.batch, in_channels, w.size, w.size)
+    x = torch.rand(x_shape, generator=batch_gen, device=device)
+    x_small = torch.rand(
+        (1, in_channels, WARMUP_SIZE, WARMUP_SIZE), generator=batch_gen, device=device
+    )
+    held: list[Tensor] = []
+
+    def cache_pass() -> Tensor:
+        # The zero-filled batch of the cache pass is made on first use only, so that it is
+        # not counted in the memory of the step.
+        if not held:
+            held.append(_randn(shape, batch_gen, device))
+        return features(held[0])
+
+    return Prepared(
+        lambda: stage_step(x, r),
+        lambda: stage_step(x_small, r_small),
+        cache_pass if w.stage >= 2 else None,
+    )
+
+
+def with_batch(w: Workload, batch: int) -> Workload:
+    """``w`` at another batch size."""
+    return replace(w, batch=batch)
+
+
+def workload_fields(w: Workload) -> dict[str, Any]:
+    """The identifying fields of a result row (everything but the batch size)."""
+    fields = asdict(w)
+    fields.pop("batch")
+    return fields

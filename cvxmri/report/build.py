@@ -1,0 +1,565 @@
+"""The report of a reproduce folder: ``report/report.html`` (self-contained, images as
+base64) and ``report/report.md`` with its PNGs beside it.
+
+Both are rendered from one list of sections, so they say the same. Every number comes from
+``results.json`` (formatted, never recomputed); the images come from the folder's NumPy
+files, drawn by `cvxmri.report.figures`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from cvxmri.report import figures
+
+
+@dataclass
+class Table:
+    """A table: header and rows of cell text."""
+
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Image:
+    """A PNG figure with a caption; ``name`` is its file name beside ``report.md``."""
+
+    name: str
+    data: bytes
+    caption: str
+
+
+@dataclass
+class Code:
+    """A collapsed block of text (a config, the manifest) under a one-line summary."""
+
+    summary: str
+    text: str
+    language: str = ""
+
+
+@dataclass
+class Section:
+    """A titled part of the report: text paragraphs, bullet lists, tables, images, code."""
+
+    title: str
+    blocks: list[str | list[str] | Table | Image | Code] = field(default_factory=list)
+
+
+def _pm(stat: dict[str, float], digits: int) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _signed(value: float, digits: int) -> str:
+    return f"{value:+.{digits}f}"
+
+
+def _name(method: str) -> str:
+    return figures.NAMES.get(method, method)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _overview(results: dict[str, Any]) -> Section:
+    config = results["config"]
+    dataset = results["dataset"]
+    counts = dataset["file_counts"]
+    text = (
+        f"Preset **{results['preset']}**: networks of {config['layers']} layers trained "
+        f"layer-wise (convex stages, and the non-convex ablation) and end-to-end on the "
+        f"dataset `{dataset['root']}` ({counts['train']} train, {counts['val']} val, "
+        f"{counts['test']} test files), evaluated on the **{config['split']}** split. "
+        f"Folder `{results['folder']}`, collected {results['collected']}; the parts took "
+        f"{results['total_seconds']:.0f} s of wall time in all."
+    )
+    caveat = (
+        "The data are simulated multi-coil k-space from magnitude images of real anatomy: "
+        "absolute PSNR and SSIM are optimistic (an 'implicit data crime', Shimron et al., "
+        "PNAS); comparisons between methods on the same data are fair. Metrics follow "
+        "fastMRI: per volume, data range = the volume's maximum (mean ± std over volumes), "
+        "and per slice (data range = the slice's maximum)."
+    )
+    return Section("Overview", [text, caveat])
+
+
+def _glance(results: dict[str, Any]) -> Section:
+    items = []
+    for answer in results["answers"]:
+        psnr, ssim = answer["psnr"], answer["ssim"]
+        convex, ablation = answer["convex_minus_end_to_end"], answer["ablation_minus_end_to_end"]
+        line = (
+            f"**{answer['label']}**, {answer['layers']} layers: layer-wise convex "
+            f"{psnr['layerwise-convex']:.2f} dB / {ssim['layerwise-convex']:.4f}, end-to-end "
+            f"{psnr['end-to-end']:.2f} dB / {ssim['end-to-end']:.4f}: difference "
+            f"{_signed(convex['psnr'], 2)} dB, {_signed(convex['ssim'], 4)} SSIM. Non-convex "
+            f"layer-wise: {psnr['layerwise']:.2f} dB ({_signed(ablation['psnr'], 2)} dB against "
+            f"end-to-end). References: zero-filled {psnr['zero-filled']:.2f} dB, CS "
+            f"{psnr['cs']:.2f} dB (layer-wise convex "
+            f"{_signed(answer['convex_minus_cs']['psnr'], 2)} dB against CS)."
+        )
+        gaps = answer["relative_gap_range"]
+        if gaps is not None:
+            low, high = f"{gaps[0]:.2e}", f"{gaps[1]:.2e}"
+            span = low if low == high else f"{low} to {high}"
+            line += (
+                f" Final relative duality gaps of the convex stages: {span} (0 = certified "
+                "global optimum, 1 = nothing certified)."
+            )
+        seconds = answer["train_seconds"]
+        line += (
+            f" Training wall time: layer-wise convex {seconds['layerwise-convex']:.0f} s, "
+            f"end-to-end {seconds['end-to-end']:.0f} s."
+        )
+        items.append(line)
+    return Section("At a glance", [items])
+
+
+def _depth(results: dict[str, Any], images: list[Image]) -> Section:
+    rows = []
+    layers = results["config"]["layers"]
+    for mask in results["masks"]:
+        for method in figures.METHOD_STYLE:
+            by_depth = {
+                m["layers"]: m
+                for m in results["metrics"]
+                if m["mask"] == mask["key"] and m["method"] == method
+            }
+            cells = [
+                f"{by_depth[d]['volume']['psnr']['mean']:.2f} / "
+                f"{by_depth[d]['volume']['ssim']['mean']:.4f}"
+                if d in by_depth
+                else ""
+                for d in range(2, layers + 1)
+            ]
+            rows.append([mask["label"], _name(method), *cells])
+    figure = Image(
+        "depth.png",
+        figures.png(figures.depth_curves(results)),
+        "Test PSNR and SSIM (volume means) against the number of layers; layer-wise: the "
+        "network after every stage. Dotted: zero-filled; dash-dotted: CS.",
+    )
+    images.append(figure)
+    table = Table(["mask", "method", *(f"{d} layers" for d in range(2, layers + 1))], rows)
+    return Section(
+        "Metrics against the number of layers (the paper's Fig. 2)",
+        [figure, "Test PSNR (dB) / SSIM, volume means:", table],
+    )
+
+
+def _results_table(results: dict[str, Any]) -> Section:
+    layers = results["config"]["layers"]
+    rows = []
+    n_volumes = n_slices = 0
+    for mask in results["masks"]:
+        for entry in results["metrics"]:
+            if entry["mask"] != mask["key"] or entry["layers"] not in (None, layers):
+                continue
+            volume, per_slice = entry["volume"], entry["slice"]
+            n_volumes, n_slices = volume["psnr"]["n"], per_slice["psnr"]["n"]
+            rows.append(
+                [
+                    mask["label"],
+                    _name(entry["method"]),
+                    _pm(volume["psnr"], 2),
+                    _pm(volume["ssim"], 4),
+                    _pm(per_slice["psnr"], 2),
+                    _pm(per_slice["ssim"], 4),
+                    _pm(volume["nmse"], 4),
+                ]
+            )
+    header = ["mask", "method", "PSNR (dB)", "SSIM", "PSNR slice (dB)", "SSIM slice", "NMSE"]
+    text = (
+        f"Networks at full depth ({layers} layers). Mean ± standard deviation over the "
+        f"{n_volumes} {results['config']['split']} volumes (PSNR, SSIM, NMSE) and over the "
+        f"{n_slices} slices (slice-based PSNR and SSIM)."
+    )
+    return Section("Results", [text, Table(header, rows)])
+
+
+def _timing(results: dict[str, Any]) -> Section:
+    recon = {(m["mask"], m["method"], m["layers"]): m["seconds"] for m in results["metrics"]}
+    labels = {m["key"]: m["label"] for m in results["masks"]}
+    rows = []
+    for run in results["runs"]:
+        rows.append(
+            [
+                labels[run["mask"]],
+                _name(run["method"]),
+                str(run["layers"]),
+                str(run["epochs"]),
+                _seconds(run["train_seconds"]),
+                _seconds(run["wall_seconds"]) + (" (resumed)" if run["resumed"] else ""),
+                f"{recon[(run['mask'], run['method'], run['layers'])]:.2f}",
+            ]
+        )
+    for entry in results["metrics"]:
+        if entry["layers"] is None:
+            rows.append(
+                [
+                    labels[entry["mask"]],
+                    _name(entry["method"]),
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    f"{entry['seconds']:.2f}",
+                ]
+            )
+    header = [
+        "mask",
+        "method",
+        "layers",
+        "epochs (all stages)",
+        "training s",
+        "part wall s",
+        f"{results['config']['split']} reconstruction s",
+    ]
+    text = (
+        "Training s: the sum of the epochs' times (training, validation and certificates). "
+        "Part wall s: the whole training part (data loading, stage inputs, export), for "
+        "the session that finished it. Reconstruction s: the whole split with each method."
+    )
+    return Section("Wall time", [text, Table(header, rows)])
+
+
+def _examples(results: dict[str, Any], folder: Path, images: list[Image]) -> Section:
+    blocks: list[str | list[str] | Table | Image | Code] = []
+    for mask, record in zip(results["masks"], results["examples"], strict=True):
+        arrays = dict(np.load(folder / mask["key"] / "examples" / "images.npz"))
+        figure = Image(
+            f"examples-{mask['kind']}.png",
+            figures.png(figures.examples(arrays, record, mask["label"])),
+            f"{mask['label']}: {record['rule']} ({record['file']}, slice {record['slice']}; "
+            f"median {record['median_psnr']:.2f} dB). Top: images with a zoomed inset; "
+            "bottom: the sampling mask and the error magnitudes on one scale. Titles: "
+            "slice PSNR and SSIM.",
+        )
+        images.append(figure)
+        blocks.append(figure)
+    return Section("Representative test slices (the paper's Fig. 3)", blocks)
+
+
+def _certificates(results: dict[str, Any]) -> Section:
+    labels = {m["key"]: m["label"] for m in results["masks"]}
+    rows = [
+        [
+            labels[c["mask"]],
+            str(c["stage"]),
+            str(c.get("epoch", c.get("iteration", "-"))),
+            f"{c['primal']:.4g}",
+            f"{c['dual']:.4g}",
+            f"{c['relative_gap']:.2e}",
+            f"{c['max_dual_norm']:.3g}",
+            f"{c['beta']:g}",
+            f"{c.get('violation_fraction', float('nan')):.3f}",
+        ]
+        for c in results["certificates"]
+    ]
+    text = (
+        "Each convex stage is a group-lasso problem on its fixed training set (whole images, "
+        "fixed masks). From the stage's final weights: the primal value, the value of a "
+        "dual-feasible point (the residual scaled by min(1, beta / largest dual group norm)) "
+        "and the relative duality gap (primal - dual) / primal, which bounds the "
+        "suboptimality: 0 certifies the global optimum, 1 certifies nothing. The last column "
+        "is the fraction of (pixel, unit) pairs where the exact ReLU mapping of the stage "
+        "disagrees with its gates (`certificates.json` in each layer-wise convex run folder)."
+    )
+    header = [
+        "mask",
+        "stage",
+        "epoch",
+        "primal",
+        "dual",
+        "relative gap",
+        "largest dual norm",
+        "beta",
+        "ReLU mapping violation",
+    ]
+    return Section("Optimality certificates of the convex stages", [text, Table(header, rows)])
+
+
+def _memory(results: dict[str, Any]) -> Section:
+    memory = results["memory"]
+    folder = results["folder"]
+    if memory is None:
+        return Section(
+            "Memory",
+            [
+                "No memory benchmark in this folder. Run the memory benchmark "
+                "(`cvxmri benchmark memory`), save its JSON as "
+                f"`{folder}/benchmark_memory.json` (or pass `--memory-json FILE` to "
+                "`cvxmri reproduce` or `cvxmri report`) and rebuild the report with "
+                f"`cvxmri report {folder}`. The file is a JSON object with a `results` list; "
+                "each entry names its `method` and its other fields (e.g. peak memory, batch "
+                "size) are shown as they are, and so are the optional `depth.rows` (memory "
+                "against depth) and `targets`."
+            ],
+        )
+    blocks: list[str | list[str] | Table | Image | Code] = []
+    about = "".join(f"; {key}: {memory[key]}" for key in ("device", "command") if key in memory)
+    blocks.append(f"Peak training memory per method (`benchmark_memory.json`{about}).")
+    blocks.append(_scalar_table(memory["results"]))
+    depth = memory.get("depth")
+    if isinstance(depth, dict) and isinstance(depth.get("rows"), list) and depth["rows"]:
+        blocks += ["Peak memory against depth:", _scalar_table(depth["rows"])]
+    if isinstance(memory.get("targets"), list) and memory["targets"]:
+        blocks += ["The benchmark's targets:", _scalar_table(memory["targets"])]
+    return Section("Memory", blocks)
+
+
+def _scalar_table(rows: list[dict[str, Any]]) -> Table:
+    """The scalar fields of a list of JSON objects, as they are."""
+    keys = list(
+        dict.fromkeys(k for row in rows for k, v in row.items() if not isinstance(v, dict | list))
+    )
+    return Table(keys, [[_cell(row.get(k, "")) for k in keys] for row in rows])
+
+
+def _cell(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _inspect(results: dict[str, Any], folder: Path, images: list[Image]) -> Section:
+    blocks: list[str | list[str] | Table | Image | Code] = []
+    records = results["inspect"]
+    relative = records[0]["surviving_relative"]
+    rows = []
+    for mask, record in zip(results["masks"], records, strict=True):
+        counts = zip(record["surviving"], record["units"], strict=True)
+        rows.append([mask["label"], *(f"{s} / {u}" for s, u in counts)])
+    stages = len(records[0]["group_norms"])
+    blocks.append(
+        "**Surviving neurons.** The group lasso of each convex stage drives whole units to "
+        f"zero; a unit survives when its group norm exceeds {relative:g} of the stage's "
+        "largest. Surviving units / units per stage:"
+    )
+    blocks.append(Table(["mask", *(f"stage {s}" for s in range(1, stages + 1))], rows))
+    figure = Image(
+        "group-norms.png",
+        figures.png(figures.group_norms(records, results["masks"])),
+        "Group norms of every convex stage, sorted, relative to the stage's largest.",
+    )
+    images.append(figure)
+    blocks.append(figure)
+    blocks.append(
+        "**Effective filters.** The networks are piecewise linear: with the gate and ReLU "
+        "patterns at an input fixed, each output pixel is a linear filter of the zero-filled "
+        "image (plus an offset). Shown: the filter of the learned correction (the skip's "
+        "identity removed), real output from real input, over the receptive field, at three "
+        "pixels, for the convex network after every stage and for end-to-end (autograd "
+        "Jacobian rows)."
+    )
+    for mask, record in zip(results["masks"], records, strict=True):
+        arrays = dict(np.load(folder / mask["key"] / "inspect" / "inspect.npz"))
+        target = np.load(folder / mask["key"] / "examples" / "images.npz")["target"]
+        pixels = ", ".join(
+            f"{p['name']} (row {p['row']}, column {p['col']})" for p in record["pixels"]
+        )
+        figure = Image(
+            f"filters-{mask['kind']}.png",
+            figures.png(figures.filters(arrays, record, target)),
+            f"{mask['label']}: effective filters at {pixels}; radius {record['radius']} pixels.",
+        )
+        images.append(figure)
+        blocks.append(figure)
+    blocks.append(
+        "**Sign-pattern clusters.** At every pixel a hidden layer has a 0/1 pattern (which "
+        "gates or ReLUs are on), which selects its linear piece. k-means (Hamming distance) "
+        "of these per-pixel vectors over the representative test slice shows which regions "
+        "each layer treats alike."
+    )
+    for mask, record in zip(results["masks"], records, strict=True):
+        arrays = dict(np.load(folder / mask["key"] / "inspect" / "inspect.npz"))
+        images_npz = dict(np.load(folder / mask["key"] / "examples" / "images.npz"))
+        figure = Image(
+            f"clusters-{mask['kind']}.png",
+            figures.png(figures.clusters(arrays, record, images_npz)),
+            f"{mask['label']}: {record['clusters']} clusters per layer; titles give the "
+            "number of distinct patterns over the slice.",
+        )
+        images.append(figure)
+        blocks.append(figure)
+    return Section("What each layer learned", blocks)
+
+
+def _provenance(results: dict[str, Any]) -> Section:
+    env = results["environment"]
+    blocks: list[str | list[str] | Table | Image | Code] = [
+        Table(["software / machine", "value"], [[k, str(v)] for k, v in env.items()])
+    ]
+    dataset = results["dataset"]
+    manifest = dataset["manifest"]
+    if manifest is not None:
+        sources = "; ".join(f"{s['name']}: {s['origin']}" for s in manifest["sources"])
+        counts = manifest["counts"]
+        blocks.append(
+            f"Dataset `{dataset['root']}` ({manifest['kind']}): sources {sources}. Slices: "
+            f"train {counts['train']}, val {counts['val']}, test {counts['test']}. Split rule: "
+            f"{manifest['split_rule']}."
+        )
+        blocks.append(
+            Code("dataset manifest (manifest.json)", json.dumps(manifest, indent=2), "json")
+        )
+    else:
+        blocks.append(f"Dataset `{dataset['root']}`: no manifest.json (not simulated by cvxmri).")
+    blocks.append(
+        Code(
+            "reproduce configuration (config.yaml)",
+            yaml.safe_dump(results["config"], sort_keys=False),
+            "yaml",
+        )
+    )
+    for run in results["runs"]:
+        blocks.append(
+            Code(
+                f"training configuration: {run['folder']}",
+                yaml.safe_dump(run["config"], sort_keys=False),
+                "yaml",
+            )
+        )
+    return Section("Configuration, data and machine", blocks)
+
+
+def sections(results: dict[str, Any], folder: Path) -> tuple[list[Section], list[Image]]:
+    """The report's sections and the images they hold."""
+    images: list[Image] = []
+    parts = [
+        _overview(results),
+        _glance(results),
+        _depth(results, images),
+        _results_table(results),
+        _examples(results, folder, images),
+        _timing(results),
+        _certificates(results),
+        _memory(results),
+        _inspect(results, folder, images),
+        _provenance(results),
+    ]
+    return parts, images
+
+
+# ---------------------------------------------------------------------------- rendering
+
+TITLE = "cvxmri: layer-wise convex against end-to-end training"
+
+
+def _inline_html(text: str) -> str:
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def to_markdown(parts: list[Section]) -> str:
+    """The report as Markdown; images are referenced by file name."""
+    lines = [f"# {TITLE}", ""]
+    for section in parts:
+        lines += [f"## {section.title}", ""]
+        for block in section.blocks:
+            if isinstance(block, str):
+                lines += [block, ""]
+            elif isinstance(block, list):
+                lines += [f"- {item}" for item in block] + [""]
+            elif isinstance(block, Table):
+                lines.append("| " + " | ".join(block.header) + " |")
+                lines.append("|" + "---|" * len(block.header))
+                lines += [
+                    "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+                    for row in block.rows
+                ]
+                lines.append("")
+            elif isinstance(block, Image):
+                lines += [f"![{block.caption}]({block.name})", "", f"*{block.caption}*", ""]
+            else:
+                lines += [
+                    f"<details><summary>{html.escape(block.summary)}</summary>",
+                    "",
+                    f"```{block.language}",
+                    block.text.rstrip(),
+                    "```",
+                    "",
+                    "</details>",
+                    "",
+                ]
+    return "\n".join(lines)
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1300px; margin: 2em auto; padding: 0 1em;
+       color: #222; line-height: 1.45; }
+h1 { font-size: 1.7em; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.8em; }
+table { border-collapse: collapse; margin: .8em 0; font-size: .92em; }
+th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: left; }
+th { background: #f2f2f2; }
+figure { margin: 1em 0; } figure img { max-width: 100%; }
+figcaption { font-size: .9em; color: #555; }
+pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; }
+code { background: #f2f2f2; padding: 0 .2em; }
+"""
+
+
+def to_html(parts: list[Section]) -> str:
+    """The report as one self-contained HTML page (images inlined as base64 PNGs)."""
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(TITLE)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{html.escape(TITLE)}</h1>",
+    ]
+    for section in parts:
+        out.append(f"<h2>{html.escape(section.title)}</h2>")
+        for block in section.blocks:
+            if isinstance(block, str):
+                out.append(f"<p>{_inline_html(block)}</p>")
+            elif isinstance(block, list):
+                out.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in block) + "</ul>")
+            elif isinstance(block, Table):
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in block.header)
+                body = "".join(
+                    "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                    for row in block.rows
+                )
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            elif isinstance(block, Image):
+                data = base64.b64encode(block.data).decode()
+                out.append(
+                    f'<figure><img alt="{html.escape(block.caption)}" '
+                    f'src="data:image/png;base64,{data}"><figcaption>'
+                    f"{_inline_html(block.caption)}</figcaption></figure>"
+                )
+            else:
+                out.append(
+                    f"<details><summary>{html.escape(block.summary)}</summary>"
+                    f"<pre>{html.escape(block.text)}</pre></details>"
+                )
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def build_report(folder: Path, results: dict[str, Any]) -> Path:
+    """Write ``report.html``, ``report.md`` and the PNGs into ``<folder>/report/``; return the
+    path of ``report.html``."""
+    parts, images = sections(results, folder)
+    out = folder / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    for image in images:
+        (out / image.name).write_bytes(image.data)
+    (out / "report.md").write_text(to_markdown(parts))
+    path = out / "report.html"
+    path.write_text(to_html(parts))
+    return path

@@ -1,0 +1,841 @@
+"""`cvxmri reproduce`: the paper's experiment in one command, resumable, with a report.
+
+The plan (`plan`) is a list of parts. Each part writes into its own sub-folder of the
+reproduce folder and is finished when its final output file exists, so a rerun skips
+finished parts, and an interrupted training part is resumed from its last checkpoint:
+
+1. the dataset: the default one is simulated when the data folder is missing or empty;
+   the coil maps of every split are computed (cached under ``<data>/cache``);
+2. for each mask (Poisson disc 4x, 1D Cartesian 4x with centre fraction 0.04):
+   zero-filled and CS on the test split; the layer-wise convex network, then the non-convex
+   layer-wise ablation, each trained and its network after every stage
+   (``model_depthN.pt``) evaluated on the test split; end-to-end networks of every depth
+   (or of the full depth only), each trained and evaluated; a representative test slice
+   reconstructed by every method (``examples``); what each layer learned (``inspect``);
+3. ``results.json`` (everything the report shows) and the report (`cvxmri.report.build`).
+
+The reproduce folder holds ``config.yaml`` (this run's `ReproduceConfig`), ``log.txt``,
+``environment.json``, ``parts.json`` (wall time of every part), ``results.json`` and
+``report/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from cvxmri.config import load_yaml, save_yaml, to_dict
+from cvxmri.data.prepare import (
+    EspiritConfig,
+    coil_support,
+    evaluation_mask,
+    find_files,
+    normalisation_scale,
+    prepare_volume,
+)
+from cvxmri.data.simulate import (
+    SPLITS,
+    SimulationConfig,
+    default_sources,
+    load_nifti,
+    simulate_dataset,
+)
+from cvxmri.errors import CvxmriError
+from cvxmri.evaluate import (
+    EvaluateConfig,
+    classical_reconstructor,
+    evaluate,
+    model_label,
+    network_reconstructor,
+)
+from cvxmri.masks import MaskSpec
+from cvxmri.metrics import slice_metrics
+from cvxmri.models.cnn import ReconCNN, to_channels
+from cvxmri.physics import Sense, center_crop
+from cvxmri.recon import CLASSICAL_METHODS, CSConfig, zero_filled_sense
+from cvxmri.report import interpret
+from cvxmri.runs import environment, run_folder
+from cvxmri.training.config import PRESETS, TrainConfig, preset
+from cvxmri.training.run import train
+
+log = logging.getLogger(__name__)
+
+LAYERWISE = ("layerwise-convex", "layerwise")
+# Wall seconds of each kind of part in the quick preset on 2 CPU cores: the weights that
+# turn the parts left into an estimate of the time left (calibrated by the parts run).
+EXPECTED_SECONDS = {
+    "data": 45.0,
+    "baselines": 12.0,
+    "train layerwise-convex": 130.0,
+    "train layerwise": 140.0,
+    "train end-to-end per hidden layer": 25.0,
+    "test": 2.0,
+    "examples": 2.0,
+    "inspect": 3.0,
+    "report": 5.0,
+}
+
+
+@dataclass
+class ReproduceConfig:
+    """What `cvxmri reproduce` runs; saved as ``config.yaml`` in the reproduce folder.
+
+    Attributes:
+        preset: training preset of every network (quick, paper or tiny).
+        data: dataset root; simulated from ``sources`` when missing or empty.
+        sources: NIfTI volumes to simulate from (empty: Colin27 and MNI152).
+        simulation: simulation settings of a dataset that has to be built.
+        masks: sampling masks; every method runs on each.
+        layers: depth of the networks (layer-wise: ``layers - 1`` stages).
+        end_to_end_every_depth: train end-to-end networks of every depth from 2 (the
+            depth curve of both methods); otherwise of the full depth only.
+        split: the split every method is evaluated on.
+        cs: compressed-sensing settings.
+        device: cpu, cuda or auto.
+        amp: bf16 autocast in training.
+        seed: training seed.
+        clusters: k-means clusters of the sign-pattern maps.
+    """
+
+    preset: str = "quick"
+    data: str = "data/default"
+    sources: list[str] = field(default_factory=list)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    masks: list[MaskSpec] = field(
+        default_factory=lambda: [MaskSpec("poisson", 4.0), MaskSpec("cartesian", 4.0, 0.04)]
+    )
+    layers: int = 5
+    end_to_end_every_depth: bool = True
+    split: str = "test"
+    cs: CSConfig = field(default_factory=CSConfig)
+    device: str = "auto"
+    amp: bool = False
+    seed: int = 0
+    clusters: int = 6
+
+    def validate(self) -> None:
+        """Raise `CvxmriError` for impossible settings."""
+        if self.preset not in PRESETS:
+            raise CvxmriError(f"unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
+        if not self.masks:
+            raise CvxmriError("reproduce needs at least one mask")
+        keys = [mask_key(m) for m in self.masks]
+        if len(set(keys)) != len(keys):
+            raise CvxmriError(f"two masks of the same kind and acceleration: {keys}")
+        if self.clusters < 2:
+            raise CvxmriError(f"clusters must be >= 2, got {self.clusters}")
+        self.simulation.validate()
+        EvaluateConfig(
+            data=self.data, split=self.split, masks=self.masks, cs=self.cs, methods=[]
+        ).validate()
+        for mask in self.masks:
+            train_config(self, "end-to-end", mask, self.layers).validate()
+
+
+def reproduce_preset(name: str) -> ReproduceConfig:
+    """The reproduction of a training preset: its depth and Poisson-disc mask, and the 1D
+    Cartesian mask at 4x with centre fraction 0.04."""
+    base = preset(name)
+    return ReproduceConfig(
+        preset=name, layers=base.layers, masks=[base.mask, MaskSpec("cartesian", 4.0, 0.04)]
+    )
+
+
+def mask_key(mask: MaskSpec) -> str:
+    """The folder name of a mask's parts, e.g. ``poisson-4x``."""
+    return f"{mask.kind}-{mask.acceleration:g}x"
+
+
+def train_config(config: ReproduceConfig, method: str, mask: MaskSpec, layers: int) -> TrainConfig:
+    """The training configuration of one network: the preset for its mask, then this run's
+    data, mask, depth, device, precision and seed."""
+    return replace(
+        preset(config.preset, mask.kind),
+        method=method,
+        data=config.data,
+        mask=mask,
+        layers=layers,
+        device=config.device,
+        amp=config.amp,
+        seed=config.seed,
+    )
+
+
+@dataclass(frozen=True)
+class Part:
+    """One step of the plan.
+
+    Attributes:
+        kind: data, baselines, train, test, examples or inspect.
+        title: what the progress line says.
+        folder: where it writes, relative to the reproduce folder.
+        output: the file in ``folder`` whose existence means the part has finished.
+        weight: expected wall seconds in the quick preset on 2 CPU cores.
+        mask: the mask it works on (None for the dataset).
+        method: the trained method (train and test parts).
+        layers: the network depth (train and test parts).
+    """
+
+    kind: str
+    title: str
+    folder: str
+    output: str
+    weight: float
+    mask: MaskSpec | None = None
+    method: str = ""
+    layers: int = 0
+
+    def done(self, root: Path) -> bool:
+        """Whether the part finished in an earlier run."""
+        return (root / self.folder / self.output).is_file()
+
+
+def run_name(method: str, layers: int) -> str:
+    """The folder name of a trained network: the method; end-to-end also its depth."""
+    return f"end-to-end-depth{layers}" if method == "end-to-end" else method
+
+
+def plan(config: ReproduceConfig) -> list[Part]:
+    """Every part of the reproduction, in the order they run."""
+    parts = [
+        Part("data", "dataset and coil maps", "data", "dataset.json", EXPECTED_SECONDS["data"])
+    ]
+    depths = range(2, config.layers + 1) if config.end_to_end_every_depth else [config.layers]
+    trained = [(m, config.layers) for m in LAYERWISE] + [("end-to-end", d) for d in depths]
+    for mask in config.masks:
+        key, label = mask_key(mask), mask.describe()
+        parts.append(
+            Part(
+                "baselines",
+                f"zero-filled and CS, {label}",
+                f"{key}/baselines",
+                "summary.json",
+                EXPECTED_SECONDS["baselines"],
+                mask,
+            )
+        )
+        for method, layers in trained:
+            name = run_name(method, layers)
+            if method == "end-to-end":
+                weight = EXPECTED_SECONDS["train end-to-end per hidden layer"] * (layers - 1)
+            else:
+                weight = EXPECTED_SECONDS[f"train {method}"]
+            what = f"{method}, {layers} layers, {label}"
+            parts.append(
+                Part(
+                    "train",
+                    f"train {what}",
+                    f"{key}/{name}",
+                    "metrics_val.json",
+                    weight,
+                    mask,
+                    method,
+                    layers,
+                )
+            )
+            parts.append(
+                Part(
+                    "test",
+                    f"test {what}" + (" (every depth)" if method in LAYERWISE else ""),
+                    f"{key}/test-{name}",
+                    "summary.json",
+                    EXPECTED_SECONDS["test"],
+                    mask,
+                    method,
+                    layers,
+                )
+            )
+        for kind, title in (
+            ("examples", "representative test slice, every method"),
+            ("inspect", "what each layer learned"),
+        ):
+            parts.append(
+                Part(
+                    kind,
+                    f"{title}, {label}",
+                    f"{key}/{kind}",
+                    f"{kind}.json",
+                    EXPECTED_SECONDS[kind],
+                    mask,
+                )
+            )
+    return parts
+
+
+def tested_models(part: Part) -> list[tuple[int, str]]:
+    """(depth, model file relative to the reproduce folder) of a test part: the network
+    after every stage of a layer-wise run, the one network of an end-to-end run."""
+    assert part.mask is not None
+    run = f"{mask_key(part.mask)}/{run_name(part.method, part.layers)}"
+    if part.method in LAYERWISE:
+        return [(d, f"{run}/model_depth{d}.pt") for d in range(2, part.layers + 1)]
+    return [(part.layers, f"{run}/model.pt")]
+
+
+# ------------------------------------------------------------------------------ the parts
+
+
+def _run_data(config: ReproduceConfig, root: Path, part: Part) -> None:
+    data = Path(config.data)
+    built = not (data.is_dir() and any(data.iterdir()))
+    if built:
+        sources = [load_nifti(p) for p in config.sources] if config.sources else default_sources()
+        simulate_dataset(sources, data, config.simulation)
+    files = {}
+    for split in SPLITS:
+        paths = find_files(data, split)
+        for path in tqdm(paths, desc=f"coil maps {split}", unit="file", leave=False, disable=None):
+            prepare_volume(path, data / "cache", EspiritConfig())
+        files[split] = [p.name for p in paths]
+    manifest_path = data / "manifest.json"
+    record = {
+        "root": str(data),
+        "built_by_this_run": built,
+        "files": files,
+        "file_counts": {split: len(names) for split, names in files.items()},
+        "manifest": json.loads(manifest_path.read_text()) if manifest_path.is_file() else None,
+    }
+    _write_json(root / part.folder / part.output, record)
+
+
+def _run_evaluation(config: ReproduceConfig, root: Path, part: Part) -> None:
+    assert part.mask is not None
+    if part.kind == "baselines":
+        methods, models = list(CLASSICAL_METHODS), []
+    else:
+        methods, models = [], [str(root / path) for _, path in tested_models(part)]
+    eval_config = EvaluateConfig(
+        data=config.data,
+        split=config.split,
+        methods=methods,
+        models=models,
+        masks=[part.mask],
+        cs=config.cs,
+    )
+    with run_folder(root / part.folder, eval_config, overwrite=True) as folder:
+        evaluate(eval_config, folder)
+
+
+def _run_train(config: ReproduceConfig, root: Path, part: Part) -> None:
+    assert part.mask is not None
+    out = root / part.folder
+    resume = (out / "config.yaml").is_file()
+    train(train_config(config, part.method, part.mask, part.layers), out, resume=resume, force=True)
+
+
+def _network_paths(config: ReproduceConfig, root: Path, mask: MaskSpec) -> dict[str, Path]:
+    """The full-depth network of every trained method."""
+    key = mask_key(mask)
+    return {
+        m: root / key / run_name(m, config.layers) / "model.pt" for m in (*LAYERWISE, "end-to-end")
+    }
+
+
+def representative_slice(per_slice_csv: Path, label: str) -> dict[str, Any]:
+    """The test slice whose PSNR (of the network ``label``) is closest to the median."""
+    with per_slice_csv.open() as handle:
+        rows = [r for r in csv.DictReader(handle) if r["method"] == label]
+    if not rows:
+        raise CvxmriError(f"{per_slice_csv}: no rows for {label}")
+    median = statistics.median(float(r["psnr"]) for r in rows)
+    chosen = min(rows, key=lambda r: abs(float(r["psnr"]) - median))
+    return {"file": chosen["file"], "slice": int(chosen["slice"]), "median_psnr": median}
+
+
+def _run_examples(config: ReproduceConfig, root: Path, part: Part) -> None:
+    assert part.mask is not None
+    key, mask = mask_key(part.mask), part.mask
+    networks = _network_paths(config, root, mask)
+    label = model_label(networks["layerwise-convex"].with_name(f"model_depth{config.layers}.pt"))
+    choice = representative_slice(root / key / "test-layerwise-convex" / "per_slice.csv", label)
+    path = next(p for p in find_files(config.data, config.split) if p.name == choice["file"])
+    volume = prepare_volume(path, Path(config.data) / "cache", EspiritConfig())
+    index = slice(choice["slice"], choice["slice"] + 1)
+    kspace, maps = torch.from_numpy(volume.kspace[index]), torch.from_numpy(volume.maps[index])
+    sampling = evaluation_mask(mask, volume.name, kspace.shape[-2:], volume.padding, volume.mask)
+    mask_t = torch.from_numpy(sampling.astype(np.float32))
+    masked = kspace * mask_t
+    scale = normalisation_scale(Sense(maps, mask_t).H(masked), volume.recon_shape)
+    masked = masked / scale[:, None, None, None]
+    support = coil_support(maps)
+    crop = volume.recon_shape
+    target = np.abs(volume.target[index]) / scale.numpy()[:, None, None]
+    reconstructors = {m: classical_reconstructor(m, config.cs) for m in CLASSICAL_METHODS}
+    for method, model_path in networks.items():
+        reconstructors[method] = network_reconstructor(ReconCNN.load(model_path).eval(), crop)
+    arrays = {
+        "target": target[0],
+        "x0": to_channels(center_crop(zero_filled_sense(masked, maps, mask_t), crop))[0].numpy(),
+        "mask": sampling.astype(np.float32),
+    }
+    methods = []
+    for method, reconstruct in reconstructors.items():
+        image = center_crop(reconstruct(masked, maps, mask_t) * support, crop).abs().numpy()
+        arrays[f"recon_{method}"] = image[0]
+        values = slice_metrics(target, image)
+        methods.append({"method": method, **{name: v[0] for name, v in values.items()}})
+    folder = root / part.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(folder / "images.npz", **arrays)
+    record = {
+        "mask": key,
+        **choice,
+        "rule": f"the {config.split} slice whose layer-wise convex PSNR is closest to the median",
+        "methods": methods,
+    }
+    _write_json(folder / part.output, record)
+
+
+def _run_inspect(config: ReproduceConfig, root: Path, part: Part) -> None:
+    assert part.mask is not None
+    key = mask_key(part.mask)
+    images = np.load(root / key / "examples" / "images.npz")
+    x0 = torch.from_numpy(images["x0"])[None]
+    networks = {
+        m: ReconCNN.load(p).eval() for m, p in _network_paths(config, root, part.mask).items()
+    }
+    convex = networks["layerwise-convex"]
+    radius = max(interpret.receptive_radius(n) for n in networks.values())
+    zero_filled = np.hypot(images["x0"][0], images["x0"][1])
+    pixels = interpret.choose_pixels(images["target"], zero_filled, radius)
+    arrays: dict[str, np.ndarray] = {}
+    patterns = []
+    for method in ("layerwise-convex", "end-to-end"):
+        layers = interpret.activation_patterns(networks[method], x0)
+        arrays[f"clusters_{method}"] = np.stack(
+            [interpret.cluster_patterns(p, config.clusters, config.seed) for p in layers]
+        )
+        patterns.append(
+            {
+                "method": method,
+                "units": [int(p.shape[0]) for p in layers],
+                "distinct_patterns": [interpret.distinct_patterns(p) for p in layers],
+                "active_fraction": [float(p.mean()) for p in layers],
+            }
+        )
+    filters = []
+    depth_models = [
+        ("layerwise-convex", d, root / key / "layerwise-convex" / f"model_depth{d}.pt")
+        for d in range(2, config.layers + 1)
+    ]
+    depth_models.append(
+        ("end-to-end", config.layers, _network_paths(config, root, part.mask)["end-to-end"])
+    )
+    for method, depth, path in depth_models:
+        name = f"{method}-{depth}"
+        coords = [(int(p["row"]), int(p["col"])) for p in pixels]
+        arrays[f"filters_{name}"] = interpret.effective_filters(
+            ReconCNN.load(path), x0, coords, radius
+        )
+        filters.append({"name": name, "method": method, "layers": depth})
+    norms = interpret.group_norms(convex)
+    folder = root / part.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(folder / "inspect.npz", **arrays)
+    record = {
+        "mask": key,
+        "pixels": pixels,
+        "radius": radius,
+        "filters": filters,
+        "clusters": config.clusters,
+        "patterns": patterns,
+        "group_norms": [n.tolist() for n in norms],
+        "units": [len(n) for n in norms],
+        "surviving_relative": interpret.SURVIVING_RELATIVE,
+        "surviving": [interpret.surviving_units(n) for n in norms],
+    }
+    _write_json(folder / part.output, record)
+
+
+RUNNERS = {
+    "data": _run_data,
+    "baselines": _run_evaluation,
+    "train": _run_train,
+    "test": _run_evaluation,
+    "examples": _run_examples,
+    "inspect": _run_inspect,
+}
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """One line per part: its number, what it does, the time elapsed and an estimate of the
+    time left: the expected seconds of the parts left (`EXPECTED_SECONDS`), scaled by how
+    fast the training parts run so far went against their expectation."""
+
+    def __init__(self, weights: list[float], finished: list[bool]) -> None:
+        self.total = len(weights)
+        self.left = sum(w for w, f in zip(weights, finished, strict=True) if not f)
+        self.began = time.perf_counter()
+        self.expected_trained = 0.0
+        self.seconds_trained = 0.0
+
+    def _say(self, text: str) -> None:
+        print(text, flush=True)
+        log.info("%s", text)
+
+    def skip(self, index: int, title: str) -> None:
+        """A part that finished in an earlier run."""
+        self._say(f"[{index}/{self.total}] {title}: finished before, skipped")
+
+    def start(self, index: int, title: str) -> None:
+        """A part starts."""
+        rate = self.seconds_trained / self.expected_trained if self.expected_trained else 1.0
+        elapsed = time.perf_counter() - self.began
+        self._say(
+            f"[{index}/{self.total}] {title} (elapsed {_duration(elapsed)}, "
+            f"about {_duration(self.left * rate)} left)"
+        )
+
+    def end(self, weight: float, seconds: float, training: bool) -> None:
+        """A part ended after ``seconds``; it was expected to take ``weight``. Training
+        parts, which take most of the time, calibrate the estimate."""
+        self.left -= weight
+        if training:
+            self.expected_trained += weight
+            self.seconds_trained += seconds
+        self._say(f"    done in {_duration(seconds)}")
+
+
+# -------------------------------------------------------------------------- entry points
+
+
+def _write_json(path: Path, data: object) -> None:
+    """Write JSON atomically (the file's existence marks a finished part)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def read_memory_json(path: Path) -> dict[str, Any]:
+    """A memory benchmark's results (``cvxmri benchmark memory``'s ``memory.json``): a JSON
+    object with ``results``, a list of objects each naming its ``method``. The report shows
+    their scalar fields (peak memory, largest batch, ...) as they are, and so the optional
+    ``depth.rows`` (memory against depth), ``targets``, ``device`` and ``command``."""
+    if not path.is_file():
+        raise CvxmriError(f"{path}: no such memory benchmark file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CvxmriError(f"{path}: not valid JSON ({err})") from None
+    rows = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise CvxmriError(f"{path}: expected an object with a non-empty 'results' list")
+    for row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("method"), str):
+            raise CvxmriError(f"{path}: every entry of 'results' needs a 'method' string")
+    return data
+
+
+def _open_folder(config: ReproduceConfig, out: Path, force: bool) -> None:
+    saved = out / "config.yaml"
+    if saved.is_file() and not force:
+        if yaml.safe_load(saved.read_text()) != to_dict(config):
+            raise CvxmriError(
+                f"{out}: started with another configuration (use --force to start again, "
+                "or another --out)"
+            )
+    elif out.exists() and (force or any(out.iterdir())):
+        if not force:
+            raise CvxmriError(f"{out}: exists and is not a reproduce folder (use --force)")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CvxmriError(f"{out}: cannot create the folder ({err.strerror})") from None
+    save_yaml(config, saved)
+
+
+def machine() -> dict[str, object]:
+    """Software versions and the machine, for the report."""
+    import matplotlib
+    import scipy
+    import sigpy
+
+    pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return {
+        **environment(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "sigpy": sigpy.__version__,
+        "matplotlib": matplotlib.__version__,
+        "cpu_count": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(pages * os.sysconf("SC_PAGE_SIZE") / 1024**3, 1) if pages else 0,
+    }
+
+
+def reproduce(
+    config: ReproduceConfig, out: Path, force: bool = False, memory_json: Path | None = None
+) -> Path:
+    """Run every unfinished part of `plan` into ``out``, then write ``results.json`` and
+    the report; return the path of ``report/report.html``.
+
+    Args:
+        config: what to run; a folder started with another configuration is refused
+            unless ``force`` (which starts it again).
+        out: the reproduce folder.
+        force: delete ``out`` first.
+        memory_json: a memory benchmark's JSON (see `read_memory_json`), copied into the
+            folder as ``benchmark_memory.json``.
+    """
+    config.validate()
+    if memory_json is not None:
+        read_memory_json(memory_json)
+    _open_folder(config, out, force)
+    handler = logging.FileHandler(out / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        _write_json(out / "environment.json", machine())
+        if memory_json is not None:
+            shutil.copyfile(memory_json, out / "benchmark_memory.json")
+        parts = plan(config)
+        finished = [p.done(out) for p in parts]
+        progress = Progress(
+            [p.weight for p in parts] + [EXPECTED_SECONDS["report"]], [*finished, False]
+        )
+        timings_path = out / "parts.json"
+        timings = _read_json(timings_path) if timings_path.is_file() else {}
+        for index, (part, done) in enumerate(zip(parts, finished, strict=True), 1):
+            if done:
+                progress.skip(index, part.title)
+                continue
+            progress.start(index, part.title)
+            resumed = (out / part.folder).exists()
+            began = time.perf_counter()
+            RUNNERS[part.kind](config, out, part)
+            seconds = time.perf_counter() - began
+            timings[part.folder] = {"seconds": seconds, "resumed": resumed}
+            _write_json(timings_path, timings)
+            progress.end(part.weight, seconds, part.kind == "train")
+        progress.start(len(parts) + 1, "results and report")
+        began = time.perf_counter()
+        report = rebuild_report(out)
+        progress.end(EXPECTED_SECONDS["report"], time.perf_counter() - began, False)
+        return report
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def rebuild_report(out: Path, memory_json: Path | None = None) -> Path:
+    """Collect ``results.json`` from a finished reproduce folder and build its report;
+    ``memory_json`` is first copied into the folder as ``benchmark_memory.json``."""
+    from cvxmri.report.build import build_report
+
+    if memory_json is not None:
+        read_memory_json(memory_json)
+        if not (out / "config.yaml").is_file():
+            raise CvxmriError(f"{out}: not a reproduce folder (no config.yaml)")
+        shutil.copyfile(memory_json, out / "benchmark_memory.json")
+    results = collect(out)
+    _write_json(out / "results.json", results)
+    return build_report(out, results)
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def _final_certificates(
+    mask: str, certificates: list[dict[str, Any]], beta: float
+) -> list[dict[str, Any]]:
+    """The last certificate of every stage, with the stage's mapping report."""
+    rows: dict[int, dict[str, Any]] = {}
+    for entry in certificates:
+        row = rows.setdefault(
+            int(entry["stage"]), {"mask": mask, "stage": int(entry["stage"]), "beta": beta}
+        )
+        if "mapping" in entry:
+            row.update(entry["mapping"])
+        else:
+            row.update({k: v for k, v in entry.items() if k != "stage"})
+    return [rows[s] for s in sorted(rows)]
+
+
+def _mean(final: dict[str, dict[str, Any]], method: str, metric: str) -> float:
+    return float(final[method]["volume"][metric]["mean"])
+
+
+def _difference(final: dict[str, dict[str, Any]], method: str, other: str) -> dict[str, float]:
+    """``method`` minus ``other`` in volume PSNR and SSIM."""
+    return {m: _mean(final, method, m) - _mean(final, other, m) for m in ("psnr", "ssim")}
+
+
+def _answers(
+    config: ReproduceConfig,
+    metrics: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    certificates: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The paper's questions, per mask, in numbers (volume PSNR and SSIM at full depth)."""
+    answers = []
+    for mask in config.masks:
+        key = mask_key(mask)
+        final = {
+            m["method"]: m
+            for m in metrics
+            if m["mask"] == key and m["layers"] in (None, config.layers)
+        }
+
+        seconds = {
+            r["method"]: r["train_seconds"]
+            for r in runs
+            if r["mask"] == key and r["layers"] == config.layers
+        }
+        gaps = [c["relative_gap"] for c in certificates if c["mask"] == key and "relative_gap" in c]
+        answers.append(
+            {
+                "mask": key,
+                "label": mask.describe(),
+                "layers": config.layers,
+                "psnr": {m: _mean(final, m, "psnr") for m in final},
+                "ssim": {m: _mean(final, m, "ssim") for m in final},
+                "convex_minus_end_to_end": _difference(final, "layerwise-convex", "end-to-end"),
+                "ablation_minus_end_to_end": _difference(final, "layerwise", "end-to-end"),
+                "convex_minus_zero_filled": _difference(final, "layerwise-convex", "zero-filled"),
+                "convex_minus_cs": _difference(final, "layerwise-convex", "cs"),
+                "relative_gap_range": [min(gaps), max(gaps)] if gaps else None,
+                "train_seconds": seconds,
+            }
+        )
+    return answers
+
+
+def collect(out: Path) -> dict[str, Any]:
+    """Everything the report shows, from the files of a finished reproduce folder."""
+    if not (out / "config.yaml").is_file():
+        raise CvxmriError(f"{out}: not a reproduce folder (no config.yaml)")
+    config = load_yaml(ReproduceConfig, out / "config.yaml")
+    parts = plan(config)
+    missing = [p.title for p in parts if not p.done(out)]
+    if missing:
+        raise CvxmriError(
+            f"{out}: {len(missing)} part(s) not finished, first: {missing[0]} "
+            "(run cvxmri reproduce again to finish them)"
+        )
+    timings = _read_json(out / "parts.json") if (out / "parts.json").is_file() else {}
+    metrics: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    certificates: list[dict[str, Any]] = []
+    examples, inspections = [], []
+    for part in parts:
+        folder = out / part.folder
+        key = mask_key(part.mask) if part.mask is not None else ""
+        if part.kind in ("baselines", "test"):
+            summary = _read_json(folder / "summary.json")
+            layers = (
+                {model_label(out / path): depth for depth, path in tested_models(part)}
+                if part.kind == "test"
+                else {}
+            )
+            for entry in summary["results"]:
+                label = entry["method"]
+                metrics.append(
+                    {
+                        "method": part.method or label,
+                        "mask": key,
+                        "layers": layers.get(label),
+                        "label": label,
+                        "volume": entry["volume"],
+                        "slice": entry["slice"],
+                        "seconds": entry["seconds"],
+                    }
+                )
+        elif part.kind == "train":
+            val = _read_json(folder / "metrics_val.json")
+            run_config = yaml.safe_load((folder / "config.yaml").read_text())
+            with (folder / "history.csv").open() as handle:
+                epochs = sum(1 for _ in csv.DictReader(handle))
+            runs.append(
+                {
+                    "method": part.method,
+                    "mask": key,
+                    "layers": part.layers,
+                    "folder": part.folder,
+                    "epochs": epochs,
+                    "train_seconds": val["train_seconds"],
+                    "wall_seconds": timings.get(part.folder, {}).get("seconds"),
+                    "resumed": timings.get(part.folder, {}).get("resumed"),
+                    "val": val["final"],
+                    "config": run_config,
+                }
+            )
+            if part.method == "layerwise-convex":
+                raw = _read_json(folder / "certificates.json")
+                certificates += _final_certificates(key, raw, run_config["convex"]["beta"])
+        elif part.kind == "examples":
+            examples.append(_read_json(folder / "examples.json"))
+        elif part.kind == "inspect":
+            inspections.append(_read_json(folder / "inspect.json"))
+    memory_path = out / "benchmark_memory.json"
+    return {
+        "preset": config.preset,
+        "folder": str(out),
+        "collected": f"{datetime.now():%Y-%m-%d %H:%M}",
+        "total_seconds": sum(t["seconds"] for t in timings.values()),
+        "config": to_dict(config),
+        "environment": _read_json(out / "environment.json"),
+        "dataset": _read_json(out / "data" / "dataset.json"),
+        "masks": [{"key": mask_key(m), "label": m.describe(), **to_dict(m)} for m in config.masks],
+        "answers": _answers(config, metrics, runs, certificates),
+        "metrics": metrics,
+        "runs": runs,
+        "certificates": certificates,
+        "examples": examples,
+        "inspect": inspections,
+        "parts": [
+            {"title": p.title, "folder": p.folder, **timings.get(p.folder, {})} for p in parts
+        ],
+        "memory": read_memory_json(memory_path) if memory_path.is_file() else None,
+    }
+
+
+def default_folder(preset_name: str) -> Path:
+    """``runs/reproduce-<preset>``."""
+    return Path("runs") / f"reproduce-{preset_name}"
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """The full-depth test metrics as a fixed-width table (volume PSNR and SSIM)."""
+    lines = [f"{'mask':<14} {'method':<18} {'PSNR dB':>15} {'SSIM':>17}"]
+    layers = results["config"]["layers"]
+    for entry in results["metrics"]:
+        if entry["layers"] not in (None, layers):
+            continue
+        psnr, ssim = entry["volume"]["psnr"], entry["volume"]["ssim"]
+        lines.append(
+            f"{entry['mask']:<14} {entry['method']:<18} "
+            f"{psnr['mean']:>7.2f} ± {psnr['std']:<5.2f} {ssim['mean']:>8.4f} ± {ssim['std']:<6.4f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""The memory and speed benchmarks: measurement, search logic, FLOP counts, command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cvxmri.benchmark.measure import run_trial
+from cvxmri.benchmark.memory import linear_fit, max_batch_size
+from cvxmri.benchmark.workload import Workload, prepare, step_flops
+from cvxmri.cli import main
+
+
+def test_bigger_batch_measures_bigger_peak() -> None:
+    w = Workload("end-to-end", layers=3, channels=16, kernel_size=3, size=64)
+    small = run_trial(w, steps=1, budget_bytes=2**30)
+    large = run_trial(Workload(**{**w.__dict__, "batch": 16}), steps=1, budget_bytes=2**30)
+    assert not small["oom"] and not large["oom"]
+    # 16 images of 3 stored 16-channel 64x64 float32 maps each: at least 12 MiB more.
+    assert large["peak_bytes"] > small["peak_bytes"] + 12 * 2**20
+    assert 0 < large["state_bytes"] <= large["peak_bytes"] and large["seconds"] > 0
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 2, 3, 7, 8, 9, 100, 999, 1000])
+@pytest.mark.parametrize("guess", [1, 5, 64, 5000])
+def test_search_finds_the_exact_threshold(threshold: int, guess: int) -> None:
+    tried: list[int] = []
+
+    def fits(batch: int) -> bool:
+        assert batch not in tried, "a batch size was tried twice"
+        tried.append(batch)
+        return batch <= threshold
+
+    best, capped = max_batch_size(fits, limit=1000, guess=guess)
+    assert best == threshold
+    assert capped == (threshold == 1000)
+    # Doubling and bisection: logarithmically many trials.
+    assert len(tried) <= 2 * 11 + 2
+
+
+def test_doubling_from_one() -> None:
+    tried: list[int] = []
+
+    def fits(batch: int) -> bool:
+        tried.append(batch)
+        return batch <= 37
+
+    assert max_batch_size(fits, limit=4096) == (37, False)
+    assert tried[:7] == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_linear_fit_and_crossing() -> None:
+    points = [{"batch": b, "peak_bytes": 100 + 30 * b} for b in (1, 2, 4)]
+    points.append({"batch": 8, "oom": True})
+    slope, fixed = linear_fit(points)  # type: ignore[misc]
+    assert slope == pytest.approx(30) and fixed == pytest.approx(100)
+
+
+def test_flops_match_a_hand_count() -> None:
+    # 3 layers, 4 channels, 3x3, 16x16, batch 2: hidden 2->4 (forward, weight gradient),
+    # hidden 4->4 (forward, weight and input gradients), final 1x1 4->2 (all three).
+    layer1 = 2 * 2 * 4 * 9 * 256
+    layer2 = 2 * 4 * 4 * 9 * 256
+    final = 2 * 4 * 2 * 1 * 256
+    w = Workload("end-to-end", batch=2, layers=3, channels=4, kernel_size=3, size=16)
+    assert step_flops(w) == 2 * (2 * layer1 + 3 * layer2 + 3 * final)
+    checkpointed = Workload(**{**w.__dict__, "method": "end-to-end-checkpointing"})
+    assert step_flops(checkpointed) == step_flops(w) + 2 * (layer1 + layer2)
+    # Convex stage 2 (input 4 channels, 2 patterns x 2 outputs): gates 4->2, responses
+    # 4->4 forward and weight gradient; recomputed: plus the gated prefix layer (2->4
+    # values and 2->2 gates).
+    convex = Workload(
+        "layerwise-convex", batch=1, layers=3, stage=2, channels=4, kernel_size=3, size=16
+    )
+    gates, responses = 2 * 4 * 2 * 9 * 256, 2 * 4 * 4 * 9 * 256
+    assert step_flops(convex) == gates + 2 * responses
+    recomputed = Workload(**{**convex.__dict__, "stage_inputs": "recomputed"})
+    assert step_flops(recomputed) == gates + 2 * responses + layer1 + 2 * 2 * 2 * 9 * 256
+    # Non-convex stage 2: KxK 4->4 forward and weight gradient, 1x1 4->2 all three.
+    layerwise = Workload(**{**convex.__dict__, "method": "layerwise"})
+    assert step_flops(layerwise) == 2 * layer2 + 3 * final
+
+
+@pytest.mark.parametrize(
+    "method,stage,inputs",
+    [
+        ("end-to-end", 0, "cached"),
+        ("end-to-end-checkpointing", 0, "cached"),
+        ("layerwise-convex", 1, "cached"),
+        ("layerwise-convex", 3, "recomputed"),
+        ("layerwise", 2, "recomputed"),
+        ("layerwise", 3, "cached"),
+    ],
+)
+def test_every_workload_steps(method: str, stage: int, inputs: str) -> None:
+    w = Workload(
+        method,
+        batch=2,
+        layers=4,
+        stage=stage,
+        stage_inputs=inputs,
+        channels=4,
+        kernel_size=3,
+        size=12,
+        pattern_chunk=1,
+    )
+    prepared = prepare(w)
+    prepared.warmup()
+    assert prepared.step() > 0
+    if w.layerwise and stage >= 2:
+        assert prepared.prefix_pass is not None
+        assert prepared.prefix_pass().shape == (2, 4, 12, 12)
+
+
+TINY = ["--layers", "3", "--channels", "4", "--kernel", "3", "--size", "16"]
+
+
+def test_memory_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "memory"
+    args = ["benchmark", "memory", *TINY, "--budget-gb", "0.5", "--search", "fit"]
+    args += ["--method", "end-to-end", "--method", "layerwise-convex", "--precision", "fp32"]
+    args += ["--stage-inputs", "cached", "--depths", "2,3", "--chunks", "", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "layerwise-convex" in printed and "extrap." in printed
+    result = json.loads((out / "memory.json").read_text())
+    assert result["schema"] == "cvxmri.benchmark.memory/1"
+    methods = {row["method"] for row in result["results"]}
+    assert methods == {"end-to-end", "layerwise-convex"}
+    assert all(row["max_batch_kind"] == "extrapolated" for row in result["results"])
+    assert {r["layers"] for r in result["depth"]["rows"]} == {2, 3}
+    for name in ("config.yaml", "log.txt", "memory.csv", "tables.md"):
+        assert (out / name).is_file(), name
+    for name in ("memory_max_batch.png", "memory_batch.png", "memory_depth.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_speed_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "speed"
+    args = ["benchmark", "speed", *TINY, "--precision", "fp32", "--repeats", "1"]
+    args += ["--epochs", "2", "--images", "10", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "speed.json").read_text())
+    assert result["conv_peak"]["fp32"]["gflops"] > 0
+    kinds = {(r["method"], r["stage"], r["stage_inputs"]) for r in result["rows"]}
+    assert ("layerwise-convex", 2, "recomputed") in kinds and ("end-to-end", None, "-") in kinds
+    totals = {(t["method"], t["stage_inputs"]): t for t in result["totals"]}
+    assert totals[("end-to-end", "-")]["vs_end_to_end"] == 1.0
+    cached = [r for r in result["rows"] if r["stage_inputs"] == "cached"]
+    assert all(r["prefix_images_per_second"] > 0 for r in cached)
+    assert (out / "speed_throughput.png").is_file() and (out / "speed_total.png").is_file()
+    assert "images / s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--budget-gb", "0"], "budget must be a positive number"),
+        (["--budget-gb", "-3"], "budget must be a positive number"),
+        (["--size", "2"], "image size 2 is smaller than the kernel size 3"),
+        (["--channels", "5"], "channels must be even"),
+        (["--fit-batches", "2"], "fit batches must be at least two"),
+        (["--depths", "1,5"], "depths must be >= 2"),
+    ],
+)
+def test_bad_inputs_give_one_line_errors(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["benchmark", "memory", *TINY, *extra, "--out", str(tmp_path / "x")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cvxmri: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_speed_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["benchmark", "speed", *TINY, "--size", "1"]) == 2
+    assert "smaller than the kernel size" in capsys.readouterr().err

@@ -1,0 +1,325 @@
+"""`cvxmri reproduce` on the tiny preset: every part, an interruption and its resumption,
+the report's sections, and every number of the report traced to ``results.json``."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import phantom_nifti
+
+from cvxmri.cli import main
+from cvxmri.data.simulate import SimulationConfig
+from cvxmri.errors import CvxmriError
+from cvxmri.evaluate import EvaluateConfig, evaluate
+from cvxmri.models.cnn import GatedConv, ReconCNN
+from cvxmri.report import interpret
+from cvxmri.reproduce import ReproduceConfig, collect, plan, reproduce, reproduce_preset
+from cvxmri.training.trainer import Trainer, TrainingStopped
+
+SECTIONS = [
+    "Overview",
+    "At a glance",
+    "Metrics against the number of layers",
+    "Results",
+    "Representative test slices",
+    "Wall time",
+    "Optimality certificates of the convex stages",
+    "Memory",
+    "What each layer learned",
+    "Configuration, data and machine",
+]
+NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.])")
+
+
+def tiny_config(root: Path) -> ReproduceConfig:
+    """The tiny preset on a dataset that does not exist yet (built from a phantom)."""
+    return replace(
+        reproduce_preset("tiny"),
+        data=str(root / "data"),
+        sources=[str(phantom_nifti(root / "head.nii.gz", depth=72))],
+        simulation=SimulationConfig(matrix=24, coils=3, slab_slices=2),
+    )
+
+
+def _run(config: ReproduceConfig, out: Path, printed: list[str]) -> Path:
+    """`reproduce`, with what it prints appended to ``printed`` (even when it fails)."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            return reproduce(config, out)
+    finally:
+        printed.append(buffer.getvalue())
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A reproduction stopped in its first layer-wise convex training, then finished, then
+    run once more (nothing left to do), with what each run printed."""
+    root = tmp_path_factory.mktemp("reproduce")
+    config = tiny_config(root)
+    out = root / "out"
+    fit = Trainer.fit
+
+    def stop_in_first_stage(self: Trainer, stop_after: int | None = None) -> ReconCNN:
+        return fit(self, stop_after=1 if self.config.method == "layerwise-convex" else None)
+
+    printed: list[str] = []
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(TrainingStopped):
+        patch.setattr(Trainer, "fit", stop_in_first_stage)
+        _run(config, out, printed)
+    interrupted = out / "poisson-4x" / "layerwise-convex"
+    state = {
+        "checkpoint": (interrupted / "checkpoints" / "last.pt").is_file(),
+        "depth2": (interrupted / "model_depth2.pt").is_file(),
+        "finished": (interrupted / "metrics_val.json").is_file(),
+    }
+    reports = [_run(config, out, printed), _run(config, out, printed)]
+    return {
+        "config": config,
+        "out": out,
+        "reports": reports,
+        "interrupted": state,
+        "printed": printed,
+    }
+
+
+def _formats(value: float) -> set[str]:
+    value = abs(value)
+    texts = {f"{value:g}", str(value)}
+    texts |= {f"{value:.{d}f}" for d in range(7)}
+    texts |= {f"{value:.{d}e}" for d in range(5)}
+    texts |= {f"{value:.{d}g}" for d in range(1, 7)}
+    return texts
+
+
+def json_numbers(data: object) -> set[str]:
+    """Every number of a JSON document, in the ways the report may format it, and every
+    number written inside its strings."""
+    found: set[str] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                found.update(NUMBER.findall(str(key)))
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+        elif isinstance(node, bool) or node is None:
+            return
+        elif isinstance(node, int | float):
+            found.update(_formats(float(node)))
+        elif isinstance(node, str):
+            found.update(NUMBER.findall(node))
+
+    walk(data)
+    return found
+
+
+def test_interrupted_run_resumes_and_skips_finished_parts(reproduced: dict[str, Any]) -> None:
+    out = reproduced["out"]
+    assert reproduced["interrupted"] == {"checkpoint": True, "depth2": True, "finished": False}
+    timings = json.loads((out / "parts.json").read_text())
+    assert timings["poisson-4x/layerwise-convex"]["resumed"] is True
+    assert timings["poisson-4x/baselines"]["resumed"] is False
+    assert all(p.done(out) for p in plan(reproduced["config"]))
+    first, second, third = reproduced["printed"]
+    parts = plan(reproduced["config"])
+    total = len(parts) + 1
+    assert f"[1/{total}] dataset and coil maps (elapsed 0s, about " in first
+    assert "skipped" not in first and "results and report" not in first
+    # Second run: the parts finished before the interruption are skipped, the interrupted
+    # training resumes, the rest runs.
+    assert f"[1/{total}] dataset and coil maps: finished before, skipped" in second
+    assert f"[2/{total}] zero-filled and CS, poisson 4x (calib 6x6): finished before" in second
+    assert re.search(rf"\[3/{total}\] train layerwise-convex, 3 layers, .* left\)", second)
+    assert f"[{total}/{total}] results and report" in second
+    # Third run: every part skipped, only the report rebuilt.
+    assert third.count("finished before, skipped") == len(parts)
+    assert third.count("done in") == 1
+    assert reproduced["reports"][0] == reproduced["reports"][1] == out / "report" / "report.html"
+
+
+def test_results_come_from_the_runs_own_files(reproduced: dict[str, Any]) -> None:
+    out, config = reproduced["out"], reproduced["config"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"]["built_by_this_run"] is True
+    assert (Path(config.data) / "manifest.json").is_file()
+    summary = json.loads(
+        (out / "poisson-4x" / "test-layerwise-convex" / "summary.json").read_text()
+    )
+    by_depth = {
+        m["layers"]: m
+        for m in results["metrics"]
+        if m["mask"] == "poisson-4x" and m["method"] == "layerwise-convex"
+    }
+    assert sorted(by_depth) == list(range(2, config.layers + 1))
+    for entry in summary["results"]:
+        depth = int(entry["method"].rsplit("model_depth", 1)[1])
+        assert by_depth[depth]["volume"] == entry["volume"]
+    methods = {(m["mask"], m["method"]) for m in results["metrics"] if m["layers"] in (None, 3)}
+    assert methods == {
+        (mask, method)
+        for mask in ("poisson-4x", "cartesian-4x")
+        for method in ("zero-filled", "cs", "layerwise-convex", "layerwise", "end-to-end")
+    }
+    # The representative slice was reconstructed exactly as the evaluation did.
+    example = results["examples"][0]
+    with (out / "poisson-4x" / "test-layerwise-convex" / "per_slice.csv").open() as handle:
+        row = next(
+            r
+            for r in csv.DictReader(handle)
+            if r["method"].endswith(f"model_depth{config.layers}")
+            and r["file"] == example["file"]
+            and int(r["slice"]) == example["slice"]
+        )
+    convex = next(m for m in example["methods"] if m["method"] == "layerwise-convex")
+    assert convex["psnr"] == pytest.approx(float(row["psnr"]), rel=1e-5)
+    # One certificate per convex stage and mask, from certificates.json.
+    assert [(c["mask"], c["stage"]) for c in results["certificates"]] == [
+        (m, s) for m in ("poisson-4x", "cartesian-4x") for s in range(1, config.layers)
+    ]
+    assert all(0 <= c["relative_gap"] <= 1 + 1e-9 for c in results["certificates"])
+    inspected = results["inspect"][0]
+    assert inspected["units"] == [len(n) for n in inspected["group_norms"]]
+    assert len(inspected["pixels"]) == 3
+
+
+def test_report_sections_and_numbers(reproduced: dict[str, Any]) -> None:
+    out = reproduced["out"]
+    results = json.loads((out / "results.json").read_text())
+    markdown = (out / "report" / "report.md").read_text()
+    page = (out / "report" / "report.html").read_text()
+    titles = re.findall(r"^## (.+)$", markdown, flags=re.M)
+    assert [t for t in SECTIONS if not any(title.startswith(t) for title in titles)] == []
+    for title in SECTIONS:
+        assert f"<h2>{title}" in page
+    # Self-contained HTML: every image inline; every PNG of the Markdown beside it.
+    sources = re.findall(r'src="([^"]*)"', page)
+    pngs = re.findall(r"\]\(([^)]+\.png)\)", markdown)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == len(pngs) >= 8
+    assert all((out / "report" / name).is_file() for name in pngs)
+    # Every number of the report is a number of results.json (or written in its strings).
+    known = json_numbers(results)
+    unexplained = sorted({n for n in NUMBER.findall(markdown) if n not in known})
+    assert unexplained == []
+    # The results table shows each method's mean ± std as results.json holds them.
+    for entry in results["metrics"]:
+        if entry["layers"] in (None, results["config"]["layers"]):
+            psnr = entry["volume"]["psnr"]
+            assert f"{psnr['mean']:.2f} ± {psnr['std']:.2f}" in markdown
+    assert "No memory benchmark in this folder" in markdown
+
+
+def test_report_command_adds_the_memory_benchmark(
+    reproduced: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = reproduced["out"]
+    memory = {
+        "device": "cpu",
+        "results": [
+            {"method": "end-to-end", "layers": 5, "peak_mib": 812.5, "max_batch_size": 6},
+            {"method": "layerwise-convex", "layers": 5, "peak_mib": 97.25, "max_batch_size": 41},
+        ],
+        "depth": {"batch": 4, "rows": [{"method": "end-to-end", "layers": 3, "peak_bytes": 1234}]},
+    }
+    path = tmp_path / "memory.json"
+    path.write_text(json.dumps(memory))
+    assert main(["report", str(out), "--memory-json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report' / 'report.html'}" in printed
+    markdown = (out / "report" / "report.md").read_text()
+    assert "| end-to-end | 5 | 812.5 | 6 |" in markdown
+    assert "| layerwise-convex | 5 | 97.25 | 41 |" in markdown
+    assert "| end-to-end | 3 | 1234 |" in markdown
+    assert json.loads((out / "results.json").read_text())["memory"] == memory
+    (out / "benchmark_memory.json").unlink()
+
+
+def test_user_errors(
+    reproduced: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, config = reproduced["out"], reproduced["config"]
+    with pytest.raises(CvxmriError, match="started with another configuration"):
+        reproduce(replace(config, seed=1), out)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"results": [{"peak_mib": 3}]}')
+    with pytest.raises(CvxmriError, match="needs a 'method'"):
+        reproduce(config, out, memory_json=bad)
+    with pytest.raises(CvxmriError, match="not a reproduce folder"):
+        collect(tmp_path)
+    half = tmp_path / "half"
+    (half / "data").mkdir(parents=True)
+    (half / "config.yaml").write_text((out / "config.yaml").read_text())
+    with pytest.raises(CvxmriError, match="not finished, first: dataset and coil maps"):
+        collect(half)
+    # The command line's defaults differ from the test's settings (no phantom source).
+    arguments = ["reproduce", "--preset", "tiny", "--data", config.data, "--out", str(out)]
+    assert main(arguments) == 2
+    assert "started with another configuration" in capsys.readouterr().err
+
+
+def test_evaluate_accepts_a_run_folder(reproduced: dict[str, Any], tmp_path: Path) -> None:
+    out, config = reproduced["out"], reproduced["config"]
+    run = out / "poisson-4x" / "end-to-end-depth3"
+    summaries = []
+    for index, model in enumerate((run, run / "model.pt")):
+        eval_config = EvaluateConfig(
+            data=config.data, methods=[], models=[str(model)], masks=[config.masks[0]]
+        )
+        (tmp_path / str(index)).mkdir()
+        summaries.append(evaluate(eval_config, tmp_path / str(index)))
+    assert summaries[0]["results"][0]["method"] == "end-to-end-depth3"
+    assert summaries[0]["results"][0]["volume"] == summaries[1]["results"][0]["volume"]
+
+
+def test_effective_filter_is_the_local_linear_map() -> None:
+    """With the patterns fixed the network is linear: a small change of the input inside
+    the window changes the output pixel by the filter's response."""
+    torch.manual_seed(0)
+    relu = ReconCNN.relu(3, 6, 3)
+    for layer in [*relu.hidden, relu.final]:
+        for parameter in layer.parameters():
+            torch.nn.init.normal_(parameter, std=0.3)
+    gated = GatedConv(2, 3, 2, 3)
+    torch.nn.init.normal_(gated.value.weight, std=0.3)
+    torch.nn.init.normal_(gated.gate_weight)
+    networks = [relu, ReconCNN([gated, relu.hidden[1]], relu.final)]
+    x0 = torch.randn(1, 2, 16, 16, dtype=torch.float32)
+    for network in networks:
+        network.double()
+        radius = interpret.receptive_radius(network)
+        assert radius == 2
+        pixel = (7, 9)
+        kernel = interpret.effective_filters(network, x0.double(), [pixel], radius)[0]
+        delta = torch.zeros_like(x0, dtype=torch.float64)
+        window = (slice(None), slice(None), slice(5, 10), slice(7, 12))
+        delta[window] = 1e-7 * torch.randn(1, 2, 5, 5, dtype=torch.float64)
+        with torch.no_grad():
+            change = (network(x0.double() + delta) - (x0.double() + delta)) - (
+                network(x0.double()) - x0.double()
+            )
+        predicted = np.einsum("oihw,ihw->o", kernel, delta[0, :, 5:10, 7:12].numpy())
+        np.testing.assert_allclose(change[0, :, 7, 9].numpy(), predicted, rtol=1e-5, atol=1e-12)
+
+
+def test_pattern_clusters_find_the_regions() -> None:
+    pattern = torch.zeros(4, 8, 8)
+    pattern[:2, :, :3] = 1  # left region: units 0, 1 on
+    pattern[2:, :, 3:] = 1  # right region: units 2, 3 on
+    labels = interpret.cluster_patterns(pattern, clusters=2, seed=0)
+    assert (labels[:, 3:] == 0).all() and (labels[:, :3] == 1).all()  # larger region first
+    assert interpret.distinct_patterns(pattern) == 2
+    norms = np.array([2.0, 1.0, 0.01])
+    assert interpret.surviving_units(norms) == 2
