@@ -478,7 +478,7 @@ def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
         help="largest batch: direct search or straight-line fit (auto: direct on CUDA)",
     )
     memory.add_argument(
-        "--fit-batches", type=_int_list, default=[1, 2], help="batch sizes measured first (1,2)"
+        "--fit-batches", type=_int_list, default=[1, 2, 4], help="batch sizes measured first"
     )
     memory.add_argument("--max-batch", type=int, default=4096, help="search limit (4096)")
     memory.add_argument("--steps", type=int, default=1, help="measured steps per trial (1)")

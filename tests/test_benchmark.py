@@ -120,6 +120,7 @@ TINY = ["--layers", "3", "--channels", "4", "--kernel", "3", "--size", "16"]
 def test_memory_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "memory"
     args = ["benchmark", "memory", *TINY, "--budget-gb", "0.5", "--search", "fit"]
+    args += ["--fit-batches", "1,2"]
     args += ["--method", "end-to-end", "--method", "layerwise-convex", "--precision", "fp32"]
     args += ["--stage-inputs", "cached", "--depths", "2,3", "--chunks", "", "--out", str(out)]
     assert main(args) == 0

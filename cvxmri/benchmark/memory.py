@@ -110,7 +110,7 @@ class MemoryBenchConfig:
     precisions: list[str] = field(default_factory=lambda: list(PRECISIONS))
     pattern_chunk: int = 32
     search: str = "auto"
-    fit_batches: list[int] = field(default_factory=lambda: [1, 2])
+    fit_batches: list[int] = field(default_factory=lambda: [1, 2, 4])
     max_batch: int = 4096
     steps: int = 1
     depths: list[int] = field(default_factory=lambda: list(range(2, 13)))
@@ -486,6 +486,7 @@ def targets(summary: list[dict], depth: list[dict], cfg: MemoryBenchConfig) -> l
                 row["method"] != "layerwise-convex"
                 or row["precision"] != precision
                 or cfg.layers < 3  # only the narrow first stage: nothing to compare
+                or not math.isfinite(row["vs_end_to_end"])  # no end-to-end measured
             ):
                 continue
             out.append(
@@ -617,6 +618,10 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
     plot_memory(result, out)
 
 
+def _ratio(value: float) -> str:
+    return f"{value:.2f}x" if math.isfinite(value) else "-"
+
+
 def _mib(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value / MIB:,.0f}"
 
@@ -638,7 +643,7 @@ def format_tables(result: dict[str, Any]) -> str:
         capped = "+" if row["capped"] else ""
         lines.append(
             f"| {row['method']} | {row['stage_inputs']} | {row['precision']} | "
-            f"{row['max_batch']}{capped}{kind} | {row['vs_end_to_end']:.2f}x | "
+            f"{row['max_batch']}{capped}{kind} | {_ratio(row['vs_end_to_end'])} | "
             f"{row['limiting_stage']} | {row['peak_mib_batch1']:,.0f} | "
             f"{row['mib_per_image']:,.1f} |"
         )
