@@ -61,7 +61,7 @@ from typing import Any
 from tqdm import tqdm
 
 from cvxmri.benchmark.measure import CPU_METHOD, CUDA_METHOD, run_trial
-from cvxmri.benchmark.workload import LAYERWISE, METHODS, STAGE_INPUTS, Workload
+from cvxmri.benchmark.workload import LAYERWISE, METHODS, STAGE_INPUTS, Workload, workload_of
 from cvxmri.errors import CvxmriError
 
 log = logging.getLogger(__name__)
@@ -162,17 +162,7 @@ class MemoryBenchConfig:
 
     def workload(self, method: str, **changes: Any) -> Workload:
         """The workload of ``method`` at this architecture (batch 1 unless changed)."""
-        base = Workload(
-            method=method,
-            layers=self.layers,
-            channels=self.channels,
-            kernel_size=self.kernel_size,
-            size=self.size,
-            pattern_chunk=self.pattern_chunk,
-            device=self.device,
-            seed=self.seed,
-        )
-        return replace(base, **changes)
+        return workload_of(self, method, **changes)
 
 
 def max_batch_size(fits: Callable[[int], bool], limit: int, guess: int = 1) -> tuple[int, bool]:

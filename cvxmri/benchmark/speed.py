@@ -59,6 +59,7 @@ from cvxmri.benchmark.workload import (
     prefix_pass_flops,
     prepare,
     step_flops,
+    workload_of,
 )
 from cvxmri.errors import CvxmriError
 
@@ -121,18 +122,7 @@ class SpeedBenchConfig:
 
     def workload(self, method: str, **changes: Any) -> Workload:
         """The workload of ``method`` at this architecture."""
-        base = Workload(
-            method=method,
-            batch=self.batch,
-            layers=self.layers,
-            channels=self.channels,
-            kernel_size=self.kernel_size,
-            size=self.size,
-            pattern_chunk=self.pattern_chunk,
-            device=self.device,
-            seed=self.seed,
-        )
-        return replace(base, **changes)
+        return workload_of(self, method, **{"batch": self.batch, **changes})
 
 
 def _plan(cfg: SpeedBenchConfig) -> list[Workload]:

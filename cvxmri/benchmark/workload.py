@@ -134,6 +134,17 @@ class Workload:
         return cls(**json.loads(text))
 
 
+# The architecture settings that the memory and speed configurations share with a Workload.
+ARCHITECTURE = ("layers", "channels", "kernel_size", "size", "pattern_chunk", "device", "seed")
+
+
+def workload_of(settings: Any, method: str, **changes: Any) -> Workload:
+    """The workload of ``method`` with the `ARCHITECTURE` settings of a benchmark
+    configuration (batch 1 unless changed)."""
+    base = Workload(method=method, **{name: getattr(settings, name) for name in ARCHITECTURE})
+    return replace(base, **changes)
+
+
 def conv_flops(c_in: int, c_out: int, kernel: int, pixels: int) -> int:
     """Multiply-adds x 2 of one 'same' convolution over ``pixels`` output pixels. The
     backward pass costs as much again for the weight gradient and for the input gradient."""
