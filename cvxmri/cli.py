@@ -185,17 +185,30 @@ def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
     reproduce.add_argument("--out", type=Path, help="folder (default runs/reproduce-<preset>)")
     reproduce.add_argument("--device", default="auto", help="cpu, cuda or auto")
     reproduce.add_argument("--amp", action="store_true", help="bf16 autocast in training")
-    reproduce.add_argument(
-        "--memory-json", type=Path, help="the memory benchmark's JSON, shown in the report"
-    )
+    _benchmark_json_options(reproduce)
     reproduce.add_argument(
         "--force", action="store_true", help="start again in a folder begun with other settings"
     )
     report = commands.add_parser("report", help="rebuild the report of a reproduce folder")
     report.add_argument("folder", type=Path, help="the reproduce folder")
-    report.add_argument(
-        "--memory-json", type=Path, help="the memory benchmark's JSON, shown in the report"
-    )
+    _benchmark_json_options(report)
+
+
+def _benchmark_json_options(parser: argparse.ArgumentParser) -> None:
+    for kind in ("memory", "speed"):
+        parser.add_argument(
+            f"--{kind}-json",
+            type=Path,
+            help=f"a {kind} benchmark's JSON (cvxmri benchmark {kind}), shown in the report",
+        )
+
+
+def _benchmark_jsons(args: argparse.Namespace) -> dict[str, Path]:
+    return {
+        kind: path
+        for kind, path in (("memory", args.memory_json), ("speed", args.speed_json))
+        if path is not None
+    }
 
 
 def _mask_specs(args: argparse.Namespace) -> list:
@@ -396,14 +409,14 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
         reproduce_preset(args.preset), data=str(args.data), device=args.device, amp=args.amp
     )
     out = args.out or default_folder(args.preset)
-    report = reproduce(config, out, force=args.force, memory_json=args.memory_json)
+    report = reproduce(config, out, force=args.force, benchmarks=_benchmark_jsons(args))
     _print_report(out, report)
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
     from cvxmri.reproduce import rebuild_report
 
-    _print_report(args.folder, rebuild_report(args.folder, memory_json=args.memory_json))
+    _print_report(args.folder, rebuild_report(args.folder, _benchmark_jsons(args)))
 
 
 def _print_report(folder: Path, report: Path) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -38,6 +39,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from cvxmri.benchmark.memory import MIB, MemoryBenchConfig, run_memory_benchmark
 from cvxmri.config import load_yaml, save_yaml, to_dict
 from cvxmri.data.prepare import (
     EspiritConfig,
@@ -70,6 +72,7 @@ from cvxmri.recon import CLASSICAL_METHODS, CSConfig, zero_filled_sense
 from cvxmri.report import interpret
 from cvxmri.runs import environment, run_folder
 from cvxmri.training.config import PRESETS, TrainConfig, preset
+from cvxmri.training.data import SliceData
 from cvxmri.training.run import train
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,7 @@ EXPECTED_SECONDS = {
     "test": 2.0,
     "examples": 2.0,
     "inspect": 3.0,
+    "memory": 90.0,
     "report": 5.0,
 }
 
@@ -180,12 +184,12 @@ class Part:
     """One step of the plan.
 
     Attributes:
-        kind: data, baselines, train, test, examples or inspect.
+        kind: data, baselines, train, test, examples, inspect or memory.
         title: what the progress line says.
         folder: where it writes, relative to the reproduce folder.
         output: the file in ``folder`` whose existence means the part has finished.
         weight: expected wall seconds in the quick preset on 2 CPU cores.
-        mask: the mask it works on (None for the dataset).
+        mask: the mask it works on (None for the dataset and the memory measurement).
         method: the trained method (train and test parts).
         layers: the network depth (train and test parts).
     """
@@ -273,6 +277,15 @@ def plan(config: ReproduceConfig) -> list[Part]:
                     mask,
                 )
             )
+    parts.append(
+        Part(
+            "memory",
+            "peak training memory per method (fresh processes)",
+            "memory",
+            "memory.json",
+            EXPECTED_SECONDS["memory"],
+        )
+    )
     return parts
 
 
@@ -461,6 +474,43 @@ def _run_inspect(config: ReproduceConfig, root: Path, part: Part) -> None:
     _write_json(folder / part.output, record)
 
 
+def memory_config(config: ReproduceConfig, root: Path) -> MemoryBenchConfig:
+    """The memory measurement of a reproduction (`cvxmri.benchmark.memory`): one training
+    step of every method and stage at this run's own depth, width, kernel, crop (or image
+    size: a square of the same pixel count) and precision, at batch 1 and at its batch
+    size, each in a fresh process; the largest batch in the default budget is extrapolated
+    from them."""
+    train = train_config(config, "layerwise-convex", config.masks[0], config.layers)
+    size = train.crop
+    if size == 0:
+        shape = SliceData(config.data, "train", config.masks[0], max_slices=1).recon_shape
+        size = round(math.sqrt(shape[0] * shape[1]))
+    batch = train.optim.batch_size
+    return MemoryBenchConfig(
+        layers=config.layers,
+        channels=train.channels,
+        kernel_size=train.kernel_size,
+        size=size,
+        methods=["end-to-end", *LAYERWISE],
+        stage_inputs=["cached" if train.stage_cache != "none" else "recomputed"],
+        precisions=["bf16" if config.amp else "fp32"],
+        pattern_chunk=train.pattern_chunk,
+        search="fit",
+        fit_batches=sorted({1, max(2, batch)}),
+        depths=[config.layers],
+        depth_batch=batch,
+        chunks=[],
+        device=config.device,
+        seed=config.seed,
+    )
+
+
+def _run_memory(config: ReproduceConfig, root: Path, part: Part) -> None:
+    bench = memory_config(config, root)
+    with run_folder(root / part.folder, bench, overwrite=True) as folder:
+        run_memory_benchmark(bench, folder)
+
+
 RUNNERS = {
     "data": _run_data,
     "baselines": _run_evaluation,
@@ -468,6 +518,7 @@ RUNNERS = {
     "test": _run_evaluation,
     "examples": _run_examples,
     "inspect": _run_inspect,
+    "memory": _run_memory,
 }
 
 
@@ -537,13 +588,17 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def read_memory_json(path: Path) -> dict[str, Any]:
-    """A memory benchmark's results (``cvxmri benchmark memory``'s ``memory.json``): a JSON
-    object with ``results``, a list of objects each naming its ``method``. The report shows
-    their scalar fields (peak memory, largest batch, ...) as they are, and so the optional
-    ``depth.rows`` (memory against depth), ``targets``, ``device`` and ``command``."""
+BENCHMARK_FILES = {"memory": "benchmark_memory.json", "speed": "benchmark_speed.json"}
+
+
+def read_benchmark_json(path: Path, kind: str) -> dict[str, Any]:
+    """A benchmark's results (``cvxmri benchmark memory``'s ``memory.json`` or ``speed``'s
+    ``speed.json``): a JSON object with ``results``, a list of objects each naming its
+    ``method``. The report shows their scalar fields (peak memory, largest batch, hours,
+    ...) as they are, and so the optional ``depth.rows`` (memory against depth),
+    ``targets``, ``device`` and ``command``."""
     if not path.is_file():
-        raise CvxmriError(f"{path}: no such memory benchmark file")
+        raise CvxmriError(f"{path}: no such {kind} benchmark file")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -555,6 +610,14 @@ def read_memory_json(path: Path) -> dict[str, Any]:
         if not isinstance(row, dict) or not isinstance(row.get("method"), str):
             raise CvxmriError(f"{path}: every entry of 'results' needs a 'method' string")
     return data
+
+
+def _add_benchmarks(out: Path, benchmarks: dict[str, Path] | None) -> None:
+    """Validate the given benchmark JSONs (kind: path) and copy them into ``out``."""
+    for kind, path in (benchmarks or {}).items():
+        read_benchmark_json(path, kind)
+    for kind, path in (benchmarks or {}).items():
+        shutil.copyfile(path, out / BENCHMARK_FILES[kind])
 
 
 def _open_folder(config: ReproduceConfig, out: Path, force: bool) -> None:
@@ -596,7 +659,10 @@ def machine() -> dict[str, object]:
 
 
 def reproduce(
-    config: ReproduceConfig, out: Path, force: bool = False, memory_json: Path | None = None
+    config: ReproduceConfig,
+    out: Path,
+    force: bool = False,
+    benchmarks: dict[str, Path] | None = None,
 ) -> Path:
     """Run every unfinished part of `plan` into ``out``, then write ``results.json`` and
     the report; return the path of ``report/report.html``.
@@ -606,20 +672,19 @@ def reproduce(
             unless ``force`` (which starts it again).
         out: the reproduce folder.
         force: delete ``out`` first.
-        memory_json: a memory benchmark's JSON (see `read_memory_json`), copied into the
-            folder as ``benchmark_memory.json``.
+        benchmarks: benchmark JSONs to show in the report, by kind (``memory``, ``speed``;
+            see `read_benchmark_json`), copied into the folder (`BENCHMARK_FILES`).
     """
     config.validate()
-    if memory_json is not None:
-        read_memory_json(memory_json)
+    for kind, path in (benchmarks or {}).items():
+        read_benchmark_json(path, kind)
     _open_folder(config, out, force)
     handler = logging.FileHandler(out / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
         _write_json(out / "environment.json", machine())
-        if memory_json is not None:
-            shutil.copyfile(memory_json, out / "benchmark_memory.json")
+        _add_benchmarks(out, benchmarks)
         parts = plan(config)
         finished = [p.done(out) for p in parts]
         progress = Progress(
@@ -649,16 +714,15 @@ def reproduce(
         handler.close()
 
 
-def rebuild_report(out: Path, memory_json: Path | None = None) -> Path:
+def rebuild_report(out: Path, benchmarks: dict[str, Path] | None = None) -> Path:
     """Collect ``results.json`` from a finished reproduce folder and build its report;
-    ``memory_json`` is first copied into the folder as ``benchmark_memory.json``."""
+    ``benchmarks`` (as for `reproduce`) are first copied into the folder."""
     from cvxmri.report.build import build_report
 
-    if memory_json is not None:
-        read_memory_json(memory_json)
+    if benchmarks:
         if not (out / "config.yaml").is_file():
             raise CvxmriError(f"{out}: not a reproduce folder (no config.yaml)")
-        shutil.copyfile(memory_json, out / "benchmark_memory.json")
+        _add_benchmarks(out, benchmarks)
     results = collect(out)
     _write_json(out / "results.json", results)
     return build_report(out, results)
@@ -798,7 +862,10 @@ def collect(out: Path) -> dict[str, Any]:
             examples.append(_read_json(folder / "examples.json"))
         elif part.kind == "inspect":
             inspections.append(_read_json(folder / "inspect.json"))
-    memory_path = out / "benchmark_memory.json"
+    benchmarks = {
+        kind: read_benchmark_json(out / name, kind) if (out / name).is_file() else None
+        for kind, name in BENCHMARK_FILES.items()
+    }
     return {
         "preset": config.preset,
         "folder": str(out),
@@ -817,7 +884,45 @@ def collect(out: Path) -> dict[str, Any]:
         "parts": [
             {"title": p.title, "folder": p.folder, **timings.get(p.folder, {})} for p in parts
         ],
-        "memory": read_memory_json(memory_path) if memory_path.is_file() else None,
+        "memory_run": memory_summary(_read_json(out / "memory" / "memory.json")),
+        **benchmarks,
+    }
+
+
+def memory_summary(measured: dict[str, Any]) -> dict[str, Any]:
+    """The report's view of a reproduction's memory measurement (`memory_config`): per
+    method, the peak of one step at the run's batch size (layer-wise: its largest stage),
+    MiB per image, and the largest batch in the budget."""
+    cfg, batch = measured["config"], measured["depth"]["batch"]
+    peaks = {
+        (r["method"], r["stage_inputs"], r["precision"]): r["peak_bytes"]
+        for r in measured["depth"]["rows"]
+        if r["layers"] == cfg["layers"]
+    }
+    rows = []
+    for r in measured["results"]:
+        peak = peaks.get((r["method"], r["stage_inputs"], r["precision"]))
+        rows.append(
+            {
+                "method": r["method"],
+                "stage_inputs": r["stage_inputs"],
+                "precision": r["precision"],
+                "peak_mib": None if peak is None else round(peak / MIB, 1),
+                "mib_per_image": r["mib_per_image"],
+                "max_batch": r["max_batch"],
+                "vs_end_to_end": r["vs_end_to_end"],
+            }
+        )
+    return {
+        "batch": batch,
+        "layers": cfg["layers"],
+        "channels": cfg["channels"],
+        "kernel_size": cfg["kernel_size"],
+        "size": cfg["size"],
+        "budget_gb": cfg["budget_gb"],
+        "device": measured["device"],
+        "measurement": measured["measurement"],
+        "rows": rows,
     }
 
 

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from cvxmri.benchmark.measure import run_trial
 from cvxmri.benchmark.memory import linear_fit, max_batch_size
-from cvxmri.benchmark.workload import Workload, prepare, step_flops
+from cvxmri.benchmark.workload import Workload, prepare, stage_pass_flops, step_flops
 from cvxmri.cli import main
 
 
@@ -68,16 +69,18 @@ def test_flops_match_a_hand_count() -> None:
     assert step_flops(w) == 2 * (2 * layer1 + 3 * layer2 + 3 * final)
     checkpointed = Workload(**{**w.__dict__, "method": "end-to-end-checkpointing"})
     assert step_flops(checkpointed) == step_flops(w) + 2 * (layer1 + layer2)
-    # Convex stage 2 (input 4 channels, 2 patterns x 2 outputs): gates 4->2, responses
-    # 4->4 forward and weight gradient; recomputed: plus the gated prefix layer (2->4
-    # values and 2->2 gates).
+    # Convex stage 2 (input 4 channels, 2 patterns x 2 outputs): responses 4->4 forward
+    # and weight gradient; recomputed: plus the gated prefix layer (2->4 values and 2->2
+    # gates). Its stage pass: the prefix and the gates 4->2.
     convex = Workload(
         "layerwise-convex", batch=1, layers=3, stage=2, channels=4, kernel_size=3, size=16
     )
     gates, responses = 2 * 4 * 2 * 9 * 256, 2 * 4 * 4 * 9 * 256
-    assert step_flops(convex) == gates + 2 * responses
+    prefix = layer1 + 2 * 2 * 2 * 9 * 256
+    assert step_flops(convex) == 2 * responses
     recomputed = Workload(**{**convex.__dict__, "stage_inputs": "recomputed"})
-    assert step_flops(recomputed) == gates + 2 * responses + layer1 + 2 * 2 * 2 * 9 * 256
+    assert step_flops(recomputed) == 2 * responses + prefix
+    assert stage_pass_flops(convex) == stage_pass_flops(recomputed) == prefix + gates
     # Non-convex stage 2: KxK 4->4 forward and weight gradient, 1x1 4->2 all three.
     layerwise = Workload(**{**convex.__dict__, "method": "layerwise"})
     assert step_flops(layerwise) == 2 * layer2 + 3 * final
@@ -109,9 +112,16 @@ def test_every_workload_steps(method: str, stage: int, inputs: str) -> None:
     prepared = prepare(w)
     prepared.warmup()
     assert prepared.step() > 0
-    if w.layerwise and stage >= 2:
-        assert prepared.prefix_pass is not None
-        assert prepared.prefix_pass().shape == (2, 4, 12, 12)
+    if method == "layerwise-convex":
+        # The stage pass gives the convex stage's sign patterns (2 patterns of 4 channels).
+        assert prepared.stage_pass is not None
+        gates = prepared.stage_pass()
+        assert gates.dtype == torch.bool and gates.shape == (2, 2, 12, 12)
+    elif w.layerwise and stage >= 2:
+        assert prepared.stage_pass is not None
+        assert prepared.stage_pass().shape == (2, 4, 12, 12)
+    else:
+        assert prepared.stage_pass is None
 
 
 TINY = ["--layers", "3", "--channels", "4", "--kernel", "3", "--size", "16"]
@@ -149,8 +159,8 @@ def test_speed_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert ("layerwise-convex", 2, "recomputed") in kinds and ("end-to-end", None, "-") in kinds
     totals = {(t["method"], t["stage_inputs"]): t for t in result["totals"]}
     assert totals[("end-to-end", "-")]["vs_end_to_end"] == 1.0
-    cached = [r for r in result["rows"] if r["stage_inputs"] == "cached"]
-    assert all(r["prefix_images_per_second"] > 0 for r in cached)
+    passes = [r for r in result["rows"] if r["method"] == "layerwise-convex" or r["stage"] != 1]
+    assert all(r["stage_pass_images_per_second"] > 0 for r in passes if r["stage"])
     assert (out / "speed_throughput.png").is_file() and (out / "speed_total.png").is_file()
     assert "images / s" in capsys.readouterr().out
 

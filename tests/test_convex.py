@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from conftest import devices
 
 from cvxmri.errors import CvxmriError
-from cvxmri.models.convex import ConvexStage, ConvexStageConfig, duality_gap
+from cvxmri.models.convex import (
+    ConvexStage,
+    ConvexStageConfig,
+    duality_gap,
+    pack_gates,
+    unpack_gates,
+)
 from cvxmri.training.fista import fista, lipschitz_constant
 
 F64 = torch.float64
@@ -176,6 +182,28 @@ def test_direct_gradient_matches_explicit_matrices(chunk: int) -> None:
     expected = (a.T @ residual / 2).reshape(stage.v.shape)
     torch.testing.assert_close(grad, expected.float(), rtol=1e-5, atol=1e-6)
     assert stage.pattern_gates(x, chunk).equal(stage.gates(x).bool())
+    # Precomputed gates (as a trainer's per-stage gate cache) give the same result.
+    gates = unpack_gates(pack_gates(stage.pattern_gates(x)), 5)
+    value2, grad2 = stage.data_term_and_gradient(x, r, chunk, gates=gates)
+    assert value2.item() == value.item() and torch.equal(grad2, grad)
+
+
+@pytest.mark.parametrize("patterns", [1, 8, 13])
+def test_packed_gates_roundtrip(patterns: int) -> None:
+    gates = torch.rand(3, patterns, 5, 4, generator=torch.Generator().manual_seed(patterns)) > 0.5
+    packed = pack_gates(gates)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, -(-patterns // 8), 5, 4)
+    assert unpack_gates(packed, patterns).equal(gates)
+    # Crops of the packed gates are the packed gates of the crops.
+    assert unpack_gates(packed[:, :, 1:4, 1:3], patterns).equal(gates[:, :, 1:4, 1:3])
+
+
+def test_gates_of_bf16_inputs_are_computed_in_float32() -> None:
+    x, _ = smooth_data(2, 3, 6, seed=4)
+    stage, _ = make_stage(x.float(), patterns=5, kernel_size=3, gate_seed=2)
+    stage = stage.float()
+    rounded = x.float().bfloat16()
+    assert stage.pattern_gates(rounded).equal(stage.pattern_gates(rounded.float()))
 
 
 @pytest.mark.parametrize("groups", ["separate", "frobenius"])

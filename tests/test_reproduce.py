@@ -34,7 +34,7 @@ SECTIONS = [
     "Representative test slices",
     "Wall time",
     "Optimality certificates of the convex stages",
-    "Memory",
+    "Memory and speed",
     "What each layer learned",
     "Configuration, data and machine",
 ]
@@ -220,6 +220,12 @@ def test_report_sections_and_numbers(reproduced: dict[str, Any]) -> None:
             psnr = entry["volume"]["psnr"]
             assert f"{psnr['mean']:.2f} ± {psnr['std']:.2f}" in markdown
     assert "No memory benchmark in this folder" in markdown
+    # The run's own memory measurement: every method, with a measured peak.
+    rows = results["memory_run"]["rows"]
+    assert {r["method"] for r in rows} == {"end-to-end", "layerwise-convex", "layerwise"}
+    assert all(r["peak_mib"] > 0 for r in rows)
+    for r in rows:
+        assert f"| {r['method']} | {r['stage_inputs']} | fp32 | {r['peak_mib']:g} |" in markdown
 
 
 def test_report_command_adds_the_memory_benchmark(
@@ -236,15 +242,22 @@ def test_report_command_adds_the_memory_benchmark(
     }
     path = tmp_path / "memory.json"
     path.write_text(json.dumps(memory))
-    assert main(["report", str(out), "--memory-json", str(path)]) == 0
+    speed = {"results": [{"method": "layerwise-convex", "hours": 2.5, "vs_end_to_end": 0.75}]}
+    speed_path = tmp_path / "speed.json"
+    speed_path.write_text(json.dumps(speed))
+    args = ["report", str(out), "--memory-json", str(path), "--speed-json", str(speed_path)]
+    assert main(args) == 0
     printed = capsys.readouterr().out
     assert f"report: {out / 'report' / 'report.html'}" in printed
     markdown = (out / "report" / "report.md").read_text()
     assert "| end-to-end | 5 | 812.5 | 6 |" in markdown
     assert "| layerwise-convex | 5 | 97.25 | 41 |" in markdown
     assert "| end-to-end | 3 | 1234 |" in markdown
-    assert json.loads((out / "results.json").read_text())["memory"] == memory
+    assert "| layerwise-convex | 2.5 | 0.75 |" in markdown
+    results = json.loads((out / "results.json").read_text())
+    assert results["memory"] == memory and results["speed"] == speed
     (out / "benchmark_memory.json").unlink()
+    (out / "benchmark_speed.json").unlink()
 
 
 def test_user_errors(
@@ -256,7 +269,7 @@ def test_user_errors(
     bad = tmp_path / "bad.json"
     bad.write_text('{"results": [{"peak_mib": 3}]}')
     with pytest.raises(CvxmriError, match="needs a 'method'"):
-        reproduce(config, out, memory_json=bad)
+        reproduce(config, out, benchmarks={"memory": bad})
     with pytest.raises(CvxmriError, match="not a reproduce folder"):
         collect(tmp_path)
     half = tmp_path / "half"

@@ -11,7 +11,7 @@ import torch
 
 from cvxmri.errors import CvxmriError
 from cvxmri.models.cnn import ReconCNN
-from cvxmri.models.convex import ConvexStage, ConvexStageConfig
+from cvxmri.models.convex import ConvexStage, ConvexStageConfig, unpack_gates
 from cvxmri.training.config import TrainConfig, preset
 from cvxmri.training.trainer import Trainer, TrainingStopped, gated_layers, write_outputs
 
@@ -284,3 +284,32 @@ def test_convex_stages_use_the_networks_kernel_size(data: Path, tmp_path: Path) 
     assert config.stage_config().kernel_size == 5
     model = Trainer(replace(config, optim=replace(config.optim, epochs=1)), tmp_path).fit()
     assert {layer.value.kernel_size for layer in model.hidden} == {(5, 5)}
+
+
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_cached_stages_train_without_the_prefix(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str
+) -> None:
+    """With cached stage inputs the prefix is not resident while a stage trains (its memory
+    does not grow with depth); the validation on cached features equals that of the whole
+    exported network, and convex stages get their sign patterns from the per-stage cache."""
+    seen = []
+    train_stage = Trainer._train_stage
+
+    def spy(self: Trainer, module: torch.nn.Module, *args: object) -> None:
+        inputs = args[2]
+        seen.append((inputs.prefix is None, inputs.cached is not None, inputs.val is not None))
+        assert inputs.gates is not None
+        sample = self._inputs_sample(inputs, 2).to(self.device)
+        packed = self._gate_cache(module, inputs)[:2]
+        assert unpack_gates(packed, module.config.patterns).equal(module.pattern_gates(sample))
+        train_stage(self, module, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Trainer, "_train_stage", spy)
+    trainer = Trainer(tiny(data, "layerwise-convex", layers=4, stage_cache=cache), tmp_path)
+    trainer.fit()
+    cached = cache != "none"
+    assert seen == [(True, False, False)] + [(cached, cached, cached)] * 2
+    for depth in trainer.depth_metrics:
+        last = [r for r in trainer.history if r["stage"] == depth["layers"] - 1][-1]
+        assert last["val_psnr"] == pytest.approx(depth["val_psnr"], abs=1e-3)

@@ -543,8 +543,11 @@ def run_memory_benchmark(cfg: MemoryBenchConfig, out: Path) -> dict[str, Any]:
         "environment": env,
         "measurement": CUDA_METHOD if device.type == "cuda" else CPU_METHOD,
         "inputs": "random images (B, 2, size, size); layer-wise 'cached': the stage input batch "
-        "is given (the whole-dataset cache lives on the host or on disk and is not counted); "
-        "'recomputed': the frozen prefix runs without autograd inside the step",
+        "(bf16 under autocast) is given and the frozen prefix is not resident, as in the "
+        "trainer, which drops it while a stage trains (the whole-dataset cache lives on the "
+        "host or on disk and is not counted); 'recomputed': the frozen prefix is resident and "
+        "runs without autograd inside the step; convex stages get their batch's sign "
+        "patterns, which the trainer computes once per stage",
         "search": "measured (direct search)" if direct else "extrapolated from measured points",
         "config": _plain(cfg),
         "budget_bytes": cfg.budget_bytes,

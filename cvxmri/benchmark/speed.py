@@ -4,13 +4,14 @@ same number of epochs, and compute efficiency against the machine's convolution 
 Each configuration (`cvxmri.benchmark.workload`) is built in this process and its real
 training step is run once untimed at full size (after a small warm-up step), then timed
 ``repeats`` times; the median is reported (CUDA: synchronised). Throughput is images per
-second of the step. For layer-wise stages with cached inputs, the pass that computes the
-cache (the frozen prefix without autograd, as the trainer does once per stage) is timed too.
+second of the step. For layer-wise stages the stage pass is timed too: what the trainer
+computes once per stage (the frozen prefix without autograd for cached inputs, a convex
+stage's sign patterns).
 
 Training time for ``epochs`` epochs of ``images`` images is projected from the measured
 throughput: end-to-end ``epochs * images / throughput``; layer-wise the sum over stages of
-``epochs * images / throughput(stage)``, plus, with cached inputs, one prefix pass over the
-images per stage (recomputed inputs: the prefix is inside every step). Validation and
+``epochs * images / throughput(stage)``, plus one stage pass over the images per stage
+(recomputed inputs: the prefix is also inside every step). Validation and
 certificates are not included (`benchmarks/bench_training.py` times whole training runs).
 
 Compute efficiency: the step's convolution FLOPs, counted analytically
@@ -24,7 +25,8 @@ Output (``speed.json``, schema ``cvxmri.benchmark.speed/1``): ``device``, ``comm
 ``date``, ``environment``, ``config``, ``conv_peak`` (per precision: ``gflops``,
 ``layout``, ``seconds``, ``shape``), ``rows`` (per method, stage, stage inputs and
 precision: ``seconds_per_step``, ``images_per_second``, ``gflop_per_step``, ``gflops``,
-``efficiency``, and for cached stages ``prefix_images_per_second``), ``totals`` and
+``efficiency``, and for layer-wise stages with a stage pass
+``stage_pass_images_per_second`` and ``stage_pass_gflops``), ``totals`` and
 ``results`` (per method, stage inputs and precision: ``seconds``, ``hours``,
 ``vs_end_to_end``), ``targets`` (``name``, ``value``, ``threshold``, ``direction``,
 ``met``, ``note``).
@@ -56,8 +58,8 @@ from cvxmri.benchmark.workload import (
     STAGE_INPUTS,
     Workload,
     conv_flops,
-    prefix_pass_flops,
     prepare,
+    stage_pass_flops,
     step_flops,
     workload_of,
 )
@@ -180,7 +182,7 @@ def conv_peak(cfg: SpeedBenchConfig, amp: bool, device: torch.device) -> dict[st
 
 
 def measure_speed(w: Workload, repeats: int, peak_gflops: float) -> dict[str, Any]:
-    """Throughput and efficiency of one workload's step (and its cache pass)."""
+    """Throughput and efficiency of one workload's step (and its stage pass)."""
     device = torch.device(w.device)
     prepared = prepare(w)
     prepared.warmup()
@@ -199,12 +201,11 @@ def measure_speed(w: Workload, repeats: int, peak_gflops: float) -> dict[str, An
         "gflops": flops / seconds / 1e9,
         "efficiency": flops / seconds / 1e9 / peak_gflops,
     }
-    if w.layerwise and w.stage >= 2 and w.stage_inputs == "cached":
-        assert prepared.prefix_pass is not None
-        prepared.prefix_pass()
-        pass_seconds = timed(prepared.prefix_pass, repeats, device)
-        row["prefix_images_per_second"] = w.batch / pass_seconds
-        row["prefix_gflops"] = prefix_pass_flops(w) / pass_seconds / 1e9
+    if prepared.stage_pass is not None:
+        prepared.stage_pass()
+        pass_seconds = timed(prepared.stage_pass, repeats, device)
+        row["stage_pass_images_per_second"] = w.batch / pass_seconds
+        row["stage_pass_gflops"] = stage_pass_flops(w) / pass_seconds / 1e9
     del prepared
     gc.collect()
     return row
@@ -230,12 +231,11 @@ def training_times(rows: list[dict[str, Any]], cfg: SpeedBenchConfig) -> list[di
                 if len(stages) != cfg.layers - 1:
                     continue
                 seconds = sum(work / r["images_per_second"] for r in stages)
-                if mode == "cached":
-                    seconds += sum(
-                        cfg.images / r["prefix_images_per_second"]
-                        for r in stages
-                        if "prefix_images_per_second" in r
-                    )
+                seconds += sum(
+                    cfg.images / r["stage_pass_images_per_second"]
+                    for r in stages
+                    if "stage_pass_images_per_second" in r
+                )
                 totals.append(_total(method, mode, precision, seconds, cfg))
     for row in totals:
         reference = next(
@@ -350,11 +350,11 @@ def format_tables(result: dict[str, Any]) -> str:
         f"(one {cfg['channels']}->{cfg['channels']} forward convolution): {peaks}.",
         "",
         "| method | stage | stage inputs | precision | s / step | images / s | GFLOP / step "
-        "| GFLOP/s | of peak | cache pass images / s |",
+        "| GFLOP/s | of peak | stage pass images / s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        cache = r.get("prefix_images_per_second")
+        cache = r.get("stage_pass_images_per_second")
         lines.append(
             f"| {r['method']} | {r['stage'] or '-'} | {r['stage_inputs']} | {r['precision']} | "
             f"{r['seconds_per_step']:.3g} | {r['images_per_second']:.3g} | "

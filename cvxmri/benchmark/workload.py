@@ -6,13 +6,17 @@ batch size, precision and device. `prepare` builds what the trainer builds for i
 the step that the trainer calls (`cvxmri.training.steps`), with Adam:
 
 - end-to-end: ``ReconCNN.relu(layers, channels, kernel)`` and `end_to_end_step`;
-- layer-wise stage ``j``: a frozen prefix of ``j - 1`` hidden layers (gated layers made from
-  convex stages for ``layerwise-convex``, ReLU layers for ``layerwise``), then a
-  `ConvexStage` (``channels // 2`` gate patterns, 2 outputs, gates initialised on a small
-  sample) with `convex_stage_step`, or the non-convex `TwoLayerStage` with
-  `two_layer_stage_step`. With ``stage_inputs="recomputed"`` the step first runs the prefix
-  without autograd on the zero-filled batch (as the trainer does with ``stage_cache: none``);
-  with ``"cached"`` the stage input batch is given (``stage_cache: memory`` or ``disk``).
+- layer-wise stage ``j``: a `ConvexStage` (``channels // 2`` gate patterns, 2 outputs,
+  gates initialised on a small sample) with `convex_stage_step` given the batch's sign
+  patterns (the trainer computes them once per stage), or the non-convex `TwoLayerStage`
+  with `two_layer_stage_step`, on top of a frozen prefix of ``j - 1`` hidden layers (gated
+  layers made from convex stages for ``layerwise-convex``, ReLU layers for ``layerwise``).
+  With ``stage_inputs="recomputed"`` the prefix is resident and the step first runs it
+  without autograd on the zero-filled batch (the trainer with ``stage_cache: none``). With
+  ``"cached"`` the stage input batch is given (bf16 under autocast) and the prefix is not
+  resident during the step (``stage_cache: memory`` or ``disk``: the trainer drops it).
+- the stage pass (`Prepared.stage_pass`), once per stage in the trainer: the prefix over
+  the batch without autograd and, for a convex stage, the batch's sign patterns.
 
 Images are random (memory and speed do not depend on the values of these dense
 computations). `step_flops` counts the step's convolution FLOPs analytically.
@@ -168,8 +172,8 @@ def step_flops(w: Workload) -> int:
     - end-to-end: every layer forward and weight gradient, input gradients of every layer
       but the first (``x0`` needs none); checkpointing adds one more forward of the hidden
       layers;
-    - convex stage: the gate convolution (``C_in -> P``), the responses (``C_in -> 2P``)
-      and their weight gradient;
+    - convex stage: the responses (``C_in -> 2P``) and their weight gradient (the gates
+      come from the stage pass, `stage_pass_flops`);
     - non-convex stage: the KxK layer forward and weight gradient (its input needs no
       gradient), the 1x1 layer forward, weight and input gradients;
     - plus the prefix's forward when it is recomputed.
@@ -190,9 +194,7 @@ def step_flops(w: Workload) -> int:
         return w.batch * total
     c_in = io if w.stage == 1 else c
     if w.method == "layerwise-convex":
-        patterns = c // 2
-        total += conv_flops(c_in, patterns, k, pixels)
-        total += 2 * conv_flops(c_in, patterns * io, k, pixels)
+        total += 2 * conv_flops(c_in, c // 2 * io, k, pixels)
     else:
         total += 2 * conv_flops(c_in, c, k, pixels) + 3 * conv_flops(c, io, 1, pixels)
     if w.recomputes_prefix:
@@ -200,9 +202,15 @@ def step_flops(w: Workload) -> int:
     return w.batch * total
 
 
-def prefix_pass_flops(w: Workload) -> int:
-    """FLOPs of computing stage ``w.stage``'s inputs once for a batch (the cache pass)."""
-    return w.batch * _prefix_flops(w, w.size * w.size)
+def stage_pass_flops(w: Workload) -> int:
+    """FLOPs of the stage pass over a batch (once per stage): the prefix's forward and, for
+    a convex stage, the gate convolution (``C_in -> P``)."""
+    pixels = w.size * w.size
+    total = _prefix_flops(w, pixels)
+    if w.method == "layerwise-convex":
+        c_in = IMAGE_CHANNELS if w.stage == 1 else w.channels
+        total += conv_flops(c_in, w.channels // 2, w.kernel_size, pixels)
+    return w.batch * total
 
 
 class Prepared:
@@ -211,19 +219,20 @@ class Prepared:
     Attributes:
         step: one real optimiser step on the full-size batch; returns the loss.
         warmup: one step on a small batch (creates Adam's state, loads kernels).
-        prefix_pass: layer-wise stage >= 2: the frozen prefix over the batch without
-            autograd, as when stage inputs are cached (None otherwise).
+        stage_pass: layer-wise: the once-per-stage pass over the batch (the frozen prefix
+            without autograd, the convex stage's sign patterns); None when there is
+            nothing to compute (a non-convex first stage, end-to-end).
     """
 
     def __init__(
         self,
         step: Callable[[], float],
         warmup: Callable[[], float],
-        prefix_pass: Callable[[], Tensor] | None,
+        stage_pass: Callable[[], Tensor] | None,
     ) -> None:
         self.step = step
         self.warmup = warmup
-        self.prefix_pass = prefix_pass
+        self.stage_pass = stage_pass
 
 
 def _randn(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> Tensor:
@@ -287,16 +296,22 @@ def prepare(w: Workload) -> Prepared:
         return Prepared(lambda: e2e(x0, target), lambda: e2e(x_small, t_small), None)
 
     in_channels = IMAGE_CHANNELS if w.stage == 1 else w.channels
-    if w.method == "layerwise-convex":
-        hidden = _gated_prefix(w, gen)
-    else:
-        hidden = _relu_prefix(w)
-    prefix = nn.Sequential(*hidden).to(device).eval()
-    for parameter in prefix.parameters():
-        parameter.requires_grad_(False)
+    convex = w.method == "layerwise-convex"
+
+    def build_prefix() -> nn.Module:
+        gen = torch.Generator().manual_seed(w.seed)
+        hidden = _gated_prefix(w, gen) if convex else _relu_prefix(w)
+        prefix = nn.Sequential(*hidden).to(device).eval()
+        for parameter in prefix.parameters():
+            parameter.requires_grad_(False)
+        return prefix
+
+    # Cached stage inputs: the prefix is built only when the stage pass runs, as the trainer
+    # drops it while the stage trains.
+    resident = build_prefix() if w.recomputes_prefix else None
 
     module: nn.Module
-    if w.method == "layerwise-convex":
+    if convex:
         config = ConvexStageConfig(
             patterns=w.channels // 2, kernel_size=w.kernel_size, gate_seed=w.seed + w.stage
         )
@@ -311,49 +326,70 @@ def prepare(w: Workload) -> Prepared:
 
         module = TwoLayerStage(in_channels, w.channels, w.kernel_size).to(device)
     optimizer = torch.optim.Adam(module.parameters(), lr=LR)
+    cached_dtype = torch.bfloat16 if w.amp else torch.float32
 
-    def stage_step(x: Tensor, r: Tensor) -> float:
-        if isinstance(module, ConvexStage):
-            return convex_stage_step(
-                module, x, r, optimizer, amp=w.amp, pattern_chunk=w.pattern_chunk
-            )
-        return two_layer_stage_step(module, x, r, optimizer, amp=w.amp)
-
-    def features(x0: Tensor) -> Tensor:
+    def features(prefix: nn.Module, x0: Tensor) -> Tensor:
         # As the trainer's cache pass and its per-batch transform: no autograd, autocast.
         with torch.no_grad(), _autocast(device, w.amp):
             return prefix(x0).float()
 
+    def patterns(x: Tensor) -> Tensor | None:
+        # The trainer's once-per-stage gates: unpacked from its cache for every batch.
+        return module.pattern_gates(x, w.pattern_chunk) if isinstance(module, ConvexStage) else None
+
+    def stage_step(x: Tensor, r: Tensor, gates: Tensor | None) -> float:
+        if isinstance(module, ConvexStage):
+            return convex_stage_step(
+                module, x, r, optimizer, amp=w.amp, pattern_chunk=w.pattern_chunk, gates=gates
+            )
+        return two_layer_stage_step(module, x, r, optimizer, amp=w.amp)
+
     r = _randn(shape, batch_gen, device)
     r_small = _randn(small, batch_gen, device)
-    if w.recomputes_prefix:
+    if resident is not None:
         x0 = _randn(shape, batch_gen, device)
         x0_small = _randn(small, batch_gen, device)
+        gates = patterns(features(resident, x0))
+        gates_small = patterns(features(resident, x0_small))
+
+        def recomputed_pass() -> Tensor:
+            x = features(resident, x0)
+            return x if not isinstance(module, ConvexStage) else module.pattern_gates(x)
+
         return Prepared(
-            lambda: stage_step(features(x0), r),
-            lambda: stage_step(features(x0_small), r_small),
-            lambda: features(x0),
+            lambda: stage_step(features(resident, x0), r, gates),
+            lambda: stage_step(features(resident, x0_small), r_small, gates_small),
+            recomputed_pass,
         )
     # Cached stage inputs: non-negative like post-ReLU features (stage 1: the zero-filled
-    # image itself).
+    # image itself), in the cache's dtype.
     x_shape = (w.batch, in_channels, w.size, w.size)
-    x = torch.rand(x_shape, generator=batch_gen, device=device)
+    x = torch.rand(x_shape, generator=batch_gen, device=device).to(cached_dtype)
     x_small = torch.rand(
         (1, in_channels, WARMUP_SIZE, WARMUP_SIZE), generator=batch_gen, device=device
-    )
-    held: list[Tensor] = []
+    ).to(cached_dtype)
+    if w.stage == 1:
+        x, x_small = x - 0.5, x_small - 0.5
+    gates, gates_small = patterns(x), patterns(x_small)
+    held: list[Any] = []
 
-    def cache_pass() -> Tensor:
-        # The zero-filled batch of the cache pass is made on first use only, so that it is
+    def cached_pass() -> Tensor:
+        # The prefix and the zero-filled batch are made on first use only, so that they are
         # not counted in the memory of the step.
+        if w.stage == 1:
+            out = patterns(x)
+            assert out is not None
+            return out
         if not held:
-            held.append(_randn(shape, batch_gen, device))
-        return features(held[0])
+            held.extend([build_prefix(), _randn(shape, batch_gen, device)])
+        h = features(held[0], held[1])
+        out = patterns(h)
+        return h if out is None else out
 
     return Prepared(
-        lambda: stage_step(x, r),
-        lambda: stage_step(x_small, r_small),
-        cache_pass if w.stage >= 2 else None,
+        lambda: stage_step(x, r, gates),
+        lambda: stage_step(x_small, r_small, gates_small),
+        cached_pass if w.stage >= 2 or convex else None,
     )
 
 

@@ -132,6 +132,25 @@ def group_soft_threshold(weight: Tensor, threshold: float, output_groups: str) -
     return weight * scale.reshape(*scale.shape, *([1] * (weight.dim() - scale.dim())))
 
 
+def pack_gates(gates: Tensor) -> Tensor:
+    """Bool sign patterns ``(B, P, H, W)`` packed 8 patterns to a byte: uint8
+    ``(B, ceil(P / 8), H, W)``, an eighth of the bool tensor (a cache of a training set's
+    gates then costs 1/64 of its float32 stage inputs at 256 channels)."""
+    b, p, h, w = gates.shape
+    padded = torch.zeros(b, -(-p // 8) * 8, h, w, dtype=torch.uint8, device=gates.device)
+    padded[:, :p] = gates
+    bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=gates.device)
+    return (padded.view(b, -1, 8, h, w) * bits.view(1, 1, 8, 1, 1)).sum(2, dtype=torch.uint8)
+
+
+def unpack_gates(packed: Tensor, patterns: int) -> Tensor:
+    """The inverse of `pack_gates`: bool ``(B, patterns, H, W)``."""
+    b, _, h, w = packed.shape
+    bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=packed.device)
+    unpacked = (packed.unsqueeze(2) & bits.view(1, 1, 8, 1, 1)) != 0
+    return unpacked.view(b, -1, h, w)[:, :patterns]
+
+
 class _ReluUnits(NamedTuple):
     """Hidden units of the mapped ReLU network, one per non-zero (pattern, output) filter."""
 
@@ -355,15 +374,20 @@ class ConvexStage(torch.nn.Module):
         p = self.config.patterns
         step = p if chunk <= 0 else chunk
         images = x.shape[0] if chunk <= 0 else 1
-        weight = self.gate_weight.to(x.dtype)
-        bias = self.gate_bias.to(x.dtype)
-        mean = self.input_mean.to(x.dtype).view(1, -1, 1, 1)
-        std = self.input_std.to(x.dtype).view(1, -1, 1, 1)
+        # At least float32 (a bf16 input, e.g. a stage-input cache under autocast, is
+        # widened exactly): bf16 gate convolutions could flip sign patterns.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = self.gate_weight.to(dtype)
+        bias = self.gate_bias.to(dtype)
+        mean = self.input_mean.to(dtype).view(1, -1, 1, 1)
+        std = self.input_std.to(dtype).view(1, -1, 1, 1)
         out = torch.empty(x.shape[0], p, *x.shape[2:], dtype=torch.bool, device=x.device)
         for first in range(0, x.shape[0], images):
             # Channels-last: the convolution library then works on the tensor as it is,
             # instead of reordering a copy of it for every call.
-            xn = x[first : first + images].to(memory_format=torch.channels_last, copy=True)
+            xn = x[first : first + images].to(
+                dtype=dtype, memory_format=torch.channels_last, copy=True
+            )
             xn.sub_(mean).div_(std)
             for lo in range(0, p, step):
                 hi = min(p, lo + step)
@@ -380,6 +404,7 @@ class ConvexStage(torch.nn.Module):
         r: Tensor,
         chunk: int = 0,
         compute_dtype: torch.dtype | None = None,
+        gates: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """`data_term` and its gradient in the effective weight, without autograd.
 
@@ -392,7 +417,8 @@ class ConvexStage(torch.nn.Module):
         the responses, gated products and their gradients of all patterns and images.
         ``compute_dtype`` (e.g. bf16) is the dtype of the convolutions; the sums are
         accumulated in float32. An input already in ``torch.channels_last`` format (and in
-        ``compute_dtype``) is used without a copy.
+        ``compute_dtype``) is used without a copy. ``gates``: the input's `pattern_gates`,
+        precomputed (a trainer whose stage inputs are fixed computes them once per stage).
 
         Returns:
             The data term (0-dim float32) and the gradient ``(P, out, C_in, K, K)`` (float32).
@@ -414,13 +440,13 @@ class ConvexStage(torch.nn.Module):
         for first in range(0, batch, images):
             last = min(batch, first + images)
             n = last - first
-            gates = self.pattern_gates(x[first:last], chunk)
+            d = self.pattern_gates(x[first:last], chunk) if gates is None else gates[first:last]
             xc = x[first:last].to(dtype=dtype, memory_format=torch.channels_last)
             pred = torch.zeros(n, out, height, width, dtype=torch.float32, device=x.device)
             for lo in range(0, p, step):
                 hi = min(p, lo + step)
                 y = self._responses(xc, weight[lo:hi].to(dtype))
-                y.mul_(gates[:, lo:hi, None])
+                y.mul_(d[:, lo:hi, None])
                 pred += y.sum(dim=1, dtype=torch.float32)
                 del y
             residual = pred.sub_(r[first:last].float())
@@ -430,13 +456,13 @@ class ConvexStage(torch.nn.Module):
             for lo in range(0, p, step):
                 hi = min(p, lo + step)
                 grad_y = torch.empty(n, height, width, hi - lo, out, dtype=dtype, device=x.device)
-                torch.mul(gates[:, lo:hi].permute(0, 2, 3, 1).unsqueeze(4), residual, out=grad_y)
+                torch.mul(d[:, lo:hi].permute(0, 2, 3, 1).unsqueeze(4), residual, out=grad_y)
                 grad_y = grad_y.view(n, height, width, (hi - lo) * out).permute(0, 3, 1, 2)
                 shape = ((hi - lo) * out, c_in, k, k)
                 part = torch.nn.grad.conv2d_weight(xc, shape, grad_y, padding=k // 2)
                 grad[lo:hi] += part.view(hi - lo, out, c_in, k, k)
                 del grad_y, part
-            del xc, gates, pred, residual
+            del xc, d, pred, residual
         return value / batch, grad / batch
 
     def forward(self, x: Tensor, gates: Tensor | None = None) -> Tensor:

@@ -126,6 +126,17 @@ def _glance(results: dict[str, Any]) -> Section:
             f"end-to-end {seconds['end-to-end']:.0f} s."
         )
         items.append(line)
+    run = results["memory_run"]
+    peaks = {r["method"]: r for r in run["rows"]}
+    if {"end-to-end", "layerwise-convex"} <= peaks.keys():
+        convex, e2e = peaks["layerwise-convex"], peaks["end-to-end"]
+        items.append(
+            f"**Memory** (one training step at batch {run['batch']}, measured in this run): "
+            f"layer-wise convex {_cell(convex['peak_mib'])} MiB, end-to-end "
+            f"{_cell(e2e['peak_mib'])} MiB; largest batch in {run['budget_gb']:g} GiB "
+            f"{convex['max_batch']} against {e2e['max_batch']} "
+            f"({_cell(convex['vs_end_to_end'])}x, extrapolated)."
+        )
     return Section("At a glance", [items])
 
 
@@ -294,32 +305,58 @@ def _certificates(results: dict[str, Any]) -> Section:
 
 
 def _memory(results: dict[str, Any]) -> Section:
-    memory = results["memory"]
+    run = results["memory_run"]
     folder = results["folder"]
-    if memory is None:
-        return Section(
-            "Memory",
+    blocks: list[str | list[str] | Table | Image | Code] = [
+        f"Measured in this run (`memory/`): the peak memory of one training step (forward, "
+        f"backward, Adam update) of every method at this run's architecture ({run['layers']} "
+        f"layers, {run['channels']} channels, {run['kernel_size']}x{run['kernel_size']}, "
+        f"{run['size']}x{run['size']} crops) and batch size {run['batch']}; layer-wise: its "
+        f"largest stage. Each point is a fresh process on {run['device']}: "
+        f"{run['measurement']}. The largest batch in {run['budget_gb']:g} GiB is extrapolated "
+        "from the peaks at batch 1 and the run's batch size.",
+        Table(
             [
-                "No memory benchmark in this folder. Run the memory benchmark "
-                "(`cvxmri benchmark memory`), save its JSON as "
-                f"`{folder}/benchmark_memory.json` (or pass `--memory-json FILE` to "
-                "`cvxmri reproduce` or `cvxmri report`) and rebuild the report with "
-                f"`cvxmri report {folder}`. The file is a JSON object with a `results` list; "
-                "each entry names its `method` and its other fields (e.g. peak memory, batch "
-                "size) are shown as they are, and so are the optional `depth.rows` (memory "
-                "against depth) and `targets`."
+                "method",
+                "stage inputs",
+                "precision",
+                f"peak at batch {run['batch']} (MiB)",
+                "MiB per image",
+                f"largest batch in {run['budget_gb']:g} GiB",
+                "vs end-to-end",
             ],
-        )
-    blocks: list[str | list[str] | Table | Image | Code] = []
-    about = "".join(f"; {key}: {memory[key]}" for key in ("device", "command") if key in memory)
-    blocks.append(f"Peak training memory per method (`benchmark_memory.json`{about}).")
-    blocks.append(_scalar_table(memory["results"]))
-    depth = memory.get("depth")
-    if isinstance(depth, dict) and isinstance(depth.get("rows"), list) and depth["rows"]:
-        blocks += ["Peak memory against depth:", _scalar_table(depth["rows"])]
-    if isinstance(memory.get("targets"), list) and memory["targets"]:
-        blocks += ["The benchmark's targets:", _scalar_table(memory["targets"])]
-    return Section("Memory", blocks)
+            [
+                [
+                    r["method"],
+                    r["stage_inputs"],
+                    r["precision"],
+                    _cell(r["peak_mib"]),
+                    _cell(r["mib_per_image"]),
+                    _cell(r["max_batch"]),
+                    f"{_cell(r['vs_end_to_end'])}x",
+                ]
+                for r in run["rows"]
+            ],
+        ),
+    ]
+    for kind, title in (("memory", "Memory benchmark"), ("speed", "Speed benchmark")):
+        bench = results.get(kind)
+        if bench is None:
+            blocks.append(
+                f"No {kind} benchmark in this folder: run `cvxmri benchmark {kind}` (for "
+                f"example at the paper's size on a GPU) and rebuild the report with "
+                f"`cvxmri report {folder} --{kind}-json FILE`."
+            )
+            continue
+        about = "".join(f"; {key}: {bench[key]}" for key in ("device", "command") if key in bench)
+        blocks.append(f"{title} (`{kind}.json`{about}):")
+        blocks.append(_scalar_table(bench["results"]))
+        depth = bench.get("depth")
+        if isinstance(depth, dict) and isinstance(depth.get("rows"), list) and depth["rows"]:
+            blocks += ["Peak memory against depth:", _scalar_table(depth["rows"])]
+        if isinstance(bench.get("targets"), list) and bench["targets"]:
+            blocks += [f"The {kind} benchmark's targets:", _scalar_table(bench["targets"])]
+    return Section("Memory and speed", blocks)
 
 
 def _scalar_table(rows: list[dict[str, Any]]) -> Table:

@@ -172,8 +172,11 @@ def preset(name: str, mask_kind: str = "poisson") -> TrainConfig:
     """A named preset; the paper trains 40 epochs for Poisson disc and 30 for Cartesian."""
     if name == "paper":
         epochs = 40 if mask_kind == "poisson" else 30
+        # Pattern chunks of 32 bound a convex step's memory at 320x320 with 256 channels
+        # (docs/benchmarks.md, "Memory and speed").
         return TrainConfig(
-            optim=OptimConfig(lr=1e-4, step=10, gamma=0.5, epochs=epochs, batch_size=4)
+            pattern_chunk=32,
+            optim=OptimConfig(lr=1e-4, step=10, gamma=0.5, epochs=epochs, batch_size=4),
         )
     if name == "quick":
         return TrainConfig(

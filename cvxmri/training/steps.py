@@ -36,6 +36,7 @@ def convex_stage_step(
     area: float = 1.0,
     amp: bool = False,
     pattern_chunk: int = 0,
+    gates: Tensor | None = None,
 ) -> float:
     """One step on the convex objective of a batch of (cropped) stage inputs.
 
@@ -43,19 +44,21 @@ def convex_stage_step(
     area), so that the crop objective estimates the whole-image objective that the
     certificate measures, with the same group-lasso weight. The gates are always computed
     in full precision (bf16 could flip sign patterns); ``amp`` runs the other convolutions
-    in bf16. ``pattern_chunk`` bounds the patterns processed at once (0: all).
+    in bf16. ``pattern_chunk`` bounds the patterns processed at once (0: all). ``gates``:
+    the batch's sign patterns (bool ``(B, P, H, W)``) when precomputed, which saves the gate
+    convolution of every step.
     """
     optimizer.zero_grad(set_to_none=True)
     if module.config.program == "gated":
         dtype = torch.bfloat16 if amp else None
-        value, grad = module.data_term_and_gradient(x, r, pattern_chunk, dtype)
+        value, grad = module.data_term_and_gradient(x, r, pattern_chunk, dtype, gates)
         penalty = module.penalty()
         penalty.backward()
         assert module.v.grad is not None
         module.v.grad.add_(grad, alpha=area)
         optimizer.step()
         return float(area * value + penalty.detach())
-    gates = module.gates(x)
+    gates = module.gates(x.float()) if gates is None else gates.float()
     with _autocast(x, amp):
         pixels = module.data_term(x, r, gates=gates).float()
         violation = module.cone_violation(x, gates=gates).float()

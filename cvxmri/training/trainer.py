@@ -4,8 +4,11 @@ Layer-wise training (method.md) builds the network one stage at a time. Stage ``
 a two-layer model on the output ``h_{i-1}`` of the frozen prefix to predict the residual
 ``x* - x0``; then its first layer is frozen and appended, and its second layer is dropped
 unless it is the last stage. The prefix runs without autograd, and with fixed masks its
-output (the stage input) is computed once per stage and kept in memory or on disk, so a
-stage's memory does not grow with depth.
+output (the stage input) is computed once per stage for the training and validation images
+and kept in memory or on disk (bf16 under autocast); the prefix itself is then dropped
+while the stage trains (the exported ``model_depthN.pt`` holds it), so a stage's memory
+does not grow with depth. With fixed inputs a convex stage's sign patterns are fixed too:
+they are computed once per stage on whole images and kept packed, 8 to a byte.
 
 - ``layerwise-convex``: the stage is a `ConvexStage` trained on its convex objective with
   Adam; its optimality certificate (relative duality gap) is logged per epoch.
@@ -13,7 +16,8 @@ stage's memory does not grow with depth.
   backpropagation (the non-convex ablation).
 - ``end-to-end``: the ordinary ReLU CNN of the same depth and width trained jointly.
 
-Every stage and epoch writes ``checkpoints/last.pt``; a resumed run continues from it and
+Every stage and epoch writes ``checkpoints/last.pt`` (the frozen prefix is read back from
+``model_depthN.pt``); a resumed run continues from it and
 ends with the same weights as an uninterrupted one, to the bit, because every
 random choice (masks, crops, batch order, initialisation) is derived from (seed, stage,
 epoch).
@@ -28,7 +32,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +44,7 @@ from cvxmri.config import to_dict
 from cvxmri.errors import CvxmriError
 from cvxmri.metrics import slice_metrics, volume_metrics
 from cvxmri.models.cnn import GatedConv, ReconCNN, ReluConv, zero_conv1x1
-from cvxmri.models.convex import ConvexStage, duality_gap
+from cvxmri.models.convex import ConvexStage, duality_gap, pack_gates, unpack_gates
 from cvxmri.training import data as data_module
 from cvxmri.training.checkpoint import load_checkpoint, save_checkpoint
 from cvxmri.training.config import TrainConfig
@@ -60,14 +64,15 @@ log = logging.getLogger(__name__)
 CHUNK = 8  # images per no-grad forward pass when computing stage inputs and metrics
 
 
-def check_resources(config: TrainConfig, n_train: int, shape: tuple[int, int], out: Path) -> None:
+def check_resources(config: TrainConfig, images: int, shape: tuple[int, int], out: Path) -> None:
     """Refuse up front a run whose cached stage inputs cannot fit, instead of failing
-    midway: the widest stage input (``channels`` per pixel, float32, every training image)
-    must fit in available memory (``stage_cache: memory``) or free disk (``disk``)."""
+    midway: the widest stage input (``channels`` per pixel, float32 or bf16 under autocast,
+    of every training and validation image, ``images`` in all) must fit in available memory
+    (``stage_cache: memory``) or free disk (``disk``)."""
     if config.method == "end-to-end" or config.stage_cache == "none" or config.layers < 3:
         return
     # Every variant's hidden layers are ``channels`` wide (2 outputs x channels/2 patterns).
-    need = n_train * config.channels * shape[0] * shape[1] * 4
+    need = images * config.channels * shape[0] * shape[1] * (2 if config.amp else 4)
     gib = 1024**3
     if config.stage_cache == "memory":
         have = data_module.available_memory()
@@ -222,9 +227,10 @@ class Trainer:
         self.train_data = SliceData(
             config.data, "train", config.mask, max_slices=config.max_train_slices
         )
-        check_resources(config, len(self.train_data), self.train_data.recon_shape, out)
-        check_step_fits(config, self.train_data.recon_shape, self.device)
         self.val_data = SliceData(config.data, "val", config.mask)
+        images = len(self.train_data) + len(self.val_data)
+        check_resources(config, images, self.train_data.recon_shape, out)
+        check_step_fits(config, self.train_data.recon_shape, self.device)
         self.val_pairs = self.val_data.pairs(self.val_data.evaluation_masks())
         self.fixed_pairs = (
             self.train_data.pairs(self.train_data.training_masks(config.seed, None))
@@ -248,20 +254,39 @@ class Trainer:
         return self.train_data.pairs(masks)
 
     @torch.no_grad()
-    def _apply(self, module: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
-        """``module`` over ``images`` in chunks, on the device, results on the CPU."""
+    def _apply(
+        self,
+        module: Callable[..., Tensor],
+        *images: Tensor,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """``module`` over ``images`` (one or more tensors, the module's arguments) in chunks
+        of images, on the device, results in ``dtype`` on the CPU."""
         outputs = []
-        for start in range(0, images.shape[0], CHUNK):
-            chunk = images[start : start + CHUNK].to(self.device)
+        for start in range(0, images[0].shape[0], CHUNK):
+            chunks = [x[start : start + CHUNK].to(self.device) for x in images]
             with self._autocast():
-                outputs.append(module(chunk).float().cpu())
+                outputs.append(module(*chunks).to(dtype).cpu())
         return torch.cat(outputs)
 
-    def validate(self, model: ReconCNN) -> dict[str, float]:
-        """Whole-image validation metrics (fastMRI volume and slice conventions)."""
+    def validate(self, model: ReconCNN, features: Tensor | None = None) -> dict[str, float]:
+        """Whole-image validation metrics (fastMRI volume and slice conventions).
+
+        ``features``: the validation images' cached stage inputs ``h_{i-1}``; then ``model``
+        holds the stage's layers only (its prediction is ``x0 + final(hidden(h_{i-1}))``)
+        and the frozen prefix is not needed.
+        """
         model.eval()
         pairs = self.val_pairs
-        pred = self._apply(model, pairs.x0) * pairs.support
+        if features is None:
+            pred = self._apply(model, pairs.x0)
+        else:
+
+            def tail(x0: Tensor, h: Tensor) -> Tensor:
+                return x0 + model.final(model.features(h))
+
+            pred = self._apply(tail, pairs.x0, features)
+        pred = pred * pairs.support
         scale = pairs.scale[:, None, None]
         pred_mag = torch.linalg.vector_norm(pred, dim=1) * scale
         target_mag = torch.linalg.vector_norm(pairs.target, dim=1) * scale
@@ -301,10 +326,13 @@ class Trainer:
         stage: int,
         epoch: int,
         transform: Callable[[Tensor], Tensor] | None = None,
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """This epoch's shuffled, cropped batches, on the device. ``transform`` (the frozen
-        prefix, when stage inputs are not cached) runs on whole images before cropping, so
-        cached and recomputed inputs are the same."""
+        gates: Tensor | None = None,
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """This epoch's shuffled, cropped batches, made one at a time on the device.
+        ``transform`` (the frozen prefix, when stage inputs are not cached) runs on whole
+        images before cropping, so cached and recomputed inputs are the same. ``gates``
+        (packed sign patterns of the whole images, `pack_gates`) are cropped alongside;
+        None when not given."""
         cfg = self.config
         shape = (inputs.shape[-2], inputs.shape[-1])
         n = len(inputs) * cfg.crops_per_image
@@ -316,9 +344,11 @@ class Trainer:
             if transform is not None:
                 with torch.no_grad(), self._autocast():
                     x = transform(x).float()
+            packed = None if gates is None else gates[index].to(self.device)
             yield (
                 take_crops(x, corner, cfg.crop),
                 take_crops(targets[index].to(self.device), corner, cfg.crop),
+                None if packed is None else take_crops(packed, corner, cfg.crop),
             )
 
     def _save(self, state: dict[str, Any]) -> None:
@@ -385,8 +415,10 @@ class Trainer:
             model.train()
             losses = []
             batches = self._batches(pairs.x0, pairs.target, 0, epoch)
-            for x0, target in tqdm(
-                list(batches),
+            steps = math.ceil(len(pairs) * cfg.crops_per_image / cfg.optim.batch_size)
+            for x0, target, _ in tqdm(
+                batches,
+                total=steps,
                 desc=f"end-to-end epoch {epoch + 1}/{cfg.optim.epochs}",
                 leave=False,
                 disable=None,
@@ -428,26 +460,76 @@ class Trainer:
 
     # ------------------------------------------------------------------------ layer-wise
 
-    def _cache_inputs(self, prefix: ReconCNN, x0: Tensor, stage: int) -> Tensor:
-        """The frozen prefix's features of every training image, in memory or on disk."""
-        features = self._apply(prefix.features, x0)
+    def _prefix(self, stage: int) -> ReconCNN | None:
+        """The frozen network before stage ``stage`` (0-based), read from the network of
+        depth ``stage + 1`` that the previous stage exported (None before the first)."""
+        if stage == 0:
+            return None
+        prefix = ReconCNN.load(self.out / f"model_depth{stage + 1}.pt", self.device).eval()
+        for parameter in prefix.parameters():
+            parameter.requires_grad_(False)
+        return prefix
+
+    def _cache_inputs(self, prefix: ReconCNN, x0: Tensor, stage: int, split: str) -> Tensor:
+        """The frozen prefix's features of ``x0``, in memory or on disk; bf16 under
+        autocast (the prefix's output is bf16 then, so nothing is lost)."""
+        dtype = torch.bfloat16 if self.config.amp else torch.float32
+        features = self._apply(prefix.features, x0, dtype=dtype)
         if self.config.stage_cache == "memory":
             return features
-        path = self.out / "cache" / f"stage{stage + 1}_inputs.pt"
+        path = self.out / "cache" / f"stage{stage + 1}_{split}_inputs.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(features, path)
         del features
         return torch.load(path, mmap=True, weights_only=True)
 
+    def _stage_inputs(self, stage: int) -> StageInputs:
+        """What stage ``stage`` trains on. With cached inputs the prefix is dropped once the
+        training and validation features are computed: only the exported network file holds
+        it while the stage trains, so a stage's memory does not grow with depth."""
+        prefix = self._prefix(stage)
+        if prefix is None:
+            return StageInputs()
+        if self.config.stage_cache == "none":
+            return StageInputs(prefix=prefix)
+        return StageInputs(
+            cached=self._cache_inputs(prefix, self._pairs(0).x0, stage, "train"),
+            val=self._cache_inputs(prefix, self.val_pairs.x0, stage, "val"),
+        )
+
+    def _inputs_sample(self, inputs: StageInputs, n: int) -> Tensor:
+        """The stage inputs of the first ``n`` training images (float32, on the CPU)."""
+        if inputs.cached is not None:
+            return inputs.cached[:n].float()
+        x0 = self._pairs(0).x0[:n]
+        return x0 if inputs.prefix is None else self._apply(inputs.prefix.features, x0)
+
+    @torch.no_grad()
+    def _gate_cache(self, module: ConvexStage, inputs: StageInputs) -> Tensor:
+        """The packed sign patterns (`pack_gates`) of every whole training image: fixed for
+        the stage, so computed once instead of in every step; crops take theirs from it."""
+        x = inputs.cached if inputs.cached is not None else self._pairs(0).x0
+        packed = []
+        for start in range(0, len(x), CHUNK):
+            chunk = x[start : start + CHUNK].to(self.device)
+            if inputs.transform is not None:
+                with self._autocast():
+                    chunk = inputs.transform(chunk).float()
+            gates = module.pattern_gates(chunk, self.config.pattern_chunk)
+            packed.append(pack_gates(gates).cpu())
+        return torch.cat(packed)
+
     def _new_stage(
-        self, in_channels: int, stage: int, sample: Tensor, prefix: ReconCNN | None
+        self, in_channels: int, stage: int, sample: Tensor, inputs: StageInputs
     ) -> nn.Module:
         cfg = self.config
         if cfg.method == "layerwise-convex":
             stage_cfg = replace(cfg.stage_config(), gate_seed=derived_seed(cfg.seed, stage, 7))
             module = ConvexStage(in_channels, 2, stage_cfg)
             module.init_gates(sample)
-            if cfg.carry and prefix is not None:
+            if cfg.carry and stage > 0:
+                prefix = inputs.prefix or self._prefix(stage)
+                assert prefix is not None
                 carry_prediction(module, prefix.final)
             return module.to(self.device)
         torch.manual_seed(derived_seed(cfg.seed, stage, 8))
@@ -461,11 +543,17 @@ class Trainer:
         return module.first, module.last
 
     def _stage_step(
-        self, module: nn.Module, x: Tensor, r: Tensor, optimizer: torch.optim.Optimizer, area: float
+        self,
+        module: nn.Module,
+        batch: tuple[Tensor, Tensor, Tensor | None],
+        optimizer: torch.optim.Optimizer,
+        area: float,
     ) -> float:
         """One optimiser step of the stage on a batch of crops (see `cvxmri.training.steps`)."""
         cfg = self.config
+        x, r, packed = batch
         if isinstance(module, ConvexStage):
+            gates = None if packed is None else unpack_gates(packed, module.config.patterns)
             return convex_stage_step(
                 module,
                 x,
@@ -474,122 +562,138 @@ class Trainer:
                 area=area,
                 amp=cfg.amp,
                 pattern_chunk=cfg.pattern_chunk,
+                gates=gates,
             )
         return two_layer_stage_step(module, x, r, optimizer, amp=cfg.amp)
 
     def _certificate(
-        self,
-        module: ConvexStage,
-        inputs: Tensor,
-        residual: Tensor,
-        transform: Callable[[Tensor], Tensor] | None,
+        self, module: ConvexStage, x: Tensor, residual: Tensor, inputs: StageInputs
     ) -> dict[str, float]:
         """The duality gap on whole training images (the fixed convex problem)."""
 
         def batches() -> Iterator[tuple[Tensor, Tensor]]:
-            for i in range(0, len(inputs), CHUNK):
-                x = inputs[i : i + CHUNK].to(self.device)
-                if transform is not None:
+            for i in range(0, len(x), CHUNK):
+                chunk = x[i : i + CHUNK].to(self.device)
+                if inputs.transform is not None:
                     with torch.no_grad():
-                        x = transform(x)
-                yield x, residual[i : i + CHUNK].to(self.device)
+                        chunk = inputs.transform(chunk)
+                yield chunk.float(), residual[i : i + CHUNK].to(self.device)
 
         return duality_gap(module, batches())
+
+    def _validate_stage(
+        self, module: nn.Module, inputs: StageInputs, stage: int
+    ) -> dict[str, float]:
+        """Validation metrics of the network of this depth: on the cached validation
+        features when there are (the prefix is not resident), else through the prefix."""
+        first, last = self._freeze(module)
+        if inputs.val is not None:
+            return self.validate(ReconCNN([first], last).to(self.device), inputs.val)
+        hidden = list(inputs.prefix.hidden) if inputs.prefix is not None else []
+        return self.validate(ReconCNN([*hidden, first], last).to(self.device))
+
+    def _crop_area(self, x: Tensor) -> float:
+        """Whole-image area over crop area (1 for whole images; see `convex_stage_step`)."""
+        crop = self.config.crop
+        if crop == 0 or crop >= min(x.shape[-2:]):
+            return 1.0
+        return x.shape[-2] * x.shape[-1] / crop**2
 
     def _fit_layerwise(self, state: dict[str, Any] | None, budget: list[float]) -> ReconCNN:
         cfg = self.config
         stages = cfg.layers - 1
-        prefix: ReconCNN | None = None
         start_stage, start_epoch = 0, 0
         if state is not None:
             start_stage, start_epoch = int(state["stage"]), int(state["epoch"])
-            if state["prefix"]:
-                prefix = ReconCNN._build(json.loads(state["prefix_architecture"]))
-                prefix.load_state_dict(state["prefix"])
-                prefix.to(self.device).eval()
         for stage in range(start_stage, stages):
+            inputs = self._stage_inputs(stage)
             module, optimizer, scheduler, first_epoch = self._start_stage(
-                prefix, stage, state if stage == start_stage else None, start_epoch
+                inputs, stage, state if stage == start_stage else None, start_epoch
             )
-            cached = None
-            if prefix is not None and cfg.stage_cache != "none":
-                cached = self._cache_inputs(prefix, self._pairs(0).x0, stage)
-            transform = None if prefix is None or cached is not None else prefix.features
-            if cfg.method == "layerwise-convex" and cfg.solver == "fista":
+            fista_solver = isinstance(module, ConvexStage) and cfg.solver == "fista"
+            if isinstance(module, ConvexStage) and cfg.fixed_masks and not fista_solver:
+                inputs.gates = self._gate_cache(module, inputs)
+            if fista_solver:
                 assert isinstance(module, ConvexStage)
-                self._solve_fista(module, prefix, stage, cached)
-                prefix = self._finish_stage(prefix, module, stage)
-                continue
-            for epoch in range(first_epoch, cfg.optim.epochs):
-                if budget[0] <= 0:
-                    raise TrainingStopped
-                began = time.perf_counter()
-                pairs = self._pairs(stage * cfg.optim.epochs + epoch)
-                inputs = cached if cached is not None else pairs.x0
-                residual = pairs.target - pairs.x0
-                module.train()
-                losses = []
-                batches = list(self._batches(inputs, residual, stage + 1, epoch, transform))
-                desc = (
-                    f"{cfg.method} stage {stage + 1}/{stages} epoch {epoch + 1}/{cfg.optim.epochs}"
-                )
-                area = (
-                    inputs.shape[-2]
-                    * inputs.shape[-1]
-                    / (batches[0][0].shape[-2] * batches[0][0].shape[-1])
-                )
-                for x, r in tqdm(batches, desc=desc, leave=False, disable=None):
-                    losses.append(self._stage_step(module, x, r, optimizer, area))
-                lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                network = self._network(prefix, module)
-                row: dict[str, Any] = {
-                    "method": cfg.method,
-                    "stage": stage + 1,
-                    "epoch": epoch + 1,
-                    "lr": lr,
-                    "train_loss": sum(losses) / len(losses),
-                    **self.validate(network),
-                }
-                last_epoch = epoch + 1 == cfg.optim.epochs
-                every = cfg.certificate_every
-                if isinstance(module, ConvexStage) and (
-                    last_epoch or (every and (epoch + 1) % every == 0)
-                ):
-                    cert = self._certificate(module, inputs, residual, transform)
-                    row.update({f"cert_{k}": v for k, v in cert.items() if k != "n"})
-                    self.certificates.append({"stage": stage + 1, "epoch": epoch + 1, **cert})
-                row["seconds"] = time.perf_counter() - began
-                self._record(row, stage * cfg.optim.epochs + epoch)
-                budget[0] -= 1
-                if not last_epoch:
-                    self._save(
-                        {
-                            "method": cfg.method,
-                            "stage": stage,
-                            "epoch": epoch + 1,
-                            "stage_module": module.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            **_prefix_state(prefix),
-                        }
-                    )
-            prefix = self._finish_stage(prefix, module, stage)
-        assert prefix is not None
-        return prefix.cpu()
+                self._solve_fista(module, inputs, stage)
+            else:
+                self._train_stage(module, optimizer, scheduler, inputs, stage, first_epoch, budget)
+            self._finish_stage(module, inputs, stage)
+        final = self._prefix(stages)
+        assert final is not None
+        return final.cpu()
 
-    def _solve_fista(
-        self, module: ConvexStage, prefix: ReconCNN | None, stage: int, cached: Tensor | None
+    def _train_stage(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Adam,
+        scheduler: torch.optim.lr_scheduler.StepLR,
+        inputs: StageInputs,
+        stage: int,
+        first_epoch: int,
+        budget: list[float],
     ) -> None:
+        """The stage's epochs of mini-batch training, each validated and checkpointed."""
+        cfg = self.config
+        stages = cfg.layers - 1
+        for epoch in range(first_epoch, cfg.optim.epochs):
+            if budget[0] <= 0:
+                raise TrainingStopped
+            began = time.perf_counter()
+            pairs = self._pairs(stage * cfg.optim.epochs + epoch)
+            x = inputs.cached if inputs.cached is not None else pairs.x0
+            residual = pairs.target - pairs.x0
+            module.train()
+            losses = []
+            area = self._crop_area(x)
+            batches = self._batches(x, residual, stage + 1, epoch, inputs.transform, inputs.gates)
+            steps = math.ceil(len(x) * cfg.crops_per_image / cfg.optim.batch_size)
+            desc = f"{cfg.method} stage {stage + 1}/{stages} epoch {epoch + 1}/{cfg.optim.epochs}"
+            for batch in tqdm(batches, total=steps, desc=desc, leave=False, disable=None):
+                losses.append(self._stage_step(module, batch, optimizer, area))
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            row: dict[str, Any] = {
+                "method": cfg.method,
+                "stage": stage + 1,
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": sum(losses) / len(losses),
+                **self._validate_stage(module, inputs, stage),
+            }
+            last_epoch = epoch + 1 == cfg.optim.epochs
+            every = cfg.certificate_every
+            if isinstance(module, ConvexStage) and (
+                last_epoch or (every and (epoch + 1) % every == 0)
+            ):
+                cert = self._certificate(module, x, residual, inputs)
+                row.update({f"cert_{k}": v for k, v in cert.items() if k != "n"})
+                self.certificates.append({"stage": stage + 1, "epoch": epoch + 1, **cert})
+            row["seconds"] = time.perf_counter() - began
+            self._record(row, stage * cfg.optim.epochs + epoch)
+            budget[0] -= 1
+            if not last_epoch:
+                self._save(
+                    {
+                        "method": cfg.method,
+                        "stage": stage,
+                        "epoch": epoch + 1,
+                        "stage_module": module.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                    }
+                )
+
+    def _solve_fista(self, module: ConvexStage, inputs: StageInputs, stage: int) -> None:
         """Solve the stage's convex program on whole images with FISTA, logging the
         certificate every 10 iterations. A stage interrupted here restarts on resume."""
         cfg = self.config
         pairs = self._pairs(0)
-        inputs = cached if cached is not None else pairs.x0
+        x = inputs.cached if inputs.cached is not None else pairs.x0
         residual = pairs.target - pairs.x0
         batches = [
-            (inputs[i : i + CHUNK].to(self.device), residual[i : i + CHUNK].to(self.device))
-            for i in range(0, len(inputs), CHUNK)
+            (x[i : i + CHUNK].to(self.device).float(), residual[i : i + CHUNK].to(self.device))
+            for i in range(0, len(x), CHUNK)
         ]
         last = [time.perf_counter()]
 
@@ -608,16 +712,15 @@ class Trainer:
             self._record(row, stage * cfg.fista_iterations + iteration)
 
         result = fista(module, batches, cfg.fista_iterations, cfg.fista_tol, callback=record)
-        self.history[-1].update(self.validate(self._network(prefix, module)))
+        self.history[-1].update(self._validate_stage(module, inputs, stage))
         log.info("stage %d FISTA: %s", stage + 1, result)
 
     def _start_stage(
-        self, prefix: ReconCNN | None, stage: int, state: dict[str, Any] | None, epoch: int
+        self, inputs: StageInputs, stage: int, state: dict[str, Any] | None, epoch: int
     ) -> tuple[nn.Module, torch.optim.Adam, torch.optim.lr_scheduler.StepLR, int]:
         """A new stage (gates from a sample of its inputs), or the one a checkpoint holds."""
-        x0 = self._pairs(0).x0[:16]
-        sample = x0 if prefix is None else self._apply(prefix.features, x0)
-        module = self._new_stage(sample.shape[1], stage, sample.to(self.device), prefix)
+        sample = self._inputs_sample(inputs, 16)
+        module = self._new_stage(sample.shape[1], stage, sample.to(self.device), inputs)
         optimizer, scheduler = self._optimizer(list(module.parameters()))
         if state is None or epoch == 0:
             return module, optimizer, scheduler, 0
@@ -626,36 +729,48 @@ class Trainer:
         scheduler.load_state_dict(state["scheduler"])
         return module, optimizer, scheduler, epoch
 
-    def _network(self, prefix: ReconCNN | None, module: nn.Module) -> ReconCNN:
-        """The network of this depth: the frozen prefix, the stage's two layers."""
-        first, last = self._freeze(module)
-        return ReconCNN([*(prefix.hidden if prefix else []), first], last).to(self.device)
-
-    def _finish_stage(self, prefix: ReconCNN | None, module: nn.Module, stage: int) -> ReconCNN:
+    def _finish_stage(self, module: nn.Module, inputs: StageInputs, stage: int) -> None:
         """Freeze the stage, export and validate the network of this depth, checkpoint."""
         cfg = self.config
         if isinstance(module, ConvexStage):
-            x0 = self._pairs(0).x0[:CHUNK]
-            sample = x0 if prefix is None else self._apply(prefix.features, x0)
-            report = module.mapping_report(sample.to(self.device))
+            report = module.mapping_report(self._inputs_sample(inputs, CHUNK).to(self.device))
             self.certificates.append({"stage": stage + 1, "mapping": report})
-        network = self._network(prefix, module).eval()
+        prefix = inputs.prefix or self._prefix(stage)
+        first, last = self._freeze(module)
+        network = ReconCNN([*(prefix.hidden if prefix else []), first], last).eval()
         for parameter in network.parameters():
             parameter.requires_grad_(False)
         depth = stage + 2
         network.cpu().save(
             self.out / f"model_depth{depth}.pt", {"layers": depth, "method": cfg.method}
         )
-        network.to(self.device)
-        self.depth_metrics.append({"layers": depth, **self.validate(network)})
-        self._save({"method": cfg.method, "stage": stage + 1, "epoch": 0, **_prefix_state(network)})
-        return network
+        self.depth_metrics.append({"layers": depth, **self.validate(network.to(self.device))})
+        self._save({"method": cfg.method, "stage": stage + 1, "epoch": 0})
 
 
-def _prefix_state(prefix: ReconCNN | None) -> dict[str, Any]:
-    if prefix is None:
-        return {"prefix": {}, "prefix_architecture": "[]"}
-    return {"prefix": prefix.state_dict(), "prefix_architecture": json.dumps(prefix.architecture())}
+@dataclass
+class StageInputs:
+    """The inputs of one layer-wise stage.
+
+    Attributes:
+        prefix: the frozen prefix, resident only when its features are recomputed for
+            every batch (``stage_cache: none``); None for the first stage or when cached.
+        cached: the prefix's features of every training image (``stage_cache`` memory or
+            disk); None for the first stage (its input is the zero-filled image) or when
+            recomputed.
+        val: the same for the validation images.
+        gates: a convex stage's packed sign patterns of every training image (fixed masks).
+    """
+
+    prefix: ReconCNN | None = None
+    cached: Tensor | None = None
+    val: Tensor | None = None
+    gates: Tensor | None = None
+
+    @property
+    def transform(self) -> Callable[[Tensor], Tensor] | None:
+        """The prefix's features, run on every batch (recomputed inputs only)."""
+        return None if self.prefix is None else self.prefix.features
 
 
 def write_outputs(trainer: Trainer, model: ReconCNN) -> dict[str, Any]:
