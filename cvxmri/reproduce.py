@@ -895,7 +895,7 @@ def memory_summary(measured: dict[str, Any]) -> dict[str, Any]:
     MiB per image, and the largest batch in the budget."""
     cfg, batch = measured["config"], measured["depth"]["batch"]
     peaks = {
-        (r["method"], r["stage_inputs"], r["precision"]): r["peak_bytes"]
+        (r["method"], r["stage_inputs"], r["precision"]): r["step_bytes"]
         for r in measured["depth"]["rows"]
         if r["layers"] == cfg["layers"]
     }

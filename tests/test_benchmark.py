@@ -142,6 +142,11 @@ def test_memory_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert methods == {"end-to-end", "layerwise-convex"}
     assert all(row["max_batch_kind"] == "extrapolated" for row in result["results"])
     assert {r["layers"] for r in result["depth"]["rows"]} == {2, 3}
+    # A layer-wise depth's peak covers its stages' steps and their once-per-stage passes.
+    for row in result["depth"]["rows"]:
+        if row["method"] == "layerwise-convex":
+            assert row["stage_pass_bytes"] > 0
+            assert row["peak_bytes"] == max(row["step_bytes"], row["stage_pass_bytes"])
     for name in ("config.yaml", "log.txt", "memory.csv", "tables.md"):
         assert (out / name).is_file(), name
     for name in ("memory_max_batch.png", "memory_batch.png", "memory_depth.png"):

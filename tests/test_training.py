@@ -264,7 +264,8 @@ def test_refuses_a_batch_that_cannot_fit(
 
     config = tiny(data, "end-to-end", channels=64)
     per_image, validation = step_memory(config, (24, 24))
-    assert validation == 8 * 24 * 24 * 3 * 64 * 4  # eight whole images, three maps each
+    # One no-grad pass: 8 x 128 x 128 pixels' worth of whole images, three maps each.
+    assert validation == (8 * 128 * 128 // (24 * 24)) * 24 * 24 * 3 * 64 * 4
     # 16x16 crops, 2 hidden layers: (2 x 2 + 2) x 64 + 8 maps of 4 bytes per pixel.
     assert per_image == 16 * 16 * (6 * 64 + 8) * 4
     monkeypatch.setattr(data_module, "available_memory", lambda: 10**9)
@@ -286,7 +287,7 @@ def test_convex_stages_use_the_networks_kernel_size(data: Path, tmp_path: Path) 
     assert {layer.value.kernel_size for layer in model.hidden} == {(5, 5)}
 
 
-@pytest.mark.parametrize("cache", ["memory", "none"])
+@pytest.mark.parametrize("cache", ["memory", "disk", "none"])
 def test_cached_stages_train_without_the_prefix(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str
 ) -> None:
@@ -311,5 +312,9 @@ def test_cached_stages_train_without_the_prefix(
     cached = cache != "none"
     assert seen == [(True, False, False)] + [(cached, cached, cached)] * 2
     for depth in trainer.depth_metrics:
-        last = [r for r in trainer.history if r["stage"] == depth["layers"] - 1][-1]
-        assert last["val_psnr"] == pytest.approx(depth["val_psnr"], abs=1e-3)
+        exported = ReconCNN.load(tmp_path / f"model_depth{depth['layers']}.pt")
+        whole = trainer.validate(exported)
+        assert whole["val_psnr"] == pytest.approx(depth["val_psnr"], abs=1e-3)
+    # Each stage's inputs came from the previous stage's through one layer, and the
+    # previous stage's cache files are gone.
+    assert not list(tmp_path.glob("cache/stage2_*"))

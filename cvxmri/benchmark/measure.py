@@ -16,6 +16,8 @@
    runs ``steps`` full-size steps. The **peak** is the high-water mark during those steps
    minus the baseline: training memory = weights + prefix + Adam state + batch + the step's
    activations, gradients and work space. CUDA also reports the allocator's reserved peak.
+   A workload with ``part="stage_pass"`` runs its once-per-stage pass instead of the step
+   (the step's state stays resident, so this over-counts the pass by it).
 
 The budget: on CUDA the process's allocator is capped at the budget
 (``torch.cuda.set_per_process_memory_fraction``), so a configuration that does not fit
@@ -132,9 +134,12 @@ def measure_here(w: Workload, steps: int, budget_bytes: int) -> dict[str, Any]:
             _trim_heap()
             Path("/proc/self/clear_refs").write_text("5")
             state = _status_kib("VmRSS") * 1024 - baseline
+        run = prepared.step if w.part == "step" else prepared.stage_pass
+        if run is None:
+            raise ValueError(f"{w.describe()} has no stage pass")
         began = time.perf_counter()
         for _ in range(steps):
-            prepared.step()
+            run()
         if cuda:
             torch.cuda.synchronize(device)
         seconds = (time.perf_counter() - began) / steps

@@ -39,7 +39,8 @@ Output (``memory.json``, schema ``cvxmri.benchmark.memory/1``):
   ``oom``, ``fits``), ``fit`` (``bytes_per_image``, ``fixed_bytes``, ``max_batch``),
   ``max_batch`` and ``max_batch_kind``;
 - ``depth``: ``batch``, and ``rows`` with ``method``, ``stage_inputs``, ``precision``,
-  ``layers``, ``peak_bytes``;
+  ``layers``, ``peak_bytes`` (the largest of ``step_bytes``, the largest stage's step, and
+  ``stage_pass_bytes``, the largest once-per-stage pass: the trainer runs both);
 - ``pattern_chunk``: the convex stage 2 at batch ``batch`` for each chunk size:
   ``pattern_chunk``, ``precision``, ``peak_bytes``, ``seconds``; and ``recommended``;
 - ``targets``: ``name``, ``value``, ``threshold``, ``direction`` (``at least`` or
@@ -391,10 +392,10 @@ def depth_sweep(runner: Runner, cfg: MemoryBenchConfig) -> list[dict[str, Any]]:
                 for layers in sorted(cfg.depths):
                     w = cfg.workload(method, amp=amp, layers=layers, batch=batch)
                     point = runner.trial(w)
-                    rows.append(_depth_row(method, "-", precision, layers, point))
+                    rows.append(_depth_row(method, "-", precision, layers, [point], []))
                 continue
             for mode in cfg.stage_inputs:
-                peaks = []
+                steps, passes = [], []
                 for stage in range(1, deepest):
                     w = cfg.workload(
                         method,
@@ -404,24 +405,50 @@ def depth_sweep(runner: Runner, cfg: MemoryBenchConfig) -> list[dict[str, Any]]:
                         stage_inputs="cached" if stage == 1 else mode,
                         batch=batch,
                     )
-                    peaks.append(runner.trial(w))
+                    steps.append(runner.trial(w))
+                    passes.append(
+                        runner.trial(replace(w, part="stage_pass")) if w.has_stage_pass else {}
+                    )
                 for layers in sorted(cfg.depths):
-                    stages = peaks[: layers - 1]
-                    worst = max(stages, key=lambda p: p.get("peak_bytes", math.inf))
-                    rows.append(_depth_row(method, mode, precision, layers, worst))
+                    rows.append(
+                        _depth_row(
+                            method,
+                            mode,
+                            precision,
+                            layers,
+                            steps[: layers - 1],
+                            passes[: layers - 1],
+                        )
+                    )
     return rows
 
 
 def _depth_row(
-    method: str, mode: str, precision: str, layers: int, point: dict[str, Any]
+    method: str,
+    mode: str,
+    precision: str,
+    layers: int,
+    steps: list[dict[str, Any]],
+    passes: list[dict[str, Any]],
 ) -> dict[str, Any]:
+    """A depth's peak: the largest over its stages' steps and, for layer-wise training,
+    their stage passes (the trainer runs both)."""
+
+    def worst(points: list[dict[str, Any]]) -> int | None:
+        measured = [p["peak_bytes"] for p in points if "peak_bytes" in p]
+        return max(measured) if measured else None
+
+    step, stage_pass = worst(steps), worst(passes)
+    oom = any(p.get("oom") for p in [*steps, *passes])
     return {
         "method": method,
         "stage_inputs": mode,
         "precision": precision,
         "layers": layers,
-        "peak_bytes": point.get("peak_bytes"),
-        "oom": bool(point.get("oom")),
+        "peak_bytes": None if oom or step is None else max(step, stage_pass or 0),
+        "step_bytes": step,
+        "stage_pass_bytes": stage_pass,
+        "oom": oom,
     }
 
 

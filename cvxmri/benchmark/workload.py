@@ -15,8 +15,9 @@ the step that the trainer calls (`cvxmri.training.steps`), with Adam:
   without autograd on the zero-filled batch (the trainer with ``stage_cache: none``). With
   ``"cached"`` the stage input batch is given (bf16 under autocast) and the prefix is not
   resident during the step (``stage_cache: memory`` or ``disk``: the trainer drops it).
-- the stage pass (`Prepared.stage_pass`), once per stage in the trainer: the prefix over
-  the batch without autograd and, for a convex stage, the batch's sign patterns.
+- the stage pass (`Prepared.stage_pass`), once per stage in the trainer: cached inputs come
+  from the previous stage's through the one layer it froze (recomputed: the whole prefix),
+  then a convex stage's sign patterns; without autograd.
 
 Images are random (memory and speed do not depend on the values of these dense
 computations). `step_flops` counts the step's convolution FLOPs analytically.
@@ -69,6 +70,8 @@ class Workload:
         pattern_chunk: convex stages: gate patterns processed at once (0: all).
         device: ``cpu`` or ``cuda[:n]``.
         seed: of the random weights and images.
+        part: what a measurement runs: the training ``step`` or the once-per-stage
+            ``stage_pass`` (`Prepared.stage_pass`).
     """
 
     method: str
@@ -83,6 +86,7 @@ class Workload:
     pattern_chunk: int = 0
     device: str = "cpu"
     seed: int = 0
+    part: str = "step"
 
     def validate(self) -> None:
         """Raise `CvxmriError` naming the first impossible setting."""
@@ -102,6 +106,8 @@ class Workload:
             raise CvxmriError(f"batch size must be >= 1, got {self.batch}")
         if self.pattern_chunk < 0:
             raise CvxmriError(f"pattern chunk must be >= 0, got {self.pattern_chunk}")
+        if self.part not in ("step", "stage_pass"):
+            raise CvxmriError(f"part must be step or stage_pass, got {self.part!r}")
         if self.stage_inputs not in STAGE_INPUTS:
             raise CvxmriError(f"stage inputs must be cached or recomputed, got {self.stage_inputs}")
         if self.method in LAYERWISE and not 1 <= self.stage <= self.layers - 1:
@@ -126,7 +132,14 @@ class Workload:
             text += f" stage {self.stage}"
             if self.stage >= 2:
                 text += f" ({self.stage_inputs})"
-        return text + (", bf16" if self.amp else ", fp32")
+        text += ", bf16" if self.amp else ", fp32"
+        return text + (", stage pass" if self.part == "stage_pass" else "")
+
+    @property
+    def has_stage_pass(self) -> bool:
+        """Whether the trainer runs a stage pass for it (a convex stage's sign patterns, a
+        later stage's inputs)."""
+        return self.method == "layerwise-convex" or (self.layerwise and self.stage >= 2)
 
     def to_json(self) -> str:
         """The workload as a JSON object (for a worker process)."""
@@ -203,10 +216,13 @@ def step_flops(w: Workload) -> int:
 
 
 def stage_pass_flops(w: Workload) -> int:
-    """FLOPs of the stage pass over a batch (once per stage): the prefix's forward and, for
+    """FLOPs of the stage pass over a batch (once per stage): the forward of the prefix
+    (cached inputs: of its last layer only, applied to the previous stage's inputs) and, for
     a convex stage, the gate convolution (``C_in -> P``)."""
     pixels = w.size * w.size
     total = _prefix_flops(w, pixels)
+    if w.stage >= 2 and not w.recomputes_prefix:
+        total -= _prefix_flops(replace(w, stage=w.stage - 1), pixels)
     if w.method == "layerwise-convex":
         c_in = IMAGE_CHANNELS if w.stage == 1 else w.channels
         total += conv_flops(c_in, w.channels // 2, w.kernel_size, pixels)
@@ -240,15 +256,18 @@ def _randn(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -
     return torch.randn(shape, generator=gen, device=device)
 
 
-def _gated_prefix(w: Workload, gen: torch.Generator) -> list[nn.Module]:
-    """The hidden layers a layer-wise convex run would have frozen before stage ``w.stage``:
-    each a convex stage with gates initialised on a small sample and random weights, turned
-    into a gated layer by the trainer's `gated_layers`."""
+def _gated_prefix(w: Workload, gen: torch.Generator, start: int = 0) -> list[nn.Module]:
+    """The hidden layers ``start ..`` a layer-wise convex run would have frozen before stage
+    ``w.stage``: each a convex stage with gates initialised on a small sample and random
+    weights, turned into a gated layer by the trainer's `gated_layers`."""
     from cvxmri.training.trainer import gated_layers
 
     layers: list[nn.Module] = []
-    sample = torch.randn(2, IMAGE_CHANNELS, GATE_SAMPLE_SIZE, GATE_SAMPLE_SIZE, generator=gen)
-    for i in range(w.stage - 1):
+    size = (2, IMAGE_CHANNELS, GATE_SAMPLE_SIZE, GATE_SAMPLE_SIZE)
+    sample = torch.randn(size, generator=gen)
+    if start > 0:  # a later layer's input: non-negative features
+        sample = torch.rand((2, w.channels, *size[2:]), generator=gen)
+    for i in range(start, w.stage - 1):
         config = ConvexStageConfig(
             patterns=w.channels // 2, kernel_size=w.kernel_size, gate_seed=w.seed + i
         )
@@ -263,9 +282,9 @@ def _gated_prefix(w: Workload, gen: torch.Generator) -> list[nn.Module]:
     return layers
 
 
-def _relu_prefix(w: Workload) -> list[nn.Module]:
+def _relu_prefix(w: Workload, start: int = 0) -> list[nn.Module]:
     layers: list[nn.Module] = []
-    for i in range(w.stage - 1):
+    for i in range(start, w.stage - 1):
         layers.append(ReluConv(IMAGE_CHANNELS if i == 0 else w.channels, w.channels, w.kernel_size))
     return layers
 
@@ -298,9 +317,10 @@ def prepare(w: Workload) -> Prepared:
     in_channels = IMAGE_CHANNELS if w.stage == 1 else w.channels
     convex = w.method == "layerwise-convex"
 
-    def build_prefix() -> nn.Module:
+    def build_prefix(start: int = 0) -> nn.Module:
+        # Hidden layers start .. stage - 2 of the frozen prefix.
         gen = torch.Generator().manual_seed(w.seed)
-        hidden = _gated_prefix(w, gen) if convex else _relu_prefix(w)
+        hidden = _gated_prefix(w, gen, start) if convex else _relu_prefix(w, start)
         prefix = nn.Sequential(*hidden).to(device).eval()
         for parameter in prefix.parameters():
             parameter.requires_grad_(False)
@@ -374,22 +394,28 @@ def prepare(w: Workload) -> Prepared:
     held: list[Any] = []
 
     def cached_pass() -> Tensor:
-        # The prefix and the zero-filled batch are made on first use only, so that they are
-        # not counted in the memory of the step.
+        # As the trainer: the previous stage's inputs through the one layer it froze, then
+        # the sign patterns. The layer and its input batch are made on first use only, so
+        # that they are not counted in the memory of the step.
         if w.stage == 1:
             out = patterns(x)
             assert out is not None
             return out
         if not held:
-            held.extend([build_prefix(), _randn(shape, batch_gen, device)])
-        h = features(held[0], held[1])
+            last = build_prefix(w.stage - 2)
+            c_prev = IMAGE_CHANNELS if w.stage == 2 else w.channels
+            h_prev = torch.rand(
+                (w.batch, c_prev, w.size, w.size), generator=batch_gen, device=device
+            )
+            held.extend([last, h_prev.to(cached_dtype)])
+        h = features(held[0], held[1]).to(cached_dtype)
         out = patterns(h)
         return h if out is None else out
 
     return Prepared(
         lambda: stage_step(x, r, gates),
         lambda: stage_step(x_small, r_small, gates_small),
-        cached_pass if w.stage >= 2 or convex else None,
+        cached_pass if w.has_stage_pass else None,
     )
 
 

@@ -75,11 +75,20 @@ class GatedConv(nn.Module):
         self.register_buffer("input_std", torch.ones(in_channels))
 
     def gates(self, x: Tensor) -> Tensor:
-        """(B, P, H, W) 0/1 sign patterns."""
-        normalised = (x - self.input_mean[:, None, None]) / self.input_std[:, None, None]
-        response = F.conv2d(
-            normalised, self.gate_weight, self.gate_bias, padding=self.gate_weight.shape[-1] // 2
-        )
+        """(B, P, H, W) 0/1 sign patterns, computed in at least float32 even under autocast
+        (as the convex stage computed them in training: bf16 could flip patterns), so they
+        depend on the input's values only, not on its dtype."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            normalised = (x.to(dtype) - self.input_mean.to(dtype)[:, None, None]) / (
+                self.input_std.to(dtype)[:, None, None]
+            )
+            response = F.conv2d(
+                normalised,
+                self.gate_weight.to(dtype),
+                self.gate_bias.to(dtype),
+                padding=self.gate_weight.shape[-1] // 2,
+            )
         return (response >= 0).to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ epoch).
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -61,18 +62,27 @@ from cvxmri.training.steps import convex_stage_step, end_to_end_step, two_layer_
 
 log = logging.getLogger(__name__)
 
-CHUNK = 8  # images per no-grad forward pass when computing stage inputs and metrics
+# Pixels per no-grad pass (stage inputs, sign patterns, validation, certificates): 8 images
+# of 128x128, 1 of 320x320, so that these passes need about as much memory as a training
+# step at batch 1 whatever the image size.
+CHUNK_PIXELS = 8 * 128 * 128
+
+
+def chunk_images(shape: tuple[int, ...]) -> int:
+    """Images per no-grad pass for images of ``shape`` (``(..., H, W)``)."""
+    return max(1, CHUNK_PIXELS // (shape[-2] * shape[-1]))
 
 
 def check_resources(config: TrainConfig, images: int, shape: tuple[int, int], out: Path) -> None:
     """Refuse up front a run whose cached stage inputs cannot fit, instead of failing
     midway: the widest stage input (``channels`` per pixel, float32 or bf16 under autocast,
-    of every training and validation image, ``images`` in all) must fit in available memory
+    of every training and validation image, ``images`` in all, twice: the next stage's
+    inputs are computed from the previous stage's) must fit in available memory
     (``stage_cache: memory``) or free disk (``disk``)."""
     if config.method == "end-to-end" or config.stage_cache == "none" or config.layers < 3:
         return
     # Every variant's hidden layers are ``channels`` wide (2 outputs x channels/2 patterns).
-    need = images * config.channels * shape[0] * shape[1] * (2 if config.amp else 4)
+    need = 2 * images * config.channels * shape[0] * shape[1] * (2 if config.amp else 4)
     gib = 1024**3
     if config.stage_cache == "memory":
         have = data_module.available_memory()
@@ -107,7 +117,7 @@ def step_memory(config: TrainConfig, shape: tuple[int, int]) -> tuple[int, int]:
         maps = (hidden if config.checkpointing else 2 * hidden) * channels + 2 * channels
     else:
         maps = 6 * channels
-    validation = CHUNK * shape[0] * shape[1] * 3 * channels * 4
+    validation = chunk_images(shape) * shape[0] * shape[1] * 3 * channels * 4
     return pixels * (maps + 8) * width, validation
 
 
@@ -263,8 +273,9 @@ class Trainer:
         """``module`` over ``images`` (one or more tensors, the module's arguments) in chunks
         of images, on the device, results in ``dtype`` on the CPU."""
         outputs = []
-        for start in range(0, images[0].shape[0], CHUNK):
-            chunks = [x[start : start + CHUNK].to(self.device) for x in images]
+        step = chunk_images(images[0].shape)
+        for start in range(0, images[0].shape[0], step):
+            chunks = [x[start : start + step].to(self.device) for x in images]
             with self._autocast():
                 outputs.append(module(*chunks).to(dtype).cpu())
         return torch.cat(outputs)
@@ -460,21 +471,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------ layer-wise
 
-    def _prefix(self, stage: int) -> ReconCNN | None:
-        """The frozen network before stage ``stage`` (0-based), read from the network of
-        depth ``stage + 1`` that the previous stage exported (None before the first)."""
+    def _prefix(self, stage: int, device: torch.device | None = None) -> ReconCNN | None:
+        """The frozen network before stage ``stage`` (0-based), read onto ``device`` (default:
+        the training device) from the network of depth ``stage + 1`` that the previous stage
+        exported (None before the first)."""
         if stage == 0:
             return None
-        prefix = ReconCNN.load(self.out / f"model_depth{stage + 1}.pt", self.device).eval()
+        path = self.out / f"model_depth{stage + 1}.pt"
+        prefix = ReconCNN.load(path, device or self.device).eval()
         for parameter in prefix.parameters():
             parameter.requires_grad_(False)
         return prefix
 
-    def _cache_inputs(self, prefix: ReconCNN, x0: Tensor, stage: int, split: str) -> Tensor:
-        """The frozen prefix's features of ``x0``, in memory or on disk; bf16 under
-        autocast (the prefix's output is bf16 then, so nothing is lost)."""
+    def _cache_inputs(
+        self, layers: Callable[[Tensor], Tensor], x: Tensor, stage: int, split: str
+    ) -> Tensor:
+        """``layers`` over ``x`` (a split's previous stage inputs or zero-filled images), in
+        memory or on disk; bf16 under autocast (the layers' output is bf16 numbers then, so
+        nothing is lost)."""
         dtype = torch.bfloat16 if self.config.amp else torch.float32
-        features = self._apply(prefix.features, x0, dtype=dtype)
+        features = self._apply(layers, x, dtype=dtype)
         if self.config.stage_cache == "memory":
             return features
         path = self.out / "cache" / f"stage{stage + 1}_{split}_inputs.pt"
@@ -483,19 +499,38 @@ class Trainer:
         del features
         return torch.load(path, mmap=True, weights_only=True)
 
-    def _stage_inputs(self, stage: int) -> StageInputs:
-        """What stage ``stage`` trains on. With cached inputs the prefix is dropped once the
-        training and validation features are computed: only the exported network file holds
-        it while the stage trains, so a stage's memory does not grow with depth."""
-        prefix = self._prefix(stage)
-        if prefix is None:
+    def _stage_inputs(self, stage: int, previous: StageInputs | None) -> StageInputs:
+        """What stage ``stage`` trains on.
+
+        Cached inputs are the previous stage's cached inputs (or the zero-filled images)
+        through the one layer that stage froze, so this pass costs one layer whatever the
+        depth; a resumed run computes them once through the whole prefix (the same numbers:
+        cached values are exact). The prefix is then not resident while the stage trains
+        (only the exported network file holds it), so a stage's memory does not grow with
+        depth. The previous stage's cache is released (its files deleted)."""
+        cfg = self.config
+        if stage == 0:
             return StageInputs()
-        if self.config.stage_cache == "none":
-            return StageInputs(prefix=prefix)
-        return StageInputs(
-            cached=self._cache_inputs(prefix, self._pairs(0).x0, stage, "train"),
-            val=self._cache_inputs(prefix, self.val_pairs.x0, stage, "val"),
+        if cfg.stage_cache == "none":
+            return StageInputs(prefix=self._prefix(stage))
+        pairs = self._pairs(0)
+        if previous is not None and previous.frozen is not None:
+            layers: Callable[[Tensor], Tensor] = previous.frozen
+            train = pairs.x0 if previous.cached is None else previous.cached
+            val = self.val_pairs.x0 if previous.val is None else previous.val
+        else:
+            prefix = self._prefix(stage)
+            assert prefix is not None
+            layers, train, val = prefix.features, pairs.x0, self.val_pairs.x0
+        inputs = StageInputs(
+            cached=self._cache_inputs(layers, train, stage, "train"),
+            val=self._cache_inputs(layers, val, stage, "val"),
         )
+        if previous is not None:
+            previous.cached = previous.val = previous.frozen = None
+        for split in ("train", "val"):
+            (self.out / "cache" / f"stage{stage}_{split}_inputs.pt").unlink(missing_ok=True)
+        return inputs
 
     def _inputs_sample(self, inputs: StageInputs, n: int) -> Tensor:
         """The stage inputs of the first ``n`` training images (float32, on the CPU)."""
@@ -510,8 +545,9 @@ class Trainer:
         the stage, so computed once instead of in every step; crops take theirs from it."""
         x = inputs.cached if inputs.cached is not None else self._pairs(0).x0
         packed = []
-        for start in range(0, len(x), CHUNK):
-            chunk = x[start : start + CHUNK].to(self.device)
+        step = chunk_images(x.shape)
+        for start in range(0, len(x), step):
+            chunk = x[start : start + step].to(self.device)
             if inputs.transform is not None:
                 with self._autocast():
                     chunk = inputs.transform(chunk).float()
@@ -572,12 +608,13 @@ class Trainer:
         """The duality gap on whole training images (the fixed convex problem)."""
 
         def batches() -> Iterator[tuple[Tensor, Tensor]]:
-            for i in range(0, len(x), CHUNK):
-                chunk = x[i : i + CHUNK].to(self.device)
+            step = chunk_images(x.shape)
+            for i in range(0, len(x), step):
+                chunk = x[i : i + step].to(self.device)
                 if inputs.transform is not None:
                     with torch.no_grad():
                         chunk = inputs.transform(chunk)
-                yield chunk.float(), residual[i : i + CHUNK].to(self.device)
+                yield chunk.float(), residual[i : i + step].to(self.device)
 
         return duality_gap(module, batches())
 
@@ -605,8 +642,9 @@ class Trainer:
         start_stage, start_epoch = 0, 0
         if state is not None:
             start_stage, start_epoch = int(state["stage"]), int(state["epoch"])
+        inputs: StageInputs | None = None
         for stage in range(start_stage, stages):
-            inputs = self._stage_inputs(stage)
+            inputs = self._stage_inputs(stage, inputs)
             module, optimizer, scheduler, first_epoch = self._start_stage(
                 inputs, stage, state if stage == start_stage else None, start_epoch
             )
@@ -619,9 +657,9 @@ class Trainer:
             else:
                 self._train_stage(module, optimizer, scheduler, inputs, stage, first_epoch, budget)
             self._finish_stage(module, inputs, stage)
-        final = self._prefix(stages)
+        final = self._prefix(stages, torch.device("cpu"))
         assert final is not None
-        return final.cpu()
+        return final
 
     def _train_stage(
         self,
@@ -691,9 +729,10 @@ class Trainer:
         pairs = self._pairs(0)
         x = inputs.cached if inputs.cached is not None else pairs.x0
         residual = pairs.target - pairs.x0
+        step = chunk_images(x.shape)
         batches = [
-            (x[i : i + CHUNK].to(self.device).float(), residual[i : i + CHUNK].to(self.device))
-            for i in range(0, len(x), CHUNK)
+            (x[i : i + step].to(self.device).float(), residual[i : i + step].to(self.device))
+            for i in range(0, len(x), step)
         ]
         last = [time.perf_counter()]
 
@@ -719,7 +758,8 @@ class Trainer:
         self, inputs: StageInputs, stage: int, state: dict[str, Any] | None, epoch: int
     ) -> tuple[nn.Module, torch.optim.Adam, torch.optim.lr_scheduler.StepLR, int]:
         """A new stage (gates from a sample of its inputs), or the one a checkpoint holds."""
-        sample = self._inputs_sample(inputs, 16)
+        # 16 images of 128x128 (2 of 320x320): the gates' sample, bounded in memory.
+        sample = self._inputs_sample(inputs, 2 * chunk_images(self.val_pairs.x0.shape))
         module = self._new_stage(sample.shape[1], stage, sample.to(self.device), inputs)
         optimizer, scheduler = self._optimizer(list(module.parameters()))
         if state is None or epoch == 0:
@@ -733,18 +773,23 @@ class Trainer:
         """Freeze the stage, export and validate the network of this depth, checkpoint."""
         cfg = self.config
         if isinstance(module, ConvexStage):
-            report = module.mapping_report(self._inputs_sample(inputs, CHUNK).to(self.device))
+            sample = self._inputs_sample(inputs, chunk_images(self.val_pairs.x0.shape))
+            report = module.mapping_report(sample.to(self.device))
             self.certificates.append({"stage": stage + 1, "mapping": report})
-        prefix = inputs.prefix or self._prefix(stage)
         first, last = self._freeze(module)
-        network = ReconCNN([*(prefix.hidden if prefix else []), first], last).eval()
-        for parameter in network.parameters():
+        for parameter in [*first.parameters(), *last.parameters()]:
             parameter.requires_grad_(False)
+        # The exported network is assembled on the CPU from the previous one's file: the
+        # prefix does not come back to the device.
+        prefix = self._prefix(stage, torch.device("cpu"))
+        hidden = [*(prefix.hidden if prefix else []), copy.deepcopy(first).cpu()]
         depth = stage + 2
-        network.cpu().save(
+        ReconCNN(hidden, copy.deepcopy(last).cpu()).save(
             self.out / f"model_depth{depth}.pt", {"layers": depth, "method": cfg.method}
         )
-        self.depth_metrics.append({"layers": depth, **self.validate(network.to(self.device))})
+        del prefix, hidden
+        self.depth_metrics.append({"layers": depth, **self._validate_stage(module, inputs, stage)})
+        inputs.frozen = first.to(self.device).eval()
         self._save({"method": cfg.method, "stage": stage + 1, "epoch": 0})
 
 
@@ -760,12 +805,15 @@ class StageInputs:
             recomputed.
         val: the same for the validation images.
         gates: a convex stage's packed sign patterns of every training image (fixed masks).
+        frozen: the stage's hidden layer once trained (the next stage's inputs come from
+            this stage's through it).
     """
 
     prefix: ReconCNN | None = None
     cached: Tensor | None = None
     val: Tensor | None = None
     gates: Tensor | None = None
+    frozen: nn.Module | None = None
 
     @property
     def transform(self) -> Callable[[Tensor], Tensor] | None:
