@@ -80,9 +80,9 @@ class GatedConv(nn.Module):
         depend on the input's values only, not on its dtype."""
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            normalised = (x.to(dtype) - self.input_mean.to(dtype)[:, None, None]) / (
-                self.input_std.to(dtype)[:, None, None]
-            )
+            normalised = x.to(dtype, copy=True)
+            normalised.sub_(self.input_mean.to(dtype)[:, None, None])
+            normalised.div_(self.input_std.to(dtype)[:, None, None])
             response = F.conv2d(
                 normalised,
                 self.gate_weight.to(dtype),
@@ -92,9 +92,14 @@ class GatedConv(nn.Module):
         return (response >= 0).to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Apply the layer."""
-        gates = self.gates(x).repeat_interleave(self.outputs_per_pattern, dim=1)
-        return gates * self.value(x)
+        """Apply the layer. The gates multiply the responses in place (a frozen layer runs
+        without autograd; with autograd the product's gradient needs the gates only)."""
+        gates = self.gates(x)
+        out = self.value(x)
+        b, _, h, w = out.shape
+        grouped = out.view(b, self.patterns, self.outputs_per_pattern, h, w)
+        grouped.mul_(gates.to(out.dtype).unsqueeze(2))
+        return out
 
 
 def zero_conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
