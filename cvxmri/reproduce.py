@@ -497,6 +497,8 @@ def memory_config(config: ReproduceConfig, root: Path) -> MemoryBenchConfig:
         pattern_chunk=train.pattern_chunk,
         search="fit",
         fit_batches=sorted({1, max(2, batch)}),
+        # Small networks fit thousands of images: no cap below the budget's crossing.
+        max_batch=10**7,
         depths=[config.layers],
         depth_batch=batch,
         chunks=[],
