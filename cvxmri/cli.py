@@ -174,7 +174,7 @@ def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
         "--preset",
         choices=("quick", "paper", "tiny"),
         default="quick",
-        help="quick (2 CPU cores, about 20 min), paper (GPU) or tiny (tests)",
+        help="quick (2 CPU cores, about 15 min), paper (GPU) or tiny (tests)",
     )
     reproduce.add_argument(
         "--data",
