@@ -646,6 +646,20 @@ def _mib(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value / MIB:,.0f}"
 
 
+def format_targets(targets: list[dict[str, Any]]) -> list[str]:
+    """A benchmark's targets as Markdown list lines (none: no lines)."""
+    if not targets:
+        return []
+    lines = ["", "Targets:", ""]
+    for t in targets:
+        verdict = "met" if t["met"] else "NOT met"
+        lines.append(
+            f"- {t['name']}: {t['value']} (target: {t['direction']} {t['threshold']}, "
+            f"{t['note']}): {verdict}"
+        )
+    return lines
+
+
 def format_tables(result: dict[str, Any]) -> str:
     """The results as Markdown tables."""
     cfg = result["config"]
@@ -731,12 +745,4 @@ def format_tables(result: dict[str, Any]) -> str:
                 f"| {row['pattern_chunk']} | {row['precision']} | {_mib(row['peak_bytes'])} | "
                 f"{seconds} |"
             )
-    if result["targets"]:
-        lines += ["", "Targets:", ""]
-        for t in result["targets"]:
-            verdict = "met" if t["met"] else "NOT met"
-            lines.append(
-                f"- {t['name']}: {t['value']} (target: {t['direction']} {t['threshold']}, "
-                f"{t['note']}): {verdict}"
-            )
-    return "\n".join(lines)
+    return "\n".join(lines + format_targets(result["targets"]))

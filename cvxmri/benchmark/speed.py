@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cvxmri.benchmark.memory import PRECISIONS
+from cvxmri.benchmark.memory import PRECISIONS, format_targets
 from cvxmri.benchmark.workload import (
     LAYERWISE,
     METHODS,
@@ -374,12 +374,4 @@ def format_tables(result: dict[str, Any]) -> str:
             f"| {t['method']} | {t['stage_inputs']} | {t['precision']} | "
             f"{t['seconds'] / 3600:.3g} | {t['vs_end_to_end']:.2f}x |"
         )
-    if result["targets"]:
-        lines += ["", "Targets:", ""]
-        for t in result["targets"]:
-            verdict = "met" if t["met"] else "NOT met"
-            lines.append(
-                f"- {t['name']}: {t['value']} (target: {t['direction']} {t['threshold']}, "
-                f"{t['note']}): {verdict}"
-            )
-    return "\n".join(lines)
+    return "\n".join(lines + format_targets(result["targets"]))

@@ -401,15 +401,21 @@ def _inspect(results: dict[str, Any], folder: Path, images: list[Image]) -> Sect
         "pixels, for the convex network after every stage and for end-to-end (autograd "
         "Jacobian rows)."
     )
-    for mask, record in zip(results["masks"], records, strict=True):
-        arrays = dict(np.load(folder / mask["key"] / "inspect" / "inspect.npz"))
-        target = np.load(folder / mask["key"] / "examples" / "images.npz")["target"]
+    # Each mask's inspection arrays and example images, read once for both figures.
+    loaded = [
+        (
+            dict(np.load(folder / mask["key"] / "inspect" / "inspect.npz")),
+            dict(np.load(folder / mask["key"] / "examples" / "images.npz")),
+        )
+        for mask in results["masks"]
+    ]
+    for mask, record, (arrays, images_npz) in zip(results["masks"], records, loaded, strict=True):
         pixels = ", ".join(
             f"{p['name']} (row {p['row']}, column {p['col']})" for p in record["pixels"]
         )
         figure = Image(
             f"filters-{mask['kind']}.png",
-            figures.png(figures.filters(arrays, record, target)),
+            figures.png(figures.filters(arrays, record, images_npz["target"])),
             f"{mask['label']}: effective filters at {pixels}; radius {record['radius']} pixels.",
         )
         images.append(figure)
@@ -420,9 +426,7 @@ def _inspect(results: dict[str, Any], folder: Path, images: list[Image]) -> Sect
         "of these per-pixel vectors over the representative test slice shows which regions "
         "each layer treats alike."
     )
-    for mask, record in zip(results["masks"], records, strict=True):
-        arrays = dict(np.load(folder / mask["key"] / "inspect" / "inspect.npz"))
-        images_npz = dict(np.load(folder / mask["key"] / "examples" / "images.npz"))
+    for mask, record, (arrays, images_npz) in zip(results["masks"], records, loaded, strict=True):
         figure = Image(
             f"clusters-{mask['kind']}.png",
             figures.png(figures.clusters(arrays, record, images_npz)),
