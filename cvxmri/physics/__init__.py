@@ -1,7 +1,8 @@
-"""MRI physics: the centred FFT and the linear operators of the forward model."""
+"""MRI physics: the centred FFT and the linear operators of the forward model, in 2D or 3D."""
 
-from cvxmri.physics.fft import fft2c, ifft2c
+from cvxmri.physics.fft import fft2c, fftnc, ifft2c, ifftnc, spatial_dims
 from cvxmri.physics.operators import (
+    FFT,
     FFT2,
     CenterCrop,
     LinearOperator,
@@ -11,6 +12,7 @@ from cvxmri.physics.operators import (
 )
 
 __all__ = [
+    "FFT",
     "FFT2",
     "CenterCrop",
     "LinearOperator",
@@ -18,5 +20,8 @@ __all__ = [
     "Sense",
     "center_crop",
     "fft2c",
+    "fftnc",
     "ifft2c",
+    "ifftnc",
+    "spatial_dims",
 ]

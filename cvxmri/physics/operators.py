@@ -1,155 +1,314 @@
 """Linear operators of the multi-coil forward model, on batched complex torch tensors.
 
 They read like sigpy's: ``A(x)`` applies, ``A.H`` is the adjoint, ``A.N`` the normal operator
-``A.H A``, and ``A @ B`` composes. The SENSE model of one batch of slices is
+``A.H A``, and ``A @ B`` composes. Every operator is a ``torch.nn.Module``: the tensors it
+holds (coil maps, masks) are buffers, so ``A.to(device)`` moves them and an operator can live
+inside a network; ``A.H``, ``A.N`` and ``A @ B`` hold their operands as submodules.
+
+The SENSE model of one batch is
 
     A = M F S          (mask, centred FFT per coil, coil sensitivities)
 
-with image ``x`` of shape (B, H, W) and k-space of shape (B, C, H, W). Every operator here
-is checked by an adjointness test (``<A x, y> == <x, A^H y>``).
+over ``ndim`` spatial axes (2 for slices, 3 for volumes): image ``x`` of shape (B, *grid)
+and k-space of shape (B, C, *grid), the coil axis being ``-(ndim + 1)``. Every operator here
+is checked by an adjointness test (``<A x, y> == <x, A^H y>``) in 2D and 3D.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
-from cvxmri.physics.fft import fft2c, ifft2c
+from cvxmri.physics.fft import fftnc, ifftnc, spatial_dims
+
+TensorMap = Callable[[torch.Tensor], torch.Tensor]
 
 
-class LinearOperator:
-    """A linear map with an explicit adjoint.
+class LinearOperator(torch.nn.Module):
+    """A linear map with an explicit adjoint, as a ``torch.nn.Module``.
+
+    Either give the two maps as callables, ``LinearOperator(forward, adjoint, name)``, or
+    subclass and define the methods ``forward(x) = A x`` and ``adjoint(y) = A^H y``.
 
     Args:
-        forward: the map ``x -> A x``.
-        adjoint: the map ``y -> A^H y``.
-        name: shown in ``repr``.
+        forward: the map ``x -> A x``; None in a subclass that defines ``forward``.
+        adjoint: the map ``y -> A^H y``; None in a subclass that defines ``adjoint``.
+        name: shown in ``repr``; the class name when None.
+
+    >>> import torch
+    >>> double = LinearOperator(lambda x: 2 * x, lambda y: 2 * y, "Double")
+    >>> (double @ double.H)(torch.ones(2)), double.N
+    (tensor([4., 4.]), <Double.N>)
     """
 
     def __init__(
         self,
-        forward: Callable[[torch.Tensor], torch.Tensor],
-        adjoint: Callable[[torch.Tensor], torch.Tensor],
-        name: str = "LinearOperator",
+        forward: TensorMap | None = None,
+        adjoint: TensorMap | None = None,
+        name: str | None = None,
     ) -> None:
-        self._forward = forward
-        self._adjoint = adjoint
-        self.name = name
+        super().__init__()
+        if (forward is None) != (adjoint is None):
+            raise TypeError("give both forward and adjoint, or neither (in a subclass)")
+        self._forward_map = forward
+        self._adjoint_map = adjoint
+        self.name = type(self).__name__ if name is None else name
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x``."""
+        if self._forward_map is None:
+            raise NotImplementedError(f"{self.name} defines no forward map")
+        return self._forward_map(x)
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``A^H y``."""
+        if self._adjoint_map is None:
+            raise NotImplementedError(f"{self.name} defines no adjoint map")
+        return self._adjoint_map(y)
 
     @property
     def H(self) -> LinearOperator:
-        """The adjoint operator."""
-        return LinearOperator(self._adjoint, self._forward, f"{self.name}.H")
+        """The adjoint operator ``A^H``; ``A.H.H`` is ``A``."""
+        return Adjoint(self)
 
     @property
     def N(self) -> LinearOperator:
-        """The normal operator ``A^H A`` (self-adjoint)."""
-
-        def normal(x: torch.Tensor) -> torch.Tensor:
-            return self._adjoint(self._forward(x))
-
-        return LinearOperator(normal, normal, f"{self.name}.N")
+        """The normal operator ``A^H A`` (self-adjoint, positive semi-definite)."""
+        return Normal(self)
 
     def __matmul__(self, other: LinearOperator) -> LinearOperator:
-        """Composition ``(self @ other)(x) == self(other(x))``."""
-        return LinearOperator(
-            lambda x: self._forward(other._forward(x)),
-            lambda y: other._adjoint(self._adjoint(y)),
-            f"{self.name} @ {other.name}",
-        )
+        """Composition ``(self @ other)(x) == self(other(x))``, adjoint ``other.H(self.H(y))``."""
+        return Composition(self, other)
 
     def __repr__(self) -> str:
         return f"<{self.name}>"
 
 
-class FFT2(LinearOperator):
-    """The centred orthonormal 2D FFT over the last two axes (unitary: ``F.H F = I``)."""
+class Adjoint(LinearOperator):
+    """``A^H`` of an operator ``A``: forward is ``A``'s adjoint and adjoint ``A``'s forward."""
+
+    def __init__(self, op: LinearOperator) -> None:
+        super().__init__(name=f"{op.name}.H")
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``A^H x``."""
+        return self.op.adjoint(x)
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``A y``."""
+        return self.op.forward(y)
+
+    @property
+    def H(self) -> LinearOperator:
+        """``(A^H)^H = A``, the operator itself."""
+        return self.op
+
+
+class Normal(LinearOperator):
+    """The normal operator ``A^H A`` of an operator ``A`` (its own adjoint)."""
+
+    def __init__(self, op: LinearOperator) -> None:
+        super().__init__(name=f"{op.name}.N")
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``A^H (A x)``."""
+        return self.op.adjoint(self.op.forward(x))
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``(A^H A)^H y = A^H (A y)``."""
+        return self.forward(y)
+
+
+class Composition(LinearOperator):
+    """``outer @ inner``: ``x -> outer(inner(x))``, adjoint ``y -> inner.H(outer.H(y))``."""
+
+    def __init__(self, outer: LinearOperator, inner: LinearOperator) -> None:
+        super().__init__(name=f"{outer.name} @ {inner.name}")
+        self.outer = outer
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``outer(inner(x))``."""
+        return self.outer.forward(self.inner.forward(x))
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``inner^H (outer^H y)``."""
+        return self.inner.adjoint(self.outer.adjoint(y))
+
+
+class FFT(LinearOperator):
+    """The centred orthonormal FFT over the last ``ndim`` axes (unitary: ``F.H F = I``).
+
+    Args:
+        ndim: number of spatial axes, 2 for (..., H, W), 3 for (..., D, H, W).
+    """
+
+    def __init__(self, ndim: int = 2) -> None:
+        spatial_dims(ndim)
+        super().__init__(name=f"FFT{ndim}")
+        self.ndim = ndim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``fftnc(x, ndim)``."""
+        return fftnc(x, self.ndim)
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``ifftnc(y, ndim)``, the inverse (the FFT is unitary)."""
+        return ifftnc(y, self.ndim)
+
+
+class FFT2(FFT):
+    """The centred orthonormal 2D FFT over the last two axes: ``FFT(ndim=2)``."""
 
     def __init__(self) -> None:
-        super().__init__(fft2c, ifft2c, "FFT2")
+        super().__init__(ndim=2)
 
 
 class Mask(LinearOperator):
     """Pointwise multiplication by a real 0/1 sampling mask (self-adjoint, idempotent).
 
+    Being pointwise it needs no number of spatial axes: the mask only has to broadcast to
+    the k-space, e.g. (H, W) or (B, 1, H, W) in 2D, (D, H, W) or (B, 1, 1, H, W) in 3D.
+
     Args:
-        mask: broadcastable to the k-space shape, e.g. (H, W), (B, 1, H, W).
+        mask: the mask, a buffer of the module.
     """
 
+    mask: torch.Tensor
+
     def __init__(self, mask: torch.Tensor) -> None:
-        self.mask = mask
+        super().__init__()
+        self.register_buffer("mask", mask)
 
-        def apply(y: torch.Tensor) -> torch.Tensor:
-            return y * self.mask.to(y.device)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``M x``, on the device of ``x``."""
+        return x * self.mask.to(x.device)
 
-        super().__init__(apply, apply, "Mask")
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``M^H y = M y`` (a real mask)."""
+        return self.forward(y)
 
 
 class Sense(LinearOperator):
-    """The SENSE operator ``A = M F S`` for a batch of slices.
+    """The SENSE operator ``A = M F S`` for a batch of images over ``ndim`` spatial axes.
+
+    ``(A x)_c = M F (S_c x)`` per coil ``c``; the adjoint is the zero-filled SENSE
+    combination ``A^H y = sum_c conj(S_c) F^H (M y_c)`` and the normal operator
+    ``A^H A x = sum_c conj(S_c) F^H M F (S_c x)`` (``M^2 = M``).
 
     Args:
-        maps: coil sensitivities, complex (B, C, H, W) (or (C, H, W), shared by the batch).
-        mask: sampling mask broadcastable to (B, C, H, W): (H, W), (B, 1, H, W) or
-            (B, 1, 1, W). ``None`` means fully sampled.
+        maps: coil sensitivities, complex (B, C, *grid) or (C, *grid) (shared by the batch),
+            ``grid`` being the last ``ndim`` axes: (H, W) in 2D, (D, H, W) in 3D.
+        mask: sampling mask broadcastable to (B, C, *grid), e.g. (H, W), (B, 1, H, W) or
+            (B, 1, 1, W) in 2D, (D, H, W) or (B, 1, 1, H, W) in 3D. ``None`` means fully
+            sampled.
+        ndim: number of spatial axes (2 or 3); the coil axis is ``-(ndim + 1)``.
 
-    The image is (B, H, W), the k-space (B, C, H, W). The adjoint is the zero-filled
-    SENSE combination ``sum_c conj(S_c) F^H (M y_c)``.
+    The image is (B, *grid), the k-space (B, C, *grid). ``maps`` and ``mask`` are buffers
+    (``state_dict`` entries that ``.to(device)`` moves).
+
+    >>> import torch
+    >>> maps = torch.ones(1, 2, 4, 4, 4, dtype=torch.complex64) / 2**0.5
+    >>> A = Sense(maps, ndim=3)
+    >>> x = torch.randn(1, 4, 4, 4, dtype=torch.complex64)
+    >>> A(x).shape, torch.allclose(A.N(x), x, atol=1e-6)
+    (torch.Size([1, 2, 4, 4, 4]), True)
     """
 
-    def __init__(self, maps: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    maps: torch.Tensor
+    mask: torch.Tensor | None
+
+    def __init__(self, maps: torch.Tensor, mask: torch.Tensor | None = None, ndim: int = 2) -> None:
+        spatial_dims(ndim)
         if not maps.is_complex():
             raise TypeError("coil maps must be a complex tensor")
-        self.maps = maps
-        self.mask = mask
+        if maps.ndim < ndim + 1:
+            raise ValueError(
+                f"coil maps must be (C, *grid) or (B, C, *grid) with {ndim} grid axes, "
+                f"got shape {tuple(maps.shape)}"
+            )
+        super().__init__()
+        self.ndim = ndim
+        self.coil_dim = -(ndim + 1)
+        self.register_buffer("maps", maps)
+        self.register_buffer("mask", mask)
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            kspace = fft2c(self.maps * x.unsqueeze(-3))
-            return kspace if self.mask is None else kspace * self.mask
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x = M F (S x)``: image (B, *grid) to k-space (B, C, *grid)."""
+        kspace = fftnc(self.maps * x.unsqueeze(self.coil_dim), self.ndim)
+        return kspace if self.mask is None else kspace * self.mask
 
-        def adjoint(y: torch.Tensor) -> torch.Tensor:
-            if self.mask is not None:
-                y = y * self.mask
-            return (self.maps.conj() * ifft2c(y)).sum(dim=-3)
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``A^H y = sum_c conj(S_c) F^H (M y_c)``: k-space (B, C, *grid) to image (B, *grid)."""
+        if self.mask is not None:
+            y = y * self.mask
+        return (self.maps.conj() * ifftnc(y, self.ndim)).sum(dim=self.coil_dim)
 
-        super().__init__(forward, adjoint, "Sense")
+
+def _crop_slices(full: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    """fastMRI's centred window: start ``(size - target) // 2`` on each axis."""
+    return tuple(
+        slice((size - target) // 2, (size - target) // 2 + target)
+        for size, target in zip(full, shape, strict=True)
+    )
 
 
-def center_crop(image: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Crop the last two axes to ``shape`` about the centre, as fastMRI does.
+def _check_crop(full: Sequence[int], shape: Sequence[int]) -> None:
+    if len(shape) < 1 or len(full) < len(shape):
+        raise ValueError(f"cannot crop the last {len(shape)} axes of a shape {tuple(full)}")
+    full = full[len(full) - len(shape) :]
+    if not all(0 < target <= size for size, target in zip(full, shape, strict=True)):
+        raise ValueError(
+            f"cannot crop an image of {'x'.join(map(str, full))} to {'x'.join(map(str, shape))}"
+        )
+
+
+def center_crop(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Crop the last ``len(shape)`` axes to ``shape`` about the centre, as fastMRI does.
 
     The start index is ``(size - target) // 2`` on each axis, fastMRI's choice, so the
-    k-space centre pixel (H // 2, W // 2) stays at the centre of the crop.
+    k-space centre pixel (``size // 2`` per axis) stays at the centre of the crop
+    (``target // 2``). The result is a view of ``image``.
+
+    >>> import torch
+    >>> center_crop(torch.arange(5), (3,)), center_crop(torch.zeros(2, 6, 5, 4), (2, 3)).shape
+    (tensor([1, 2, 3]), torch.Size([2, 6, 2, 3]))
     """
-    height, width = image.shape[-2:]
-    crop_h, crop_w = shape
-    if not (0 < crop_h <= height and 0 < crop_w <= width):
-        raise ValueError(f"cannot crop an image of {height}x{width} to {crop_h}x{crop_w}")
-    top = (height - crop_h) // 2
-    left = (width - crop_w) // 2
-    return image[..., top : top + crop_h, left : left + crop_w]
+    shape = tuple(shape)
+    _check_crop(image.shape, shape)
+    return image[(..., *_crop_slices(image.shape[-len(shape) :], shape))]
 
 
 class CenterCrop(LinearOperator):
-    """Image-space centre crop from ``full`` to ``shape``; its adjoint zero-pads back.
+    """Image-space centre crop of the last ``len(shape)`` axes from ``full`` to ``shape``.
 
-    This is how readout oversampling (640 -> 320 in fastMRI knee) is removed: by cropping
-    in image space, never by cutting k-space.
+    The forward map is `center_crop`; its adjoint zero-pads back to ``full``, putting the
+    input in the same centred window. This is how readout oversampling (640 -> 320 in
+    fastMRI knee) is removed: by cropping in image space, never by cutting k-space.
+
+    Args:
+        full: the grid before cropping, e.g. (H, W) or (D, H, W).
+        shape: the cropped grid, as many axes as ``full``, each at most its size.
     """
 
-    def __init__(self, full: tuple[int, int], shape: tuple[int, int]) -> None:
+    def __init__(self, full: Sequence[int], shape: Sequence[int]) -> None:
+        full, shape = tuple(full), tuple(shape)
+        if len(full) != len(shape):
+            raise ValueError(f"full {full} and shape {shape} have different numbers of axes")
+        _check_crop(full, shape)
+        super().__init__()
         self.full = full
         self.shape = shape
 
-        def pad(x: torch.Tensor) -> torch.Tensor:
-            out = x.new_zeros((*x.shape[:-2], *self.full))
-            top = (self.full[0] - self.shape[0]) // 2
-            left = (self.full[1] - self.shape[1]) // 2
-            out[..., top : top + self.shape[0], left : left + self.shape[1]] = x
-            return out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The centre crop of the last ``len(shape)`` axes."""
+        return center_crop(x, self.shape)
 
-        super().__init__(lambda x: center_crop(x, self.shape), pad, "CenterCrop")
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """Zero-pad the last ``len(shape)`` axes back to ``full``."""
+        out = y.new_zeros((*y.shape[: y.ndim - len(self.full)], *self.full))
+        out[(..., *_crop_slices(self.full, self.shape))] = y
+        return out
