@@ -1,9 +1,12 @@
-"""Undersampling masks for 2D k-space.
+"""Undersampling masks for 2D k-space and for 3D Cartesian k-space.
 
-K-space arrays are (..., H, W) with W (the last axis) the phase-encoding direction, along which
-the 1D masks select columns (the fastMRI convention). Every mask function returns a NumPy
-``bool`` array of shape (H, W) and draws its randomness from the ``numpy.random.Generator`` it
-is given; none touches NumPy's global random state.
+2D k-space arrays are (..., H, W) with W (the last axis) the phase-encoding direction, along
+which the 1D masks select columns (the fastMRI convention). 3D Cartesian k-space is
+(..., kx, ky, kz) with the readout kx fully sampled: its mask is a 2D pattern over the
+phase-encoding plane (ky, kz), which broadcasts over kx (``mask[None]`` or plain NumPy/torch
+broadcasting against the last two axes). Every mask function returns a NumPy ``bool`` array
+of the 2D grid shape it is given ((H, W) or (ky, kz)) and draws its randomness from the
+``numpy.random.Generator`` it is given; none touches NumPy's global random state.
 
 * `cartesian_random_mask` and `equispaced_mask` reproduce fastMRI's ``RandomMaskFunc`` and
   ``EquispacedMaskFunc`` (the fraction-adjusted version): a fully sampled block of
@@ -11,9 +14,14 @@ is given; none touches NumPy's global random state.
   so that the expected acceleration is the one requested.
 * `poisson_disc_mask` is 2D variable-density Poisson-disc sampling of the whole k-space plane
   with a fully sampled calibration rectangle, tuned so that the realised acceleration is within
-  a tolerance of the request.
-* `MaskSpec` names one of these and samples it; `seed_from_name` gives the fixed per-file seed
-  used for evaluation masks.
+  a tolerance of the request. It serves 2D slices (over (H, W)) and 3D volumes (over
+  (ky, kz)).
+* `uniform_random_mask` is uniformly random sampling of a 2D grid with a fully sampled
+  calibration rectangle and the whole number of samples closest to ``size / acceleration``;
+  for the (ky, kz) plane of 3D acquisitions (and, like Poisson disc, usable over a 2D
+  slice's plane).
+* `MaskSpec` names one of these and samples it (``ndim=3`` for a (ky, kz) pattern);
+  `seed_from_name` gives the fixed per-file seed used for evaluation masks.
 
 Invalid parameters raise :class:`~cvxmri.errors.CvxmriError` with a one-line message.
 """
@@ -31,6 +39,7 @@ import numpy.typing as npt
 from cvxmri.errors import CvxmriError
 
 __all__ = [
+    "GRID_KINDS",
     "MASK_KINDS",
     "MaskSpec",
     "apply_padding",
@@ -39,10 +48,13 @@ __all__ = [
     "poisson_disc_mask",
     "realised_acceleration",
     "seed_from_name",
+    "uniform_random_mask",
 ]
 
 # "file": the mask stored in each fastMRI file's ``mask`` dataset (evaluation only).
-MASK_KINDS = ("poisson", "cartesian", "equispaced", "file")
+MASK_KINDS = ("poisson", "cartesian", "equispaced", "random", "file")
+# The kinds that draw a pattern over a whole 2D grid, hence the (ky, kz) plane of a volume.
+GRID_KINDS = ("poisson", "random")
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -95,6 +107,55 @@ def _check_calib_size(calib_size: Any) -> tuple[int, int]:
         if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 0:
             raise CvxmriError(f"calib_size must be two integers >= 0, got {calib_size!r}")
     return int(rows), int(cols)
+
+
+def _check_calib_within(calib_size: Any, shape: tuple[int, int]) -> tuple[int, int]:
+    """`_check_calib_size`, and the rectangle must fit in the grid ``shape``."""
+    calib_size = _check_calib_size(calib_size)
+    if calib_size[0] > shape[0] or calib_size[1] > shape[1]:
+        raise CvxmriError(f"calib_size {calib_size} larger than the mask shape {shape}")
+    return calib_size
+
+
+def _check_tol(tol: Any) -> float:
+    value = _real("tol", tol)
+    if not 0 < value < 1:
+        raise CvxmriError(f"tol must be in (0, 1), got {tol!r}")
+    return value
+
+
+def _sample_counts(
+    shape: tuple[int, int],
+    acceleration: float,
+    calib_size: tuple[int, int],
+    num_calib: int,
+    tol: float,
+) -> tuple[int, int, int]:
+    """The sample counts allowed on a grid of ``shape`` points: ``(low, high, target)``.
+
+    ``[low, high]`` are the counts ``n >= num_calib`` whose realised acceleration
+    ``size / n`` is within ``tol`` of the request, and ``target`` is the one closest to
+    ``round(size / acceleration)``.
+
+    Raises:
+        CvxmriError: when no count qualifies: the calibration rectangle alone is too large,
+            or no whole number of samples gives an acceleration within ``tol``.
+    """
+    height, width = shape
+    total = height * width
+    low = max(math.ceil(total / (acceleration * (1 + tol))), num_calib, 1)
+    high = min(math.floor(total / (acceleration * (1 - tol))), total)
+    if low > high:
+        if num_calib > total / (acceleration * (1 - tol)):
+            raise CvxmriError(
+                f"acceleration {acceleration} unreachable: the {calib_size[0]}x{calib_size[1]} "
+                f"calibration region alone has {num_calib} samples, more than the "
+                f"{total / acceleration:.0f} it allows on a {height}x{width} grid"
+            )
+        raise CvxmriError(
+            f"acceleration {acceleration} unreachable within tol {tol} on a {height}x{width} grid"
+        )
+    return low, high, min(max(round(total / acceleration), low), high)
 
 
 def _check_rng(rng: Any) -> np.random.Generator:
@@ -382,35 +443,18 @@ def poisson_disc_mask(
     height, width = _check_shape(shape)
     acceleration = _check_acceleration(acceleration)
     rng = _check_rng(rng)
-    calib_size = _check_calib_size(calib_size)
-    if calib_size[0] > height or calib_size[1] > width:
-        raise CvxmriError(f"calib_size {calib_size} larger than the mask shape {shape}")
+    calib_size = _check_calib_within(calib_size, shape)
     variable_density = _real("variable_density", variable_density)
     if not (math.isfinite(variable_density) and variable_density >= 0):
         raise CvxmriError(f"variable_density must be finite and >= 0, got {variable_density!r}")
-    tol = _real("tol", tol)
-    if not 0 < tol < 1:
-        raise CvxmriError(f"tol must be in (0, 1), got {tol!r}")
+    tol = _check_tol(tol)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int | np.integer) or max_iter < 1:
         raise CvxmriError(f"max_iter must be an integer >= 1, got {max_iter!r}")
 
     total = height * width
     calib = _calibration_region((height, width), calib_size)
     num_calib = int(calib.sum())
-    # Sample counts whose realised acceleration is within tol of the request.
-    low = max(math.ceil(total / (acceleration * (1 + tol))), num_calib, 1)
-    high = min(math.floor(total / (acceleration * (1 - tol))), total)
-    if low > high:
-        if num_calib > total / (acceleration * (1 - tol)):
-            raise CvxmriError(
-                f"acceleration {acceleration} unreachable: the {calib_size[0]}x{calib_size[1]} "
-                f"calibration region alone has {num_calib} samples, more than the "
-                f"{total / acceleration:.0f} it allows on a {height}x{width} grid"
-            )
-        raise CvxmriError(
-            f"acceleration {acceleration} unreachable within tol {tol} on a {height}x{width} grid"
-        )
-    target = min(max(round(total / acceleration), low), high)
+    low, high, target = _sample_counts((height, width), acceleration, calib_size, num_calib, tol)
     if target == num_calib:
         return calib
     good_enough = max(tol / 4 * target, 0.5)
@@ -453,6 +497,50 @@ def poisson_disc_mask(
     drop = rng.choice(candidates, size=dense_count - target, replace=False)
     dense_mask.flat[drop] = False
     return dense_mask
+
+
+def uniform_random_mask(
+    shape: tuple[int, int],
+    acceleration: float,
+    rng: np.random.Generator,
+    calib_size: tuple[int, int] = (16, 16),
+    tol: float = 0.03,
+) -> BoolArray:
+    """Uniformly random mask over a 2D grid with a fully sampled calibration rectangle.
+
+    Made for the (ky, kz) phase-encoding plane of 3D Cartesian acquisitions (the readout kx
+    is fully sampled; the mask broadcasts over it). The ``calib_size`` rectangle centred at
+    (H // 2, W // 2) is sampled, and ``n - num_calib`` of the other points, drawn uniformly
+    without replacement (``rng.choice``), where ``n`` is the whole number of samples closest
+    to ``H * W / acceleration`` whose realised acceleration ``H * W / n`` is within ``tol``
+    of the request. Every non-calibration point is thus sampled with the same probability
+    ``(n - num_calib) / (H * W - num_calib)``.
+
+    Args:
+        shape: (H, W) of the grid, e.g. (ky, kz).
+        acceleration: requested acceleration R, finite and > 1.
+        rng: the source of randomness.
+        calib_size: (rows, cols) of the fully sampled central rectangle; (0, 0) for none.
+        tol: relative tolerance on the realised acceleration, in (0, 1).
+
+    Returns:
+        bool array of shape (H, W) with exactly ``n`` samples.
+
+    Raises:
+        CvxmriError: for an invalid parameter, a calibration rectangle larger than the grid,
+            or an unreachable target (as in `poisson_disc_mask`).
+    """
+    height, width = _check_shape(shape)
+    acceleration = _check_acceleration(acceleration)
+    rng = _check_rng(rng)
+    calib_size = _check_calib_within(calib_size, (height, width))
+    tol = _check_tol(tol)
+    mask = _calibration_region((height, width), calib_size)
+    num_calib = int(mask.sum())
+    _, _, target = _sample_counts((height, width), acceleration, calib_size, num_calib, tol)
+    chosen = rng.choice(np.flatnonzero(~mask), size=target - num_calib, replace=False)
+    mask.flat[chosen] = True
+    return mask
 
 
 def apply_padding(mask: BoolArray, padding: tuple[int, int] | None) -> BoolArray:
@@ -516,14 +604,19 @@ def realised_acceleration(mask: npt.ArrayLike) -> float:
 class MaskSpec:
     """A mask family and its parameters.
 
+    The same spec serves 2D slices and 3D Cartesian volumes: `sample` with ``ndim=2`` draws
+    a (H, W) mask for (..., H, W) k-space; with ``ndim=3`` it draws the (ky, kz) pattern of a
+    (..., kx, ky, kz) volume, whose readout kx is fully sampled (only the kinds that sample a
+    whole 2D grid, "poisson" and "random", make sense there).
+
     Attributes:
-        kind: "poisson" (`poisson_disc_mask`), "cartesian" (`cartesian_random_mask`) or
-            "equispaced" (`equispaced_mask`).
+        kind: "poisson" (`poisson_disc_mask`), "cartesian" (`cartesian_random_mask`),
+            "equispaced" (`equispaced_mask`) or "random" (`uniform_random_mask`).
         acceleration: requested acceleration, finite and > 1.
         center_fraction: fraction of fully sampled central columns, in (0, 1); used by the
             1D kinds.
         calib_size: (rows, cols) of the fully sampled central rectangle, >= 0; used by
-            "poisson".
+            "poisson" and "random".
     """
 
     kind: str
@@ -531,8 +624,9 @@ class MaskSpec:
     center_fraction: float = 0.04
     calib_size: tuple[int, int] = (16, 16)
 
-    def validate(self) -> None:
-        """Raise CvxmriError for an unknown kind or an invalid parameter."""
+    def validate(self, ndim: int = 2) -> None:
+        """Raise CvxmriError for an unknown kind, an invalid parameter, or a kind that cannot
+        sample ``ndim``-dimensional k-space (2: slices, 3: volumes)."""
         if self.kind not in MASK_KINDS:
             raise CvxmriError(
                 f"mask kind must be one of {', '.join(MASK_KINDS)}, got {self.kind!r}"
@@ -540,23 +634,45 @@ class MaskSpec:
         _check_acceleration(self.acceleration)
         _check_center_fraction(self.center_fraction)
         _check_calib_size(self.calib_size)
+        if isinstance(ndim, bool) or ndim not in (2, 3):
+            raise CvxmriError(f"mask ndim must be 2 or 3, got {ndim!r}")
+        if ndim == 3 and self.kind not in (*GRID_KINDS, "file"):
+            raise CvxmriError(
+                f"a {self.kind} mask selects lines of 2D k-space; 3D masks are drawn over "
+                f"(ky, kz) by the kinds {', '.join(GRID_KINDS)}"
+            )
 
     def sample(
         self,
         shape: tuple[int, int],
         rng: np.random.Generator,
         padding: tuple[int, int] | None = None,
+        ndim: int = 2,
     ) -> BoolArray:
-        """Draw a (H, W) bool mask of this kind, then zero the columns outside ``padding``.
+        """Draw a bool mask of this kind over the 2D grid ``shape``.
 
-        Padding is applied after sampling, as in fastMRI, so a padded mask has fewer samples
-        than the acceleration asks for.
+        Args:
+            shape: (H, W) of a 2D k-space plane for ``ndim=2``; the phase-encoding plane
+                (ky, kz) of 3D k-space (..., kx, ky, kz) for ``ndim=3``.
+            rng: the source of randomness.
+            padding: ``(left, right)``: zero the columns outside ``[left, right)`` after
+                sampling, as fastMRI does (so a padded mask has fewer samples than the
+                acceleration asks for); 2D only.
+            ndim: number of spatial axes of the k-space the mask is for, 2 or 3.
+
+        Returns:
+            bool array of shape ``shape``; for ``ndim=3`` it broadcasts over kx against
+            (..., kx, ky, kz) k-space (the readout is fully sampled).
         """
-        self.validate()
+        self.validate(ndim)
         if self.kind == "file":
             raise CvxmriError("the 'file' mask is read from each file, not drawn")
+        if ndim == 3 and padding is not None:
+            raise CvxmriError("padding applies to the columns of 2D masks, not to 3D masks")
         if self.kind == "poisson":
             mask = poisson_disc_mask(shape, self.acceleration, rng, calib_size=self.calib_size)
+        elif self.kind == "random":
+            mask = uniform_random_mask(shape, self.acceleration, rng, calib_size=self.calib_size)
         elif self.kind == "cartesian":
             mask = cartesian_random_mask(shape, self.acceleration, self.center_fraction, rng)
         else:
@@ -567,7 +683,7 @@ class MaskSpec:
         """A short label, e.g. "poisson 4x (calib 16x16)" or "cartesian 4x (centre 0.04)"."""
         if self.kind == "file":
             return "file mask"
-        if self.kind == "poisson":
+        if self.kind in GRID_KINDS:
             rows, cols = self.calib_size
             return f"{self.kind} {self.acceleration:g}x (calib {rows}x{cols})"
         return f"{self.kind} {self.acceleration:g}x (centre {self.center_fraction:g})"

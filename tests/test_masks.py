@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import math
 import zlib
@@ -486,3 +487,41 @@ def test_realised_acceleration():
     assert realised_acceleration(mask) == 4.0
     with pytest.raises(CvxmriError, match="nothing"):
         realised_acceleration(np.zeros((4, 8), dtype=bool))
+
+
+# Draws of the 2D kinds made with the code before 3D masks existed (commit 1cabc60): SHA-256
+# (first 16 hex digits) of ``mask.tobytes()`` and the generator's next ``integers(2**62)``,
+# which pins how many numbers each draw consumed.
+_POISSON = MaskSpec("poisson", 4.0)
+_POISSON_8X = MaskSpec("poisson", 8.0, calib_size=(12, 10))
+_POISSON_SMALL = MaskSpec("poisson", 4.0, calib_size=(6, 6))
+_CARTESIAN = MaskSpec("cartesian", 4.0, 0.04)
+_CARTESIAN_8X = MaskSpec("cartesian", 8.0, 0.08)
+_EQUISPACED = MaskSpec("equispaced", 4.0, 0.08)
+STORED_2D_DRAWS = [
+    (_POISSON, (64, 96), None, 0, "0283aad27b21fbd8", 3922192517893714476),
+    (_POISSON, (64, 96), None, 1, "f9425da13676a35e", 2306619938289641711),
+    (_POISSON_8X, (128, 128), None, 0, "d3899b4724b8bf89", 391161050096076404),
+    (_POISSON_8X, (128, 128), None, 1, "19bb66a0d2b3eb9f", 2216330469451613400),
+    (_POISSON_SMALL, (32, 30), (2, 28), 0, "4a9b69abb43f989c", 304879755136735771),
+    (_POISSON_SMALL, (32, 30), (2, 28), 1, "32cd1292ec564f3d", 1358516972866892504),
+    (_CARTESIAN, (64, 368), None, 0, "42516ba5a23b5bba", 4498851797125794534),
+    (_CARTESIAN, (64, 368), None, 1, "fe23acf9362aaf84", 2026525454948512988),
+    (_CARTESIAN_8X, (20, 96), (3, 90), 0, "3996d6194c89ef4e", 686052915257771543),
+    (_CARTESIAN_8X, (20, 96), (3, 90), 1, "2b33cea3f6fe1ca9", 488475486377706491),
+    (_EQUISPACED, (16, 368), None, 0, "fc8329e225a38b7b", 1244171615822312904),
+    (_EQUISPACED, (16, 368), None, 1, "afca9bce7a4686aa", 4383240139369130521),
+]
+
+
+@pytest.mark.parametrize(("spec", "shape", "padding", "seed", "digest", "after"), STORED_2D_DRAWS)
+def test_2d_draws_unchanged(spec, shape, padding, seed, digest, after):
+    g = rng(seed)
+    mask = spec.sample(shape, g, padding=padding)
+    assert mask.shape == shape
+    assert hashlib.sha256(mask.tobytes()).hexdigest()[:16] == digest
+    assert int(g.integers(2**62)) == after
+    # The explicit ndim=2 is the default.
+    g = rng(seed)
+    np.testing.assert_array_equal(spec.sample(shape, g, padding=padding, ndim=2), mask)
+    assert int(g.integers(2**62)) == after
