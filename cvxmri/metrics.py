@@ -10,6 +10,11 @@ scikit-image:
   defaults: 7x7 uniform window, ``K1=0.01``, ``K2=0.03``, sample covariances (scaled by
   ``N / (N - 1)`` with ``N = 49``) and the SSIM map averaged without its 3-pixel border.
 
+A volume is a 3D array: the (slices, H, W) stack of a 2D multi-slice acquisition, or the
+(D, H, W) image of a 3D acquisition. NMSE and PSNR do not depend on how it is cut; SSIM is
+the mean of the 2D SSIM over the slices along ``axis`` (0 by default, the fastMRI slice
+axis; any axis of a 3D volume, e.g. to score a 3D reconstruction in its acquisition plane).
+
 Everything is computed in PyTorch in float64 on the inputs' device, batched over slices, so the
 same code serves offline evaluation on CPU and monitoring on GPU during training. The per-slice
 functions return float64 tensors and are differentiable; the volume functions return floats.
@@ -67,8 +72,20 @@ def _as_float64(x: object, name: str, device: torch.device) -> Tensor:
     return x.to(device=device, dtype=torch.float64)
 
 
-def _check_pair(gt: object, pred: object, *, allow_2d: bool) -> tuple[Tensor, Tensor]:
-    """Convert to float64 tensors of shape (B, H, W) on a common device and validate."""
+def _check_axis(axis: object) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, int) or not -3 <= axis < 3:
+        raise CvxmriError(f"axis must be an integer in [-3, 2] (an axis of a volume), got {axis!r}")
+    return axis
+
+
+def _check_pair(
+    gt: object, pred: object, *, allow_2d: bool, axis: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Convert to float64 tensors of shape (B, H, W) on a common device and validate.
+
+    A volume's slice axis ``axis`` is moved first (``movedim(0, 0)`` is the tensor itself).
+    """
+    axis = _check_axis(axis)
     devices = {x.device for x in (gt, pred) if isinstance(x, Tensor)}
     if len(devices) > 1:
         raise CvxmriError(f"gt and pred are on different devices: {sorted(map(str, devices))}")
@@ -82,6 +99,7 @@ def _check_pair(gt: object, pred: object, *, allow_2d: bool) -> tuple[Tensor, Te
     if g.ndim != 3:
         expected = "(H, W) or (B, H, W)" if allow_2d else "(slices, H, W)"
         raise CvxmriError(f"expected images of shape {expected}, got {tuple(g.shape)}")
+    g, p = g.movedim(axis, 0), p.movedim(axis, 0)
     if g.shape[0] == 0:
         raise CvxmriError("got zero slices")
     if min(g.shape[-2:]) < WIN_SIZE:
@@ -227,30 +245,40 @@ def psnr(gt: ImageLike, pred: ImageLike, data_range: float | None = None) -> flo
     return _psnr((g - p).square().mean(), r).item()
 
 
-def ssim(gt: ImageLike, pred: ImageLike, data_range: float | None = None) -> float:
+def ssim(gt: ImageLike, pred: ImageLike, data_range: float | None = None, axis: int = 0) -> float:
     """fastMRI volume SSIM: the mean over slices of the 2D SSIM with one volume-wide range.
 
+    ``mean_s SSIM(gt_s, pred_s; L)`` over the 2D slices ``s`` of the volume along ``axis``,
+    with ``L = data_range`` (``gt.max()`` of the whole volume by default).
+
     Args:
-        gt: Reference volume, shape (slices, H, W), H and W at least 7.
+        gt: Reference volume, shape (slices, H, W); the two axes other than ``axis`` at
+            least 7.
         pred: Reconstructed volume, same shape.
         data_range: Range used for every slice; ``gt.max()`` of the volume when None.
+        axis: the axis along which the volume is cut into 2D slices; 0 is fastMRI's.
 
     Returns:
         The mean of :func:`ssim_per_slice` over the slices.
     """
-    g, p = _check_pair(gt, pred, allow_2d=False)
+    g, p = _check_pair(gt, pred, allow_2d=False, axis=axis)
     r = _volume_max(g) if data_range is None else _check_range(data_range, None, g.device)
     return _ssim(g, p, r.expand(g.shape[0])).mean().item()
 
 
-def volume_metrics(gt: ImageLike, pred: ImageLike) -> dict[str, float]:
-    """NMSE, PSNR and SSIM of a (slices, H, W) volume with the fastMRI volume conventions.
+def volume_metrics(gt: ImageLike, pred: ImageLike, axis: int = 0) -> dict[str, float]:
+    """NMSE, PSNR and SSIM of a 3D volume with the fastMRI volume conventions.
+
+    Args:
+        gt: Reference volume, (slices, H, W) or a 3D image (D, H, W).
+        pred: Reconstructed volume, same shape.
+        axis: the axis along which SSIM cuts the volume into 2D slices; 0 is fastMRI's.
 
     Returns:
         ``{"nmse": ..., "psnr": ..., "ssim": ...}``, equal to :func:`nmse`, :func:`psnr` and
-        :func:`ssim` with ``data_range = gt.max()`` of the whole volume.
+        :func:`ssim` (along ``axis``) with ``data_range = gt.max()`` of the whole volume.
     """
-    g, p = _check_pair(gt, pred, allow_2d=False)
+    g, p = _check_pair(gt, pred, allow_2d=False, axis=axis)
     r = _volume_max(g)
     sq_err = (g - p).square()
     return {
@@ -260,16 +288,21 @@ def volume_metrics(gt: ImageLike, pred: ImageLike) -> dict[str, float]:
     }
 
 
-def slice_metrics(gt: ImageLike, pred: ImageLike) -> dict[str, list[float]]:
-    """Per-slice NMSE, PSNR and SSIM of a (slices, H, W) volume ("slice-based" metrics).
+def slice_metrics(gt: ImageLike, pred: ImageLike, axis: int = 0) -> dict[str, list[float]]:
+    """Per-slice NMSE, PSNR and SSIM of a 3D volume ("slice-based" metrics).
 
     Unlike :func:`volume_metrics`, PSNR and SSIM use each slice's own ``gt`` maximum as its
     data range, so every slice of ``gt`` must have a positive maximum.
 
+    Args:
+        gt: Reference volume, (slices, H, W) or a 3D image (D, H, W).
+        pred: Reconstructed volume, same shape.
+        axis: the axis along which the volume is cut into the scored 2D slices.
+
     Returns:
-        ``{"nmse": [...], "psnr": [...], "ssim": [...]}``, one value per slice.
+        ``{"nmse": [...], "psnr": [...], "ssim": [...]}``, one value per slice along ``axis``.
     """
-    g, p = _check_pair(gt, pred, allow_2d=False)
+    g, p = _check_pair(gt, pred, allow_2d=False, axis=axis)
     r = _slice_max(g)
     sq_err = (g - p).square()
     values = {

@@ -160,6 +160,71 @@ def test_slice_metrics_use_each_slice_max(phantom):
     assert abs(metrics.ssim(gt, pred) - float(np.mean(got["ssim"]))) > 1e-2
 
 
+def tiny_volume(shape: tuple[int, int, int] = (9, 10, 11)) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth 3D blob on a positive background and a noisy copy of it."""
+    grids = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    gt = np.exp(-2 * sum(g**2 for g in grids)) + 0.05 * (1 + grids[0])
+    rng = np.random.default_rng(3)
+    return gt, gt + rng.normal(0.0, 0.03, gt.shape)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+def test_3d_volume_metrics_match_skimage_slice_by_slice(axis):
+    gt, pred = tiny_volume()
+    maxval = gt.max()
+    slices = np.moveaxis(gt, axis, 0), np.moveaxis(pred, axis, 0)
+    expected_ssim = np.mean(
+        [structural_similarity(g, p, data_range=maxval) for g, p in zip(*slices, strict=True)]
+    )
+    expected = {
+        "nmse": fastmri_nmse(gt, pred),
+        "psnr": float(peak_signal_noise_ratio(gt, pred, data_range=maxval)),
+        "ssim": float(expected_ssim),
+    }
+    assert metrics.volume_metrics(gt, pred, axis=axis) == pytest.approx(expected, rel=RTOL)
+    assert metrics.ssim(gt, pred, axis=axis) == pytest.approx(expected["ssim"], rel=RTOL)
+    assert metrics.ssim(gt, pred, 2.0, axis) == pytest.approx(
+        np.mean(
+            [structural_similarity(g, p, data_range=2.0) for g, p in zip(*slices, strict=True)]
+        ),
+        rel=RTOL,
+    )
+    per_slice = metrics.slice_metrics(gt, pred, axis=axis)
+    assert len(per_slice["ssim"]) == gt.shape[axis]
+    for index, (g, p) in enumerate(zip(*slices, strict=True)):
+        assert per_slice["ssim"][index] == pytest.approx(
+            structural_similarity(g, p, data_range=g.max()), rel=RTOL
+        )
+        assert per_slice["psnr"][index] == pytest.approx(
+            peak_signal_noise_ratio(g, p, data_range=g.max()), rel=RTOL
+        )
+
+
+def test_3d_ssim_depends_on_the_slice_axis():
+    # The blob is anisotropic along axis 0, so slicing another way gives another mean SSIM;
+    # PSNR and NMSE are whole-volume numbers and do not change.
+    gt, pred = tiny_volume()
+    by_axis = [metrics.volume_metrics(gt, pred, axis=axis) for axis in range(3)]
+    assert len({round(m["ssim"], 9) for m in by_axis}) == 3
+    assert all(m["psnr"] == by_axis[0]["psnr"] and m["nmse"] == by_axis[0]["nmse"] for m in by_axis)
+
+
+def test_default_axis_is_the_fastmri_slice_axis(phantom):
+    gt, pred = volume_pair(phantom)
+    for axis in (0, -3):
+        assert metrics.volume_metrics(gt, pred, axis=axis) == metrics.volume_metrics(gt, pred)
+        assert metrics.ssim(gt, pred, axis=axis) == metrics.ssim(gt, pred)
+        assert metrics.slice_metrics(gt, pred, axis=axis) == metrics.slice_metrics(gt, pred)
+
+
+def test_3d_slices_smaller_than_the_window_are_refused():
+    gt = np.ones((8, 8, 5))
+    # Along axis 2 the slices are 8x8; along axis 0 they are 8x5, too small for 7x7.
+    assert metrics.ssim(gt, gt, axis=2) == pytest.approx(1.0)
+    with pytest.raises(CvxmriError, match=r"at least 7x7.*got 8x5"):
+        metrics.ssim(gt, gt, axis=0)
+
+
 def test_identical_images():
     gt = torch.rand(3, 16, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     gt += 0.1
@@ -265,6 +330,9 @@ BAD_CALLS = {
     "4D slices": lambda: metrics.ssim_per_slice(_ones(1, 1, 8, 8), _ones(1, 1, 8, 8), 1.0),
     "no slices": lambda: metrics.nmse_per_slice(_ones(0, 8, 8), _ones(0, 8, 8)),
     "complex": lambda: metrics.volume_metrics(np.ones((1, 8, 8), complex), np.ones((1, 8, 8))),
+    "axis out of range": lambda: metrics.ssim(_ones(8, 8, 8), _ones(8, 8, 8), axis=3),
+    "axis not an int": lambda: metrics.volume_metrics(_ones(8, 8, 8), _ones(8, 8, 8), axis=1.0),
+    "axis a bool": lambda: metrics.slice_metrics(_ones(8, 8, 8), _ones(8, 8, 8), axis=True),
 }
 
 
