@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+from copy import deepcopy
 
 import numpy as np
 import pytest
@@ -348,3 +349,17 @@ def test_docstring_examples(module) -> None:
     result = doctest.testmod(module, raise_on_error=False, verbose=False)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_sense_copies_and_saves_like_a_module(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(14)
+    maps = crandn(1, 2, 8, 6, generator=gen)
+    mask = (torch.rand(8, 6, generator=gen) < 0.5).to(torch.float64)
+    net = torch.nn.Sequential(Sense(maps, mask))
+    copy = deepcopy(net)
+    assert copy[0].maps is not maps and torch.equal(copy[0].maps, maps)
+    torch.save(net.state_dict(), tmp_path / "sense.pt")
+    loaded = torch.load(tmp_path / "sense.pt", weights_only=True)
+    assert loaded.keys() == {"0.maps", "0.mask"}
+    x = crandn(1, 8, 6, generator=gen)
+    assert torch.equal(copy(x), net(x))
