@@ -147,6 +147,11 @@ class Workload:
         )
 
     @property
+    def patterns(self) -> int:
+        """Gate patterns of a convex stage of this architecture (`StageSpec.convex_config`)."""
+        return self.stage_spec().convex_config().patterns
+
+    @property
     def has_stage_pass(self) -> bool:
         """Whether the trainer runs a stage pass for it (a convex stage's sign patterns, a
         later stage's inputs)."""
@@ -186,7 +191,7 @@ def _prefix_flops(w: Workload, pixels: int) -> int:
         c_in = IMAGE_CHANNELS if i == 0 else w.channels
         total += conv_flops(c_in, w.channels, w.kernel_size, pixels)
         if w.method == "layerwise-convex":  # the gated layer's gate convolution
-            total += conv_flops(c_in, w.channels // 2, w.kernel_size, pixels)
+            total += conv_flops(c_in, w.patterns, w.kernel_size, pixels)
     return total
 
 
@@ -218,7 +223,7 @@ def step_flops(w: Workload) -> int:
         return w.batch * total
     c_in = io if w.stage == 1 else c
     if w.method == "layerwise-convex":
-        total += 2 * conv_flops(c_in, c // 2 * io, k, pixels)
+        total += 2 * conv_flops(c_in, w.patterns * io, k, pixels)
     else:
         total += 2 * conv_flops(c_in, c, k, pixels) + 3 * conv_flops(c, io, 1, pixels)
     if w.recomputes_prefix:
@@ -236,7 +241,7 @@ def stage_pass_flops(w: Workload) -> int:
         total -= _prefix_flops(replace(w, stage=w.stage - 1), pixels)
     if w.method == "layerwise-convex":
         c_in = IMAGE_CHANNELS if w.stage == 1 else w.channels
-        total += conv_flops(c_in, w.channels // 2, w.kernel_size, pixels)
+        total += conv_flops(c_in, w.patterns, w.kernel_size, pixels)
     return w.batch * total
 
 
