@@ -12,8 +12,9 @@ import torch
 from cvxmri.errors import CvxmriError
 from cvxmri.models.cnn import ReconCNN
 from cvxmri.models.convex import ConvexStage, ConvexStageConfig, unpack_gates
+from cvxmri.models.stages import Stage, carry_prediction, gated_layers
 from cvxmri.training.config import TrainConfig, preset
-from cvxmri.training.trainer import Trainer, TrainingStopped, gated_layers, write_outputs
+from cvxmri.training.trainer import StageInputs, Trainer, TrainingStopped, write_outputs
 
 
 @pytest.fixture
@@ -77,18 +78,57 @@ def test_save_load_roundtrip_and_rejects_foreign_files(tmp_path: Path) -> None:
         ReconCNN.load(tmp_path / "junk.pt")
 
 
-def test_frozen_prefix_gets_no_gradient(data: Path, tmp_path: Path) -> None:
-    trainer = Trainer(tiny(data, "layerwise-convex", layers=3), tmp_path)
-    model = trainer.fit()
-    before = [p.detach().clone() for p in model.hidden[0].parameters()]
-    # Stage 2 trained on top of stage 1: the first layer must be what stage 1 exported.
+@pytest.mark.parametrize("method", ["layerwise-convex", "layerwise"])
+def test_frozen_prefix_gets_no_gradient(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """While stage 2 trains, after every one of its steps, its resident prefix (stage_cache
+    none: run on every batch) is what stage 1 exported, is not in the optimiser, needs no
+    gradient, has none and has not changed."""
+    steps = []
+    train_stage = Trainer._train_stage
+
+    def spy(
+        self: Trainer,
+        stage: Stage,
+        optimizer: torch.optim.Optimizer,
+        scheduler: object,
+        inputs: StageInputs,
+        index: int,
+        *args: object,
+    ) -> None:
+        prefix = inputs.prefix
+        assert (prefix is None) == (index == 0)
+        if prefix is not None:
+            exported = ReconCNN.load(self.out / f"model_depth{index + 1}.pt")
+            before = {k: v.clone() for k, v in prefix.state_dict().items()}
+            for key, value in exported.state_dict().items():
+                assert torch.equal(value, before[key].cpu()), key
+            trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            assert not trained & {id(p) for p in prefix.parameters()}
+            step = stage.step
+
+            def checked_step(*step_args: object, **kwargs: object) -> float:
+                loss = step(*step_args, **kwargs)  # type: ignore[arg-type]
+                for name, parameter in prefix.named_parameters():
+                    assert not parameter.requires_grad and parameter.grad is None, name
+                for key, value in prefix.state_dict().items():
+                    assert torch.equal(value, before[key]), key
+                steps.append(index)
+                return loss
+
+            stage.step = checked_step  # type: ignore[method-assign]
+        train_stage(self, stage, optimizer, scheduler, inputs, index, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Trainer, "_train_stage", spy)
+    config = tiny(data, method, layers=3, stage_cache="none")
+    model = Trainer(config, tmp_path).fit()
+    # 2 epochs of 4 images in batches of 4 for stage 2 (index 1).
+    assert steps == [1, 1]
+    # The network's first layer is what stage 1 exported.
     exported = ReconCNN.load(tmp_path / "model_depth2.pt")
-    for a, b in zip(
-        exported.hidden[0].state_dict().values(), model.hidden[0].state_dict().values(), strict=True
-    ):
-        torch.testing.assert_close(a, b)
-    assert all(not p.requires_grad for p in model.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(before, model.hidden[0].parameters(), strict=True))
+    for key, value in exported.hidden[0].state_dict().items():
+        assert torch.equal(value, model.hidden[0].state_dict()[key]), key
 
 
 @pytest.mark.parametrize("method", ["layerwise-convex", "layerwise", "end-to-end"])
@@ -133,7 +173,6 @@ def test_convex_run_writes_certificates(data: Path, tmp_path: Path) -> None:
         assert cert["gap"] >= -1e-6 * abs(cert["primal"])
         assert cert["dual"] <= cert["primal"] + 1e-9
     for name in (
-        "config.yaml",
         "model.pt",
         "history.csv",
         "certificates.json",
@@ -141,7 +180,7 @@ def test_convex_run_writes_certificates(data: Path, tmp_path: Path) -> None:
         "model_depth2.pt",
         "model_depth3.pt",
     ):
-        assert (tmp_path / name).exists() or name == "config.yaml", name
+        assert (tmp_path / name).exists(), name
 
 
 def test_evaluate_model_matches_training_validation(data: Path, tmp_path: Path) -> None:
@@ -211,8 +250,6 @@ def test_same_seed_same_run(data: Path, tmp_path: Path, method: str) -> None:
 
 
 def test_carried_stage_starts_at_previous_prediction() -> None:
-    from cvxmri.training.trainer import carry_prediction
-
     torch.manual_seed(3)
     first = ConvexStage(2, 2, ConvexStageConfig(patterns=4, kernel_size=3))
     x0 = torch.randn(3, 2, 12, 12)
@@ -297,14 +334,17 @@ def test_cached_stages_train_without_the_prefix(
     seen = []
     train_stage = Trainer._train_stage
 
-    def spy(self: Trainer, module: torch.nn.Module, *args: object) -> None:
+    def spy(self: Trainer, stage: Stage, *args: object) -> None:
         inputs = args[2]
+        assert isinstance(inputs, StageInputs)
         seen.append((inputs.prefix is None, inputs.cached is not None, inputs.val is not None))
         assert inputs.gates is not None
         sample = self._inputs_sample(inputs, 2).to(self.device)
-        packed = self._gate_cache(module, inputs)[:2]
-        assert unpack_gates(packed, module.config.patterns).equal(module.pattern_gates(sample))
-        train_stage(self, module, *args)  # type: ignore[arg-type]
+        packed = self._gate_cache(stage, inputs)[:2]
+        assert stage.convex_program is not None
+        expected = stage.convex_program.pattern_gates(sample)
+        assert unpack_gates(packed, stage.patterns).equal(expected)
+        train_stage(self, stage, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Trainer, "_train_stage", spy)
     trainer = Trainer(tiny(data, "layerwise-convex", layers=4, stage_cache=cache), tmp_path)

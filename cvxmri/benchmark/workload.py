@@ -3,14 +3,14 @@
 A `Workload` names a method (end-to-end, end-to-end with gradient checkpointing, a stage of
 layer-wise convex training, a stage of the non-convex layer-wise ablation), its architecture,
 batch size, precision and device. `prepare` builds what the trainer builds for it and returns
-the step that the trainer calls (`cvxmri.training.steps`), with Adam:
+the step that the trainer calls, with Adam:
 
 - end-to-end: ``ReconCNN.relu(layers, channels, kernel)`` and `end_to_end_step`;
-- layer-wise stage ``j``: a `ConvexStage` (``channels // 2`` gate patterns, 2 outputs,
-  gates initialised on a small sample) with `convex_stage_step` given the batch's sign
-  patterns (the trainer computes them once per stage), or the non-convex `TwoLayerStage`
-  with `two_layer_stage_step`, on top of a frozen prefix of ``j - 1`` hidden layers (gated
-  layers made from convex stages for ``layerwise-convex``, ReLU layers for ``layerwise``).
+- layer-wise stage ``j``: the stage that the trainer's factory builds (`build_stage` from a
+  `StageSpec` of the workload; a convex stage's gates initialised on a small sample) and its
+  `Stage.step`, given the batch's sign patterns (the trainer computes them once per stage),
+  on top of a frozen prefix of ``j - 1`` hidden layers (the frozen layers of stages built
+  the same way, with random weights).
   With ``stage_inputs="recomputed"`` the prefix is resident and the step first runs it
   without autograd on the zero-filled batch (the trainer with ``stage_cache: none``). With
   ``"cached"`` the stage input batch is given (bf16 under autocast) and the prefix is not
@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from cvxmri.errors import CvxmriError
 from cvxmri.models.cnn import ReconCNN, ReluConv
-from cvxmri.models.convex import ConvexStage, ConvexStageConfig
-from cvxmri.training.steps import convex_stage_step, end_to_end_step, two_layer_stage_step
+from cvxmri.models.stages import StageSpec, build_stage
+from cvxmri.training.steps import end_to_end_step
 
 METHODS = ("end-to-end", "end-to-end-checkpointing", "layerwise-convex", "layerwise")
 LAYERWISE = ("layerwise-convex", "layerwise")
@@ -135,6 +135,22 @@ class Workload:
         text += ", bf16" if self.amp else ", fp32"
         return text + (", stage pass" if self.part == "stage_pass" else "")
 
+    def stage_spec(self) -> StageSpec:
+        """The spec of its layer-wise stages (`build_stage`), as a training run of this
+        architecture has."""
+        return StageSpec(
+            method=self.method,
+            channels=self.channels,
+            kernel_size=self.kernel_size,
+            amp=self.amp,
+            pattern_chunk=self.pattern_chunk,
+        )
+
+    @property
+    def patterns(self) -> int:
+        """Gate patterns of a convex stage of this architecture (`StageSpec.convex_config`)."""
+        return self.stage_spec().convex_config().patterns
+
     @property
     def has_stage_pass(self) -> bool:
         """Whether the trainer runs a stage pass for it (a convex stage's sign patterns, a
@@ -175,7 +191,7 @@ def _prefix_flops(w: Workload, pixels: int) -> int:
         c_in = IMAGE_CHANNELS if i == 0 else w.channels
         total += conv_flops(c_in, w.channels, w.kernel_size, pixels)
         if w.method == "layerwise-convex":  # the gated layer's gate convolution
-            total += conv_flops(c_in, w.channels // 2, w.kernel_size, pixels)
+            total += conv_flops(c_in, w.patterns, w.kernel_size, pixels)
     return total
 
 
@@ -207,7 +223,7 @@ def step_flops(w: Workload) -> int:
         return w.batch * total
     c_in = io if w.stage == 1 else c
     if w.method == "layerwise-convex":
-        total += 2 * conv_flops(c_in, c // 2 * io, k, pixels)
+        total += 2 * conv_flops(c_in, w.patterns * io, k, pixels)
     else:
         total += 2 * conv_flops(c_in, c, k, pixels) + 3 * conv_flops(c, io, 1, pixels)
     if w.recomputes_prefix:
@@ -225,7 +241,7 @@ def stage_pass_flops(w: Workload) -> int:
         total -= _prefix_flops(replace(w, stage=w.stage - 1), pixels)
     if w.method == "layerwise-convex":
         c_in = IMAGE_CHANNELS if w.stage == 1 else w.channels
-        total += conv_flops(c_in, w.channels // 2, w.kernel_size, pixels)
+        total += conv_flops(c_in, w.patterns, w.kernel_size, pixels)
     return w.batch * total
 
 
@@ -258,24 +274,21 @@ def _randn(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -
 
 def _gated_prefix(w: Workload, gen: torch.Generator, start: int = 0) -> list[nn.Module]:
     """The hidden layers ``start ..`` a layer-wise convex run would have frozen before stage
-    ``w.stage``: each a convex stage with gates initialised on a small sample and random
-    weights, turned into a gated layer by the trainer's `gated_layers`."""
-    from cvxmri.training.trainer import gated_layers
-
+    ``w.stage``: each a convex stage built by `build_stage` (gates initialised on a small
+    sample) with random weights, frozen (`Stage.freeze`) into a gated layer."""
     layers: list[nn.Module] = []
     size = (2, IMAGE_CHANNELS, GATE_SAMPLE_SIZE, GATE_SAMPLE_SIZE)
     sample = torch.randn(size, generator=gen)
     if start > 0:  # a later layer's input: non-negative features
         sample = torch.rand((2, w.channels, *size[2:]), generator=gen)
     for i in range(start, w.stage - 1):
-        config = ConvexStageConfig(
-            patterns=w.channels // 2, kernel_size=w.kernel_size, gate_seed=w.seed + i
-        )
-        stage = ConvexStage(sample.shape[1], IMAGE_CHANNELS, config)
-        stage.init_gates(sample)
+        stage = build_stage(w.stage_spec(), i, sample.shape[1], sample, seed=w.seed + i)
+        assert stage.convex_program is not None
         with torch.no_grad():
-            stage.v.normal_(0.0, (sample.shape[1] * w.kernel_size**2) ** -0.5, generator=gen)
-        first, _ = gated_layers(stage)
+            stage.convex_program.v.normal_(
+                0.0, (sample.shape[1] * w.kernel_size**2) ** -0.5, generator=gen
+            )
+        first, _ = stage.freeze()
         with torch.no_grad():
             sample = first(sample)
         layers.append(first)
@@ -330,22 +343,13 @@ def prepare(w: Workload) -> Prepared:
     # drops it while the stage trains.
     resident = build_prefix() if w.recomputes_prefix else None
 
-    module: nn.Module
-    if convex:
-        config = ConvexStageConfig(
-            patterns=w.channels // 2, kernel_size=w.kernel_size, gate_seed=w.seed + w.stage
-        )
-        stage = ConvexStage(in_channels, IMAGE_CHANNELS, config)
-        sample = torch.rand(2, in_channels, GATE_SAMPLE_SIZE, GATE_SAMPLE_SIZE, generator=gen)
-        if w.stage == 1:
-            sample = sample - 0.5
-        stage.init_gates(sample)
-        module = stage.to(device)
-    else:
-        from cvxmri.training.trainer import TwoLayerStage
-
-        module = TwoLayerStage(in_channels, w.channels, w.kernel_size).to(device)
-    optimizer = torch.optim.Adam(module.parameters(), lr=LR)
+    sample = torch.rand(2, in_channels, GATE_SAMPLE_SIZE, GATE_SAMPLE_SIZE, generator=gen)
+    if w.stage == 1:
+        sample = sample - 0.5
+    stage = build_stage(
+        w.stage_spec(), w.stage - 1, in_channels, sample, seed=w.seed + w.stage, device=device
+    )
+    optimizer = torch.optim.Adam(stage.module.parameters(), lr=LR)
     cached_dtype = torch.bfloat16 if w.amp else torch.float32
 
     def features(prefix: nn.Module, x0: Tensor) -> Tensor:
@@ -355,14 +359,10 @@ def prepare(w: Workload) -> Prepared:
 
     def patterns(x: Tensor) -> Tensor | None:
         # The trainer's once-per-stage gates: unpacked from its cache for every batch.
-        return module.pattern_gates(x, w.pattern_chunk) if isinstance(module, ConvexStage) else None
+        return stage.sign_patterns(x)
 
     def stage_step(x: Tensor, r: Tensor, gates: Tensor | None) -> float:
-        if isinstance(module, ConvexStage):
-            return convex_stage_step(
-                module, x, r, optimizer, amp=w.amp, pattern_chunk=w.pattern_chunk, gates=gates
-            )
-        return two_layer_stage_step(module, x, r, optimizer, amp=w.amp)
+        return stage.step(x, r, optimizer, gates=gates)
 
     r = _randn(shape, batch_gen, device)
     r_small = _randn(small, batch_gen, device)
@@ -374,7 +374,8 @@ def prepare(w: Workload) -> Prepared:
 
         def recomputed_pass() -> Tensor:
             x = features(resident, x0)
-            return x if not isinstance(module, ConvexStage) else module.pattern_gates(x)
+            program = stage.convex_program
+            return x if program is None else program.pattern_gates(x)
 
         return Prepared(
             lambda: stage_step(features(resident, x0), r, gates),

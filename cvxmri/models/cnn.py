@@ -4,7 +4,9 @@
 
 ``g_i`` is a KxK convolution followed by its nonlinearity: a ReLU (`ReluConv`, the
 ordinary network) or a fixed-gate multiplication (`GatedConv`, the gated-ReLU layers of a
-convex stage). ``f`` is a 1x1 convolution back to 2 channels (real, imaginary).
+convex stage). ``f`` is a 1x1 convolution back to 2 channels (real, imaginary). Every layer takes
+``ndim``, the number of spatial dimensions: 2 for images ``(B, C, H, W)`` (the default), 3
+for volumes ``(B, C, D, H, W)``; the convolutions come from `cvxmri.models.conv`.
 
 `ReconCNN` is an ordinary ``torch.nn.Module``. `save` and `load` use a tensor-only file
 read with ``torch.load(weights_only=True)``: no pickle payload can run code, and loading
@@ -22,26 +24,33 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvxmri.errors import CvxmriError, describe_load_error
+from cvxmri.models.conv import conv_ops
 
 FORMAT = "cvxmri.ReconCNN/1"
 
 
-def to_channels(image: Tensor) -> Tensor:
-    """Complex (..., h, w) -> real (..., 2, h, w)."""
-    return torch.stack([image.real, image.imag], dim=-3)
+def to_channels(image: Tensor, ndim: int = 2) -> Tensor:
+    """Complex (..., h, w) -> real (..., 2, h, w); 3D: (..., d, h, w) -> (..., 2, d, h, w)."""
+    return torch.stack([image.real, image.imag], dim=-(ndim + 1))
 
 
-def to_complex(channels: Tensor) -> Tensor:
-    """Real (..., 2, h, w) -> complex (..., h, w)."""
-    return torch.complex(channels[..., 0, :, :].float(), channels[..., 1, :, :].float())
+def to_complex(channels: Tensor, ndim: int = 2) -> Tensor:
+    """Real (..., 2, h, w) -> complex (..., h, w); 3D: (..., 2, d, h, w) -> (..., d, h, w)."""
+    parts = channels.unbind(dim=-(ndim + 1))
+    return torch.complex(parts[0].float(), parts[1].float())
 
 
 class ReluConv(nn.Module):
-    """``relu(conv(x))``: one hidden layer of the ordinary CNN."""
+    """``relu(conv(x))``: one hidden layer of the ordinary CNN (``ndim`` 2 or 3)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, ndim: int = 2
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.ndim = ndim
+        self.conv = conv_ops(ndim).module(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the layer."""
@@ -52,38 +61,46 @@ class GatedConv(nn.Module):
     """``D(x) * conv(x, v)``, the hidden layer of a gated-ReLU convex stage.
 
     The gates ``D_p(x) = 1[conv((x - mean) / std, u_p) + b_p >= 0]`` are fixed; output
-    channel ``p * groups + c`` is gated by pattern ``p``.
+    channel ``p * groups + c`` is gated by pattern ``p``. ``ndim``: 2 or 3 spatial dimensions.
     """
 
     def __init__(
-        self, in_channels: int, patterns: int, outputs_per_pattern: int, kernel_size: int
+        self,
+        in_channels: int,
+        patterns: int,
+        outputs_per_pattern: int,
+        kernel_size: int,
+        ndim: int = 2,
     ) -> None:
         super().__init__()
         self.patterns = patterns
         self.outputs_per_pattern = outputs_per_pattern
-        self.value = nn.Conv2d(
+        self.ndim = ndim
+        self.ops = conv_ops(ndim)
+        self.value = self.ops.module(
             in_channels,
             patterns * outputs_per_pattern,
             kernel_size,
             padding=kernel_size // 2,
             bias=False,
         )
-        shape = (patterns, in_channels, kernel_size, kernel_size)
+        shape = (patterns, in_channels, *(kernel_size,) * ndim)
         self.register_buffer("gate_weight", torch.zeros(shape))
         self.register_buffer("gate_bias", torch.zeros(patterns))
         self.register_buffer("input_mean", torch.zeros(in_channels))
         self.register_buffer("input_std", torch.ones(in_channels))
 
     def gates(self, x: Tensor) -> Tensor:
-        """(B, P, H, W) 0/1 sign patterns, computed in at least float32 even under autocast
+        """(B, P, *spatial) 0/1 sign patterns, computed in at least float32 even under autocast
         (as the convex stage computed them in training: bf16 could flip patterns), so they
         depend on the input's values only, not on its dtype."""
         dtype = torch.promote_types(x.dtype, torch.float32)
+        per_channel = (-1, *([1] * self.ndim))
         with torch.autocast(x.device.type, enabled=False):
             normalised = x.to(dtype, copy=True)
-            normalised.sub_(self.input_mean.to(dtype)[:, None, None])
-            normalised.div_(self.input_std.to(dtype)[:, None, None])
-            response = F.conv2d(
+            normalised.sub_(self.input_mean.to(dtype).view(per_channel))
+            normalised.div_(self.input_std.to(dtype).view(per_channel))
+            response = self.ops.conv(
                 normalised,
                 self.gate_weight.to(dtype),
                 self.gate_bias.to(dtype),
@@ -96,18 +113,17 @@ class GatedConv(nn.Module):
         without autograd; with autograd the product's gradient needs the gates only)."""
         gates = self.gates(x)
         out = self.value(x)
-        b, _, h, w = out.shape
-        grouped = out.view(b, self.patterns, self.outputs_per_pattern, h, w)
+        grouped = out.view(out.shape[0], self.patterns, self.outputs_per_pattern, *out.shape[2:])
         grouped.mul_(gates.to(out.dtype).unsqueeze(2))
         return out
 
 
-def zero_conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
+def zero_conv1x1(in_channels: int, out_channels: int, ndim: int = 2) -> nn.Module:
     """A 1x1 output layer initialised to zero, so a network starts as the identity
     ``x_hat = x0``, like a convex stage (whose weights start at zero). Without it, the random
     output layer of a fresh network adds noise many times the size of the residual, and
     training spends its first few hundred steps removing it."""
-    conv = nn.Conv2d(in_channels, out_channels, 1)
+    conv = conv_ops(ndim).module(in_channels, out_channels, 1)
     nn.init.zeros_(conv.weight)
     nn.init.zeros_(conv.bias)
     return conv
@@ -118,25 +134,33 @@ class ReconCNN(nn.Module):
 
     Args:
         hidden: the hidden layers, applied in order.
-        final: the 1x1 convolution to 2 channels.
+        final: the 1x1 convolution to 2 channels (its number of spatial dimensions is the
+            network's ``ndim``).
     """
 
-    def __init__(self, hidden: list[nn.Module], final: nn.Conv2d) -> None:
+    def __init__(self, hidden: list[nn.Module], final: nn.Module) -> None:
         super().__init__()
         self.hidden = nn.ModuleList(hidden)
         self.final = final
 
     @classmethod
-    def relu(cls, layers: int, channels: int, kernel_size: int, in_channels: int = 2) -> ReconCNN:
+    def relu(
+        cls, layers: int, channels: int, kernel_size: int, in_channels: int = 2, ndim: int = 2
+    ) -> ReconCNN:
         """The ordinary network: ``layers - 1`` ReLU conv layers of ``channels``, then 1x1."""
         if layers < 2:
             raise CvxmriError(f"the network needs at least 2 layers, got {layers}")
         hidden: list[nn.Module] = []
         width = in_channels
         for _ in range(layers - 1):
-            hidden.append(ReluConv(width, channels, kernel_size))
+            hidden.append(ReluConv(width, channels, kernel_size, ndim))
             width = channels
-        return cls(hidden, zero_conv1x1(width, in_channels))
+        return cls(hidden, zero_conv1x1(width, in_channels, ndim))
+
+    @property
+    def ndim(self) -> int:
+        """Spatial dimensions of the network's convolutions (2 or 3)."""
+        return self.final.weight.dim() - 2
 
     @property
     def depth(self) -> int:
@@ -151,18 +175,21 @@ class ReconCNN(nn.Module):
         return h
 
     def forward(self, x0: Tensor) -> Tensor:
-        """``x0 + f(h_k)`` for a (B, 2, H, W) zero-filled input."""
+        """``x0 + f(h_k)`` for a (B, 2, H, W) (3D: (B, 2, D, H, W)) zero-filled input."""
         return x0 + self.final(self.features(x0))
 
     def architecture(self) -> list[dict[str, object]]:
-        """What `load` needs to rebuild the modules: one entry per layer."""
+        """What `load` needs to rebuild the modules: one entry per layer, each with its
+        ``ndim`` (files written before 3D support have none: they are 2D)."""
         spec: list[dict[str, object]] = []
         for layer in self.hidden:
             if isinstance(layer, ReluConv):
-                out_c, in_c, k, _ = layer.conv.weight.shape
-                spec.append({"kind": "relu", "in": in_c, "out": out_c, "kernel": k})
+                out_c, in_c, k = layer.conv.weight.shape[:3]
+                spec.append(
+                    {"kind": "relu", "in": in_c, "out": out_c, "kernel": k, "ndim": layer.ndim}
+                )
             elif isinstance(layer, GatedConv):
-                _, in_c, k, _ = layer.value.weight.shape
+                _, in_c, k = layer.value.weight.shape[:3]
                 spec.append(
                     {
                         "kind": "gated",
@@ -170,12 +197,13 @@ class ReconCNN(nn.Module):
                         "patterns": layer.patterns,
                         "outputs_per_pattern": layer.outputs_per_pattern,
                         "kernel": k,
+                        "ndim": layer.ndim,
                     }
                 )
             else:
                 raise TypeError(f"cannot describe layer {type(layer).__name__}")
         out_c, in_c = self.final.weight.shape[:2]
-        spec.append({"kind": "final", "in": in_c, "out": out_c})
+        spec.append({"kind": "final", "in": in_c, "out": out_c, "ndim": self.ndim})
         return spec
 
     def save(self, path: str | Path, metadata: dict[str, object] | None = None) -> None:
@@ -225,8 +253,11 @@ class ReconCNN(nn.Module):
     def _build(cls, spec: list[dict[str, object]]) -> ReconCNN:
         hidden: list[nn.Module] = []
         for entry in spec[:-1]:
+            ndim = int(entry.get("ndim", 2))
             if entry["kind"] == "relu":
-                hidden.append(ReluConv(int(entry["in"]), int(entry["out"]), int(entry["kernel"])))
+                hidden.append(
+                    ReluConv(int(entry["in"]), int(entry["out"]), int(entry["kernel"]), ndim)
+                )
             elif entry["kind"] == "gated":
                 hidden.append(
                     GatedConv(
@@ -234,6 +265,7 @@ class ReconCNN(nn.Module):
                         int(entry["patterns"]),
                         int(entry["outputs_per_pattern"]),
                         int(entry["kernel"]),
+                        ndim,
                     )
                 )
             else:
@@ -241,4 +273,5 @@ class ReconCNN(nn.Module):
         final = spec[-1]
         if final["kind"] != "final":
             raise ValueError("the last layer must be the final 1x1 convolution")
-        return cls(hidden, nn.Conv2d(int(final["in"]), int(final["out"]), 1))
+        module = conv_ops(int(final.get("ndim", 2))).module
+        return cls(hidden, module(int(final["in"]), int(final["out"]), 1))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cvxmri.errors import CvxmriError
+from cvxmri.models.conv import conv_ops
 
 PROGRAMS = ("gated", "cone")
 OUTPUT_GROUPS = ("separate", "frobenius")
@@ -110,7 +111,7 @@ def _is_real(value: object) -> bool:
 
 
 def group_norms_of(weight: Tensor, output_groups: str) -> Tensor:
-    """Group norms of a weight of shape ``(P, out, C_in, K, K)``.
+    """Group norms of a weight of shape ``(P, out, C_in, K, K)`` (3D: ``K, K, K``).
 
     ``"separate"``: ``(P, out)`` norms over ``(C_in, K, K)``; ``"frobenius"``: ``(P,)`` norms
     over ``(out, C_in, K, K)``. The same grouping gives the dual norms of a gradient.
@@ -133,28 +134,30 @@ def group_soft_threshold(weight: Tensor, threshold: float, output_groups: str) -
 
 
 def pack_gates(gates: Tensor) -> Tensor:
-    """Bool sign patterns ``(B, P, H, W)`` packed 8 patterns to a byte: uint8
-    ``(B, ceil(P / 8), H, W)``, an eighth of the bool tensor (a cache of a training set's
-    gates then costs 1/64 of its float32 stage inputs at 256 channels)."""
-    b, p, h, w = gates.shape
-    padded = torch.zeros(b, -(-p // 8) * 8, h, w, dtype=torch.uint8, device=gates.device)
+    """Bool sign patterns ``(B, P, *spatial)`` (2D ``H, W``; 3D ``D, H, W``) packed 8
+    patterns to a byte: uint8 ``(B, ceil(P / 8), *spatial)``, an eighth of the bool tensor (a
+    cache of a training set's gates then costs 1/64 of its float32 stage inputs at 256
+    channels)."""
+    b, p, *spatial = gates.shape
+    ones = [1] * len(spatial)
+    padded = torch.zeros(b, -(-p // 8) * 8, *spatial, dtype=torch.uint8, device=gates.device)
     padded[:, :p] = gates
     bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=gates.device)
-    return (padded.view(b, -1, 8, h, w) * bits.view(1, 1, 8, 1, 1)).sum(2, dtype=torch.uint8)
+    return (padded.view(b, -1, 8, *spatial) * bits.view(1, 1, 8, *ones)).sum(2, dtype=torch.uint8)
 
 
 def unpack_gates(packed: Tensor, patterns: int) -> Tensor:
-    """The inverse of `pack_gates`: bool ``(B, patterns, H, W)``."""
-    b, _, h, w = packed.shape
+    """The inverse of `pack_gates`: bool ``(B, patterns, *spatial)``."""
+    b, _, *spatial = packed.shape
     bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=packed.device)
-    unpacked = (packed.unsqueeze(2) & bits.view(1, 1, 8, 1, 1)) != 0
-    return unpacked.view(b, -1, h, w)[:, :patterns]
+    unpacked = (packed.unsqueeze(2) & bits.view(1, 1, 8, *([1] * len(spatial)))) != 0
+    return unpacked.view(b, -1, *spatial)[:, :patterns]
 
 
 class _ReluUnits(NamedTuple):
     """Hidden units of the mapped ReLU network, one per non-zero (pattern, output) filter."""
 
-    filters: Tensor  # (n, C_in, K, K): w / sqrt(||w||)
+    filters: Tensor  # (n, C_in, K, K) (3D: K, K, K): w / sqrt(||w||)
     out_weights: Tensor  # (n,): +-sqrt(||w||)
     out_channels: Tensor  # (n,) long: the output channel each unit feeds
     patterns: Tensor  # (n,) long: the gate pattern each unit came from
@@ -166,6 +169,9 @@ class ConvexStage(torch.nn.Module):
     Buffers (fixed, saved in the state dict): ``gate_weight (P, C_in, K, K)``,
     ``gate_bias (P,)``, ``input_mean (C_in,)``, ``input_std (C_in,)``. Parameters: ``v``
     (gated) or ``w`` and ``z`` (cone), each ``(P, out, C_in, K, K)``, initialised to zero.
+    ``ndim`` is the number of spatial dimensions: 2 for images ``(B, C, H, W)``, 3 for
+    volumes ``(B, C, D, H, W)``, whose filters are ``K x K x K`` (every shape above then has
+    one more ``K``, every ``H, W`` a ``D, H, W``).
 
     Until `init_gates` is called the gates are seeded Gaussian hyperplanes through the origin
     of the un-normalised input, which are degenerate on non-negative (post-ReLU) inputs; call
@@ -177,10 +183,14 @@ class ConvexStage(torch.nn.Module):
     input_mean: Tensor
     input_std: Tensor
 
-    def __init__(self, in_channels: int, out_channels: int, config: ConvexStageConfig) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, config: ConvexStageConfig, ndim: int = 2
+    ) -> None:
         """A zero model with data-independent gates (see `init_gates`)."""
         super().__init__()
         config.validate()
+        self.ops = conv_ops(ndim)
+        self.ndim = ndim
         if not _is_int(in_channels) or in_channels < 1:
             raise CvxmriError(f"in_channels must be an integer >= 1, got {in_channels!r}")
         if not _is_int(out_channels) or out_channels < 1:
@@ -188,13 +198,13 @@ class ConvexStage(torch.nn.Module):
         self.config = config
         self.in_channels = in_channels
         self.out_channels = out_channels
-        p, k = config.patterns, config.kernel_size
+        p = config.patterns
         gen = torch.Generator().manual_seed(config.gate_seed)
         self.register_buffer("gate_weight", self._draw_filters(p, gen).float())
         self.register_buffer("gate_bias", torch.zeros(p))
         self.register_buffer("input_mean", torch.zeros(in_channels))
         self.register_buffer("input_std", torch.ones(in_channels))
-        shape = (p, out_channels, in_channels, k, k)
+        shape = (p, out_channels, in_channels, *self._kernel)
         if config.program == "gated":
             self.v = torch.nn.Parameter(torch.zeros(shape))
         else:
@@ -203,30 +213,38 @@ class ConvexStage(torch.nn.Module):
 
     # ----------------------------------------------------------------------------- gates
 
+    @property
+    def _kernel(self) -> tuple[int, ...]:
+        """The filters' spatial shape: ``(K,) * ndim``."""
+        return (self.config.kernel_size,) * self.ndim
+
+    def _channel_view(self, values: Tensor) -> Tensor:
+        """Per-channel values ``(C,)`` shaped to broadcast over ``(B, C, *spatial)``."""
+        return values.view(1, -1, *([1] * self.ndim))
+
     def _draw_filters(self, count: int, gen: torch.Generator) -> Tensor:
         # Drawn in float64 on the CPU so that the filters depend on the seed alone, not on
         # the device or dtype the module lives on.
-        k = self.config.kernel_size
-        fan_in = self.in_channels * k * k
-        return torch.randn(count, self.in_channels, k, k, generator=gen, dtype=torch.float64) / (
-            math.sqrt(fan_in)
-        )
+        fan_in = self.in_channels * math.prod(self._kernel)
+        shape = (count, self.in_channels, *self._kernel)
+        return torch.randn(shape, generator=gen, dtype=torch.float64) / math.sqrt(fan_in)
 
     def _normalise(self, x: Tensor) -> Tensor:
-        mean = self.input_mean.to(x.dtype).view(1, -1, 1, 1)
-        std = self.input_std.to(x.dtype).view(1, -1, 1, 1)
+        mean = self._channel_view(self.input_mean.to(x.dtype))
+        std = self._channel_view(self.input_std.to(x.dtype))
         return (x - mean) / std
 
     @torch.no_grad()
     def init_gates(self, x: Tensor) -> None:
-        """Data-dependent gates from a sample batch ``x`` of stage inputs ``(B, C_in, H, W)``.
+        """Data-dependent gates from a sample batch ``x`` of stage inputs ``(B, C_in, H, W)``
+        (3D: ``(B, C_in, D, H, W)``).
 
         Sets the per-channel input normalisation (used only inside the gate convolution) to
         the sample's mean and std (std clamped at 1e-6, so all-zero channels are harmless),
         draws gate filters i.i.d. ``N(0, 1/(C_in K K))`` from a generator seeded with
         ``gate_seed``, and sets each bias so that the hyperplane passes (halfway to the next
         lower response, so that no sample pixel sits on a tie) through the response at a
-        random pixel of a random sample image: on non-negative inputs a hyperplane through
+        random pixel (voxel) of a random sample image: on non-negative inputs a hyperplane through
         the origin would be active almost everywhere. Patterns that are constant on
         the sample (active fraction < 1% or > 99%) or duplicate an accepted pattern (> 99%
         agreement) are redrawn, for at most 20 rounds; if some remain (a sample with no
@@ -234,14 +252,14 @@ class ConvexStage(torch.nn.Module):
         for a given seed and sample.
         """
         self._check_input(x)
-        batch, _, height, width = x.shape
+        batch, _, *spatial = x.shape
         p = self.config.patterns
         pad = self.config.kernel_size // 2
-        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        var, mean = torch.var_mean(x, dim=(0, *range(2, 2 + self.ndim)), correction=0)
         self.input_mean.copy_(mean)
         self.input_std.copy_(var.sqrt().clamp_min(1e-6))
         xn = self._normalise(x)
-        pixels = batch * height * width
+        pixels = batch * math.prod(spatial)
 
         gen = torch.Generator().manual_seed(self.config.gate_seed)
         weight = torch.zeros(p, self.in_channels, *self.gate_weight.shape[2:], dtype=torch.float64)
@@ -256,17 +274,17 @@ class ConvexStage(torch.nn.Module):
             count = len(todo)
             filters = self._draw_filters(count, gen)
             images = torch.randint(batch, (count,), generator=gen)
-            rows = torch.randint(height, (count,), generator=gen)
-            cols = torch.randint(width, (count,), generator=gen)
-            response = F.conv2d(xn, filters.to(x), padding=pad)  # (B, count, H, W)
-            chosen = response[images, torch.arange(count), rows, cols]
+            # One random coordinate per spatial axis, drawn in axis order (2D: row, column).
+            coords = [torch.randint(size, (count,), generator=gen) for size in spatial]
+            response = self.ops.conv(xn, filters.to(x), padding=pad)  # (B, count, *spatial)
+            chosen = response[(images, torch.arange(count), *coords)]
             # Threshold halfway between the chosen pixel's response and the next lower one:
             # the chosen point is active, and no sample pixel lies on the hyperplane, so the
             # patterns of the sample do not flip with the dtype or device at a tie.
             flat = response.transpose(0, 1).reshape(count, pixels)
             below = torch.where(flat < chosen[:, None], flat, -torch.inf).amax(dim=1)
             offsets = -torch.where(torch.isfinite(below), (chosen + below) / 2, chosen)
-            active = response + offsets.view(1, -1, 1, 1) >= 0
+            active = response + self._channel_view(offsets) >= 0
             cand = active.transpose(0, 1).reshape(count, pixels).to(x.dtype) * 2 - 1
             fractions = (cand.sum(dim=1) / pixels + 1) / 2
             # Agreement of each candidate with every accepted pattern and every candidate:
@@ -306,12 +324,12 @@ class ConvexStage(torch.nn.Module):
 
     @torch.no_grad()
     def gates(self, x: Tensor) -> Tensor:
-        """The sign patterns ``1[conv(normalise(x), u_p) + b_p >= 0]``: float 0/1, ``(B, P, H, W)``.
+        """The sign patterns ``1[conv(normalise(x), u_p) + b_p >= 0]``: float 0/1 ``(B, P, H, W)``.
 
         Computed in the dtype of ``x``, without autograd (the patterns are constants).
         """
         self._check_input(x)
-        pre = F.conv2d(
+        pre = self.ops.conv(
             self._normalise(x),
             self.gate_weight.to(x.dtype),
             self.gate_bias.to(x.dtype),
@@ -328,15 +346,16 @@ class ConvexStage(torch.nn.Module):
         return self.w - self.z
 
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+        if x.dim() != 2 + self.ndim or x.shape[1] != self.in_channels:
+            axes = "H, W" if self.ndim == 2 else "D, H, W"
             raise CvxmriError(
-                f"stage input must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+                f"stage input must have shape (B, {self.in_channels}, {axes}), got {tuple(x.shape)}"
             )
 
     def _responses(self, x: Tensor, weight: Tensor) -> Tensor:
         """``conv(x, weight_p[c])`` for every (p, c) as ``(B, P, out, H, W)``: one convolution."""
-        p, out, c_in, k, _ = weight.shape
-        y = F.conv2d(x, weight.reshape(p * out, c_in, k, k), padding=k // 2)
+        p, out, c_in, *kernel = weight.shape
+        y = self.ops.conv(x, weight.reshape(p * out, c_in, *kernel), padding=kernel[0] // 2)
         return y.view(x.shape[0], p, out, *x.shape[2:])
 
     def apply_weight(self, x: Tensor, weight: Tensor, gates: Tensor | None = None) -> Tensor:
@@ -359,9 +378,9 @@ class ConvexStage(torch.nn.Module):
         k = self.config.kernel_size
         grad_y = d.unsqueeze(2) * residual.unsqueeze(1)  # (B, P, out, H, W)
         grad_y = grad_y.reshape(x.shape[0], p * out, *x.shape[2:])
-        shape = (p * out, self.in_channels, k, k)
-        grad = torch.nn.grad.conv2d_weight(x, shape, grad_y, padding=k // 2)
-        return grad.view(p, out, self.in_channels, k, k)
+        shape = (p * out, self.in_channels, *self._kernel)
+        grad = self.ops.conv_weight(x, shape, grad_y, padding=k // 2)
+        return grad.view(p, out, self.in_channels, *self._kernel)
 
     @torch.no_grad()
     def pattern_gates(self, x: Tensor, chunk: int = 0) -> Tensor:
@@ -379,19 +398,21 @@ class ConvexStage(torch.nn.Module):
         dtype = torch.promote_types(x.dtype, torch.float32)
         weight = self.gate_weight.to(dtype)
         bias = self.gate_bias.to(dtype)
-        mean = self.input_mean.to(dtype).view(1, -1, 1, 1)
-        std = self.input_std.to(dtype).view(1, -1, 1, 1)
+        mean = self._channel_view(self.input_mean.to(dtype))
+        std = self._channel_view(self.input_std.to(dtype))
         out = torch.empty(x.shape[0], p, *x.shape[2:], dtype=torch.bool, device=x.device)
         for first in range(0, x.shape[0], images):
             # Channels-last: the convolution library then works on the tensor as it is,
             # instead of reordering a copy of it for every call.
             xn = x[first : first + images].to(
-                dtype=dtype, memory_format=torch.channels_last, copy=True
+                dtype=dtype, memory_format=self.ops.channels_last, copy=True
             )
             xn.sub_(mean).div_(std)
             for lo in range(0, p, step):
                 hi = min(p, lo + step)
-                pre = F.conv2d(xn, weight[lo:hi], bias[lo:hi], padding=self.config.kernel_size // 2)
+                pre = self.ops.conv(
+                    xn, weight[lo:hi], bias[lo:hi], padding=self.config.kernel_size // 2
+                )
                 out[first : first + images, lo:hi] = pre >= 0
                 del pre
             del xn
@@ -424,7 +445,7 @@ class ConvexStage(torch.nn.Module):
             The data term (0-dim float32) and the gradient ``(P, out, C_in, K, K)`` (float32).
         """
         self._check_input(x)
-        batch, _, height, width = x.shape
+        batch, _, *spatial = x.shape
         p, out, c_in, k = (
             self.config.patterns,
             self.out_channels,
@@ -434,6 +455,9 @@ class ConvexStage(torch.nn.Module):
         step = p if chunk <= 0 else chunk
         images = batch if chunk <= 0 else 1
         dtype = compute_dtype or x.dtype
+        # Axis orders moving the channel axis last ((0, 2, 3, 1) in 2D) and back.
+        last_channel = (0, *range(2, 2 + self.ndim), 1)
+        first_channel = (0, 1 + self.ndim, *range(1, 1 + self.ndim))
         weight = self.effective_weight().detach()
         value = torch.zeros((), dtype=torch.float32, device=x.device)
         grad = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
@@ -441,8 +465,8 @@ class ConvexStage(torch.nn.Module):
             last = min(batch, first + images)
             n = last - first
             d = self.pattern_gates(x[first:last], chunk) if gates is None else gates[first:last]
-            xc = x[first:last].to(dtype=dtype, memory_format=torch.channels_last)
-            pred = torch.zeros(n, out, height, width, dtype=torch.float32, device=x.device)
+            xc = x[first:last].to(dtype=dtype, memory_format=self.ops.channels_last)
+            pred = torch.zeros(n, out, *spatial, dtype=torch.float32, device=x.device)
             for lo in range(0, p, step):
                 hi = min(p, lo + step)
                 y = self._responses(xc, weight[lo:hi].to(dtype))
@@ -452,15 +476,16 @@ class ConvexStage(torch.nn.Module):
             residual = pred.sub_(r[first:last].float())
             value += 0.5 * residual.square().sum()
             # (n, H, W, 1, out): the gradient of the responses is built channels-last.
-            residual = residual.to(dtype).permute(0, 2, 3, 1).unsqueeze(3)
+            residual = residual.to(dtype).permute(*last_channel).unsqueeze(1 + self.ndim)
             for lo in range(0, p, step):
                 hi = min(p, lo + step)
-                grad_y = torch.empty(n, height, width, hi - lo, out, dtype=dtype, device=x.device)
-                torch.mul(d[:, lo:hi].permute(0, 2, 3, 1).unsqueeze(4), residual, out=grad_y)
-                grad_y = grad_y.view(n, height, width, (hi - lo) * out).permute(0, 3, 1, 2)
-                shape = ((hi - lo) * out, c_in, k, k)
-                part = torch.nn.grad.conv2d_weight(xc, shape, grad_y, padding=k // 2)
-                grad[lo:hi] += part.view(hi - lo, out, c_in, k, k)
+                grad_y = torch.empty(n, *spatial, hi - lo, out, dtype=dtype, device=x.device)
+                gates_last = d[:, lo:hi].permute(*last_channel).unsqueeze(2 + self.ndim)
+                torch.mul(gates_last, residual, out=grad_y)
+                grad_y = grad_y.view(n, *spatial, (hi - lo) * out).permute(*first_channel)
+                shape = ((hi - lo) * out, c_in, *self._kernel)
+                part = self.ops.conv_weight(xc, shape, grad_y, padding=k // 2)
+                grad[lo:hi] += part.view(hi - lo, out, c_in, *self._kernel)
                 del grad_y, part
             del xc, d, pred, residual
         return value / batch, grad / batch
@@ -539,7 +564,9 @@ class ConvexStage(torch.nn.Module):
             keep = norm > ZERO_GROUP_RELATIVE * largest if largest > 0 else norm > 0
             index_p, index_c = torch.nonzero(keep, as_tuple=True)
             root = norm[index_p, index_c].sqrt()
-            filters.append(weight.detach()[index_p, index_c] / root.view(-1, 1, 1, 1))
+            filters.append(
+                weight.detach()[index_p, index_c] / root.view(-1, *([1] * (weight.dim() - 2)))
+            )
             out_weights.append(sign * root)
             channels.append(index_c)
             patterns.append(index_p)
@@ -547,7 +574,7 @@ class ConvexStage(torch.nn.Module):
             torch.cat(filters), torch.cat(out_weights), torch.cat(channels), torch.cat(patterns)
         )
 
-    def to_relu(self) -> tuple[torch.nn.Conv2d, torch.nn.Conv2d]:
+    def to_relu(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """The ordinary two-layer ReLU network of the solution (method.md's mapping).
 
         Each non-zero ``w_p[c]`` gives a hidden ``KxK`` filter ``w_p[c] / sqrt(||w_p[c]||)``
@@ -559,16 +586,17 @@ class ConvexStage(torch.nn.Module):
         ``w``; this is exact only where the gate ``D_p`` agrees with the sign of
         ``conv(x, v_p[c])`` (`mapping_report` measures how far it is).
 
-        Returns ``(first, last)``: ``Conv2d(C_in, n_hidden, K, padding=K//2)`` and
-        ``Conv2d(n_hidden, out, 1)``, on the device and dtype of the parameters.
+        Returns ``(first, last)``: the ``K``-wide convolution ``C_in -> n_hidden`` (padding
+        ``K // 2``) and the 1x1 convolution ``n_hidden -> out``, layers of ``ndim`` spatial
+        dimensions (`cvxmri.models.conv`), on the device and dtype of the parameters.
         """
         units = self._relu_units()
         weight = self.effective_weight()
         factory = {"device": weight.device, "dtype": weight.dtype}
         k = self.config.kernel_size
         hidden = max(1, units.filters.shape[0])
-        first = torch.nn.Conv2d(self.in_channels, hidden, k, padding=k // 2, **factory)
-        last = torch.nn.Conv2d(hidden, self.out_channels, 1, **factory)
+        first = self.ops.module(self.in_channels, hidden, k, padding=k // 2, **factory)
+        last = self.ops.module(hidden, self.out_channels, 1, **factory)
         with torch.no_grad():
             first.weight.zero_()
             first.bias.zero_()
@@ -578,7 +606,8 @@ class ConvexStage(torch.nn.Module):
             if count:
                 first.weight.copy_(units.filters)
                 units_index = torch.arange(count, device=units.out_channels.device)
-                last.weight[units.out_channels, units_index, 0, 0] = units.out_weights
+                centre = (0,) * self.ndim
+                last.weight[(units.out_channels, units_index, *centre)] = units.out_weights
         return first, last
 
     @torch.no_grad()

@@ -11,11 +11,12 @@ validation split).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec
 from cvxmri.models.convex import ConvexStageConfig
+from cvxmri.models.stages import StageSpec
 
 METHODS = ("layerwise-convex", "layerwise", "end-to-end")
 PRESETS = ("quick", "paper", "tiny")
@@ -159,12 +160,21 @@ class TrainConfig:
 
     def stage_config(self) -> ConvexStageConfig:
         """The convex stage settings with the pattern count that gives ``channels`` units and
-        the network's kernel size."""
-        per_pattern = 2 if self.features == "gated" else 4
-        return replace(
-            self.convex,
-            patterns=max(1, self.channels // per_pattern),
+        the network's kernel size (`StageSpec.convex_config`)."""
+        return self.stage_spec().convex_config()
+
+    def stage_spec(self) -> StageSpec:
+        """How this run builds its layer-wise stages (`cvxmri.models.stages.build_stage`;
+        layer-wise methods only)."""
+        return StageSpec(
+            method=self.method,
+            channels=self.channels,
             kernel_size=self.kernel_size,
+            convex=self.convex,
+            features=self.features,
+            carry=self.carry,
+            amp=self.amp,
+            pattern_chunk=self.pattern_chunk,
         )
 
 

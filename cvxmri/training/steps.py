@@ -4,11 +4,8 @@ Each function takes a batch already on the module's device, zeroes the gradients
 the loss and its gradient, steps the optimiser and returns the loss as a float. The memory
 benchmark measures exactly these calls, so its numbers are those of real training.
 
-- `convex_stage_step`: a gated convex stage is linear in its weight, so its data-term
-  gradient ``A^T (A v - r)`` is computed directly, a chunk of patterns at a time, without an
-  autograd graph (`ConvexStage.data_term_and_gradient`); only the group-lasso penalty goes
-  through autograd. The cone program (whose violation penalty is not linear) uses autograd.
-- `two_layer_stage_step`: the non-convex stage by backpropagation.
+- `convex_stage_step` and `two_layer_stage_step`: the steps of a layer-wise stage, defined
+  with the stages in `cvxmri.models.stages` (each `Stage.step` calls one of them).
 - `end_to_end_step`: the whole network by backpropagation, optionally with gradient
   checkpointing (each hidden layer's activations recomputed in the backward pass).
 """
@@ -16,75 +13,13 @@ benchmark measures exactly these calls, so its numbers are those of real trainin
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from cvxmri.models.cnn import ReconCNN
-from cvxmri.models.convex import ConvexStage
+from cvxmri.models.stages import convex_stage_step, two_layer_stage_step
 
-
-def _autocast(x: Tensor, amp: bool) -> torch.autocast:
-    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp)
-
-
-def convex_stage_step(
-    module: ConvexStage,
-    x: Tensor,
-    r: Tensor,
-    optimizer: torch.optim.Optimizer,
-    *,
-    area: float = 1.0,
-    amp: bool = False,
-    pattern_chunk: int = 0,
-    gates: Tensor | None = None,
-) -> float:
-    """One step on the convex objective of a batch of (cropped) stage inputs.
-
-    The pixel sums (data term, cone violation) are scaled by ``area`` (whole image over crop
-    area), so that the crop objective estimates the whole-image objective that the
-    certificate measures, with the same group-lasso weight. The gates are always computed
-    in full precision (bf16 could flip sign patterns); ``amp`` runs the other convolutions
-    in bf16. ``pattern_chunk`` bounds the patterns processed at once (0: all). ``gates``:
-    the batch's sign patterns (bool ``(B, P, H, W)``) when precomputed, which saves the gate
-    convolution of every step.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    if module.config.program == "gated":
-        dtype = torch.bfloat16 if amp else None
-        value, grad = module.data_term_and_gradient(x, r, pattern_chunk, dtype, gates)
-        penalty = module.penalty()
-        penalty.backward()
-        assert module.v.grad is not None
-        module.v.grad.add_(grad, alpha=area)
-        optimizer.step()
-        return float(area * value + penalty.detach())
-    gates = module.gates(x.float()) if gates is None else gates.float()
-    with _autocast(x, amp):
-        pixels = module.data_term(x, r, gates=gates).float()
-        violation = module.cone_violation(x, gates=gates).float()
-        pixels = pixels + module.config.cone_penalty * violation
-    loss = area * pixels + module.penalty()
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
-
-
-def two_layer_stage_step(
-    module: nn.Module,
-    x: Tensor,
-    r: Tensor,
-    optimizer: torch.optim.Optimizer,
-    *,
-    amp: bool = False,
-) -> float:
-    """One backpropagation step of a non-convex stage on ``0.5 ||stage(x) - r||^2 / B``."""
-    optimizer.zero_grad(set_to_none=True)
-    with _autocast(x, amp):
-        pred = module(x)
-    loss = 0.5 * (pred.float() - r).pow(2).sum() / x.shape[0]
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+__all__ = ["convex_stage_step", "end_to_end_step", "two_layer_stage_step"]
 
 
 def end_to_end_step(
@@ -102,7 +37,7 @@ def end_to_end_step(
     backward pass (`torch.utils.checkpoint`): less memory for one more forward pass.
     """
     optimizer.zero_grad(set_to_none=True)
-    with _autocast(x0, amp):
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=amp):
         if checkpointing:
             h = x0
             for layer in model.hidden:

@@ -16,6 +16,11 @@ they are computed once per stage on whole images and kept packed, 8 to a byte.
   backpropagation (the non-convex ablation).
 - ``end-to-end``: the ordinary ReLU CNN of the same depth and width trained jointly.
 
+Stages come from `cvxmri.models.stages.build_stage` and are driven through the `Stage`
+interface; epochs, optimisers and seeds are those of the library functions in
+`cvxmri.training.fit`. The trainer adds the data, crops, caches, validation, logs and
+checkpoints.
+
 Every stage and epoch writes ``checkpoints/last.pt`` (the frozen prefix is read back from
 ``model_depthN.pt``); a resumed run continues from it and
 ends with the same weights as an uninterrupted one, to the bit, because every
@@ -33,7 +38,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +49,16 @@ from tqdm import tqdm
 from cvxmri.config import to_dict
 from cvxmri.errors import CvxmriError
 from cvxmri.metrics import slice_metrics, volume_metrics
-from cvxmri.models.cnn import GatedConv, ReconCNN, ReluConv, zero_conv1x1
-from cvxmri.models.convex import ConvexStage, duality_gap, pack_gates, unpack_gates
+from cvxmri.models.cnn import ReconCNN
+from cvxmri.models.convex import ConvexStage, pack_gates, unpack_gates
+from cvxmri.models.stages import (
+    Stage,
+    TwoLayerStage,
+    build_stage,
+    carry_prediction,
+    gated_layers,
+    relu_layers,
+)
 from cvxmri.training import data as data_module
 from cvxmri.training.checkpoint import load_checkpoint, save_checkpoint
 from cvxmri.training.config import TrainConfig
@@ -58,7 +71,18 @@ from cvxmri.training.data import (
     take_crops,
 )
 from cvxmri.training.fista import fista
-from cvxmri.training.steps import convex_stage_step, end_to_end_step, two_layer_stage_step
+from cvxmri.training.fit import end_to_end_epoch, make_optimizer, stage_epoch, stage_seed
+
+# Moved to cvxmri.models.stages; importable from here as before.
+__all__ = [
+    "Trainer",
+    "TrainingStopped",
+    "TwoLayerStage",
+    "carry_prediction",
+    "gated_layers",
+    "relu_layers",
+    "write_outputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -162,70 +186,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class TwoLayerStage(nn.Module):
-    """The non-convex stage: ``conv(KxK) -> ReLU -> conv(1x1)``, trained by backprop."""
-
-    def __init__(self, in_channels: int, hidden: int, kernel_size: int) -> None:
-        super().__init__()
-        self.first = ReluConv(in_channels, hidden, kernel_size)
-        self.last = zero_conv1x1(hidden, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Predicted residual."""
-        return self.last(self.first(x))
-
-
-def gated_layers(stage: ConvexStage) -> tuple[GatedConv, nn.Conv2d]:
-    """The gated hidden layer and the 1x1 summation of a convex stage, as network modules.
-
-    ``x0 + last(first(x))`` equals ``x0 + stage(x)`` exactly: channel ``p * out + c`` of the
-    hidden layer is ``D_p * conv(x, v_p[c])`` and the 1x1 layer sums it into output ``c``.
-    """
-    patterns, out, in_channels, k, _ = stage.effective_weight().shape
-    first = GatedConv(in_channels, patterns, out, k)
-    with torch.no_grad():
-        first.value.weight.copy_(
-            stage.effective_weight().reshape(patterns * out, in_channels, k, k)
-        )
-        first.gate_weight.copy_(stage.gate_weight)
-        first.gate_bias.copy_(stage.gate_bias)
-        first.input_mean.copy_(stage.input_mean)
-        first.input_std.copy_(stage.input_std)
-    last = nn.Conv2d(patterns * out, out, 1)
-    with torch.no_grad():
-        last.weight.zero_()
-        last.bias.zero_()
-        for c in range(out):
-            last.weight[c, c::out] = 1.0
-    return first, last
-
-
-def carry_prediction(stage: ConvexStage, previous_final: nn.Conv2d) -> None:
-    """Make pattern 0 of a gated stage always on (``u_0 = 0``, ``b_0 = 1``: a member of the
-    hyperplane arrangement) and set its weights to the previous stage's 1x1 output layer,
-    so that the stage starts at the previous depth's prediction. The program stays convex
-    and the hidden width is unchanged; the other patterns learn the correction."""
-    if stage.config.program != "gated":
-        raise CvxmriError("carry needs convex.program=gated")
-    weight = previous_final.weight.detach()[:, :, 0, 0]
-    if weight.shape[1] != stage.in_channels:
-        raise CvxmriError("carry: the previous output layer does not match the stage input")
-    centre = stage.config.kernel_size // 2
-    with torch.no_grad():
-        stage.gate_weight[0].zero_()
-        stage.gate_bias[0] = 1.0
-        stage.v[0].zero_()
-        stage.v[0, :, :, centre, centre] = weight.to(stage.v.dtype)
-
-
-def relu_layers(stage: ConvexStage) -> tuple[ReluConv, nn.Conv2d]:
-    """The mapped ReLU hidden layer and output layer of a convex stage (`to_relu`)."""
-    first_conv, last = stage.to_relu()
-    first = ReluConv(first_conv.in_channels, first_conv.out_channels, first_conv.kernel_size[0])
-    first.conv = first_conv
-    return first, last
-
-
 class Trainer:
     """Trains one network as configured, writing into ``out`` (see the module docstring)."""
 
@@ -313,14 +273,6 @@ class Trainer:
             "val_psnr_slice": float(sum(per_slice["psnr"]) / len(per_slice["psnr"])),
             "val_ssim_slice": float(sum(per_slice["ssim"]) / len(per_slice["ssim"])),
         }
-
-    def _optimizer(
-        self, params: list[nn.Parameter]
-    ) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.StepLR]:
-        optim = self.config.optim
-        optimizer = torch.optim.Adam(params, lr=optim.lr)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, optim.step, optim.gamma)
-        return optimizer, scheduler
 
     def _record(self, row: dict[str, Any], step: int) -> None:
         self.history.append(row)
@@ -411,7 +363,7 @@ class Trainer:
         cfg = self.config
         torch.manual_seed(derived_seed(cfg.seed, 1000))
         model = ReconCNN.relu(cfg.layers, cfg.channels, cfg.kernel_size).to(self.device)
-        optimizer, scheduler = self._optimizer(list(model.parameters()))
+        optimizer, scheduler = make_optimizer(model.parameters(), cfg.optim)
         start = 0
         if state is not None:
             model.load_state_dict(state["model"])
@@ -423,27 +375,17 @@ class Trainer:
                 raise TrainingStopped
             began = time.perf_counter()
             pairs = self._pairs(epoch)
-            model.train()
-            losses = []
             batches = self._batches(pairs.x0, pairs.target, 0, epoch)
             steps = math.ceil(len(pairs) * cfg.crops_per_image / cfg.optim.batch_size)
-            for x0, target, _ in tqdm(
-                batches,
-                total=steps,
-                desc=f"end-to-end epoch {epoch + 1}/{cfg.optim.epochs}",
-                leave=False,
-                disable=None,
-            ):
-                losses.append(
-                    end_to_end_step(
-                        model,
-                        x0,
-                        target,
-                        optimizer,
-                        amp=cfg.amp,
-                        checkpointing=cfg.checkpointing,
-                    )
-                )
+            desc = f"end-to-end epoch {epoch + 1}/{cfg.optim.epochs}"
+            progress = tqdm(batches, total=steps, desc=desc, leave=False, disable=None)
+            train_loss = end_to_end_epoch(
+                model,
+                ((x0, target) for x0, target, _ in progress),
+                optimizer,
+                amp=cfg.amp,
+                checkpointing=cfg.checkpointing,
+            )
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             row = {
@@ -451,7 +393,7 @@ class Trainer:
                 "stage": 0,
                 "epoch": epoch + 1,
                 "lr": lr,
-                "train_loss": sum(losses) / len(losses),
+                "train_loss": train_loss,
                 **self.validate(model),
                 "seconds": time.perf_counter() - began,
             }
@@ -540,7 +482,7 @@ class Trainer:
         return x0 if inputs.prefix is None else self._apply(inputs.prefix.features, x0)
 
     @torch.no_grad()
-    def _gate_cache(self, module: ConvexStage, inputs: StageInputs) -> Tensor:
+    def _gate_cache(self, stage: Stage, inputs: StageInputs) -> Tensor:
         """The packed sign patterns (`pack_gates`) of every whole training image: fixed for
         the stage, so computed once instead of in every step; crops take theirs from it."""
         x = inputs.cached if inputs.cached is not None else self._pairs(0).x0
@@ -551,61 +493,35 @@ class Trainer:
             if inputs.transform is not None:
                 with self._autocast():
                     chunk = inputs.transform(chunk).float()
-            gates = module.pattern_gates(chunk, self.config.pattern_chunk)
+            gates = stage.sign_patterns(chunk)
+            assert gates is not None
             packed.append(pack_gates(gates).cpu())
         return torch.cat(packed)
 
-    def _new_stage(
-        self, in_channels: int, stage: int, sample: Tensor, inputs: StageInputs
-    ) -> nn.Module:
+    def _new_stage(self, stage: int, sample: Tensor, inputs: StageInputs) -> Stage:
+        """Stage ``stage`` from the run's `StageSpec` (`build_stage`), its gates from
+        ``sample``; a carried stage starts at the prefix's output layer."""
         cfg = self.config
-        if cfg.method == "layerwise-convex":
-            stage_cfg = replace(cfg.stage_config(), gate_seed=derived_seed(cfg.seed, stage, 7))
-            module = ConvexStage(in_channels, 2, stage_cfg)
-            module.init_gates(sample)
-            if cfg.carry and stage > 0:
-                prefix = inputs.prefix or self._prefix(stage)
-                assert prefix is not None
-                carry_prediction(module, prefix.final)
-            return module.to(self.device)
-        torch.manual_seed(derived_seed(cfg.seed, stage, 8))
-        return TwoLayerStage(in_channels, cfg.channels, cfg.kernel_size).to(self.device)
-
-    def _freeze(self, module: nn.Module) -> tuple[nn.Module, nn.Conv2d]:
-        """The stage's hidden layer and output layer as network modules."""
-        if isinstance(module, ConvexStage):
-            return gated_layers(module) if self.config.features == "gated" else relu_layers(module)
-        assert isinstance(module, TwoLayerStage)
-        return module.first, module.last
-
-    def _stage_step(
-        self,
-        module: nn.Module,
-        batch: tuple[Tensor, Tensor, Tensor | None],
-        optimizer: torch.optim.Optimizer,
-        area: float,
-    ) -> float:
-        """One optimiser step of the stage on a batch of crops (see `cvxmri.training.steps`)."""
-        cfg = self.config
-        x, r, packed = batch
-        if isinstance(module, ConvexStage):
-            gates = None if packed is None else unpack_gates(packed, module.config.patterns)
-            return convex_stage_step(
-                module,
-                x,
-                r,
-                optimizer,
-                area=area,
-                amp=cfg.amp,
-                pattern_chunk=cfg.pattern_chunk,
-                gates=gates,
-            )
-        return two_layer_stage_step(module, x, r, optimizer, amp=cfg.amp)
+        previous_final = None
+        if cfg.carry and stage > 0:
+            prefix = inputs.prefix or self._prefix(stage)
+            assert prefix is not None
+            previous_final = prefix.final
+        return build_stage(
+            cfg.stage_spec(),
+            stage,
+            sample.shape[1],
+            sample,
+            seed=stage_seed(cfg.seed, stage, cfg.method),
+            previous_final=previous_final,
+            device=self.device,
+        )
 
     def _certificate(
-        self, module: ConvexStage, x: Tensor, residual: Tensor, inputs: StageInputs
-    ) -> dict[str, float]:
-        """The duality gap on whole training images (the fixed convex problem)."""
+        self, stage: Stage, x: Tensor, residual: Tensor, inputs: StageInputs
+    ) -> dict[str, float] | None:
+        """The duality gap on whole training images (the fixed convex problem); None for a
+        stage without a certificate."""
 
         def batches() -> Iterator[tuple[Tensor, Tensor]]:
             step = chunk_images(x.shape)
@@ -616,14 +532,12 @@ class Trainer:
                         chunk = inputs.transform(chunk)
                 yield chunk.float(), residual[i : i + step].to(self.device)
 
-        return duality_gap(module, batches())
+        return stage.certificate(batches())
 
-    def _validate_stage(
-        self, module: nn.Module, inputs: StageInputs, stage: int
-    ) -> dict[str, float]:
+    def _validate_stage(self, stage: Stage, inputs: StageInputs) -> dict[str, float]:
         """Validation metrics of the network of this depth: on the cached validation
         features when there are (the prefix is not resident), else through the prefix."""
-        first, last = self._freeze(module)
+        first, last = stage.freeze()
         if inputs.val is not None:
             return self.validate(ReconCNN([first], last).to(self.device), inputs.val)
         hidden = list(inputs.prefix.hidden) if inputs.prefix is not None else []
@@ -643,31 +557,30 @@ class Trainer:
         if state is not None:
             start_stage, start_epoch = int(state["stage"]), int(state["epoch"])
         inputs: StageInputs | None = None
-        for stage in range(start_stage, stages):
-            inputs = self._stage_inputs(stage, inputs)
-            module, optimizer, scheduler, first_epoch = self._start_stage(
-                inputs, stage, state if stage == start_stage else None, start_epoch
+        for index in range(start_stage, stages):
+            inputs = self._stage_inputs(index, inputs)
+            stage, optimizer, scheduler, first_epoch = self._start_stage(
+                inputs, index, state if index == start_stage else None, start_epoch
             )
-            fista_solver = isinstance(module, ConvexStage) and cfg.solver == "fista"
-            if isinstance(module, ConvexStage) and cfg.fixed_masks and not fista_solver:
-                inputs.gates = self._gate_cache(module, inputs)
-            if fista_solver:
-                assert isinstance(module, ConvexStage)
-                self._solve_fista(module, inputs, stage)
+            program = stage.convex_program if cfg.solver == "fista" else None
+            if stage.patterns and cfg.fixed_masks and program is None:
+                inputs.gates = self._gate_cache(stage, inputs)
+            if program is not None:
+                self._solve_fista(stage, program, inputs, index)
             else:
-                self._train_stage(module, optimizer, scheduler, inputs, stage, first_epoch, budget)
-            self._finish_stage(module, inputs, stage)
+                self._train_stage(stage, optimizer, scheduler, inputs, index, first_epoch, budget)
+            self._finish_stage(stage, inputs, index)
         final = self._prefix(stages, torch.device("cpu"))
         assert final is not None
         return final
 
     def _train_stage(
         self,
-        module: nn.Module,
+        stage: Stage,
         optimizer: torch.optim.Adam,
         scheduler: torch.optim.lr_scheduler.StepLR,
         inputs: StageInputs,
-        stage: int,
+        index: int,
         first_epoch: int,
         budget: list[float],
     ) -> None:
@@ -678,51 +591,53 @@ class Trainer:
             if budget[0] <= 0:
                 raise TrainingStopped
             began = time.perf_counter()
-            pairs = self._pairs(stage * cfg.optim.epochs + epoch)
+            pairs = self._pairs(index * cfg.optim.epochs + epoch)
             x = inputs.cached if inputs.cached is not None else pairs.x0
             residual = pairs.target - pairs.x0
-            module.train()
-            losses = []
-            area = self._crop_area(x)
-            batches = self._batches(x, residual, stage + 1, epoch, inputs.transform, inputs.gates)
+            batches = self._batches(x, residual, index + 1, epoch, inputs.transform, inputs.gates)
             steps = math.ceil(len(x) * cfg.crops_per_image / cfg.optim.batch_size)
-            desc = f"{cfg.method} stage {stage + 1}/{stages} epoch {epoch + 1}/{cfg.optim.epochs}"
-            for batch in tqdm(batches, total=steps, desc=desc, leave=False, disable=None):
-                losses.append(self._stage_step(module, batch, optimizer, area))
+            desc = f"{cfg.method} stage {index + 1}/{stages} epoch {epoch + 1}/{cfg.optim.epochs}"
+            progress = tqdm(batches, total=steps, desc=desc, leave=False, disable=None)
+            unpacked = (
+                (x, r, None if packed is None else unpack_gates(packed, stage.patterns))
+                for x, r, packed in progress
+            )
+            train_loss = stage_epoch(stage, unpacked, optimizer, self._crop_area(x))
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             row: dict[str, Any] = {
                 "method": cfg.method,
-                "stage": stage + 1,
+                "stage": index + 1,
                 "epoch": epoch + 1,
                 "lr": lr,
-                "train_loss": sum(losses) / len(losses),
-                **self._validate_stage(module, inputs, stage),
+                "train_loss": train_loss,
+                **self._validate_stage(stage, inputs),
             }
             last_epoch = epoch + 1 == cfg.optim.epochs
             every = cfg.certificate_every
-            if isinstance(module, ConvexStage) and (
-                last_epoch or (every and (epoch + 1) % every == 0)
-            ):
-                cert = self._certificate(module, x, residual, inputs)
-                row.update({f"cert_{k}": v for k, v in cert.items() if k != "n"})
-                self.certificates.append({"stage": stage + 1, "epoch": epoch + 1, **cert})
+            if last_epoch or (every and (epoch + 1) % every == 0):
+                cert = self._certificate(stage, x, residual, inputs)
+                if cert is not None:
+                    row.update({f"cert_{k}": v for k, v in cert.items() if k != "n"})
+                    self.certificates.append({"stage": index + 1, "epoch": epoch + 1, **cert})
             row["seconds"] = time.perf_counter() - began
-            self._record(row, stage * cfg.optim.epochs + epoch)
+            self._record(row, index * cfg.optim.epochs + epoch)
             budget[0] -= 1
             if not last_epoch:
                 self._save(
                     {
                         "method": cfg.method,
-                        "stage": stage,
+                        "stage": index,
                         "epoch": epoch + 1,
-                        "stage_module": module.state_dict(),
+                        "stage_module": stage.module.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                     }
                 )
 
-    def _solve_fista(self, module: ConvexStage, inputs: StageInputs, stage: int) -> None:
+    def _solve_fista(
+        self, stage: Stage, program: ConvexStage, inputs: StageInputs, index: int
+    ) -> None:
         """Solve the stage's convex program on whole images with FISTA, logging the
         certificate every 10 iterations. A stage interrupted here restarts on resume."""
         cfg = self.config
@@ -741,56 +656,57 @@ class Trainer:
             now = time.perf_counter()
             row = {
                 "method": cfg.method,
-                "stage": stage + 1,
+                "stage": index + 1,
                 "epoch": iteration,
                 **{f"cert_{k}": v for k, v in cert.items() if k != "n"},
                 "seconds": now - last[0],
             }
             last[0] = now
-            self.certificates.append({"stage": stage + 1, "iteration": iteration, **cert})
-            self._record(row, stage * cfg.fista_iterations + iteration)
+            self.certificates.append({"stage": index + 1, "iteration": iteration, **cert})
+            self._record(row, index * cfg.fista_iterations + iteration)
 
-        result = fista(module, batches, cfg.fista_iterations, cfg.fista_tol, callback=record)
-        self.history[-1].update(self._validate_stage(module, inputs, stage))
-        log.info("stage %d FISTA: %s", stage + 1, result)
+        result = fista(program, batches, cfg.fista_iterations, cfg.fista_tol, callback=record)
+        self.history[-1].update(self._validate_stage(stage, inputs))
+        log.info("stage %d FISTA: %s", index + 1, result)
 
     def _start_stage(
-        self, inputs: StageInputs, stage: int, state: dict[str, Any] | None, epoch: int
-    ) -> tuple[nn.Module, torch.optim.Adam, torch.optim.lr_scheduler.StepLR, int]:
+        self, inputs: StageInputs, index: int, state: dict[str, Any] | None, epoch: int
+    ) -> tuple[Stage, torch.optim.Adam, torch.optim.lr_scheduler.StepLR, int]:
         """A new stage (gates from a sample of its inputs), or the one a checkpoint holds."""
         # 16 images of 128x128 (2 of 320x320): the gates' sample, bounded in memory.
         sample = self._inputs_sample(inputs, 2 * chunk_images(self.val_pairs.x0.shape))
-        module = self._new_stage(sample.shape[1], stage, sample.to(self.device), inputs)
-        optimizer, scheduler = self._optimizer(list(module.parameters()))
+        stage = self._new_stage(index, sample.to(self.device), inputs)
+        optimizer, scheduler = make_optimizer(stage.module.parameters(), self.config.optim)
         if state is None or epoch == 0:
-            return module, optimizer, scheduler, 0
-        module.load_state_dict(state["stage_module"])
+            return stage, optimizer, scheduler, 0
+        stage.module.load_state_dict(state["stage_module"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        return module, optimizer, scheduler, epoch
+        return stage, optimizer, scheduler, epoch
 
-    def _finish_stage(self, module: nn.Module, inputs: StageInputs, stage: int) -> None:
+    def _finish_stage(self, stage: Stage, inputs: StageInputs, index: int) -> None:
         """Freeze the stage, export and validate the network of this depth, checkpoint."""
         cfg = self.config
-        if isinstance(module, ConvexStage):
+        program = stage.convex_program
+        if program is not None:
             sample = self._inputs_sample(inputs, chunk_images(self.val_pairs.x0.shape))
-            report = module.mapping_report(sample.to(self.device))
-            self.certificates.append({"stage": stage + 1, "mapping": report})
-        first, last = self._freeze(module)
+            report = program.mapping_report(sample.to(self.device))
+            self.certificates.append({"stage": index + 1, "mapping": report})
+        first, last = stage.freeze()
         for parameter in [*first.parameters(), *last.parameters()]:
             parameter.requires_grad_(False)
         # The exported network is assembled on the CPU from the previous one's file: the
         # prefix does not come back to the device.
-        prefix = self._prefix(stage, torch.device("cpu"))
+        prefix = self._prefix(index, torch.device("cpu"))
         hidden = [*(prefix.hidden if prefix else []), copy.deepcopy(first).cpu()]
-        depth = stage + 2
+        depth = index + 2
         ReconCNN(hidden, copy.deepcopy(last).cpu()).save(
             self.out / f"model_depth{depth}.pt", {"layers": depth, "method": cfg.method}
         )
         del prefix, hidden
-        self.depth_metrics.append({"layers": depth, **self._validate_stage(module, inputs, stage)})
+        self.depth_metrics.append({"layers": depth, **self._validate_stage(stage, inputs)})
         inputs.frozen = first.to(self.device).eval()
-        self._save({"method": cfg.method, "stage": stage + 1, "epoch": 0})
+        self._save({"method": cfg.method, "stage": index + 1, "epoch": 0})
 
 
 @dataclass
