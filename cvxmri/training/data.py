@@ -23,16 +23,14 @@ from torch import Tensor
 from cvxmri.data.fastmri_h5 import read_encoding
 from cvxmri.data.prepare import (
     EspiritConfig,
-    coil_support,
+    default_cache_dir,
     evaluation_mask,
     find_files,
-    normalisation_scale,
     prepare_volume,
 )
+from cvxmri.data.sample import make_sample
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec, seed_from_name
-from cvxmri.models.cnn import to_channels
-from cvxmri.physics import Sense, center_crop
 
 
 @dataclass
@@ -89,11 +87,12 @@ class SliceData:
     """All slices of one split in memory, ready to be masked.
 
     Args:
-        root: dataset root.
+        root: dataset root, flat folder of ``.h5`` files or one file (`find_files`).
         split: train, val or test.
         mask: the sampling pattern.
         max_slices: keep only the first n slices (0: all).
-        espirit: coil-map settings; maps are cached under ``root/cache``.
+        espirit: coil-map settings; maps are cached under ``root/cache``
+            (`cvxmri.data.prepare.default_cache_dir`).
     """
 
     def __init__(
@@ -109,7 +108,7 @@ class SliceData:
         paths = find_files(root, split)
         check_split_fits(paths, max_slices)
         for path in paths:
-            volume = prepare_volume(path, Path(root) / "cache", espirit or EspiritConfig())
+            volume = prepare_volume(path, default_cache_dir(root), espirit or EspiritConfig())
             kspace.append(torch.from_numpy(volume.kspace))
             maps.append(torch.from_numpy(volume.maps))
             targets.append(torch.from_numpy(volume.target))
@@ -148,23 +147,30 @@ class SliceData:
         return torch.from_numpy(np.stack(masks).astype(np.float32))
 
     def pairs(self, masks: Tensor, batch: int = 16) -> PairSet:
-        """Normalised ``(x0, x*)`` pairs for these masks."""
-        x0s, scales, supports = [], [], []
+        """Normalised ``(x0, x*)`` pairs for these masks (`make_sample`, ``batch`` slices
+        at a time; only the images are kept, not each batch's k-space and maps)."""
+        x0s, targets, supports, scales = [], [], [], []
         for start in range(0, len(self), batch):
             part = slice(start, start + batch)
-            mask = masks[part][:, None]
-            maps = self.maps[part]
-            x0 = Sense(maps, mask).H(self.kspace[part] * mask)
-            scale = normalisation_scale(x0, self.recon_shape)
-            x0s.append(center_crop(x0, self.recon_shape) / scale[:, None, None])
-            scales.append(scale)
-            supports.append(center_crop(coil_support(maps), self.recon_shape))
-        scale = torch.cat(scales)
+            sample = make_sample(
+                self.kspace[part],
+                masks[part],
+                self.maps[part],
+                self.recon_shape,
+                target=self.targets[part],
+                volume=self.files[part],
+                slice_index=self.slices[part],
+            )
+            assert sample.target is not None
+            x0s.append(sample.x0)
+            targets.append(sample.target)
+            supports.append(sample.support)
+            scales.append(sample.scale)
         return PairSet(
-            x0=to_channels(torch.cat(x0s)),
-            target=to_channels(self.targets / scale[:, None, None]),
-            support=torch.cat(supports)[:, None],
-            scale=scale,
+            x0=torch.cat(x0s),
+            target=torch.cat(targets),
+            support=torch.cat(supports),
+            scale=torch.cat(scales),
             files=list(self.files),
         )
 
