@@ -237,7 +237,14 @@ def evaluation_mask(
     stored: np.ndarray | None = None,
 ) -> np.ndarray:
     """The fixed evaluation mask of one file: seeded from its name, or for the ``file`` kind
-    the file's own ``stored`` mask."""
+    the file's own ``stored`` mask.
+
+    ``name`` is the file NAME (``path.name``), not its volume id (the path relative to the
+    data root): seeding by name is fastMRI's convention, and it keeps every number reported
+    on the default dataset unchanged. So files of the same name in ``multicoil_test/`` and
+    ``singlecoil_test/`` share a mask (on grids of the same shape); their results are still
+    told apart by their volume ids.
+    """
     if spec.kind == "file":
         if stored is None:
             raise CvxmriError(f"{name}: mask 'file' asked for, but the file has no 'mask' dataset")

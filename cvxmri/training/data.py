@@ -27,6 +27,7 @@ from cvxmri.data.prepare import (
     evaluation_mask,
     find_files,
     prepare_volume,
+    volume_id,
 )
 from cvxmri.data.sample import make_sample
 from cvxmri.errors import CvxmriError
@@ -42,7 +43,8 @@ class PairSet:
         target: (N, 2, h, w) SENSE-combined fully sampled images.
         support: (N, 1, h, w) coil support (0/1).
         scale: (N,) normalisation scale of each slice.
-        files: (N,) file name of each slice (volume metrics group by it).
+        files: (N,) volume id of each slice, its path relative to the data root (volume
+            metrics group by it).
     """
 
     x0: Tensor
@@ -93,6 +95,9 @@ class SliceData:
         max_slices: keep only the first n slices (0: all).
         espirit: coil-map settings; maps are cached under ``root/cache``
             (`cvxmri.data.prepare.default_cache_dir`).
+
+    Each slice has a volume id (``files``: its file's path relative to the data root) and
+    a file name (``names``), which seeds its masks as in `cvxmri.evaluate`.
     """
 
     def __init__(
@@ -103,7 +108,7 @@ class SliceData:
         max_slices: int = 0,
         espirit: EspiritConfig | None = None,
     ) -> None:
-        kspace, maps, targets, files, slices = [], [], [], [], []
+        kspace, maps, targets, files, names, slices = [], [], [], [], [], []
         self.mask = mask
         paths = find_files(root, split)
         check_split_fits(paths, max_slices)
@@ -112,7 +117,8 @@ class SliceData:
             kspace.append(torch.from_numpy(volume.kspace))
             maps.append(torch.from_numpy(volume.maps))
             targets.append(torch.from_numpy(volume.target))
-            files += [volume.name] * len(volume.kspace)
+            files += [volume_id(path, root)] * len(volume.kspace)
+            names += [volume.name] * len(volume.kspace)
             slices += list(range(len(volume.kspace)))
             self.recon_shape = volume.recon_shape
             self.padding = volume.padding
@@ -123,6 +129,7 @@ class SliceData:
         self.maps = torch.cat(maps)[:count]
         self.targets = torch.cat(targets)[:count]
         self.files = files[:count]
+        self.names = names[:count]
         self.slices = slices[:count]
 
     def __len__(self) -> int:
@@ -132,16 +139,16 @@ class SliceData:
         """The fixed per-file evaluation masks (as `cvxmri evaluate` draws them)."""
         shape = tuple(self.kspace.shape[-2:])
         cache: dict[str, np.ndarray] = {}
-        for name in self.files:
+        for name in self.names:
             if name not in cache:
                 cache[name] = evaluation_mask(self.mask, name, shape, self.padding)
-        return torch.from_numpy(np.stack([cache[n] for n in self.files]).astype(np.float32))
+        return torch.from_numpy(np.stack([cache[n] for n in self.names]).astype(np.float32))
 
     def training_masks(self, seed: int, epoch: int | None) -> Tensor:
         """One mask per slice: fixed for the run (``epoch=None``) or fresh for an epoch."""
         shape = tuple(self.kspace.shape[-2:])
         masks = []
-        for name, index in zip(self.files, self.slices, strict=True):
+        for name, index in zip(self.names, self.slices, strict=True):
             key = [seed, seed_from_name(f"{name}:{index}")] + ([] if epoch is None else [epoch])
             masks.append(self.mask.sample(shape, np.random.default_rng(key), self.padding))
         return torch.from_numpy(np.stack(masks).astype(np.float32))
