@@ -63,12 +63,11 @@ from cvxmri.evaluate import (
     classical_reconstructor,
     evaluate,
     model_label,
-    network_reconstructor,
 )
 from cvxmri.masks import MaskSpec
 from cvxmri.metrics import slice_metrics
 from cvxmri.models.cnn import ReconCNN
-from cvxmri.recon import CLASSICAL_METHODS, CSConfig
+from cvxmri.recon import CLASSICAL_METHODS, CSConfig, network_reconstructor
 from cvxmri.report import interpret
 from cvxmri.runs import environment, run_folder
 from cvxmri.training.config import PRESETS, TrainConfig, preset

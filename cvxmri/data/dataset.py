@@ -42,7 +42,7 @@ from cvxmri.data.sample import Sample, make_sample
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec, seed_from_name
 
-# Evaluation masks of this many files are kept (a file's slices are usually read together).
+# Evaluation masks of the files last used are kept (a file's slices are usually read together).
 MASKS_KEPT = 4
 
 
@@ -158,6 +158,7 @@ class SliceDataset(Dataset[Sample]):
             )
             if len(self._masks) > MASKS_KEPT:
                 self._masks.popitem(last=False)
+        self._masks.move_to_end(number)
         return self._masks[number]
 
     def __getitem__(self, index: int) -> Sample:
