@@ -25,6 +25,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"cvxmri: error: {message} (see '{self.prog} --help')\n")
 
 
+_DATA_HELP = (
+    "dataset root (multicoil_<split>/), flat folder of .h5 files or one .h5 file "
+    "(default %(default)s)"
+)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -100,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = data_commands.add_parser(
         "prepare", help="compute and cache the ESPIRiT coil maps of every split"
     )
-    prepare.add_argument("--data", type=Path, default=Path("data/default"), help="dataset root")
+    prepare.add_argument("--data", type=Path, default=Path("data/default"), help=_DATA_HELP)
     prepare.add_argument("--split", action="append", help="split(s) (default: all three)")
 
     info = data_commands.add_parser("info", help="print what a fastMRI HDF5 file holds")
@@ -121,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a trained network (model.pt, or its run folder); repeatable",
     )
     _add_mask_options(evaluate)
-    evaluate.add_argument("--data", type=Path, default=Path("data/default"), help="dataset root")
-    evaluate.add_argument("--split", default="test", help="split (default test)")
+    evaluate.add_argument("--data", type=Path, default=Path("data/default"), help=_DATA_HELP)
+    evaluate.add_argument(
+        "--split", default="test", help="split of a dataset root (default test; flat folders: none)"
+    )
     evaluate.add_argument("--target", choices=("sense", "rss"), default="sense")
     evaluate.add_argument("--cs-lambda", type=_number, help="CS l1-wavelet weight")
     evaluate.add_argument("--cs-iterations", type=_positive_int, help="CS iterations")
@@ -249,14 +257,15 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 def _cmd_prepare(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from cvxmri.data.prepare import EspiritConfig, find_files, prepare_volume
+    from cvxmri.data.prepare import EspiritConfig, default_cache_dir, find_files, prepare_volume
 
+    cache, done = default_cache_dir(args.data), set()
     for split in args.split or ["train", "val", "test"]:
-        for path in tqdm(
-            find_files(args.data, split), desc=f"coil maps {split}", unit="file", disable=None
-        ):
-            prepare_volume(path, args.data / "cache", EspiritConfig())
-    print(f"coil maps cached under {args.data / 'cache'}")
+        paths = [p for p in find_files(args.data, split) if p not in done]
+        for path in tqdm(paths, desc=f"coil maps {split}", unit="file", disable=None):
+            prepare_volume(path, cache, EspiritConfig())
+        done.update(paths)
+    print(f"coil maps cached under {cache}")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -303,7 +312,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     with run_folder(out, config, overwrite=args.force) as folder:
         summary = evaluate(config, folder)
     table = format_table(summary)
-    print(f"{config.split} split, target {config.target} (mean ± std over volumes / slices)")
+    target = summary["target_source"]
+    print(f"{config.split} split, target {target} (mean ± std over volumes / slices)")
     print(table)
     print(f"results: {out}")
 

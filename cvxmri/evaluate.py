@@ -1,10 +1,17 @@
 """Evaluate reconstruction methods on a split: per-slice and per-volume PSNR, SSIM, NMSE.
 
 Each file gets one deterministic mask, seeded from its name (fastMRI's convention for
-evaluation), shared by all its slices and by every method, so methods see identical inputs.
-Metrics follow fastMRI: per volume, PSNR and SSIM with ``data_range`` = the volume's
-maximum (SSIM averaged over slices), plus the slice-based variants (``data_range`` = the
-slice's maximum) that the paper reports.
+evaluation), shared by all its slices and by every method, so methods see identical inputs:
+one `Sample` per volume and mask (`cvxmri.data.sample.make_sample`), which every method
+reconstructs on the recon matrix. Metrics follow fastMRI: per volume, PSNR and SSIM with
+``data_range`` = the volume's maximum (SSIM averaged over slices), plus the slice-based
+variants (``data_range`` = the slice's maximum) that the paper reports. Rows name each
+volume by its path relative to the data root (`cvxmri.data.prepare.volume_id`).
+
+Targets: ``sense``, the magnitude of the SENSE-combined fully sampled image; ``rss``,
+fastMRI's root-sum-of-squares image: the file's stored ``reconstruction_rss`` when it has
+one (the reference of every fastMRI number), computed from the k-space otherwise. The
+summary's ``target_source`` says which.
 """
 
 from __future__ import annotations
@@ -14,7 +21,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,24 +30,31 @@ from tqdm import tqdm
 
 from cvxmri.data.prepare import (
     EspiritConfig,
-    coil_support,
+    PreparedVolume,
+    default_cache_dir,
     evaluation_mask,
     find_files,
-    normalisation_scale,
     prepare_volume,
+    volume_id,
 )
+from cvxmri.data.sample import make_sample
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec
 from cvxmri.metrics import slice_metrics, volume_metrics
-from cvxmri.models.cnn import ReconCNN, to_channels, to_complex
-from cvxmri.physics import CenterCrop, Sense, center_crop
-from cvxmri.recon import CLASSICAL_METHODS, CSConfig, cs_l1_wavelet, zero_filled_sense
+from cvxmri.models.cnn import ReconCNN
+from cvxmri.recon import (
+    CLASSICAL_METHODS,
+    CSConfig,
+    Reconstructor,
+    compressed_sensing,
+    network_reconstructor,
+    zero_filled,
+)
 
 log = logging.getLogger(__name__)
 
-# (masked k-space (B, C, H, W), maps (B, C, H, W), mask (H, W)) -> images (B, H, W)
-Reconstructor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 METRICS = ("psnr", "ssim", "nmse")
+SENSE_TARGET = "sense magnitude"
 
 
 @dataclass
@@ -49,16 +62,19 @@ class EvaluateConfig:
     """What `cvxmri evaluate` runs.
 
     Attributes:
-        data: dataset root with ``multicoil_<split>/`` folders.
-        split: which split.
+        data: a dataset root with ``multicoil_<split>/`` folders, a flat folder of ``.h5``
+            files (then ``split`` is ignored) or one file (`cvxmri.data.prepare.find_files`).
+        split: which split of a dataset root.
         methods: reconstruction methods.
         masks: sampling masks, each evaluated separately.
-        target: ``sense`` (magnitude of the SENSE-combined image) or ``rss`` (fastMRI's).
+        target: ``sense`` (magnitude of the SENSE-combined image) or ``rss`` (fastMRI's:
+            the stored ``reconstruction_rss`` when the file has one).
         models: trained networks (``model.pt`` files, or run folders meaning their
             ``model.pt``) evaluated beside the methods.
         cs: compressed-sensing settings.
         espirit: coil-map settings.
-        cache: where coil maps are cached; ``<data>/cache`` when empty.
+        cache: where coil maps are cached; ``<data root>/cache`` when empty
+            (`cvxmri.data.prepare.default_cache_dir`).
     """
 
     data: str = "data/default"
@@ -91,25 +107,18 @@ class EvaluateConfig:
 
 
 def classical_reconstructor(method: str, cs: CSConfig) -> Reconstructor:
-    """The reconstruction function of a classical method."""
+    """The reconstruction function (``Sample -> image``) of a classical method."""
     if method == "zero-filled":
-        return zero_filled_sense
-    return lambda kspace, maps, mask: cs_l1_wavelet(kspace, maps, mask, cs)
+        return zero_filled
+    return lambda sample: compressed_sensing(sample, cs)
 
 
-def network_reconstructor(model: ReconCNN, recon_shape: tuple[int, int]) -> Reconstructor:
-    """A trained network as a reconstruction method: zero-filled SENSE image, cropped to
-    the recon matrix, through the network, zero-padded back to the k-space grid."""
-    device = next(model.parameters()).device
-
-    @torch.no_grad()
-    def run(kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x0 = zero_filled_sense(kspace, maps, mask)
-        crop = CenterCrop((x0.shape[-2], x0.shape[-1]), recon_shape)
-        image = model(to_channels(crop(x0)).to(device)).cpu()
-        return crop.H(to_complex(image))
-
-    return run
+def reference_image(volume: PreparedVolume, target: str) -> tuple[np.ndarray, str]:
+    """The (S, h, w) magnitude images the metrics compare against, in the data's units,
+    and where they come from (`PreparedVolume.rss_target` for ``rss``)."""
+    if target == "sense":
+        return np.abs(volume.target), SENSE_TARGET
+    return volume.rss_target()
 
 
 def model_file(path: Path) -> Path:
@@ -127,44 +136,58 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
     summary."""
     config.validate()
     files = find_files(config.data, config.split)
-    cache = Path(config.cache) if config.cache else Path(config.data) / "cache"
+    cache = Path(config.cache) if config.cache else default_cache_dir(config.data)
     reconstructors = {m: classical_reconstructor(m, config.cs) for m in config.methods}
     paths = [model_file(Path(p)) for p in config.models]
-    networks = {model_label(p): ReconCNN.load(p).eval() for p in paths}
+    for path in paths:
+        reconstructors[model_label(path)] = network_reconstructor(ReconCNN.load(path).eval())
     slice_rows: list[dict[str, object]] = []
     volume_rows: list[dict[str, object]] = []
-    labels = [*config.methods, *networks]
-    seconds = {(m, s.describe()): 0.0 for m in labels for s in config.masks}
+    seconds = {(m, s.describe()): 0.0 for m in reconstructors for s in config.masks}
+    sources: list[str] = []
     for path in tqdm(files, desc=f"evaluate {config.split}", unit="file", disable=None):
         volume = prepare_volume(path, cache, config.espirit)
-        target = np.abs(volume.target) if config.target == "sense" else volume.rss
+        target, source = reference_image(volume, config.target)
+        sources.append(source)
+        name = volume_id(path, config.data)
         kspace = torch.from_numpy(volume.kspace)
         maps = torch.from_numpy(volume.maps)
-        support = coil_support(maps)
-        for label, network in networks.items():
-            reconstructors[label] = network_reconstructor(network, volume.recon_shape)
         for spec in config.masks:
-            mask_np = evaluation_mask(
+            mask = evaluation_mask(
                 spec, volume.name, kspace.shape[-2:], volume.padding, volume.mask
             )
-            mask = torch.from_numpy(mask_np.astype(np.float32))
-            masked = kspace * mask
-            scale = normalisation_scale(Sense(maps, mask).H(masked), volume.recon_shape)
-            masked = masked / scale[:, None, None, None]
+            sample = make_sample(
+                kspace,
+                torch.from_numpy(mask.astype(np.float32)),
+                maps,
+                volume.recon_shape,
+                target=torch.from_numpy(volume.target),
+                reference=torch.from_numpy(target),
+                volume=name,
+            )
             for method, reconstruct in reconstructors.items():
                 start = time.perf_counter()
-                image = reconstruct(masked, maps, mask) * support
+                image = reconstruct(sample)
                 seconds[(method, spec.describe())] += time.perf_counter() - start
-                pred = (center_crop(image, volume.recon_shape).abs() * scale[:, None, None]).numpy()
-                key = {"method": method, "mask": spec.describe(), "file": volume.name}
+                pred = (image.abs() * sample.scale[:, None, None]).numpy()
+                key = {"method": method, "mask": spec.describe(), "file": name}
                 per_volume = volume_metrics(target, pred)
                 volume_rows.append({**key, **per_volume})
                 per_slice = slice_metrics(target, pred)
                 for index in range(len(pred)):
-                    row = {name: per_slice[name][index] for name in METRICS}
+                    row = {metric: per_slice[metric][index] for metric in METRICS}
                     slice_rows.append({**key, "slice": index, **row})
-                log.info("%s %s %s: %s", method, spec.describe(), volume.name, per_volume)
+                log.info("%s %s %s: %s", method, spec.describe(), name, per_volume)
     summary = summarise(slice_rows, volume_rows, seconds, config)
+    summary["target_source"] = (
+        sources[0]
+        if len(set(sources)) == 1
+        else "mixed: "
+        + ", ".join(
+            f"{source} in {sources.count(source)} of {len(sources)} files"
+            for source in sorted(set(sources))
+        )
+    )
     write_results(out, slice_rows, volume_rows, summary)
     return summary
 

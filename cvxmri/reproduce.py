@@ -43,12 +43,13 @@ from cvxmri.benchmark.memory import MIB, MemoryBenchConfig, run_memory_benchmark
 from cvxmri.config import load_yaml, save_yaml, to_dict
 from cvxmri.data.prepare import (
     EspiritConfig,
-    coil_support,
+    default_cache_dir,
     evaluation_mask,
     find_files,
-    normalisation_scale,
     prepare_volume,
+    volume_id,
 )
+from cvxmri.data.sample import make_sample
 from cvxmri.data.simulate import (
     SPLITS,
     SimulationConfig,
@@ -62,13 +63,11 @@ from cvxmri.evaluate import (
     classical_reconstructor,
     evaluate,
     model_label,
-    network_reconstructor,
 )
 from cvxmri.masks import MaskSpec
 from cvxmri.metrics import slice_metrics
-from cvxmri.models.cnn import ReconCNN, to_channels
-from cvxmri.physics import Sense, center_crop
-from cvxmri.recon import CLASSICAL_METHODS, CSConfig, zero_filled_sense
+from cvxmri.models.cnn import ReconCNN
+from cvxmri.recon import CLASSICAL_METHODS, CSConfig, network_reconstructor
 from cvxmri.report import interpret
 from cvxmri.runs import environment, run_folder
 from cvxmri.training.config import PRESETS, TrainConfig, preset
@@ -312,8 +311,8 @@ def _run_data(config: ReproduceConfig, root: Path, part: Part) -> None:
     for split in SPLITS:
         paths = find_files(data, split)
         for path in tqdm(paths, desc=f"coil maps {split}", unit="file", leave=False, disable=None):
-            prepare_volume(path, data / "cache", EspiritConfig())
-        files[split] = [p.name for p in paths]
+            prepare_volume(path, default_cache_dir(data), EspiritConfig())
+        files[split] = [volume_id(p, data) for p in paths]
     manifest_path = data / "manifest.json"
     record = {
         "root": str(data),
@@ -375,29 +374,35 @@ def _run_examples(config: ReproduceConfig, root: Path, part: Part) -> None:
     networks = _network_paths(config, root, mask)
     label = model_label(networks["layerwise-convex"].with_name(f"model_depth{config.layers}.pt"))
     choice = representative_slice(root / key / "test-layerwise-convex" / "per_slice.csv", label)
-    path = next(p for p in find_files(config.data, config.split) if p.name == choice["file"])
-    volume = prepare_volume(path, Path(config.data) / "cache", EspiritConfig())
+    files = find_files(config.data, config.split)
+    path = next(p for p in files if volume_id(p, config.data) == choice["file"])
+    volume = prepare_volume(path, default_cache_dir(config.data), EspiritConfig())
     index = slice(choice["slice"], choice["slice"] + 1)
-    kspace, maps = torch.from_numpy(volume.kspace[index]), torch.from_numpy(volume.maps[index])
-    sampling = evaluation_mask(mask, volume.name, kspace.shape[-2:], volume.padding, volume.mask)
-    mask_t = torch.from_numpy(sampling.astype(np.float32))
-    masked = kspace * mask_t
-    scale = normalisation_scale(Sense(maps, mask_t).H(masked), volume.recon_shape)
-    masked = masked / scale[:, None, None, None]
-    support = coil_support(maps)
-    crop = volume.recon_shape
-    target = np.abs(volume.target[index]) / scale.numpy()[:, None, None]
+    sampling = evaluation_mask(
+        mask, volume.name, volume.kspace.shape[-2:], volume.padding, volume.mask
+    )
+    sample = make_sample(
+        torch.from_numpy(volume.kspace[index]),
+        torch.from_numpy(sampling.astype(np.float32)),
+        torch.from_numpy(volume.maps[index]),
+        volume.recon_shape,
+        reference=torch.from_numpy(np.abs(volume.target[index])),
+        volume=choice["file"],
+        slice_index=[choice["slice"]],
+    )
+    assert sample.reference is not None
+    target = sample.reference.numpy() / sample.scale.numpy()[:, None, None]
     reconstructors = {m: classical_reconstructor(m, config.cs) for m in CLASSICAL_METHODS}
     for method, model_path in networks.items():
-        reconstructors[method] = network_reconstructor(ReconCNN.load(model_path).eval(), crop)
+        reconstructors[method] = network_reconstructor(ReconCNN.load(model_path).eval())
     arrays = {
         "target": target[0],
-        "x0": to_channels(center_crop(zero_filled_sense(masked, maps, mask_t), crop))[0].numpy(),
+        "x0": sample.x0[0].numpy(),
         "mask": sampling.astype(np.float32),
     }
     methods = []
     for method, reconstruct in reconstructors.items():
-        image = center_crop(reconstruct(masked, maps, mask_t) * support, crop).abs().numpy()
+        image = reconstruct(sample).abs().numpy()
         arrays[f"recon_{method}"] = image[0]
         values = slice_metrics(target, image)
         methods.append({"method": method, **{name: v[0] for name, v in values.items()}})

@@ -10,6 +10,10 @@
   zero-filled magnitude ``|x0|`` over the recon matrix. It uses measured data only, so it is
   available at test time, and it puts every input on one scale, which matters for the
   regulariser of the convex stages. PSNR and SSIM are invariant to a common scale.
+- Where the data are (`find_files`): a dataset root with ``multicoil_<split>/`` and
+  ``singlecoil_<split>/`` folders, a flat folder of ``.h5`` files (what fastMRI's
+  ``SliceDataset`` takes, e.g. ``knee/multicoil_val``) or one ``.h5`` file. A volume is
+  identified by its path relative to the data root (`volume_id`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import h5py
 import numpy as np
 import torch
 
-from cvxmri.data.fastmri_h5 import Volume, read_volume
+from cvxmri.data.fastmri_h5 import Volume, read_encoding, read_volume
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec, seed_from_name
 from cvxmri.physics import Sense, center_crop, ifft2c
@@ -31,6 +35,9 @@ from cvxmri.physics import Sense, center_crop, ifft2c
 log = logging.getLogger(__name__)
 
 NORM_PERCENTILE = 99.0
+SPLIT_KINDS = ("multicoil", "singlecoil")
+STORED_RSS = "stored reconstruction_rss"
+COMPUTED_RSS = "computed rss"
 
 
 @dataclass(frozen=True)
@@ -72,10 +79,12 @@ class PreparedVolume:
         kspace: complex64 (S, C, H, W), fully sampled.
         maps: complex64 (S, C, H, W) coil sensitivities (ones for single-coil data).
         target: complex64 (S, h, w) SENSE-combined image.
-        rss: float32 (S, h, w) root-sum-of-squares image (fastMRI's target).
+        rss: float32 (S, h, w) root-sum-of-squares image computed from the k-space.
         recon_shape: (h, w).
         padding: acquired phase-encoding columns [left, right).
         mask: the file's own bool (H, W) sampling mask (``mask`` dataset), or None.
+        stored_rss: float32 (S, h, w) ``reconstruction_rss`` of a multi-coil file (the
+            reference fastMRI's numbers are computed against), or None if it has none.
     """
 
     name: str
@@ -86,6 +95,14 @@ class PreparedVolume:
     recon_shape: tuple[int, int]
     padding: tuple[int, int]
     mask: np.ndarray | None = None
+    stored_rss: np.ndarray | None = None
+
+    def rss_target(self) -> tuple[np.ndarray, str]:
+        """fastMRI's RSS target and where it comes from: the stored ``reconstruction_rss``
+        when the file has one, else the RSS computed from the k-space."""
+        if self.stored_rss is not None:
+            return self.stored_rss, STORED_RSS
+        return self.rss, COMPUTED_RSS
 
 
 def _cache_path(path: Path, cache_dir: Path, config: EspiritConfig) -> Path:
@@ -97,22 +114,32 @@ def _fingerprint(path: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def _read_cache(
+    path: Path, cache_dir: Path, config: EspiritConfig, shape: tuple[int, ...], index: slice
+) -> np.ndarray | None:
+    """Slices ``index`` of the cached maps of ``path``, or None when the cache is missing,
+    stale (the file changed since) or of another shape. Only those slices are read."""
+    cached = _cache_path(path, cache_dir, config)
+    if not cached.is_file():
+        return None
+    try:
+        with h5py.File(cached, "r") as hf:
+            if hf.attrs.get("source") == _fingerprint(path) and hf["maps"].shape == shape:
+                return np.asarray(hf["maps"][index])
+    except OSError:
+        log.warning("%s: damaged cache file, recomputing", cached)
+    return None
+
+
 def load_maps(path: Path, volume: Volume, cache_dir: Path, config: EspiritConfig) -> np.ndarray:
     """The coil maps of a volume, from the cache or computed (then cached atomically)."""
     if not volume.multicoil:
         return np.ones_like(volume.kspace)
+    stored = _read_cache(path, cache_dir, config, volume.kspace.shape, slice(None))
+    if stored is not None:
+        return stored
     cached = _cache_path(path, cache_dir, config)
     fingerprint = _fingerprint(path)
-    if cached.is_file():
-        try:
-            with h5py.File(cached, "r") as hf:
-                if (
-                    hf.attrs.get("source") == fingerprint
-                    and hf["maps"].shape == volume.kspace.shape
-                ):
-                    return np.asarray(hf["maps"][()])
-        except OSError:
-            log.warning("%s: damaged cache file, recomputing", cached)
     calib = min(config.calib_width, *volume.kspace.shape[-2:])
     if calib != config.calib_width:
         config = EspiritConfig(calib, config.thresh, config.kernel_width, config.crop)
@@ -133,6 +160,40 @@ def load_maps(path: Path, volume: Volume, cache_dir: Path, config: EspiritConfig
     return maps
 
 
+def sense_image(
+    kspace: torch.Tensor, maps: torch.Tensor, recon_shape: tuple[int, int]
+) -> torch.Tensor:
+    """The SENSE-combined image ``crop(sum_c conj(S_c) F^H k_c)`` (B, h, w) of fully
+    sampled k-space (B, C, H, W)."""
+    return center_crop(Sense(maps).H(kspace), recon_shape)
+
+
+def rss_image(kspace: torch.Tensor, recon_shape: tuple[int, int]) -> torch.Tensor:
+    """fastMRI's root-sum-of-squares image ``crop(sqrt(sum_c |F^H k_c|^2))`` (B, h, w)."""
+    return center_crop(ifft2c(kspace).abs().pow(2).sum(dim=-3).sqrt(), recon_shape)
+
+
+def slice_maps(
+    path: str | Path, index: int, cache_dir: str | Path, config: EspiritConfig | None = None
+) -> np.ndarray:
+    """The coil maps (1, C, H, W) of one slice, without loading the volume when they are
+    cached: only that slice of the cache is read. On a cache miss the whole volume's maps
+    are computed and cached (`load_maps`), then sliced. Single-coil files get ones."""
+    path = Path(path)
+    config = config or EspiritConfig()
+    _, shape, multicoil = read_encoding(path)
+    full = shape if multicoil else (shape[0], 1, *shape[1:])
+    if not 0 <= index < full[0]:
+        raise CvxmriError(f"{path}: slice {index} out of range (the file has {full[0]})")
+    if not multicoil:
+        return np.ones((1, *full[1:]), dtype=np.complex64)
+    part = slice(index, index + 1)
+    stored = _read_cache(path, Path(cache_dir), config, full, part)
+    if stored is not None:
+        return stored
+    return load_maps(path, read_volume(path), Path(cache_dir), config)[part]
+
+
 def prepare_volume(
     path: str | Path, cache_dir: str | Path, config: EspiritConfig | None = None
 ) -> PreparedVolume:
@@ -143,8 +204,8 @@ def prepare_volume(
     maps = load_maps(path, volume, Path(cache_dir), config)
     kspace_t = torch.from_numpy(volume.kspace)
     recon_shape = volume.encoding.recon_shape
-    target = center_crop(Sense(torch.from_numpy(maps)).H(kspace_t), recon_shape)
-    rss = center_crop(ifft2c(kspace_t).abs().pow(2).sum(dim=-3).sqrt(), recon_shape)
+    target = sense_image(kspace_t, torch.from_numpy(maps), recon_shape)
+    rss = rss_image(kspace_t, recon_shape)
     return PreparedVolume(
         name=path.name,
         kspace=volume.kspace,
@@ -154,6 +215,7 @@ def prepare_volume(
         recon_shape=recon_shape,
         padding=volume.encoding.padding,
         mask=volume.mask,
+        stored_rss=volume.target if volume.multicoil else None,
     )
 
 
@@ -175,7 +237,14 @@ def evaluation_mask(
     stored: np.ndarray | None = None,
 ) -> np.ndarray:
     """The fixed evaluation mask of one file: seeded from its name, or for the ``file`` kind
-    the file's own ``stored`` mask."""
+    the file's own ``stored`` mask.
+
+    ``name`` is the file NAME (``path.name``), not its volume id (the path relative to the
+    data root): seeding by name is fastMRI's convention, and it keeps every number reported
+    on the default dataset unchanged. So files of the same name in ``multicoil_test/`` and
+    ``singlecoil_test/`` share a mask (on grids of the same shape); their results are still
+    told apart by their volume ids.
+    """
     if spec.kind == "file":
         if stored is None:
             raise CvxmriError(f"{name}: mask 'file' asked for, but the file has no 'mask' dataset")
@@ -189,16 +258,54 @@ def coil_support(maps: torch.Tensor) -> torch.Tensor:
     return (maps.abs().sum(dim=-3) > 0).to(maps.real.dtype)
 
 
-def find_files(root: str | Path, split: str) -> list[Path]:
-    """The HDF5 files of a split: ``root/multicoil_<split>`` or ``root/singlecoil_<split>``."""
+def _is_split_folder(folder: Path) -> bool:
+    return any(folder.name.startswith(f"{kind}_") for kind in SPLIT_KINDS)
+
+
+def find_files(root: str | Path, split: str = "test") -> list[Path]:
+    """The HDF5 files to read, sorted. ``root`` is one of:
+
+    - a dataset root: it has a ``multicoil_<split>/`` or ``singlecoil_<split>/`` folder,
+      and the files of both are returned;
+    - a flat folder of ``.h5`` files, as fastMRI's ``SliceDataset`` takes (e.g.
+      ``knee/multicoil_val``): any folder that is not a dataset root for ``split``; its own
+      files are returned and ``split`` is ignored;
+    - one ``.h5`` file; ``split`` is ignored.
+    """
     root = Path(root)
+    if root.is_file():
+        return [root]
     if not root.is_dir():
         raise CvxmriError(f"{root}: data folder does not exist")
-    folders = [root / f"{kind}_{split}" for kind in ("multicoil", "singlecoil")]
+    folders = [root / f"{kind}_{split}" for kind in SPLIT_KINDS]
+    if not any(folder.is_dir() for folder in folders):
+        folders = [root]
     files = sorted(p for folder in folders if folder.is_dir() for p in folder.glob("*.h5"))
     if not files:
         raise CvxmriError(
-            f"{root}: no .h5 files in multicoil_{split}/ or singlecoil_{split}/ "
-            "(run 'cvxmri data simulate' to build the default dataset)"
+            f"{root}: no .h5 files in multicoil_{split}/ or singlecoil_{split}/, nor in the "
+            "folder itself (run 'cvxmri data simulate' to build the default dataset)"
         )
     return files
+
+
+def data_root(data: str | Path) -> Path:
+    """The folder that volume ids are relative to: ``data`` itself, or the folder of a
+    single file."""
+    data = Path(data)
+    return data.parent if data.is_file() else data
+
+
+def volume_id(path: str | Path, data: str | Path) -> str:
+    """A volume's id: its path relative to the data root, e.g. ``multicoil_test/f.h5``
+    for a dataset root and ``f.h5`` for a flat folder. Files of the same name in
+    ``multicoil_test/`` and ``singlecoil_test/`` get distinct ids."""
+    return Path(path).relative_to(data_root(data)).as_posix()
+
+
+def default_cache_dir(data: str | Path) -> Path:
+    """Where coil maps are cached by default: ``<root>/cache``, with root the data root,
+    or its parent when the data root is a fastMRI split folder (``multicoil_val/``), so
+    that the split folder read alone shares the dataset root's cache."""
+    root = data_root(data)
+    return (root.parent if _is_split_folder(root) else root) / "cache"

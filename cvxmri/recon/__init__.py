@@ -1,5 +1,31 @@
-"""Reconstruction methods that need no training: zero-filled SENSE and compressed sensing."""
+"""Reconstruction methods. Each takes a `cvxmri.data.sample.Sample` and returns complex
+images (B, h, w) on its reconstruction matrix, restricted to its coil support, in the
+sample's normalised units: zero-filled SENSE, compressed sensing, or a trained network."""
 
-from cvxmri.recon.classical import CLASSICAL_METHODS, CSConfig, cs_l1_wavelet, zero_filled_sense
+from collections.abc import Callable
 
-__all__ = ["CLASSICAL_METHODS", "CSConfig", "cs_l1_wavelet", "zero_filled_sense"]
+import torch
+
+from cvxmri.data.sample import Sample
+from cvxmri.recon.classical import (
+    CLASSICAL_METHODS,
+    CSConfig,
+    compressed_sensing,
+    cs_l1_wavelet,
+    zero_filled,
+    zero_filled_sense,
+)
+from cvxmri.recon.network import network_reconstructor
+
+Reconstructor = Callable[[Sample], torch.Tensor]
+
+__all__ = [
+    "CLASSICAL_METHODS",
+    "CSConfig",
+    "Reconstructor",
+    "compressed_sensing",
+    "cs_l1_wavelet",
+    "network_reconstructor",
+    "zero_filled",
+    "zero_filled_sense",
+]

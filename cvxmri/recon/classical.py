@@ -1,7 +1,11 @@
 """Classical baselines on normalised, undersampled multi-coil k-space.
 
-Both take a batch: masked k-space (B, C, H, W), coil maps (B, C, H, W), mask broadcastable
-to the k-space, and return complex images (B, H, W) on the full k-space grid.
+`zero_filled` and `compressed_sensing` take a `Sample` and return complex images (B, h, w)
+on its reconstruction matrix, restricted to its coil support, in the sample's normalised
+units (multiply by ``sample.scale`` for the data's own). `zero_filled_sense` and
+`cs_l1_wavelet` are the full-grid solvers underneath: masked k-space (B, C, H, W), coil maps
+(B, C, H, W), mask broadcastable to the k-space -> complex images (B, H, W) on the k-space
+grid.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cvxmri.physics import Sense
+from cvxmri.data.sample import Sample
+from cvxmri.models.cnn import to_complex
+from cvxmri.physics import Sense, center_crop
 
 
 def zero_filled_sense(kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -53,6 +59,20 @@ def cs_l1_wavelet(
         )
         images.append(torch.from_numpy(np.asarray(app.run(), dtype=np.complex64)))
     return torch.stack(images).to(kspace.device)
+
+
+def zero_filled(sample: Sample) -> torch.Tensor:
+    """The zero-filled SENSE image ``x0 = crop(A^H (M k)) / scale`` of the sample,
+    restricted to the coil support."""
+    return to_complex(sample.x0) * sample.support[:, 0]
+
+
+def compressed_sensing(sample: Sample, config: CSConfig) -> torch.Tensor:
+    """L1-wavelet CS (`cs_l1_wavelet`) of the sample's normalised k-space ``y``, solved on
+    the full k-space grid, then cropped to the recon matrix and restricted to the coil
+    support."""
+    image = cs_l1_wavelet(sample.y, sample.maps, sample.mask, config)
+    return center_crop(image, sample.recon_shape) * sample.support[:, 0]
 
 
 CLASSICAL_METHODS = ("zero-filled", "cs")

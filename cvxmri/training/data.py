@@ -23,16 +23,15 @@ from torch import Tensor
 from cvxmri.data.fastmri_h5 import read_encoding
 from cvxmri.data.prepare import (
     EspiritConfig,
-    coil_support,
+    default_cache_dir,
     evaluation_mask,
     find_files,
-    normalisation_scale,
     prepare_volume,
+    volume_id,
 )
+from cvxmri.data.sample import make_sample
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec, seed_from_name
-from cvxmri.models.cnn import to_channels
-from cvxmri.physics import Sense, center_crop
 
 
 @dataclass
@@ -44,7 +43,8 @@ class PairSet:
         target: (N, 2, h, w) SENSE-combined fully sampled images.
         support: (N, 1, h, w) coil support (0/1).
         scale: (N,) normalisation scale of each slice.
-        files: (N,) file name of each slice (volume metrics group by it).
+        files: (N,) volume id of each slice, its path relative to the data root (volume
+            metrics group by it).
     """
 
     x0: Tensor
@@ -89,11 +89,15 @@ class SliceData:
     """All slices of one split in memory, ready to be masked.
 
     Args:
-        root: dataset root.
+        root: dataset root, flat folder of ``.h5`` files or one file (`find_files`).
         split: train, val or test.
         mask: the sampling pattern.
         max_slices: keep only the first n slices (0: all).
-        espirit: coil-map settings; maps are cached under ``root/cache``.
+        espirit: coil-map settings; maps are cached under ``root/cache``
+            (`cvxmri.data.prepare.default_cache_dir`).
+
+    Each slice has a volume id (``files``: its file's path relative to the data root) and
+    a file name (``names``), which seeds its masks as in `cvxmri.evaluate`.
     """
 
     def __init__(
@@ -104,16 +108,17 @@ class SliceData:
         max_slices: int = 0,
         espirit: EspiritConfig | None = None,
     ) -> None:
-        kspace, maps, targets, files, slices = [], [], [], [], []
+        kspace, maps, targets, files, names, slices = [], [], [], [], [], []
         self.mask = mask
         paths = find_files(root, split)
         check_split_fits(paths, max_slices)
         for path in paths:
-            volume = prepare_volume(path, Path(root) / "cache", espirit or EspiritConfig())
+            volume = prepare_volume(path, default_cache_dir(root), espirit or EspiritConfig())
             kspace.append(torch.from_numpy(volume.kspace))
             maps.append(torch.from_numpy(volume.maps))
             targets.append(torch.from_numpy(volume.target))
-            files += [volume.name] * len(volume.kspace)
+            files += [volume_id(path, root)] * len(volume.kspace)
+            names += [volume.name] * len(volume.kspace)
             slices += list(range(len(volume.kspace)))
             self.recon_shape = volume.recon_shape
             self.padding = volume.padding
@@ -124,6 +129,7 @@ class SliceData:
         self.maps = torch.cat(maps)[:count]
         self.targets = torch.cat(targets)[:count]
         self.files = files[:count]
+        self.names = names[:count]
         self.slices = slices[:count]
 
     def __len__(self) -> int:
@@ -133,38 +139,45 @@ class SliceData:
         """The fixed per-file evaluation masks (as `cvxmri evaluate` draws them)."""
         shape = tuple(self.kspace.shape[-2:])
         cache: dict[str, np.ndarray] = {}
-        for name in self.files:
+        for name in self.names:
             if name not in cache:
                 cache[name] = evaluation_mask(self.mask, name, shape, self.padding)
-        return torch.from_numpy(np.stack([cache[n] for n in self.files]).astype(np.float32))
+        return torch.from_numpy(np.stack([cache[n] for n in self.names]).astype(np.float32))
 
     def training_masks(self, seed: int, epoch: int | None) -> Tensor:
         """One mask per slice: fixed for the run (``epoch=None``) or fresh for an epoch."""
         shape = tuple(self.kspace.shape[-2:])
         masks = []
-        for name, index in zip(self.files, self.slices, strict=True):
+        for name, index in zip(self.names, self.slices, strict=True):
             key = [seed, seed_from_name(f"{name}:{index}")] + ([] if epoch is None else [epoch])
             masks.append(self.mask.sample(shape, np.random.default_rng(key), self.padding))
         return torch.from_numpy(np.stack(masks).astype(np.float32))
 
     def pairs(self, masks: Tensor, batch: int = 16) -> PairSet:
-        """Normalised ``(x0, x*)`` pairs for these masks."""
-        x0s, scales, supports = [], [], []
+        """Normalised ``(x0, x*)`` pairs for these masks (`make_sample`, ``batch`` slices
+        at a time; only the images are kept, not each batch's k-space and maps)."""
+        x0s, targets, supports, scales = [], [], [], []
         for start in range(0, len(self), batch):
             part = slice(start, start + batch)
-            mask = masks[part][:, None]
-            maps = self.maps[part]
-            x0 = Sense(maps, mask).H(self.kspace[part] * mask)
-            scale = normalisation_scale(x0, self.recon_shape)
-            x0s.append(center_crop(x0, self.recon_shape) / scale[:, None, None])
-            scales.append(scale)
-            supports.append(center_crop(coil_support(maps), self.recon_shape))
-        scale = torch.cat(scales)
+            sample = make_sample(
+                self.kspace[part],
+                masks[part],
+                self.maps[part],
+                self.recon_shape,
+                target=self.targets[part],
+                volume=self.files[part],
+                slice_index=self.slices[part],
+            )
+            assert sample.target is not None
+            x0s.append(sample.x0)
+            targets.append(sample.target)
+            supports.append(sample.support)
+            scales.append(sample.scale)
         return PairSet(
-            x0=to_channels(torch.cat(x0s)),
-            target=to_channels(self.targets / scale[:, None, None]),
-            support=torch.cat(supports)[:, None],
-            scale=scale,
+            x0=torch.cat(x0s),
+            target=torch.cat(targets),
+            support=torch.cat(supports),
+            scale=torch.cat(scales),
             files=list(self.files),
         )
 
