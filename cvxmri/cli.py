@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--method",
-        choices=("layerwise-convex", "layerwise", "end-to-end"),
+        choices=("layerwise-convex", "layerwise-nonconvex", "end-to-end"),
         default="layerwise-convex",
     )
     train.add_argument(

@@ -82,7 +82,7 @@ def test_flops_match_a_hand_count() -> None:
     assert step_flops(recomputed) == 2 * responses + prefix
     assert stage_pass_flops(convex) == stage_pass_flops(recomputed) == prefix + gates
     # Non-convex stage 2: KxK 4->4 forward and weight gradient, 1x1 4->2 all three.
-    layerwise = Workload(**{**convex.__dict__, "method": "layerwise"})
+    layerwise = Workload(**{**convex.__dict__, "method": "layerwise-nonconvex"})
     assert step_flops(layerwise) == 2 * layer2 + 3 * final
 
 
@@ -93,8 +93,8 @@ def test_flops_match_a_hand_count() -> None:
         ("end-to-end-checkpointing", 0, "cached"),
         ("layerwise-convex", 1, "cached"),
         ("layerwise-convex", 3, "recomputed"),
-        ("layerwise", 2, "recomputed"),
-        ("layerwise", 3, "cached"),
+        ("layerwise-nonconvex", 2, "recomputed"),
+        ("layerwise-nonconvex", 3, "cached"),
     ],
 )
 def test_every_workload_steps(method: str, stage: int, inputs: str) -> None:

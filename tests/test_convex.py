@@ -157,7 +157,7 @@ def test_objective_and_gradient_match_explicit_matrices(program: str, groups: st
         stage.apply_adjoint(x, r), (a.T @ r.reshape(-1)).reshape(v.shape), rtol=0, atol=1e-12
     )
     # Gated features: per (p, c) the term D_p * conv(x, v_p[c]); summed over p, the model.
-    feats = stage.features(x, "gated")
+    feats = stage.hidden(x, "gated")
     assert feats.shape == (2, 3 * 2, 6, 6)
     torch.testing.assert_close(feats.view(2, 3, 2, 6, 6).sum(1), model, rtol=0, atol=1e-12)
     responses = explicit_responses(stage, x, v).reshape(2, 3, 2, 6, 6)
@@ -419,7 +419,7 @@ def test_relu_mapping_is_exact_where_cone_constraints_hold() -> None:
     assert report["relative_output_difference"] < 1e-12
     first, last = stage.to_relu()
     assert first.weight.shape == (13, 2, 3, 3) and last.weight.shape == (2, 13, 1, 1)
-    assert stage.features(x, "relu").shape == (2, 13, 8, 8)
+    assert stage.hidden(x, "relu").shape == (2, 13, 8, 8)
     torch.testing.assert_close(last(F.relu(first(x))), stage(x), rtol=0, atol=1e-12)
 
     # Filters whose sign disagrees with the gates: the mapped network is a different model.
@@ -448,7 +448,7 @@ def test_relu_mapping_of_zero_and_gated_solutions() -> None:
     assert 0 < report["violation_fraction"] < 1
     assert report["relative_output_difference"] > 0
     with pytest.raises(CvxmriError, match="kind"):
-        stage.features(x, "linear")
+        stage.hidden(x, "linear")
 
 
 # --------------------------------------------------------------------------- 5. gates

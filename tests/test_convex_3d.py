@@ -192,7 +192,7 @@ def test_cnn_layers_and_exported_stages_in_3d(tmp_path: Path) -> None:
     gated = ReconCNN([first], last)
     torch.testing.assert_close(gated(x0), x0 + stage(x0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
-        gated.features(x0), stage.features(x0, "gated"), rtol=1e-5, atol=1e-5
+        gated.last_hidden(x0), stage.hidden(x0, "gated"), rtol=1e-5, atol=1e-5
     )
     # The mapped ReLU layers of a stage are 3D convolutions too.
     relu_first, relu_last = relu_layers(stage)
@@ -212,7 +212,7 @@ def test_cnn_layers_and_exported_stages_in_3d(tmp_path: Path) -> None:
 
 def test_stage_factory_in_3d() -> None:
     x0 = torch.randn(2, 2, 4, 6, 5)
-    for method in ("layerwise-convex", "layerwise"):
+    for method in ("layerwise-convex", "layerwise-nonconvex"):
         spec = StageSpec(method=method, channels=4, kernel_size=3, ndim=3)
         stage = build_stage(spec, 0, 2, x0, seed=1)
         optimizer = torch.optim.Adam(stage.module.parameters(), lr=1e-2)

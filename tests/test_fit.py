@@ -37,7 +37,7 @@ def error(model: ReconCNN, x0: torch.Tensor, target: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    ("method", "layer"), [("layerwise-convex", GatedConv), ("layerwise", ReluConv)]
+    ("method", "layer"), [("layerwise-convex", GatedConv), ("layerwise-nonconvex", ReluConv)]
 )
 def test_fit_layerwise_improves_on_the_input(method: str, layer: type, tmp_path: Path) -> None:
     x0, target = pairs(seed=1)

@@ -86,7 +86,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(
     assert metrics[0] == metrics[1]
 
 
-@pytest.mark.parametrize("method", ["layerwise-convex", "layerwise", "end-to-end"])
+@pytest.mark.parametrize("method", ["layerwise-convex", "layerwise-nonconvex", "end-to-end"])
 def test_same_seed_gives_bitwise_identical_runs(data: Path, tmp_path: Path, method: str) -> None:
     """Each run in its own process, as a user runs them: identical weights and metrics, to
     the bit (within one process, oneDNN's first calls may round differently)."""

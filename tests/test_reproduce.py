@@ -171,7 +171,7 @@ def test_results_come_from_the_runs_own_files(reproduced: dict[str, Any]) -> Non
     assert methods == {
         (mask, method)
         for mask in ("poisson-4x", "cartesian-4x")
-        for method in ("zero-filled", "cs", "layerwise-convex", "layerwise", "end-to-end")
+        for method in ("zero-filled", "cs", "layerwise-convex", "layerwise-nonconvex", "end-to-end")
     }
     # The representative slice was reconstructed exactly as the evaluation did.
     example = results["examples"][0]
@@ -222,7 +222,7 @@ def test_report_sections_and_numbers(reproduced: dict[str, Any]) -> None:
     assert "No memory benchmark in this folder" in markdown
     # The run's own memory measurement: every method, with a measured peak.
     rows = results["memory_run"]["rows"]
-    assert {r["method"] for r in rows} == {"end-to-end", "layerwise-convex", "layerwise"}
+    assert {r["method"] for r in rows} == {"end-to-end", "layerwise-convex", "layerwise-nonconvex"}
     assert all(r["peak_mib"] > 0 for r in rows)
     for r in rows:
         assert f"| {r['method']} | {r['stage_inputs']} | fp32 | {r['peak_mib']:g} |" in markdown

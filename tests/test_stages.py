@@ -55,7 +55,7 @@ def test_the_spec_of_a_training_config() -> None:
     assert spec.amp and spec.pattern_chunk == 3 and spec.ndim == 2
     # Gated features: channels / 2 patterns of 2 outputs; relu: channels / 4 (w and z).
     assert spec.convex_config().patterns == 8 and spec.convex_config().kernel_size == 5
-    assert replace(spec, features="relu").convex_config().patterns == 4
+    assert replace(spec, hidden_layer="relu").convex_config().patterns == 4
     assert config.stage_config() == spec.convex_config()
     assert spec.convex_config(gate_seed=11).gate_seed == 11
 
@@ -78,8 +78,8 @@ def test_factory_builds_a_convex_stage() -> None:
     twin = copy.deepcopy(program)
     optimizer = torch.optim.Adam(program.parameters(), lr=1e-2)
     twin_optimizer = torch.optim.Adam(twin.parameters(), lr=1e-2)
-    loss = stage.step(x, r, optimizer, area=2.0, gates=stage.sign_patterns(x))
-    assert loss == convex_stage_step(twin, x, r, twin_optimizer, area=2.0)
+    loss = stage.step(x, r, optimizer, area_ratio=2.0, gates=stage.sign_patterns(x))
+    assert loss == convex_stage_step(twin, x, r, twin_optimizer, area_ratio=2.0)
     assert torch.equal(program.v, twin.v)
     assert stage.certificate([(x, r)]) == duality_gap(twin, [(x, r)])
     first, last = stage.freeze()
@@ -90,14 +90,14 @@ def test_factory_builds_a_convex_stage() -> None:
 def test_relu_features_freeze_to_relu_layers() -> None:
     x, _ = batch()
     convex = ConvexStageConfig(program="cone")
-    stage = build_stage(StageSpec(channels=8, convex=convex, features="relu"), 0, 2, x)
+    stage = build_stage(StageSpec(channels=8, convex=convex, hidden_layer="relu"), 0, 2, x)
     first, last = stage.freeze()
     assert isinstance(first, ReluConv) and last.weight.shape[0] == 2
 
 
 def test_factory_builds_a_non_convex_stage() -> None:
     x, r = batch()
-    spec = StageSpec(method="layerwise", channels=6, kernel_size=3)
+    spec = StageSpec(method="layerwise-nonconvex", channels=6, kernel_size=3)
     stage = build_stage(spec, 1, 2, x, seed=3)
     assert isinstance(stage, NonConvexTrainingStage) and isinstance(stage.module, TwoLayerStage)
     assert stage.patterns == 0 and stage.convex_program is None
@@ -122,7 +122,7 @@ def test_carry_starts_at_the_previous_prediction() -> None:
         first_stage.module.v.normal_()
     layer, last = first_stage.freeze()
     prefix = ReconCNN([layer], last)
-    h = prefix.features(x0)
+    h = prefix.last_hidden(x0)
     spec = StageSpec(channels=8, carry=True)
     with pytest.raises(CvxmriError, match="previous network's output layer"):
         build_stage(spec, 1, h.shape[1], h)
@@ -140,7 +140,7 @@ def test_carry_starts_at_the_previous_prediction() -> None:
     "spec",
     [
         StageSpec(method="end-to-end"),
-        StageSpec(features="linear"),
+        StageSpec(hidden_layer="linear"),
         StageSpec(channels=5),
         StageSpec(ndim=4),
     ],

@@ -27,12 +27,12 @@ def test_convex_step_equals_autograd_step(chunk: int) -> None:
     with torch.no_grad():
         stage.v.normal_(generator=torch.Generator().manual_seed(1))
     reference = copy.deepcopy(stage)
-    area = 2.5
+    area_ratio = 2.5
     optimizer = torch.optim.SGD(stage.parameters(), lr=1e-3)
-    loss = convex_stage_step(stage, x, r, optimizer, area=area, pattern_chunk=chunk)
+    loss = convex_stage_step(stage, x, r, optimizer, area_ratio=area_ratio, pattern_chunk=chunk)
 
     ref_optimizer = torch.optim.SGD(reference.parameters(), lr=1e-3)
-    ref_loss = area * reference.data_term(x, r) + reference.penalty()
+    ref_loss = area_ratio * reference.data_term(x, r) + reference.penalty()
     ref_loss.backward()
     ref_optimizer.step()
     assert loss == pytest.approx(float(ref_loss.detach()), rel=1e-6)

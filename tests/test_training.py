@@ -78,7 +78,7 @@ def test_save_load_roundtrip_and_rejects_foreign_files(tmp_path: Path) -> None:
         ReconCNN.load(tmp_path / "junk.pt")
 
 
-@pytest.mark.parametrize("method", ["layerwise-convex", "layerwise"])
+@pytest.mark.parametrize("method", ["layerwise-convex", "layerwise-nonconvex"])
 def test_frozen_prefix_gets_no_gradient(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
@@ -131,7 +131,7 @@ def test_frozen_prefix_gets_no_gradient(
         assert torch.equal(value, model.hidden[0].state_dict()[key]), key
 
 
-@pytest.mark.parametrize("method", ["layerwise-convex", "layerwise", "end-to-end"])
+@pytest.mark.parametrize("method", ["layerwise-convex", "layerwise-nonconvex", "end-to-end"])
 def test_resume_gives_identical_weights(data: Path, tmp_path: Path, method: str) -> None:
     config = tiny(data, method)
     if method == "end-to-end":
@@ -259,7 +259,7 @@ def test_carried_stage_starts_at_previous_prediction() -> None:
     layer, last = gated_layers(first)
     prefix = ReconCNN([layer], last)
     second = ConvexStage(8, 2, ConvexStageConfig(patterns=4, kernel_size=3))
-    h = prefix.features(x0)
+    h = prefix.last_hidden(x0)
     second.init_gates(h)
     carry_prediction(second, prefix.final)
     layer, last = gated_layers(second)
@@ -353,7 +353,7 @@ def test_cached_stages_train_without_the_prefix(
     assert seen == [(True, False, False)] + [(cached, cached, cached)] * 2
     for depth in trainer.depth_metrics:
         exported = ReconCNN.load(tmp_path / f"model_depth{depth['layers']}.pt")
-        whole = trainer.validate(exported)
+        whole = trainer.validation_metrics(exported)
         assert whole["val_psnr"] == pytest.approx(depth["val_psnr"], abs=1e-3)
     # Each stage's inputs came from the previous stage's through one layer, and the
     # previous stage's cache files are gone.

@@ -25,7 +25,7 @@ NAMES = {
     "end-to-end": "end-to-end",
     "end-to-end-checkpointing": "end-to-end\n+ checkpointing",
     "layerwise-convex": "layer-wise convex",
-    "layerwise": "layer-wise\n(non-convex)",
+    "layerwise-nonconvex": "layer-wise\n(non-convex)",
 }
 
 

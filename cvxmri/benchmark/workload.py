@@ -38,8 +38,8 @@ from cvxmri.models.cnn import ReconCNN, ReluConv
 from cvxmri.models.stages import StageSpec, build_stage
 from cvxmri.training.steps import end_to_end_step
 
-METHODS = ("end-to-end", "end-to-end-checkpointing", "layerwise-convex", "layerwise")
-LAYERWISE = ("layerwise-convex", "layerwise")
+METHODS = ("end-to-end", "end-to-end-checkpointing", "layerwise-convex", "layerwise-nonconvex")
+LAYERWISE = ("layerwise-convex", "layerwise-nonconvex")
 STAGE_INPUTS = ("cached", "recomputed")
 LR = 1e-4
 # Input and output images have 2 channels (real, imaginary), as in training.
@@ -352,7 +352,7 @@ def prepare(w: Workload) -> Prepared:
     optimizer = torch.optim.Adam(stage.module.parameters(), lr=LR)
     cached_dtype = torch.bfloat16 if w.amp else torch.float32
 
-    def features(prefix: nn.Module, x0: Tensor) -> Tensor:
+    def stage_input(prefix: nn.Module, x0: Tensor) -> Tensor:
         # As the trainer's cache pass and its per-batch transform: no autograd, autocast.
         with torch.no_grad(), _autocast(device, w.amp):
             return prefix(x0).float()
@@ -369,17 +369,17 @@ def prepare(w: Workload) -> Prepared:
     if resident is not None:
         x0 = _randn(shape, batch_gen, device)
         x0_small = _randn(small, batch_gen, device)
-        gates = patterns(features(resident, x0))
-        gates_small = patterns(features(resident, x0_small))
+        gates = patterns(stage_input(resident, x0))
+        gates_small = patterns(stage_input(resident, x0_small))
 
         def recomputed_pass() -> Tensor:
-            x = features(resident, x0)
+            x = stage_input(resident, x0)
             program = stage.convex_program
             return x if program is None else program.pattern_gates(x)
 
         return Prepared(
-            lambda: stage_step(features(resident, x0), r, gates),
-            lambda: stage_step(features(resident, x0_small), r_small, gates_small),
+            lambda: stage_step(stage_input(resident, x0), r, gates),
+            lambda: stage_step(stage_input(resident, x0_small), r_small, gates_small),
             recomputed_pass,
         )
     # Cached stage inputs: non-negative like post-ReLU features (stage 1: the zero-filled
@@ -409,7 +409,7 @@ def prepare(w: Workload) -> Prepared:
                 (w.batch, c_prev, w.size, w.size), generator=batch_gen, device=device
             )
             held.extend([last, h_prev.to(cached_dtype)])
-        h = features(held[0], held[1]).to(cached_dtype)
+        h = stage_input(held[0], held[1]).to(cached_dtype)
         out = patterns(h)
         return h if out is None else out
 

@@ -167,7 +167,7 @@ class ReconCNN(nn.Module):
         """Number of layers (hidden layers plus the final one)."""
         return len(self.hidden) + 1
 
-    def features(self, x0: Tensor) -> Tensor:
+    def last_hidden(self, x0: Tensor) -> Tensor:
         """``h_k``: the output of the last hidden layer."""
         h = x0
         for layer in self.hidden:
@@ -176,7 +176,7 @@ class ReconCNN(nn.Module):
 
     def forward(self, x0: Tensor) -> Tensor:
         """``x0 + f(h_k)`` for a (B, 2, H, W) (3D: (B, 2, D, H, W)) zero-filled input."""
-        return x0 + self.final(self.features(x0))
+        return x0 + self.final(self.last_hidden(x0))
 
     def architecture(self) -> list[dict[str, object]]:
         """What `load` needs to rebuild the modules: one entry per layer, each with its

@@ -534,7 +534,7 @@ class ConvexStage(torch.nn.Module):
             value = value + self.config.cone_penalty * self.cone_violation(x, d)
         return value
 
-    def features(self, x: Tensor, kind: str) -> Tensor:
+    def hidden(self, x: Tensor, kind: str) -> Tensor:
         """Hidden features passed to the next stage.
 
         ``kind="gated"``: ``D_p * conv(x, v_p[c])`` for every (p, c), channel ``p * out + c``,
@@ -548,7 +548,7 @@ class ConvexStage(torch.nn.Module):
         if kind == "relu":
             first, _ = self.to_relu()
             return F.relu(first(x))
-        raise CvxmriError(f"features kind must be 'gated' or 'relu', got {kind!r}")
+        raise CvxmriError(f"hidden kind must be 'gated' or 'relu', got {kind!r}")
 
     # ---------------------------------------------------------------- mapping to a ReLU net
 

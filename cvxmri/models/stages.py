@@ -34,8 +34,8 @@ from cvxmri.models.cnn import GatedConv, ReluConv, zero_conv1x1
 from cvxmri.models.conv import conv_ops
 from cvxmri.models.convex import ConvexStage, ConvexStageConfig, duality_gap
 
-STAGE_METHODS = ("layerwise-convex", "layerwise")
-FEATURES = ("gated", "relu")
+STAGE_METHODS = ("layerwise-convex", "layerwise-nonconvex")
+HIDDEN_LAYERS = ("gated", "relu")
 # Input and output images have 2 channels (real, imaginary).
 IMAGE_CHANNELS = 2
 
@@ -122,7 +122,7 @@ def convex_stage_step(
     r: Tensor,
     optimizer: torch.optim.Optimizer,
     *,
-    area: float = 1.0,
+    area_ratio: float = 1.0,
     amp: bool = False,
     pattern_chunk: int = 0,
     gates: Tensor | None = None,
@@ -134,7 +134,7 @@ def convex_stage_step(
     (`ConvexStage.data_term_and_gradient`); only the group-lasso penalty goes through
     autograd. The cone program (whose violation penalty is not linear) uses autograd.
 
-    The pixel sums (data term, cone violation) are scaled by ``area`` (whole image over crop
+    The pixel sums (data term, cone violation) are scaled by ``area_ratio`` (whole image over crop
     area), so that the crop objective estimates the whole-image objective that the
     certificate measures, with the same group-lasso weight. The gates are always computed
     in full precision (bf16 could flip sign patterns); ``amp`` runs the other convolutions
@@ -149,15 +149,15 @@ def convex_stage_step(
         penalty = module.penalty()
         penalty.backward()
         assert module.v.grad is not None
-        module.v.grad.add_(grad, alpha=area)
+        module.v.grad.add_(grad, alpha=area_ratio)
         optimizer.step()
-        return float(area * value + penalty.detach())
+        return float(area_ratio * value + penalty.detach())
     gates = module.gates(x.float()) if gates is None else gates.float()
     with _autocast(x, amp):
         pixels = module.data_term(x, r, gates=gates).float()
         violation = module.cone_violation(x, gates=gates).float()
         pixels = pixels + module.config.cone_penalty * violation
-    loss = area * pixels + module.penalty()
+    loss = area_ratio * pixels + module.penalty()
     loss.backward()
     optimizer.step()
     return float(loss.detach())
@@ -189,16 +189,16 @@ class StageSpec:
     """How to build every stage of a layer-wise network.
 
     Attributes:
-        method: ``layerwise-convex`` (convex stages) or ``layerwise`` (the non-convex
+        method: ``layerwise-convex`` (convex stages) or ``layerwise-nonconvex`` (the non-convex
             conv-ReLU-1x1 ablation).
         channels: hidden width of every stage. A convex stage gets ``channels // 2`` gate
-            patterns (``features="gated"``: 2 outputs each) or ``channels // 4``
+            patterns (``hidden_layer="gated"``: 2 outputs each) or ``channels // 4``
             (``"relu"``: a ``w`` and a ``z`` unit per output), so the hidden layers have
             about the same width.
         kernel_size: KxK (3D: KxKxK) of the hidden layers.
         convex: the convex program (its ``patterns`` and ``kernel_size`` are set from
             ``channels`` and ``kernel_size``; its ``gate_seed`` from the stage's seed).
-        features: what a convex stage passes on: ``gated`` (its gated features, exact) or
+        hidden_layer: what a frozen convex stage becomes: ``gated`` (its gated features, exact) or
             ``relu`` (the mapped ReLU units, exact where the cone constraints hold).
         carry: convex stages after the first start at the previous depth's prediction
             (`carry_prediction`; gated program only).
@@ -212,7 +212,7 @@ class StageSpec:
     channels: int = 32
     kernel_size: int = 3
     convex: ConvexStageConfig = field(default_factory=ConvexStageConfig)
-    features: str = "gated"
+    hidden_layer: str = "gated"
     carry: bool = False
     amp: bool = False
     pattern_chunk: int = 0
@@ -222,8 +222,10 @@ class StageSpec:
         """Raise `CvxmriError` naming the first invalid setting."""
         if self.method not in STAGE_METHODS:
             raise CvxmriError(f"stage method must be one of {STAGE_METHODS}, got {self.method!r}")
-        if self.features not in FEATURES:
-            raise CvxmriError(f"features must be one of {FEATURES}, got {self.features!r}")
+        if self.hidden_layer not in HIDDEN_LAYERS:
+            raise CvxmriError(
+                f"hidden_layer must be one of {HIDDEN_LAYERS}, got {self.hidden_layer!r}"
+            )
         if self.channels < 2 or self.channels % 2:
             raise CvxmriError(f"channels must be even and >= 2, got {self.channels}")
         conv_ops(self.ndim)
@@ -237,7 +239,7 @@ class StageSpec:
     def convex_config(self, gate_seed: int | None = None) -> ConvexStageConfig:
         """The convex program with the pattern count that gives ``channels`` hidden units and
         the network's kernel size (and ``gate_seed`` when given)."""
-        per_pattern = 2 if self.features == "gated" else 4
+        per_pattern = 2 if self.hidden_layer == "gated" else 4
         config = replace(
             self.convex,
             patterns=max(1, self.channels // per_pattern),
@@ -270,12 +272,12 @@ class Stage(ABC):
         r: Tensor,
         optimizer: torch.optim.Optimizer,
         *,
-        area: float = 1.0,
+        area_ratio: float = 1.0,
         gates: Tensor | None = None,
     ) -> float:
         """One optimiser step on stage inputs ``x`` and residuals ``r``; returns the loss.
 
-        ``area``: whole-image over crop area (the pixel sums are scaled by it, so a crop's
+        ``area_ratio``: whole-image over crop area (the pixel sums are scaled by it, so a crop's
         objective estimates the whole image's); ``gates``: the batch's precomputed sign
         patterns (`sign_patterns`), if any.
         """
@@ -322,7 +324,7 @@ class ConvexTrainingStage(Stage):
         r: Tensor,
         optimizer: torch.optim.Optimizer,
         *,
-        area: float = 1.0,
+        area_ratio: float = 1.0,
         gates: Tensor | None = None,
     ) -> float:
         """`convex_stage_step` with the spec's precision and pattern chunk."""
@@ -331,7 +333,7 @@ class ConvexTrainingStage(Stage):
             x,
             r,
             optimizer,
-            area=area,
+            area_ratio=area_ratio,
             amp=self.spec.amp,
             pattern_chunk=self.spec.pattern_chunk,
             gates=gates,
@@ -351,8 +353,8 @@ class ConvexTrainingStage(Stage):
         return self.module
 
     def freeze(self) -> tuple[nn.Module, nn.Module]:
-        """`gated_layers` or `relu_layers`, as the spec's ``features`` says."""
-        if self.spec.features == "gated":
+        """`gated_layers` or `relu_layers`, as the spec's ``hidden_layer`` says."""
+        if self.spec.hidden_layer == "gated":
             return gated_layers(self.module)
         return relu_layers(self.module)
 
@@ -373,10 +375,10 @@ class NonConvexTrainingStage(Stage):
         r: Tensor,
         optimizer: torch.optim.Optimizer,
         *,
-        area: float = 1.0,
+        area_ratio: float = 1.0,
         gates: Tensor | None = None,
     ) -> float:
-        """`two_layer_stage_step` (the loss is a mean over images: ``area`` is not used)."""
+        """`two_layer_stage_step` (the loss is a mean over images: ``area_ratio`` is not used)."""
         return two_layer_stage_step(self.module, x, r, optimizer, amp=self.spec.amp)
 
     def freeze(self) -> tuple[nn.Module, nn.Module]:

@@ -15,7 +15,12 @@ from scipy.ndimage import gaussian_filter
 
 METHOD_STYLE = {
     "layerwise-convex": {"color": "C0", "marker": "o", "label": "layer-wise convex"},
-    "layerwise": {"color": "C2", "marker": "s", "ls": "--", "label": "layer-wise, non-convex"},
+    "layerwise-nonconvex": {
+        "color": "C2",
+        "marker": "s",
+        "ls": "--",
+        "label": "layer-wise, non-convex",
+    },
     "end-to-end": {"color": "C3", "marker": "^", "label": "end-to-end"},
 }
 REFERENCE_STYLE = {
@@ -28,7 +33,7 @@ NAMES = {
     "cs": "CS (L1-wavelet)",
     "end-to-end": "end-to-end",
     "layerwise-convex": "layer-wise convex",
-    "layerwise": "layer-wise, non-convex",
+    "layerwise-nonconvex": "layer-wise, non-convex",
 }
 METRIC_LABEL = {"psnr": "test PSNR (dB)", "ssim": "test SSIM"}
 
@@ -83,7 +88,14 @@ def _zoom_window(target: np.ndarray, zero_filled: np.ndarray) -> tuple[int, int,
 def examples(images: dict[str, np.ndarray], record: dict[str, Any], label: str) -> Figure:
     """A test slice by every method, with error maps and a zoomed inset (the paper's Fig. 3).
     The error row starts with the sampling mask."""
-    columns = ["target", "zero-filled", "cs", "end-to-end", "layerwise-convex", "layerwise"]
+    columns = [
+        "target",
+        "zero-filled",
+        "cs",
+        "end-to-end",
+        "layerwise-convex",
+        "layerwise-nonconvex",
+    ]
     metrics = {m["method"]: m for m in record["methods"]}
     target = images["target"]
     shown = {c: target if c == "target" else images[f"recon_{c}"] for c in columns}

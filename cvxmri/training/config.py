@@ -18,7 +18,7 @@ from cvxmri.masks import MaskSpec
 from cvxmri.models.convex import ConvexStageConfig
 from cvxmri.models.stages import StageSpec
 
-METHODS = ("layerwise-convex", "layerwise", "end-to-end")
+METHODS = ("layerwise-convex", "layerwise-nonconvex", "end-to-end")
 PRESETS = ("quick", "paper", "tiny")
 
 
@@ -50,7 +50,7 @@ class TrainConfig:
             so their hidden layers have the same width.
         kernel_size: KxK of every hidden layer.
         convex: the convex program of each stage (its ``patterns`` is set from ``channels``).
-        features: what a convex stage passes on: ``gated`` (its gated features, exact) or
+        hidden_layer: what a frozen convex stage becomes: ``gated`` (its gated features, exact) or
             ``relu`` (the mapped ReLU units, exact where the cone constraints hold).
         carry: convex stages after the first keep pattern 0 always on, initialised to
             the previous stage's output layer, so each stage starts at the previous depth's
@@ -87,7 +87,7 @@ class TrainConfig:
     channels: int = 256
     kernel_size: int = 7
     convex: ConvexStageConfig = field(default_factory=ConvexStageConfig)
-    features: str = "gated"
+    hidden_layer: str = "gated"
     carry: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     crop: int = 0
@@ -117,7 +117,7 @@ class TrainConfig:
             "layers": self.layers >= 2,
             "channels": self.channels >= 2 and self.channels % 2 == 0,
             "kernel_size": self.kernel_size >= 1 and self.kernel_size % 2 == 1,
-            "features": self.features in ("gated", "relu"),
+            "hidden_layer": self.hidden_layer in ("gated", "relu"),
             "optim.lr": math.isfinite(self.optim.lr) and self.optim.lr > 0,
             "optim.step": self.optim.step >= 1,
             "optim.gamma": 0 < self.optim.gamma <= 1,
@@ -142,11 +142,11 @@ class TrainConfig:
                     value = getattr(value, part)
                 raise CvxmriError(f"invalid training setting {name}={value!r}")
         if (
-            self.features == "relu"
+            self.hidden_layer == "relu"
             and self.convex.program != "cone"
             and self.method == "layerwise-convex"
         ):
-            raise CvxmriError("features=relu needs convex.program=cone (exact ReLU mapping)")
+            raise CvxmriError("hidden_layer=relu needs convex.program=cone (exact ReLU mapping)")
         if self.solver == "fista" and (
             self.convex.program != "gated" or self.stage_cache == "none" or not self.fixed_masks
         ):
@@ -171,7 +171,7 @@ class TrainConfig:
             channels=self.channels,
             kernel_size=self.kernel_size,
             convex=self.convex,
-            features=self.features,
+            hidden_layer=self.hidden_layer,
             carry=self.carry,
             amp=self.amp,
             pattern_chunk=self.pattern_chunk,

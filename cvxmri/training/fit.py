@@ -59,11 +59,13 @@ def stage_epoch(
     stage: Stage,
     batches: Iterable[tuple[Tensor, Tensor, Tensor | None]],
     optimizer: torch.optim.Optimizer,
-    area: float = 1.0,
+    area_ratio: float = 1.0,
 ) -> float:
     """One epoch of `Stage.step` over ``(x, r, gates or None)`` batches; the mean loss."""
     stage.module.train()
-    return _mean([stage.step(x, r, optimizer, area=area, gates=gates) for x, r, gates in batches])
+    return _mean(
+        [stage.step(x, r, optimizer, area_ratio=area_ratio, gates=gates) for x, r, gates in batches]
+    )
 
 
 def end_to_end_epoch(
@@ -98,7 +100,7 @@ def fit_layerwise(
     method: str = "layerwise-convex",
     optim: OptimConfig | None = None,
     convex: ConvexStageConfig | None = None,
-    features: str = "gated",
+    hidden_layer: str = "gated",
     carry: bool = False,
     amp: bool = False,
     pattern_chunk: int = 0,
@@ -110,13 +112,13 @@ def fit_layerwise(
     """Train a ``layers``-deep network layer-wise on ``(x0, target)`` batches.
 
     Each of the ``layers - 1`` stages (`build_stage`, from a `StageSpec` of ``method``,
-    ``channels``, ``kernel_size``, ``convex``, ``features``, ``carry``, ``amp``,
+    ``channels``, ``kernel_size``, ``convex``, ``hidden_layer``, ``carry``, ``amp``,
     ``pattern_chunk``, ``ndim``) gets its gates from its inputs on the first
     ``gate_batches`` batches, trains for ``optim.epochs`` epochs with Adam
     (`make_optimizer`) on ``r = target - x0`` from the frozen prefix's features, and is
     frozen (`Stage.freeze`): its hidden layer is appended, and its 1x1 output layer is the
     network's until the next stage replaces it. ``method``: ``layerwise-convex`` or
-    ``layerwise`` (non-convex stages). Every random choice derives from ``seed``
+    ``layerwise-nonconvex`` (non-convex stages). Every random choice derives from ``seed``
     (`stage_seed`); the batch order is the iterable's.
 
     Returns:
@@ -132,7 +134,7 @@ def fit_layerwise(
         channels=channels,
         kernel_size=kernel_size,
         convex=convex or ConvexStageConfig(),
-        features=features,
+        hidden_layer=hidden_layer,
         carry=carry,
         amp=amp,
         pattern_chunk=pattern_chunk,

@@ -12,7 +12,7 @@ they are computed once per stage on whole images and kept packed, 8 to a byte.
 
 - ``layerwise-convex``: the stage is a `ConvexStage` trained on its convex objective with
   Adam; its optimality certificate (relative duality gap) is logged per epoch.
-- ``layerwise``: the same greedy schedule with an ordinary conv-ReLU-1x1 stage trained by
+- ``layerwise-nonconvex``: the same greedy schedule with an ordinary conv-ReLU-1x1 stage trained by
   backpropagation (the non-convex ablation).
 - ``end-to-end``: the ordinary ReLU CNN of the same depth and width trained jointly.
 
@@ -240,23 +240,25 @@ class Trainer:
                 outputs.append(module(*chunks).to(dtype).cpu())
         return torch.cat(outputs)
 
-    def validate(self, model: ReconCNN, features: Tensor | None = None) -> dict[str, float]:
+    def validation_metrics(
+        self, model: ReconCNN, stage_inputs: Tensor | None = None
+    ) -> dict[str, float]:
         """Whole-image validation metrics (fastMRI volume and slice conventions).
 
-        ``features``: the validation images' cached stage inputs ``h_{i-1}``; then ``model``
+        ``stage_inputs``: the validation images' cached stage inputs ``h_{i-1}``; then ``model``
         holds the stage's layers only (its prediction is ``x0 + final(hidden(h_{i-1}))``)
         and the frozen prefix is not needed.
         """
         model.eval()
         pairs = self.val_pairs
-        if features is None:
+        if stage_inputs is None:
             pred = self._apply(model, pairs.x0)
         else:
 
             def tail(x0: Tensor, h: Tensor) -> Tensor:
-                return x0 + model.final(model.features(h))
+                return x0 + model.final(model.last_hidden(h))
 
-            pred = self._apply(tail, pairs.x0, features)
+            pred = self._apply(tail, pairs.x0, stage_inputs)
         pred = pred * pairs.support
         scale = pairs.scale[:, None, None]
         pred_mag = torch.linalg.vector_norm(pred, dim=1) * scale
@@ -394,7 +396,7 @@ class Trainer:
                 "epoch": epoch + 1,
                 "lr": lr,
                 "train_loss": train_loss,
-                **self.validate(model),
+                **self.validation_metrics(model),
                 "seconds": time.perf_counter() - began,
             }
             self._record(row, epoch)
@@ -408,7 +410,7 @@ class Trainer:
                 }
             )
             budget[0] -= 1
-        self.depth_metrics = [{"layers": cfg.layers, **self.validate(model)}]
+        self.depth_metrics = [{"layers": cfg.layers, **self.validation_metrics(model)}]
         return model.cpu()
 
     # ------------------------------------------------------------------------ layer-wise
@@ -463,7 +465,7 @@ class Trainer:
         else:
             prefix = self._prefix(stage)
             assert prefix is not None
-            layers, train, val = prefix.features, pairs.x0, self.val_pairs.x0
+            layers, train, val = prefix.last_hidden, pairs.x0, self.val_pairs.x0
         inputs = StageInputs(
             cached=self._cache_inputs(layers, train, stage, "train"),
             val=self._cache_inputs(layers, val, stage, "val"),
@@ -479,7 +481,7 @@ class Trainer:
         if inputs.cached is not None:
             return inputs.cached[:n].float()
         x0 = self._pairs(0).x0[:n]
-        return x0 if inputs.prefix is None else self._apply(inputs.prefix.features, x0)
+        return x0 if inputs.prefix is None else self._apply(inputs.prefix.last_hidden, x0)
 
     @torch.no_grad()
     def _gate_cache(self, stage: Stage, inputs: StageInputs) -> Tensor:
@@ -539,11 +541,11 @@ class Trainer:
         features when there are (the prefix is not resident), else through the prefix."""
         first, last = stage.freeze()
         if inputs.val is not None:
-            return self.validate(ReconCNN([first], last).to(self.device), inputs.val)
+            return self.validation_metrics(ReconCNN([first], last).to(self.device), inputs.val)
         hidden = list(inputs.prefix.hidden) if inputs.prefix is not None else []
-        return self.validate(ReconCNN([*hidden, first], last).to(self.device))
+        return self.validation_metrics(ReconCNN([*hidden, first], last).to(self.device))
 
-    def _crop_area(self, x: Tensor) -> float:
+    def _area_ratio(self, x: Tensor) -> float:
         """Whole-image area over crop area (1 for whole images; see `convex_stage_step`)."""
         crop = self.config.crop
         if crop == 0 or crop >= min(x.shape[-2:]):
@@ -602,7 +604,7 @@ class Trainer:
                 (x, r, None if packed is None else unpack_gates(packed, stage.patterns))
                 for x, r, packed in progress
             )
-            train_loss = stage_epoch(stage, unpacked, optimizer, self._crop_area(x))
+            train_loss = stage_epoch(stage, unpacked, optimizer, self._area_ratio(x))
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             row: dict[str, Any] = {
@@ -734,7 +736,7 @@ class StageInputs:
     @property
     def transform(self) -> Callable[[Tensor], Tensor] | None:
         """The prefix's features, run on every batch (recomputed inputs only)."""
-        return None if self.prefix is None else self.prefix.features
+        return None if self.prefix is None else self.prefix.last_hidden
 
 
 def write_outputs(trainer: Trainer, model: ReconCNN) -> dict[str, Any]:
