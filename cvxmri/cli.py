@@ -160,7 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--beta", type=_number, help="group-lasso weight of the convex stages")
     train.add_argument("--program", choices=("gated", "cone"), help="convex program of a stage")
     train.add_argument("--stage-cache", choices=("memory", "disk", "none"))
-    train.add_argument("--data", type=Path, help="dataset root (default data/default)")
+    train.add_argument(
+        "--data",
+        type=Path,
+        help="training data: a dataset root, a flat folder of .h5 files or one file "
+        "(default data/default)",
+    )
+    train.add_argument(
+        "--val-data",
+        type=Path,
+        help="validation data, in the same forms (default: the val split of --data)",
+    )
     train.add_argument("--device", help="cpu, cuda or auto")
     train.add_argument("--amp", action="store_true", help="bf16 autocast")
     train.add_argument("--seed", type=int, help="random seed")
@@ -367,6 +377,7 @@ def _train_config(args: argparse.Namespace) -> object:
         "device": args.device,
         "seed": args.seed,
         "data": None if args.data is None else str(args.data),
+        "val_data": None if args.val_data is None else str(args.val_data),
         "amp": args.amp or None,
     }
     config = replace(

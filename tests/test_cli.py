@@ -256,3 +256,29 @@ def test_evaluate_with_the_files_own_mask(tiny: Path, tmp_path: Path) -> None:
         psnr[kind] = summary["results"][0]["volume"]["psnr"]["mean"]
     assert summary["results"][0]["mask"] == "file mask"
     assert psnr["file"] == pytest.approx(psnr["cartesian"], rel=1e-6)
+
+
+def test_train_on_flat_folders_equals_the_dataset_root(tiny: Path, tmp_path: Path) -> None:
+    """fastMRI users pass split folders (``--data knee/multicoil_train``): the same files as
+    flat folders give the same network, to the bit, as the dataset root."""
+    import torch
+
+    flat = {}
+    for split in ("train", "val"):
+        flat[split] = tmp_path / f"{split}-files"
+        flat[split].mkdir()
+        for path in sorted((tiny / "data" / f"multicoil_{split}").glob("*.h5")):
+            (flat[split] / path.name).symlink_to(path)
+    common = ["train", "--preset", "tiny", "--calib-size", "6", "--epochs", "1"]
+    root_run, flat_run = tmp_path / "root-run", tmp_path / "flat-run"
+    assert main([*common, "--data", str(tiny / "data"), "--out", str(root_run)]) == 0
+    flat_args = ["--data", str(flat["train"]), "--val-data", str(flat["val"])]
+    assert main([*common, *flat_args, "--out", str(flat_run)]) == 0
+    expected = torch.load(root_run / "model.pt", weights_only=True)["state_dict"]
+    got = torch.load(flat_run / "model.pt", weights_only=True)["state_dict"]
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    # Without validation data a flat folder is refused up front, leaving no run folder.
+    lone = tmp_path / "lone-run"
+    assert main([*common, "--data", str(flat["train"]), "--out", str(lone)]) == 2
+    assert not lone.exists()

@@ -278,7 +278,7 @@ def find_files(root: str | Path, split: str = "test") -> list[Path]:
     if not root.is_dir():
         raise CvxmriError(f"{root}: data folder does not exist")
     folders = [root / f"{kind}_{split}" for kind in SPLIT_KINDS]
-    if not any(folder.is_dir() for folder in folders):
+    if not is_dataset_root(root, split):
         folders = [root]
     files = sorted(p for folder in folders if folder.is_dir() for p in folder.glob("*.h5"))
     if not files:
@@ -287,6 +287,13 @@ def find_files(root: str | Path, split: str = "test") -> list[Path]:
             "folder itself (run 'cvxmri data simulate' to build the default dataset)"
         )
     return files
+
+
+def is_dataset_root(data: str | Path, split: str) -> bool:
+    """Whether ``data`` is a dataset root holding ``split`` (a ``multicoil_<split>/`` or
+    ``singlecoil_<split>/`` folder), as opposed to a flat folder of files or one file."""
+    data = Path(data)
+    return any((data / f"{kind}_{split}").is_dir() for kind in SPLIT_KINDS)
 
 
 def data_root(data: str | Path) -> Path:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from cvxmri.data.prepare import is_dataset_root
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec
 from cvxmri.models.convex import ConvexStageConfig
@@ -42,7 +44,10 @@ class TrainConfig:
 
     Attributes:
         method: layerwise-convex, layerwise (non-convex greedy ablation) or end-to-end.
-        data: dataset root (``multicoil_train/``, ``multicoil_val/``).
+        data: training data: a dataset root (its ``multicoil_train/``), a flat folder of
+            ``.h5`` files (e.g. fastMRI's ``knee/multicoil_train``) or one file.
+        val_data: validation data, in the same forms; empty: the ``val`` split of ``data``
+            (which must then be a dataset root).
         mask: the sampling pattern.
         layers: depth k+1 of the final network (k stages for layer-wise training).
         channels: hidden width of the end-to-end and non-convex networks. Convex stages get
@@ -82,6 +87,7 @@ class TrainConfig:
 
     method: str = "layerwise-convex"
     data: str = "data/default"
+    val_data: str = ""
     mask: MaskSpec = field(default_factory=lambda: MaskSpec("poisson", 4.0))
     layers: int = 5
     channels: int = 256
@@ -152,6 +158,11 @@ class TrainConfig:
         ):
             raise CvxmriError(
                 "solver=fista needs convex.program=gated, fixed masks and cached stage inputs"
+            )
+        if not self.val_data and Path(self.data).exists() and not is_dataset_root(self.data, "val"):
+            raise CvxmriError(
+                f"{self.data} is not a dataset root with a val split (multicoil_val/): "
+                "give the validation data with val_data (--val-data)"
             )
         if self.carry and self.convex.program != "gated":
             raise CvxmriError("carry needs convex.program=gated")

@@ -197,7 +197,7 @@ class Trainer:
         self.train_data = SliceData(
             config.data, "train", config.mask, max_slices=config.max_train_slices
         )
-        self.val_data = SliceData(config.data, "val", config.mask)
+        self.val_data = SliceData(config.val_data or config.data, "val", config.mask)
         images = len(self.train_data) + len(self.val_data)
         check_resources(config, images, self.train_data.recon_shape, out)
         check_step_fits(config, self.train_data.recon_shape, self.device)
