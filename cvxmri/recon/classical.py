@@ -43,21 +43,33 @@ class CSConfig:
 def cs_l1_wavelet(
     kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor, config: CSConfig
 ) -> torch.Tensor:
-    """Compressed sensing: ``argmin_x 1/2 ||M F S x - y||^2 + lamda ||W x||_1`` per slice."""
+    """Compressed sensing: ``argmin_x 1/2 ||M F S x - y||^2 + lamda ||W x||_1`` per slice.
+
+    sigpy picks the FISTA step from a power iteration started at a random vector drawn from
+    numpy's global generator, which is seeded from the OS in every process: unseeded, CS
+    differs from run to run (up to about 2e-3 dB per slice). The global generator is
+    therefore seeded with 0 for each slice, and its state restored afterwards, so that CS
+    is repeatable and the caller's random stream is untouched.
+    """
     import sigpy.mri
 
     weights = np.broadcast_to(mask.cpu().numpy(), kspace.shape).astype(np.float32)
     images = []
-    for index in range(kspace.shape[0]):
-        app = sigpy.mri.app.L1WaveletRecon(
-            kspace[index].cpu().numpy(),
-            maps[index].cpu().numpy(),
-            config.lamda,
-            weights=weights[index],
-            max_iter=config.iterations,
-            show_pbar=False,
-        )
-        images.append(torch.from_numpy(np.asarray(app.run(), dtype=np.complex64)))
+    state = np.random.get_state()
+    try:
+        for index in range(kspace.shape[0]):
+            np.random.seed(0)
+            app = sigpy.mri.app.L1WaveletRecon(
+                kspace[index].cpu().numpy(),
+                maps[index].cpu().numpy(),
+                config.lamda,
+                weights=weights[index],
+                max_iter=config.iterations,
+                show_pbar=False,
+            )
+            images.append(torch.from_numpy(np.asarray(app.run(), dtype=np.complex64)))
+    finally:
+        np.random.set_state(state)
     return torch.stack(images).to(kspace.device)
 
 
