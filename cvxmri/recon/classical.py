@@ -55,10 +55,10 @@ def cs_l1_wavelet(
 
     weights = np.broadcast_to(mask.cpu().numpy(), kspace.shape).astype(np.float32)
     images = []
-    state = np.random.get_state()
+    state = np.random.get_state()  # noqa: NPY002 (sigpy draws from the legacy global generator)
     try:
         for index in range(kspace.shape[0]):
-            np.random.seed(0)
+            np.random.seed(0)  # noqa: NPY002 (sigpy draws from the legacy global generator)
             app = sigpy.mri.app.L1WaveletRecon(
                 kspace[index].cpu().numpy(),
                 maps[index].cpu().numpy(),
@@ -69,7 +69,7 @@ def cs_l1_wavelet(
             )
             images.append(torch.from_numpy(np.asarray(app.run(), dtype=np.complex64)))
     finally:
-        np.random.set_state(state)
+        np.random.set_state(state)  # noqa: NPY002 (sigpy draws from the legacy global generator)
     return torch.stack(images).to(kspace.device)
 
 
