@@ -215,4 +215,4 @@ def test_compressed_sensing_is_repeatable_and_keeps_the_global_random_state(
     second = compressed_sensing(sample, config)
     assert torch.equal(first, second)
     np.random.seed(1)  # noqa: NPY002 (sigpy draws from the legacy global generator)
-    assert np.random.random() == after_first  # the caller's stream is where it was  # noqa: NPY002 (sigpy draws from the legacy global generator)
+    assert np.random.random() == after_first  # noqa: NPY002 (the caller's stream is intact)
