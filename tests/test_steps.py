@@ -9,7 +9,8 @@ import torch
 
 from cvxmri.models.cnn import ReconCNN
 from cvxmri.models.convex import ConvexStage, ConvexStageConfig
-from cvxmri.training.steps import convex_stage_step, end_to_end_step
+from cvxmri.models.stages import convex_stage_step
+from cvxmri.training.steps import end_to_end_step
 
 
 def _batch(channels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,13 +1,10 @@
-"""One optimiser step of each training method, shared by the trainer and the benchmarks.
+"""The end-to-end training step, shared by the trainer, `fit_end_to_end` and the benchmarks.
 
-Each function takes a batch already on the module's device, zeroes the gradients, computes
-the loss and its gradient, steps the optimiser and returns the loss as a float. The memory
-benchmark measures exactly these calls, so its numbers are those of real training.
-
-- `convex_stage_step` and `two_layer_stage_step`: the steps of a layer-wise stage, defined
-  with the stages in `cvxmri.models.stages` (each `Stage.step` calls one of them).
-- `end_to_end_step`: the whole network by backpropagation, optionally with gradient
-  checkpointing (each hidden layer's activations recomputed in the backward pass).
+`end_to_end_step` takes a batch already on the model's device, zeroes the gradients,
+computes the loss and its gradient, steps the optimiser and returns the loss as a float; the
+memory benchmark measures exactly this call, so its numbers are those of real training. The
+steps of layer-wise stages (`convex_stage_step`, `two_layer_stage_step`) live with the
+stages in `cvxmri.models.stages`.
 """
 
 from __future__ import annotations
@@ -17,9 +14,6 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from cvxmri.models.cnn import ReconCNN
-from cvxmri.models.stages import convex_stage_step, two_layer_stage_step
-
-__all__ = ["convex_stage_step", "end_to_end_step", "two_layer_stage_step"]
 
 
 def end_to_end_step(

@@ -51,14 +51,7 @@ from cvxmri.errors import CvxmriError
 from cvxmri.metrics import slice_metrics, volume_metrics
 from cvxmri.models.cnn import ReconCNN
 from cvxmri.models.convex import ConvexStage, pack_gates, unpack_gates
-from cvxmri.models.stages import (
-    Stage,
-    TwoLayerStage,
-    build_stage,
-    carry_prediction,
-    gated_layers,
-    relu_layers,
-)
+from cvxmri.models.stages import Stage, build_stage
 from cvxmri.training import data as data_module
 from cvxmri.training.checkpoint import load_checkpoint, save_checkpoint
 from cvxmri.training.config import TrainConfig
@@ -74,15 +67,6 @@ from cvxmri.training.fista import fista
 from cvxmri.training.fit import end_to_end_epoch, make_optimizer, stage_epoch, stage_seed
 
 # Moved to cvxmri.models.stages; importable from here as before.
-__all__ = [
-    "Trainer",
-    "TrainingStopped",
-    "TwoLayerStage",
-    "carry_prediction",
-    "gated_layers",
-    "relu_layers",
-    "write_outputs",
-]
 
 log = logging.getLogger(__name__)
 
