@@ -56,26 +56,55 @@ def _add_mask_options(parser: argparse.ArgumentParser) -> None:
         help="sampling pattern; repeat for several (default: poisson and cartesian); "
         "file: the 'mask' dataset stored in each HDF5 file",
     )
-    parser.add_argument("--accel", type=_number, default=4.0, help="acceleration R (default 4)")
+    parser.add_argument("--accel", type=_number, help="acceleration R (default 4)")
     parser.add_argument(
         "--center-fraction",
         type=_number,
-        default=0.04,
         help="fully sampled centre fraction of the 1D masks (default 0.04)",
     )
     parser.add_argument(
         "--calib-size",
         type=_positive_int,
-        default=16,
         help="side of the fully sampled centre of the Poisson-disc mask (default 16)",
     )
 
 
+def _mask_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The `MaskSpec` parameters given on the command line (not their defaults)."""
+    given = {
+        "acceleration": args.accel,
+        "center_fraction": args.center_fraction,
+        "calib_size": None if args.calib_size is None else (args.calib_size, args.calib_size),
+    }
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _add_global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    """``--debug`` and ``-v``; sub-commands take them too, with ``argparse.SUPPRESS`` as
+    their default so that they never reset an option given before the sub-command."""
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="log progress details"
+    )
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers of every sub-command below ``parser`` (``data simulate``, ``train``...)."""
+    leaves = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                leaves += _leaf_parsers(sub) or [sub]
+    return leaves
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
+    from cvxmri import __version__
+
     parser = _Parser(prog="cvxmri", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"cvxmri {__version__}")
+    _add_global_options(parser, False)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     data = commands.add_parser("data", help="build and inspect datasets")
@@ -118,23 +147,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--method",
         action="append",
-        help="zero-filled or cs; repeat for several (default: both)",
+        help="zero-filled or cs; repeat for several (default: both, also beside --model)",
     )
     evaluate.add_argument(
         "--model",
         action="append",
         type=Path,
-        help="a trained network (model.pt, or its run folder); repeatable",
+        help="a trained network (model.pt, or its run folder), evaluated beside the "
+        "methods; repeatable",
     )
     _add_mask_options(evaluate)
-    evaluate.add_argument("--data", type=Path, default=Path("data/default"), help=_DATA_HELP)
     evaluate.add_argument(
-        "--split", default="test", help="split of a dataset root (default test; flat folders: none)"
+        "--data", type=Path, help=_DATA_HELP.replace("%(default)s", "data/default")
     )
-    evaluate.add_argument("--target", choices=("sense", "rss"), default="sense")
+    evaluate.add_argument(
+        "--split", help="split of a dataset root (default test; flat folders: none)"
+    )
+    evaluate.add_argument(
+        "--target", choices=("sense", "rss"), help="reference image (default sense)"
+    )
+    evaluate.add_argument(
+        "--device", help="where the networks run: cpu, cuda or auto (default cpu)"
+    )
     evaluate.add_argument("--cs-lambda", type=_number, help="CS l1-wavelet weight")
     evaluate.add_argument("--cs-iterations", type=_positive_int, help="CS iterations")
-    evaluate.add_argument("--config", type=Path, help="YAML config; options given override it")
+    evaluate.add_argument(
+        "--config",
+        type=Path,
+        help="YAML config (an evaluation's config.yaml is one); options given override it",
+    )
     evaluate.add_argument("--out", type=Path, help="run folder (default runs/evaluate-<time>)")
     evaluate.add_argument("--force", action="store_true", help="replace an existing run folder")
     train = commands.add_parser(
@@ -143,13 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--method",
         choices=("layerwise-convex", "layerwise-nonconvex", "end-to-end"),
-        default="layerwise-convex",
+        help="training method (default layerwise-convex)",
     )
     train.add_argument(
         "--preset", default="quick", help="quick (CPU, minutes), paper (GPU) or tiny"
     )
     train.add_argument(
-        "--config", type=Path, help="YAML config over the preset; options override it"
+        "--config",
+        type=Path,
+        help="YAML config over the preset (a run's config.yaml is one); options given override it",
     )
     _add_mask_options(train)
     train.add_argument("--layers", type=_positive_int, help="network depth k+1 (paper: 5)")
@@ -179,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="replace an existing run folder")
     _add_reproduce_parsers(commands)
     _add_benchmark_parsers(commands)
+    for leaf in _leaf_parsers(parser):
+        _add_global_options(leaf, argparse.SUPPRESS)
     return parser
 
 
@@ -229,13 +274,19 @@ def _benchmark_jsons(args: argparse.Namespace) -> dict[str, Path]:
     }
 
 
-def _mask_specs(args: argparse.Namespace) -> list:
+def _mask_specs(args: argparse.Namespace, configured: Sequence[object]) -> list:
+    """Evaluation masks: the kinds given with ``--mask`` (else the configured ones), each with
+    the parameters given on the command line, else those of the configured mask of its
+    kind, else the defaults."""
+    from dataclasses import replace
+
     from cvxmri.masks import MaskSpec
 
-    kinds = args.mask or ["poisson", "cartesian"]
+    by_kind = {mask.kind: mask for mask in configured}  # type: ignore[attr-defined]
+    kinds = args.mask or list(by_kind)
     specs = [
-        MaskSpec(kind, args.accel, args.center_fraction, (args.calib_size, args.calib_size))
-        for kind in kinds
+        replace(by_kind.get(kind) or MaskSpec(kind, 4.0), **_mask_overrides(args))
+        for kind in dict.fromkeys(kinds)
     ]
     for spec in specs:
         spec.validate()
@@ -300,17 +351,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from cvxmri.evaluate import EvaluateConfig, evaluate, format_table
     from cvxmri.runs import default_run_dir, run_folder
 
+    # The YAML file over the defaults, then the options given on the command line.
     config = load_yaml(EvaluateConfig, args.config) if args.config else EvaluateConfig()
-    overrides: dict[str, object] = {"data": str(args.data), "split": args.split}
-    overrides["target"] = args.target
-    if args.method:
-        overrides["methods"] = args.method
-    elif args.model:
-        overrides["methods"] = []
-    if args.model:
-        overrides["models"] = [str(p) for p in args.model]
-    if args.mask or not args.config:
-        overrides["masks"] = _mask_specs(args)
+    given = {
+        "data": None if args.data is None else str(args.data),
+        "split": args.split,
+        "target": args.target,
+        "device": args.device,
+        "methods": args.method,
+        "models": None if args.model is None else [str(p) for p in args.model],
+    }
+    overrides = {name: value for name, value in given.items() if value is not None}
+    overrides["masks"] = _mask_specs(args, config.masks)
     cs = config.cs
     if args.cs_lambda is not None:
         cs = replace(cs, lamda=args.cs_lambda)
@@ -329,7 +381,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _train_config(args: argparse.Namespace) -> object:
-    """Preset, then the YAML file over it, then the command-line options over both."""
+    """The preset, then the YAML file over it, then the options given on the command line
+    over both (options left out never override: argparse defaults are None here).
+
+    A run's own ``config.yaml`` is a complete config, so ``--config RUN/config.yaml``
+    reproduces that run's configuration.
+    """
     from dataclasses import replace
 
     import yaml
@@ -337,10 +394,9 @@ def _train_config(args: argparse.Namespace) -> object:
     from cvxmri.config import from_dict, to_dict
     from cvxmri.training.config import TrainConfig, preset
 
-    kind = args.mask[0] if args.mask else "poisson"
     if args.mask and len(args.mask) > 1:
         raise CvxmriError("train takes one --mask")
-    base = to_dict(preset(args.preset, kind))
+    overlay: object = {}
     if args.config:
         if not args.config.is_file():
             raise CvxmriError(f"{args.config}: no such config file")
@@ -350,12 +406,18 @@ def _train_config(args: argparse.Namespace) -> object:
             raise CvxmriError(
                 f"{args.config}: not valid YAML ({str(err).splitlines()[0]})"
             ) from None
-        base = _merge(base, overlay, str(args.config))
+        if not isinstance(overlay, dict):
+            raise CvxmriError(f"{args.config}: expected a mapping at the top level")
+    # The preset depends on the mask kind (paper: 40 epochs for Poisson disc, 30 for 1D).
+    yaml_mask = overlay.get("mask") if isinstance(overlay, dict) else None
+    kind = args.mask[0] if args.mask else None
+    if kind is None and isinstance(yaml_mask, dict) and isinstance(yaml_mask.get("kind"), str):
+        kind = yaml_mask["kind"]
+    base = _merge(to_dict(preset(args.preset, kind or "poisson")), overlay, str(args.config))
     config = from_dict(TrainConfig, base, str(args.config or "preset"))
-    if args.mask or not args.config:
-        config = replace(
-            config, mask=_mask_specs(argparse.Namespace(**{**vars(args), "mask": [kind]}))[0]
-        )
+    mask = replace(config.mask, **_mask_overrides(args))
+    if args.mask:
+        mask = replace(mask, kind=args.mask[0])
     optim = config.optim
     for name, value in (
         ("epochs", args.epochs),
@@ -381,7 +443,11 @@ def _train_config(args: argparse.Namespace) -> object:
         "amp": args.amp or None,
     }
     config = replace(
-        config, optim=optim, convex=convex, **{k: v for k, v in overrides.items() if v is not None}
+        config,
+        mask=mask,
+        optim=optim,
+        convex=convex,
+        **{k: v for k, v in overrides.items() if v is not None},
     )
     config.validate()
     return config

@@ -75,6 +75,8 @@ class EvaluateConfig:
         espirit: coil-map settings.
         cache: where coil maps are cached; ``<data root>/cache`` when empty
             (`cvxmri.data.prepare.default_cache_dir`).
+        device: where the networks run: cpu, cuda (``cuda:N``) or auto (cuda when
+            available); the classical methods run on the CPU.
     """
 
     data: str = "data/default"
@@ -88,9 +90,12 @@ class EvaluateConfig:
     cs: CSConfig = field(default_factory=CSConfig)
     espirit: EspiritConfig = field(default_factory=EspiritConfig)
     cache: str = ""
+    device: str = "cpu"
 
     def validate(self) -> None:
         """Raise `CvxmriError` for impossible settings."""
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise CvxmriError(f"unknown device {self.device!r} (choose cpu, cuda or auto)")
         for method in self.methods:
             if method not in CLASSICAL_METHODS:
                 raise CvxmriError(
@@ -134,13 +139,17 @@ def model_label(path: Path) -> str:
 def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
     """Run every method on every mask over the split; write CSV/JSON into ``out``; return the
     summary."""
+    from cvxmri.training.trainer import resolve_device
+
     config.validate()
+    device = resolve_device(config.device)
     files = find_files(config.data, config.split)
     cache = Path(config.cache) if config.cache else default_cache_dir(config.data)
     reconstructors = {m: classical_reconstructor(m, config.cs) for m in config.methods}
     paths = [model_file(Path(p)) for p in config.models]
     for path in paths:
-        reconstructors[model_label(path)] = network_reconstructor(ReconCNN.load(path).eval())
+        model = ReconCNN.load(path, map_location=device).eval()
+        reconstructors[model_label(path)] = network_reconstructor(model)
     slice_rows: list[dict[str, object]] = []
     volume_rows: list[dict[str, object]] = []
     seconds = {(m, s.describe()): 0.0 for m in reconstructors for s in config.masks}

@@ -29,7 +29,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -805,10 +805,28 @@ def _answers(
     return answers
 
 
+def _check_reproduce_folder(out: Path) -> None:
+    """Refuse, in one line, the folder of a training run or an evaluation (whose config
+    would otherwise be reported key by key as unknown)."""
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+    except yaml.YAMLError:
+        return  # load_yaml says what is wrong with the file
+    if not isinstance(saved, dict) or set(saved) <= {f.name for f in fields(ReproduceConfig)}:
+        return
+    kind = "a training run" if "method" in saved else "an evaluation" if "methods" in saved else ""
+    if kind:
+        raise CvxmriError(
+            f"{out}: {kind}, not a reproduce folder (cvxmri report rebuilds the report of a "
+            "folder written by cvxmri reproduce)"
+        )
+
+
 def collect(out: Path) -> dict[str, Any]:
     """Everything the report shows, from the files of a finished reproduce folder."""
     if not (out / "config.yaml").is_file():
         raise CvxmriError(f"{out}: not a reproduce folder (no config.yaml)")
+    _check_reproduce_folder(out)
     config = load_yaml(ReproduceConfig, out / "config.yaml")
     parts = plan(config)
     missing = [p.title for p in parts if not p.done(out)]

@@ -282,3 +282,100 @@ def test_train_on_flat_folders_equals_the_dataset_root(tiny: Path, tmp_path: Pat
     lone = tmp_path / "lone-run"
     assert main([*common, "--data", str(flat["train"]), "--out", str(lone)]) == 2
     assert not lone.exists()
+
+
+# ---------------------------------------------------------------- configuration precedence
+
+
+@pytest.fixture(scope="module")
+def end_to_end_run(tiny: Path) -> Path:
+    """A finished one-epoch end-to-end run on the tiny dataset, its method set in YAML."""
+    config = tiny / "e2e.yaml"
+    config.write_text("method: end-to-end\noptim:\n  epochs: 1\n")
+    out = tiny / "e2e-run"
+    args = ["train", "--preset", "tiny", "--config", str(config)]
+    assert main([*args, "--data", str(tiny / "data"), "--out", str(out)]) == 0
+    return out
+
+
+def _resolved(*argv: str) -> object:
+    from cvxmri.cli import _train_config, build_parser
+
+    return _train_config(build_parser().parse_args(["train", *argv]))
+
+
+def test_train_options_override_the_config_file(tmp_path: Path) -> None:
+    """Command line over the YAML file over the preset; only options given override."""
+    carry = tmp_path / "carry.yaml"
+    carry.write_text(
+        "method: end-to-end\nmask:\n  kind: cartesian\n  acceleration: 6.0\n"
+        "  center_fraction: 0.08\noptim:\n  epochs: 2\n"
+    )
+    config = _resolved("--preset", "tiny", "--config", str(carry), "--accel", "8")
+    assert config.mask.acceleration == 8.0  # type: ignore[attr-defined]
+    # What the option does not name comes from the file, not from argparse defaults.
+    assert config.mask.kind == "cartesian"  # type: ignore[attr-defined]
+    assert config.mask.center_fraction == 0.08  # type: ignore[attr-defined]
+    assert config.method == "end-to-end"  # type: ignore[attr-defined]
+    assert config.optim.epochs == 2  # type: ignore[attr-defined]
+    # And what the file does not name comes from the preset.
+    assert config.layers == 3 and config.channels == 8  # type: ignore[attr-defined]
+    config = _resolved("--config", str(carry), "--method", "layerwise-nonconvex", "--epochs", "5")
+    assert config.method == "layerwise-nonconvex"  # type: ignore[attr-defined]
+    assert config.optim.epochs == 5 and config.mask.acceleration == 6.0  # type: ignore[attr-defined]
+
+
+def test_tiny_preset_keeps_its_calibration() -> None:
+    """``train --preset tiny`` trains on the preset's 6x6 calibration, as ``reproduce
+    --preset tiny`` does; ``--calib-size`` still overrides it."""
+    from cvxmri.reproduce import reproduce_preset, train_config
+
+    config = _resolved("--preset", "tiny")
+    reproduced = reproduce_preset("tiny")
+    expected = train_config(reproduced, "layerwise-convex", reproduced.masks[0], 3).mask
+    assert config.mask == expected  # type: ignore[attr-defined]
+    assert config.mask.calib_size == (6, 6)  # type: ignore[attr-defined]
+    assert _resolved("--preset", "tiny", "--calib-size", "4").mask.calib_size == (4, 4)  # type: ignore[attr-defined]
+    # The quick preset trains what it always trained.
+    assert _resolved().mask == reproduce_preset("quick").masks[0]  # type: ignore[attr-defined]
+
+
+def test_a_runs_config_reproduces_the_run(end_to_end_run: Path, tmp_path: Path) -> None:
+    """``train --config RUN/config.yaml`` of an end-to-end run is the same configuration: the
+    default --method does not turn it into a layer-wise run."""
+    import yaml
+
+    config = _resolved("--config", str(end_to_end_run / "config.yaml"))
+    assert config.method == "end-to-end"  # type: ignore[attr-defined]
+    out = tmp_path / "again"
+    assert main(["train", "--config", str(end_to_end_run / "config.yaml"), "--out", str(out)]) == 0
+    saved = yaml.safe_load((end_to_end_run / "config.yaml").read_text())
+    assert yaml.safe_load((out / "config.yaml").read_text()) == saved
+
+
+def test_evaluate_keeps_the_config_files_data_and_split(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``evaluate --config ev.yaml`` evaluates the file's data and split, not the defaults;
+    options given still override the file."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)  # no data/default here: a default would fail
+    ev = tmp_path / "ev.yaml"
+    ev.write_text(
+        f"data: {tiny / 'data'}\nsplit: val\nmethods: [zero-filled]\n"
+        "masks:\n- kind: cartesian\n  acceleration: 4.0\n  center_fraction: 0.08\n"
+    )
+    assert main(["evaluate", "--config", str(ev), "--out", "a"]) == 0
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert saved["data"] == str(tiny / "data") and saved["split"] == "val"
+    assert saved["masks"] == [
+        {"kind": "cartesian", "acceleration": 4.0, "center_fraction": 0.08, "calib_size": [16, 16]}
+    ]
+    assert main(["evaluate", "--config", str(ev), "--accel", "6", "--out", "b"]) == 0
+    saved = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert saved["masks"][0]["acceleration"] == 6.0
+    assert saved["masks"][0]["center_fraction"] == 0.08 and saved["split"] == "val"
+    # An evaluation's own config.yaml is a valid --config.
+    assert main(["evaluate", "--config", "b/config.yaml", "--out", "c"]) == 0
+    assert yaml.safe_load((tmp_path / "c" / "config.yaml").read_text()) == saved

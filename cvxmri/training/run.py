@@ -13,7 +13,7 @@ from cvxmri.config import save_yaml, to_dict
 from cvxmri.errors import CvxmriError
 from cvxmri.runs import environment
 from cvxmri.training.config import TrainConfig
-from cvxmri.training.trainer import Trainer, write_outputs
+from cvxmri.training.trainer import Trainer, resolve_device, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,13 @@ def train(
 
     A new run needs a new (or, with ``force``, replaced) folder; ``resume`` continues the
     run in ``out`` from its last checkpoint and requires the same configuration.
+
+    A failed run leaves nothing behind: the settings and the device are checked before the
+    folder is created, and a folder this call created is removed again if the run fails
+    before its first checkpoint (after that, the run is resumable and kept).
     """
     config.validate()
+    resolve_device(config.device)
     if out.exists() and not resume:
         if not force:
             raise CvxmriError(f"{out}: run folder already exists (use --resume or --force)")
@@ -37,19 +42,43 @@ def train(
             raise CvxmriError(f"{out}: nothing to resume (no config.yaml)")
         if yaml.safe_load(saved.read_text()) != to_dict(config):
             raise CvxmriError(f"{out}: the run was started with another configuration")
+    created = _first_missing(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CvxmriError(f"{out}: cannot create the run folder ({err.strerror})") from None
-    save_yaml(config, out / "config.yaml")
-    handler = logging.FileHandler(out / "log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
+    handler = None
     try:
+        save_yaml(config, out / "config.yaml")
+        handler = logging.FileHandler(out / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
         log.info("environment: %s", environment())
         trainer = Trainer(config, out)
         model = trainer.fit()
         return write_outputs(trainer, model)
+    except BaseException:
+        if created is not None and not (out / "checkpoints" / "last.pt").exists():
+            _close(handler)
+            handler = None
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
+        _close(handler)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet: what
+    creating ``path`` adds, and what a failed run removes again."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _close(handler: logging.Handler | None) -> None:
+    if handler is not None:
         logging.getLogger().removeHandler(handler)
         handler.close()

@@ -162,12 +162,23 @@ class TrainingStopped(Exception):
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` means CUDA when available."""
+    """``auto`` means CUDA when available; a CUDA device that is not there is refused here,
+    before any work starts."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CvxmriError("device cuda requested but no CUDA device is available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CvxmriError(f"unknown device {name!r} (choose cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CvxmriError(f"device {name} requested but no CUDA device is available")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise CvxmriError(
+                f"device {name} requested but only {count} CUDA device(s) are available"
+            )
+    return device
 
 
 class Trainer:
