@@ -379,3 +379,105 @@ def test_evaluate_keeps_the_config_files_data_and_split(
     # An evaluation's own config.yaml is a valid --config.
     assert main(["evaluate", "--config", "b/config.yaml", "--out", "c"]) == 0
     assert yaml.safe_load((tmp_path / "c" / "config.yaml").read_text()) == saved
+
+
+# ------------------------------------------------------------- failed runs leave no folder
+
+
+def test_failed_train_leaves_no_folder_and_can_be_rerun(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device that is not there is refused before the folder is created, so the rerun is
+    refused for the same reason, not because the folder exists; without --out no
+    ``runs/<method>-<mask>-<time>/`` (nor ``runs/``) is left either."""
+    monkeypatch.chdir(tmp_path)
+    common = ["train", "--preset", "tiny", "--data", str(tiny / "data")]
+    for _ in range(2):
+        result = _run(*common, "--device", "cuda:99", "--out", "runs/gpu")
+        assert result.returncode == 2, result.stderr
+        assert "device cuda:99 requested but" in result.stderr
+        assert not (tmp_path / "runs").exists()
+    result = _run(*common, "--device", "cuda:99")
+    assert result.returncode == 2 and not (tmp_path / "runs").exists()
+    # A failure after the folder was created (the batch cannot fit) removes it again.
+    result = _run(*common, "--batch-size", "100000000")
+    assert result.returncode == 2 and "batch size 100000000" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failure_keeps_a_resumable_run(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that fails after its first checkpoint keeps its folder (it can be resumed); one
+    that fails before is removed."""
+    import cvxmri.training.run as run_module
+    from cvxmri.errors import CvxmriError
+
+    def fail(*_: object) -> None:
+        raise CvxmriError("disk full")
+
+    args = ["train", "--preset", "tiny", "--epochs", "1", "--data", str(tiny / "data")]
+    monkeypatch.setattr(run_module, "write_outputs", fail)
+    kept = tmp_path / "kept"
+    assert main([*args, "--out", str(kept)]) == 2
+    assert (kept / "checkpoints" / "last.pt").is_file() and (kept / "config.yaml").is_file()
+    monkeypatch.setattr(run_module.Trainer, "fit", fail)
+    removed = tmp_path / "deep" / "removed"
+    assert main([*args, "--out", str(removed)]) == 2
+    assert not (tmp_path / "deep").exists()
+    # --resume of an existing folder never deletes it, even when it fails early.
+    assert main([*args, "--out", str(kept), "--resume"]) == 2
+    assert (kept / "checkpoints" / "last.pt").is_file()
+
+
+# ---------------------------------------------------------------------- smaller surprises
+
+
+def test_version_and_debug_after_the_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    import cvxmri
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"cvxmri {cvxmri.__version__}"
+    for argv in (["--debug", "data", "info"], ["data", "info", "--debug"]):
+        result = _run(*argv, "/nonexistent.h5")
+        assert result.returncode != 0 and "Traceback" in result.stderr, argv
+    # -v after the sub-command too; given before it, the sub-command does not reset it.
+    from cvxmri.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["evaluate", "-v"]).verbose
+    assert parser.parse_args(["-v", "--debug", "evaluate"]).debug
+    assert parser.parse_args(["-v", "evaluate"]).verbose
+    assert not parser.parse_args(["evaluate"]).debug
+
+
+def test_evaluate_model_keeps_the_classical_rows(
+    tiny: Path, end_to_end_run: Path, tmp_path: Path
+) -> None:
+    """``evaluate --model RUN`` evaluates the network beside zero-filled and CS, as its help
+    says; ``--method`` narrows the classical methods; ``--device`` picks the device."""
+    out = tmp_path / "with-model"
+    common = ["evaluate", "--data", str(tiny / "data"), "--mask", "cartesian"]
+    args = [*common, "--model", str(end_to_end_run), "--cs-iterations", "5", "--device", "cpu"]
+    assert main([*args, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["method"] for r in summary["results"]} == {"zero-filled", "cs", end_to_end_run.name}
+    only = tmp_path / "only-zf"
+    narrowed = [*common, "--model", str(end_to_end_run), "--method", "zero-filled"]
+    assert main([*narrowed, "--out", str(only)]) == 0
+    summary = json.loads((only / "summary.json").read_text())
+    assert {r["method"] for r in summary["results"]} == {"zero-filled", end_to_end_run.name}
+    result = _run(*common, "--device", "cuda:99", "--out", str(tmp_path / "gpu"))
+    assert result.returncode == 2 and "device cuda:99 requested but" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "gpu").exists()
+
+
+def test_report_on_a_training_run_says_what_it_needs(end_to_end_run: Path) -> None:
+    result = _run("report", str(end_to_end_run))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "a training run, not a reproduce folder" in lines[0]
+    assert "unknown key" not in lines[0]
