@@ -385,7 +385,8 @@ def _train_config(args: argparse.Namespace) -> object:
     over both (options left out never override: argparse defaults are None here).
 
     A run's own ``config.yaml`` is a complete config, so ``--config RUN/config.yaml``
-    reproduces that run's configuration.
+    reproduces that run's configuration. ``convex.patterns`` and ``convex.kernel_size``
+    are recorded as the stages use them (derived from ``channels`` and ``kernel_size``).
     """
     from dataclasses import replace
 
@@ -449,6 +450,9 @@ def _train_config(args: argparse.Namespace) -> object:
         convex=convex,
         **{k: v for k, v in overrides.items() if v is not None},
     )
+    # Record the convex program as it runs: its pattern count and kernel size follow
+    # channels and kernel_size (`TrainConfig.stage_config`), whatever the preset says.
+    config = replace(config, convex=config.stage_config())
     config.validate()
     return config
 

@@ -115,7 +115,21 @@ def _tiny_train(good: Path, out: Path) -> list[str]:
 
 
 def _batch_too_big(work: Path, good: Path) -> list[str]:
-    return [*_tiny_train(good, work / "run"), "--batch-size", "100000000"]
+    return [*_tiny_train(good, work / "out"), "--batch-size", "100000000"]
+
+
+def _batch_too_big_default_folder(work: Path, good: Path) -> list[str]:
+    """Without --out the run would go to runs/<method>-<mask>-<time>/ under ``work``."""
+    return ["train", "--preset", "tiny", "--data", str(good), "--batch-size", "100000000"]
+
+
+def _report_of_training_run(work: Path, good: Path) -> list[str]:
+    from cvxmri.config import save_yaml
+    from cvxmri.training.config import preset
+
+    (work / "run").mkdir()
+    save_yaml(preset("tiny"), work / "run" / "config.yaml")
+    return ["report", str(work / "run")]
 
 
 def _checkpoint_with_payload(work: Path, good: Path) -> list[str]:
@@ -347,6 +361,50 @@ CASES = [
         ),
         "unreachable",
     ),
+    Case(
+        "train-device-missing",
+        "train on a CUDA device that is not there (checked before the run folder is made)",
+        _args(
+            "train",
+            "--preset",
+            "tiny",
+            "--data",
+            "{good}",
+            "--device",
+            "cuda:99",
+            "--out",
+            "{work}/out",
+        ),
+        "device cuda:99 requested but",
+    ),
+    Case(
+        "train-fails-default-folder",
+        "a failing train run without --out (no runs/<method>-<mask>-<time>/ left)",
+        _batch_too_big_default_folder,
+        "a training step at batch size 100000000 needs about",
+    ),
+    Case(
+        "evaluate-device-missing",
+        "evaluate on a CUDA device that is not there",
+        _args(
+            "evaluate",
+            "--data",
+            "{good}",
+            "--method",
+            "zero-filled",
+            "--device",
+            "cuda:99",
+            "--out",
+            "{work}/out",
+        ),
+        "device cuda:99 requested but",
+    ),
+    Case(
+        "report-training-run",
+        "cvxmri report on a training run's folder",
+        _report_of_training_run,
+        "a training run, not a reproduce folder",
+    ),
     Case("unknown-preset", "preset 'huge'", _args("train", "--preset", "huge"), "unknown preset"),
     Case(
         "yaml-unknown-key",
@@ -426,7 +484,7 @@ class Outcome:
     returncode: int
     stderr: str
     payload_ran: bool
-    out_exists: bool
+    out_exists: bool  # ``work/out`` (unless it was there before) or ``work/runs``
 
 
 def run_case(case: Case, work: Path, good: Path) -> Outcome:
@@ -445,7 +503,8 @@ def run_case(case: Case, work: Path, good: Path) -> Outcome:
         result.returncode,
         result.stderr,
         (work / "PAYLOAD_RAN").exists(),
-        (work / "out").exists() and not (work / "out" / "keep.txt").exists(),
+        ((work / "out").exists() and not (work / "out" / "keep.txt").exists())
+        or (work / "runs").exists(),
     )
 
 

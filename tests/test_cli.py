@@ -340,6 +340,24 @@ def test_tiny_preset_keeps_its_calibration() -> None:
     assert _resolved().mask == reproduce_preset("quick").masks[0]  # type: ignore[attr-defined]
 
 
+def test_recorded_config_is_what_runs() -> None:
+    """The recorded convex program has the stages' pattern count and kernel size (tiny: 8
+    channels are 4 gated patterns, 3x3 kernels), not the dataclass defaults 32 and 7."""
+    from dataclasses import replace
+
+    from cvxmri.reproduce import reproduce_preset, train_config
+
+    config = _resolved("--preset", "tiny")
+    assert config.convex.patterns == 4 and config.convex.kernel_size == 3  # type: ignore[attr-defined]
+    assert config.stage_config() == config.convex  # type: ignore[attr-defined]
+    # Nothing else changes: the same settings as the reproduction trains, convex aside.
+    reproduced = reproduce_preset("quick")
+    expected = train_config(reproduced, "layerwise-convex", reproduced.masks[0], 5)
+    quick = _resolved()
+    assert replace(quick, convex=expected.convex) == expected  # type: ignore[type-var]
+    assert quick.stage_config() == expected.stage_config()  # type: ignore[attr-defined]
+
+
 def test_a_runs_config_reproduces_the_run(end_to_end_run: Path, tmp_path: Path) -> None:
     """``train --config RUN/config.yaml`` of an end-to-end run is the same configuration: the
     default --method does not turn it into a layer-wise run."""
