@@ -73,6 +73,7 @@ from cvxmri.runs import environment, run_folder
 from cvxmri.training.config import PRESETS, TrainConfig, preset
 from cvxmri.training.data import SliceData
 from cvxmri.training.run import train
+from cvxmri.training.trainer import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -683,6 +684,7 @@ def reproduce(
             see `read_benchmark_json`), copied into the folder (`BENCHMARK_FILES`).
     """
     config.validate()
+    resolve_device(config.device)  # a missing device is refused before the folder exists
     for kind, path in (benchmarks or {}).items():
         read_benchmark_json(path, kind)
     _open_folder(config, out, force)

@@ -384,6 +384,22 @@ CASES = [
         "a training step at batch size 100000000 needs about",
     ),
     Case(
+        "reproduce-device-missing",
+        "reproduce on a CUDA device that is not there",
+        _args(
+            "reproduce",
+            "--preset",
+            "tiny",
+            "--data",
+            "{good}",
+            "--device",
+            "cuda:99",
+            "--out",
+            "{work}/out",
+        ),
+        "device cuda:99 requested but",
+    ),
+    Case(
         "evaluate-device-missing",
         "evaluate on a CUDA device that is not there",
         _args(
