@@ -48,24 +48,36 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
-def _add_mask_options(parser: argparse.ArgumentParser) -> None:
+def _add_mask_options(parser: argparse.ArgumentParser, train: bool = False) -> None:
+    """--mask, --accel, --center-fraction and --calib-size; without them, the values of the
+    --config file, else (train) of the preset, else the defaults named in the help."""
+
+    def default(value: str) -> str:
+        return (
+            f"default: the --config file's, else the preset's ({value} but tiny: 6)"
+            if (train and value == "16")
+            else f"default: the --config file's, else {value}"
+        )
+
     parser.add_argument(
         "--mask",
         action="append",
         choices=("poisson", "cartesian", "equispaced", "file"),
-        help="sampling pattern; repeat for several (default: poisson and cartesian); "
-        "file: the 'mask' dataset stored in each HDF5 file",
+        help="sampling pattern (default: the --config file's, else poisson)"
+        if train
+        else "sampling pattern; repeat for several (default: the --config file's, else "
+        "poisson and cartesian); file: the 'mask' dataset stored in each HDF5 file",
     )
-    parser.add_argument("--accel", type=_number, help="acceleration R (default 4)")
+    parser.add_argument("--accel", type=_number, help=f"acceleration R ({default('4')})")
     parser.add_argument(
         "--center-fraction",
         type=_number,
-        help="fully sampled centre fraction of the 1D masks (default 0.04)",
+        help=f"fully sampled centre fraction of the 1D masks ({default('0.04')})",
     )
     parser.add_argument(
         "--calib-size",
         type=_positive_int,
-        help="side of the fully sampled centre of the Poisson-disc mask (default 16)",
+        help=f"side of the fully sampled centre of the Poisson-disc mask ({default('16')})",
     )
 
 
@@ -194,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="YAML config over the preset (a run's config.yaml is one); options given override it",
     )
-    _add_mask_options(train)
+    _add_mask_options(train, train=True)
     train.add_argument("--layers", type=_positive_int, help="network depth k+1 (paper: 5)")
     train.add_argument("--channels", type=_positive_int, help="hidden width")
     train.add_argument("--epochs", type=_positive_int, help="epochs (per stage for layer-wise)")
