@@ -962,14 +962,14 @@ def default_folder(preset_name: str) -> Path:
 
 def format_results(results: dict[str, Any]) -> str:
     """The full-depth test metrics as a fixed-width table (volume PSNR and SSIM)."""
-    lines = [f"{'mask':<14} {'method':<18} {'PSNR dB':>15} {'SSIM':>17}"]
+    lines = [f"{'mask':<14} {'method':<19} {'PSNR dB':>15} {'SSIM':>17}"]
     layers = results["config"]["layers"]
     for entry in results["metrics"]:
         if entry["layers"] not in (None, layers):
             continue
         psnr, ssim = entry["volume"]["psnr"], entry["volume"]["ssim"]
         lines.append(
-            f"{entry['mask']:<14} {entry['method']:<18} "
+            f"{entry['mask']:<14} {entry['method']:<19} "
             f"{psnr['mean']:>7.2f} ± {psnr['std']:<5.2f} {ssim['mean']:>8.4f} ± {ssim['std']:<6.4f}"
         )
     return "\n".join(lines)
