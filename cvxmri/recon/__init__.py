@@ -13,7 +13,6 @@ from cvxmri.recon.classical import (
     compressed_sensing,
     cs_l1_wavelet,
     zero_filled,
-    zero_filled_sense,
 )
 from cvxmri.recon.network import network_reconstructor
 
@@ -27,5 +26,4 @@ __all__ = [
     "cs_l1_wavelet",
     "network_reconstructor",
     "zero_filled",
-    "zero_filled_sense",
 ]

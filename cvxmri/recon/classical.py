@@ -2,10 +2,9 @@
 
 `zero_filled` and `compressed_sensing` take a `Sample` and return complex images (B, h, w)
 on its reconstruction matrix, restricted to its coil support, in the sample's normalised
-units (multiply by ``sample.scale`` for the data's own). `zero_filled_sense` and
-`cs_l1_wavelet` are the full-grid solvers underneath: masked k-space (B, C, H, W), coil maps
-(B, C, H, W), mask broadcastable to the k-space -> complex images (B, H, W) on the k-space
-grid.
+units (multiply by ``sample.scale`` for the data's own). `cs_l1_wavelet` is the full-grid
+solver underneath: masked k-space (B, C, H, W), coil maps (B, C, H, W), mask broadcastable
+to the k-space -> complex images (B, H, W) on the k-space grid.
 """
 
 from __future__ import annotations
@@ -17,12 +16,7 @@ import torch
 
 from cvxmri.data.sample import Sample
 from cvxmri.models.cnn import to_complex
-from cvxmri.physics import Sense, center_crop
-
-
-def zero_filled_sense(kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The zero-filled SENSE-combined image ``A^H y``."""
-    return Sense(maps, mask).H(kspace)
+from cvxmri.physics import center_crop
 
 
 @dataclass(frozen=True)
