@@ -214,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, help="images (crops) per step")
     train.add_argument("--beta", type=_number, help="group-lasso weight of the convex stages")
     train.add_argument("--program", choices=("gated", "cone"), help="convex program of a stage")
+    train.add_argument(
+        "--solver",
+        choices=("adam", "fista", "certified"),
+        help="convex stages: adam (mini-batches, the paper), fista (full batch at --beta) or "
+        "certified (beta path chosen on validation, each beta solved to a duality gap)",
+    )
     train.add_argument("--stage-cache", choices=("memory", "disk", "none"))
     train.add_argument(
         "--data",
@@ -449,6 +455,7 @@ def _train_config(args: argparse.Namespace) -> object:
         "layers": args.layers,
         "channels": args.channels,
         "stage_cache": args.stage_cache,
+        "solver": args.solver,
         "device": args.device,
         "seed": args.seed,
         "data": None if args.data is None else str(args.data),

@@ -180,7 +180,9 @@ def test_direct_gradient_matches_explicit_matrices(chunk: int) -> None:
     value, grad = stage.data_term_and_gradient(x, r, chunk)
     assert value.item() == pytest.approx(0.5 * float(residual @ residual) / 2, rel=1e-6)
     expected = (a.T @ residual / 2).reshape(stage.v.shape)
-    torch.testing.assert_close(grad, expected.float(), rtol=1e-5, atol=1e-6)
+    # float32 sums: rounding is relative to the largest entries, not to each one.
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(grad, expected.float(), rtol=1e-5, atol=1e-6 * scale)
     assert stage.pattern_gates(x, chunk).equal(stage.gates(x).bool())
     # Precomputed gates (as a trainer's per-stage gate cache) give the same result.
     gates = unpack_gates(pack_gates(stage.pattern_gates(x)), 5)
@@ -221,7 +223,7 @@ def test_certificate_and_lipschitz_match_explicit_matrices(groups: str) -> None:
     grad = -a.T @ e / n
     slices = group_slices(stage)
     dual_norms = [np.linalg.norm(grad[s]) for s in slices]
-    scale = min(1.0, 0.05 / max(dual_norms))
+    scale = max(0.0, min(rv @ e / (e @ e), 0.05 / max(dual_norms)))
     primal = 0.5 * e @ e / n + 0.05 * sum(np.linalg.norm(v[s]) for s in slices)
     dual = (0.5 * rv @ rv - 0.5 * np.sum((rv - scale * e) ** 2)) / n
     # Split into two batches: the mean-scaled certificate does not depend on the split.

@@ -63,8 +63,10 @@ class ConvexStageConfig:
         cone_penalty: rho, weight of the constraint-violation penalty (``program="cone"``).
         output_groups: ``"separate"`` (one group per pattern and output channel) or
             ``"frobenius"`` (one group per pattern over all output channels).
-        gate_seed: seed of the gate filters and of the data points their hyperplanes pass
-            through.
+        gate_seed: seed of the gate filters and of their active fractions.
+        active_fraction: ``(low, high)``: each gate's bias puts its hyperplane at a quantile
+            of its response on the sample so that the pattern is active on a fraction of the
+            pixels drawn uniformly from this range (pilancilab/scnn's ``active_proportion``).
     """
 
     patterns: int = 32
@@ -74,6 +76,7 @@ class ConvexStageConfig:
     cone_penalty: float = 1.0
     output_groups: str = "separate"
     gate_seed: int = 0
+    active_fraction: tuple[float, float] = (0.2, 0.8)
 
     def validate(self) -> None:
         """Raise `CvxmriError` naming the first invalid setting."""
@@ -99,6 +102,12 @@ class ConvexStageConfig:
             )
         if not _is_int(self.gate_seed):
             raise CvxmriError(f"gate_seed must be an integer, got {self.gate_seed!r}")
+        low, high = self.active_fraction
+        if not (_is_real(low) and _is_real(high) and 0 < low <= high < 1):
+            raise CvxmriError(
+                "active_fraction must be (low, high) with 0 < low <= high < 1, "
+                f"got {self.active_fraction!r}"
+            )
 
 
 def _is_int(value: object) -> bool:
@@ -242,10 +251,12 @@ class ConvexStage(torch.nn.Module):
         Sets the per-channel input normalisation (used only inside the gate convolution) to
         the sample's mean and std (std clamped at 1e-6, so all-zero channels are harmless),
         draws gate filters i.i.d. ``N(0, 1/(C_in K K))`` from a generator seeded with
-        ``gate_seed``, and sets each bias so that the hyperplane passes (halfway to the next
-        lower response, so that no sample pixel sits on a tie) through the response at a
-        random pixel (voxel) of a random sample image: on non-negative inputs a hyperplane through
-        the origin would be active almost everywhere. Patterns that are constant on
+        ``gate_seed``, and sets each bias at a quantile of the filter's response on the sample
+        (halfway between two neighbouring responses, so that no sample pixel sits on a tie):
+        the pattern is active on a fraction of the sample's pixels (voxels) drawn uniformly
+        from ``active_fraction``. On non-negative inputs a hyperplane through the origin would
+        be active almost everywhere, and near-constant patterns make the stage's Gram matrix
+        nearly singular. Patterns that are constant on
         the sample (active fraction < 1% or > 99%) or duplicate an accepted pattern (> 99%
         agreement) are redrawn, for at most 20 rounds; if some remain (a sample with no
         spatial variation) they are kept and a RuntimeWarning says how many. Deterministic
@@ -273,17 +284,18 @@ class ConvexStage(torch.nn.Module):
                 break
             count = len(todo)
             filters = self._draw_filters(count, gen)
-            images = torch.randint(batch, (count,), generator=gen)
-            # One random coordinate per spatial axis, drawn in axis order (2D: row, column).
-            coords = [torch.randint(size, (count,), generator=gen) for size in spatial]
+            low, high = self.config.active_fraction
+            wanted = low + (high - low) * torch.rand(count, generator=gen, dtype=torch.float64)
             response = self.ops.conv(xn, filters.to(x), padding=pad)  # (B, count, *spatial)
-            chosen = response[(images, torch.arange(count), *coords)]
-            # Threshold halfway between the chosen pixel's response and the next lower one:
-            # the chosen point is active, and no sample pixel lies on the hyperplane, so the
-            # patterns of the sample do not flip with the dtype or device at a tie.
+            # The threshold lies halfway between the sorted responses at the wanted quantile,
+            # so that no sample pixel sits on the hyperplane (the patterns of the sample do
+            # not flip with the dtype or device at a tie).
             flat = response.transpose(0, 1).reshape(count, pixels)
-            below = torch.where(flat < chosen[:, None], flat, -torch.inf).amax(dim=1)
-            offsets = -torch.where(torch.isfinite(below), (chosen + below) / 2, chosen)
+            ranked = flat.sort(dim=1).values
+            inactive = ((1 - wanted) * pixels).round().long().clamp(1, pixels - 1).to(x.device)
+            rows = torch.arange(count, device=x.device)
+            threshold = (ranked[rows, inactive - 1] + ranked[rows, inactive]) / 2
+            offsets = -threshold
             active = response + self._channel_view(offsets) >= 0
             cand = active.transpose(0, 1).reshape(count, pixels).to(x.dtype) * 2 - 1
             fractions = (cand.sum(dim=1) / pixels + 1) / 2
@@ -647,49 +659,85 @@ class ConvexStage(torch.nn.Module):
 # ---------------------------------------------------------------------------- certificate
 
 
-def _certificate(
+class ResidualStatistics(NamedTuple):
+    """What the certificate needs from one pass over a training set, in float64."""
+
+    gradient: Tensor  # grad L = A^T (A v - r) / N, the weight's shape
+    re: float  # <r, e> / N with e = r - A v
+    ee: float  # ||e||^2 / N
+    violation: float  # mean cone violation (0 for the gated program)
+    count: int  # N
+
+
+def residual_statistics(
     stage: ConvexStage, batches: Iterable[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]
-) -> dict[str, float]:
-    """The certificate from (x, r, gates or None, prediction or None) batches; solvers pass
-    cached gates and the predictions they already have to save a convolution."""
-    config = stage.config
+) -> ResidualStatistics:
+    """One pass over (x, r, gates or None, prediction or None) batches: the gradient of the
+    mean-scaled data term and the residual's inner products, in float64 (near the optimum
+    the gradient's group norms are close to ``beta``, and float32 rounding over a training
+    set exceeds a small ``beta``). Solvers pass cached gates and the predictions they
+    already have to save a convolution."""
     weight = stage.effective_weight().detach()
+    wide = weight.double()
     grad = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
     count = 0
-    rr = re = ee = violation = 0.0
+    re = ee = violation = 0.0
     with torch.no_grad():
         for x, r, gates, prediction in batches:
             d = stage.gates(x) if gates is None else gates
-            pred = stage.apply_weight(x, weight, d) if prediction is None else prediction
-            e = r - pred
-            # A^T (A v - r): the (unscaled) gradient of the data term w.r.t. v.
-            grad -= stage.apply_adjoint(x, e, d).double()
-            r64, e64 = r.double(), e.double()
-            rr += float((r64 * r64).sum())
+            x64, r64 = x.double(), r.double()
+            pred = stage.apply_weight(x64, wide, d) if prediction is None else prediction
+            e64 = r64 - pred.double()
+            grad -= stage.apply_adjoint(x64, e64, d)
             re += float((r64 * e64).sum())
             ee += float((e64 * e64).sum())
-            if config.program == "cone":
+            if stage.config.program == "cone":
                 violation += float(stage.cone_violation(x, d)) * x.shape[0]
             count += x.shape[0]
-        if count == 0:
-            raise CvxmriError("duality_gap needs at least one sample")
-        grad /= count
-        penalty = float(stage.penalty())
-    data = 0.5 * ee / count
-    primal = data + penalty + config.cone_penalty * violation / count
-    dual_norms = group_norms_of(grad, config.output_groups)
-    max_dual = float(dual_norms.max())
-    scale = 1.0 if max_dual <= config.beta else config.beta / max_dual
-    dual = (scale * re - 0.5 * scale * scale * ee) / count
+    if count == 0:
+        raise CvxmriError("duality_gap needs at least one sample")
+    return ResidualStatistics(grad / count, re / count, ee / count, violation / count, count)
+
+
+def _certificate(
+    stage: ConvexStage, batches: Iterable[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]
+) -> dict[str, float]:
+    """The certificate from (x, r, gates or None, prediction or None) batches
+    (`residual_statistics`)."""
+    config = stage.config
+    stats = residual_statistics(stage, batches)
+    with torch.no_grad():
+        norms = float(stage.group_norms().double().sum())
+    primal = 0.5 * stats.ee + config.beta * norms + config.cone_penalty * stats.violation
+    max_dual = float(group_norms_of(stats.gradient, config.output_groups).max())
+    return {
+        **certificate_numbers(primal, stats.re, stats.ee, config.beta, max_dual),
+        "n": float(stats.count),
+    }
+
+
+def certificate_numbers(
+    primal: float, re: float, ee: float, beta: float, max_dual: float
+) -> dict[str, float]:
+    """Dual value and gap of a group lasso from its primal value, ``<r, e> / N`` and
+    ``||e||^2 / N`` (``e = r - A v``) and the largest dual norm of the gradient.
+
+    The dual point is ``s e`` with ``s = clip(<r, e> / ||e||^2, 0, beta / max dual norm)``:
+    the multiple of the residual with the largest dual value
+    ``s <r, e> / N - s^2 ||e||^2 / (2N)`` among the feasible ones.
+    """
+    scale = re / ee if ee > 0 else 1.0
+    if max_dual > 0:
+        scale = min(scale, beta / max_dual)
+    scale = max(scale, 0.0)
+    dual = scale * re - 0.5 * scale * scale * ee
     gap = primal - dual
-    tiny = torch.finfo(torch.float64).tiny
     return {
         "primal": primal,
         "dual": dual,
         "gap": gap,
-        "relative_gap": gap / max(abs(primal), tiny),
+        "relative_gap": gap / max(abs(primal), torch.finfo(torch.float64).tiny),
         "dual_scale": scale,
-        "n": float(count),
         "max_dual_norm": max_dual,
     }
 
@@ -702,10 +750,10 @@ def duality_gap(stage: ConvexStage, batches: Iterable[tuple[Tensor, Tensor]]) ->
 
     - ``primal = L + beta * sum of group norms`` (cone: ``L(w - z)``, norms of ``w`` and
       ``z``, plus ``cone_penalty`` times the mean violation);
-    - ``g = grad L = -A^T e / N`` (one pass over the data); the dual norm of a group is
-      ``||g_{p,c}||`` (separate) or ``||g_p||_F`` (frobenius), and
-      ``s = min(1, beta / max dual norm)`` (1 when all are 0) makes ``theta = s e`` dual
-      feasible;
+    - ``g = grad L = -A^T e / N`` (one pass over the data, in float64); the dual norm of a
+      group is ``||g_{p,c}||`` (separate) or ``||g_p||_F`` (frobenius), and
+      ``s = clip(<r, e> / ||e||^2, 0, beta / max dual norm)`` makes ``theta = s e`` dual
+      feasible (`certificate_numbers`);
     - ``dual = (0.5 ||r||^2 - 0.5 ||r - s e||^2) / N``.
 
     ``primal - dual >= 0`` bounds the suboptimality and is 0 exactly at the optimum of the

@@ -22,6 +22,7 @@ from cvxmri.models.stages import StageSpec
 
 METHODS = ("layerwise-convex", "layerwise-nonconvex", "end-to-end")
 PRESETS = ("quick", "paper", "tiny")
+SOLVERS = ("adam", "fista", "certified")
 
 
 @dataclass
@@ -36,6 +37,49 @@ class OptimConfig:
     gamma: float = 0.5
     epochs: int = 40
     batch_size: int = 4
+
+
+@dataclass
+class CertifiedConfig:
+    """The certified solver of convex stages (``solver: certified``; `StageSolver`).
+
+    Attributes:
+        tol: relative duality gap at which a stage's program counts as solved.
+        betas: the beta path, as fractions of the stage's ``beta_max`` (the smallest beta
+            at which the zero weight is optimal), solved in this order, each warm-started
+            from the previous solution; the stage keeps the beta with the best validation
+            PSNR and stops early once two betas in a row are worse than the best.
+        seconds: time budget per beta (0: none); a beta stopped by it reports the gap it
+            reached.
+        gram_unknowns: stages with at most this many unknowns per output channel
+            (``patterns * C_in * K^d``) are solved through their Gram matrix, wider ones
+            matrix-free.
+        check_every: matrix-free iterations between float64 certificates.
+        max_iterations: iterations per beta (matrix-free) or per model solve (Gram).
+    """
+
+    tol: float = 1e-3
+    betas: tuple[float, ...] = (3e-2, 1e-2, 3e-3, 1e-3)
+    seconds: float = 0.0
+    gram_unknowns: int = 4096
+    check_every: int = 10
+    max_iterations: int = 2000
+
+    def validate(self) -> None:
+        """Raise `CvxmriError` naming the first invalid setting."""
+        checks = {
+            "tol": math.isfinite(self.tol) and 0 < self.tol < 1,
+            "betas": len(self.betas) > 0 and all(0 < b <= 1 for b in self.betas),
+            "seconds": math.isfinite(self.seconds) and self.seconds >= 0,
+            "gram_unknowns": self.gram_unknowns >= 0,
+            "check_every": self.check_every >= 1,
+            "max_iterations": self.max_iterations >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise CvxmriError(
+                    f"invalid training setting certified.{name}={getattr(self, name)!r}"
+                )
 
 
 @dataclass
@@ -69,9 +113,12 @@ class TrainConfig:
         stage_cache: where layer-wise stage inputs are kept: memory, disk, or none
             (recomputed from the frozen prefix for every batch).
         certificate_every: compute the convex certificate every n epochs (and at the end).
-        solver: how convex stages are solved: ``adam`` (mini-batches of crops, as the paper)
-            or ``fista`` (full-batch proximal gradient on whole images, which solves the
-            convex program itself; gated program, cached stage inputs).
+        solver: how convex stages are solved: ``adam`` (mini-batches of crops, as the paper),
+            ``fista`` (full-batch proximal gradient on whole images at ``convex.beta``) or
+            ``certified`` (a beta path chosen on validation, every beta solved to a relative
+            duality gap; see ``certified``). The last two solve the convex program itself
+            (gated program, fixed masks, cached stage inputs).
+        certified: the settings of ``solver: certified``.
         fista_iterations: FISTA iterations per stage (it stops earlier at ``fista_tol``).
         fista_tol: relative duality gap at which FISTA stops.
         amp: bf16 autocast for the forward passes (convex stages: bf16 convolutions, gates
@@ -102,6 +149,7 @@ class TrainConfig:
     stage_cache: str = "memory"
     certificate_every: int = 1
     solver: str = "adam"
+    certified: CertifiedConfig = field(default_factory=CertifiedConfig)
     fista_iterations: int = 300
     fista_tol: float = 1e-4
     amp: bool = False
@@ -134,7 +182,7 @@ class TrainConfig:
             and (self.crop > 0 or self.crops_per_image == 1),
             "stage_cache": self.stage_cache in ("memory", "disk", "none"),
             "certificate_every": self.certificate_every >= 0,
-            "solver": self.solver in ("adam", "fista"),
+            "solver": self.solver in SOLVERS,
             "fista_iterations": self.fista_iterations >= 1,
             "fista_tol": 0 <= self.fista_tol < 1,
             "pattern_chunk": self.pattern_chunk >= 0,
@@ -153,11 +201,13 @@ class TrainConfig:
             and self.method == "layerwise-convex"
         ):
             raise CvxmriError("hidden_layer=relu needs convex.program=cone (exact ReLU mapping)")
-        if self.solver == "fista" and (
+        self.certified.validate()
+        if self.solver != "adam" and (
             self.convex.program != "gated" or self.stage_cache == "none" or not self.fixed_masks
         ):
             raise CvxmriError(
-                "solver=fista needs convex.program=gated, fixed masks and cached stage inputs"
+                f"solver={self.solver} needs convex.program=gated, fixed masks and cached "
+                "stage inputs"
             )
         if not self.val_data and Path(self.data).exists() and not is_dataset_root(self.data, "val"):
             raise CvxmriError(

@@ -38,7 +38,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from cvxmri.models.cnn import ReconCNN
 from cvxmri.models.convex import ConvexStage, pack_gates, unpack_gates
 from cvxmri.models.stages import Stage, build_stage
 from cvxmri.training import data as data_module
+from cvxmri.training.certified import StageSolver
 from cvxmri.training.checkpoint import load_checkpoint, save_checkpoint
 from cvxmri.training.config import TrainConfig
 from cvxmri.training.data import (
@@ -65,8 +66,6 @@ from cvxmri.training.data import (
 )
 from cvxmri.training.fista import fista
 from cvxmri.training.fit import end_to_end_epoch, make_optimizer, stage_epoch, stage_seed
-
-# Moved to cvxmri.models.stages; importable from here as before.
 
 log = logging.getLogger(__name__)
 
@@ -559,10 +558,12 @@ class Trainer:
             stage, optimizer, scheduler, first_epoch = self._start_stage(
                 inputs, index, state if index == start_stage else None, start_epoch
             )
-            program = stage.convex_program if cfg.solver == "fista" else None
+            program = stage.convex_program if cfg.solver != "adam" else None
             if stage.patterns and cfg.fixed_masks and program is None:
                 inputs.gates = self._gate_cache(stage, inputs)
-            if program is not None:
+            if program is not None and cfg.solver == "certified":
+                self._solve_certified(stage, program, inputs, index)
+            elif program is not None:
                 self._solve_fista(stage, program, inputs, index)
             else:
                 self._train_stage(stage, optimizer, scheduler, inputs, index, first_epoch, budget)
@@ -665,6 +666,96 @@ class Trainer:
         result = fista(program, batches, cfg.fista_iterations, cfg.fista_tol, callback=record)
         self.history[-1].update(self._validate_stage(stage, inputs))
         log.info("stage %d FISTA: %s", index + 1, result)
+
+    def _solve_certified(
+        self, stage: Stage, program: ConvexStage, inputs: StageInputs, index: int
+    ) -> None:
+        """Solve the stage's program on whole training images along the beta path
+        (`CertifiedConfig`), every beta to the relative gap ``tol`` (`StageSolver`), and
+        keep the beta with the best validation PSNR. Every beta adds a history row and a
+        certificate (with its gap-against-time trace); the chosen one is marked
+        ``selected``. A stage interrupted here restarts on resume."""
+        cfg, settings = self.config, self.config.certified
+        pairs = self._pairs(0)
+        x = inputs.cached if inputs.cached is not None else pairs.x0
+        residual = pairs.target - pairs.x0
+        step = chunk_images(x.shape)
+        data = []
+        for i in range(0, len(x), step):
+            chunk = x[i : i + step].to(self.device).float()
+            data.append(
+                (chunk, residual[i : i + step].to(self.device), program.pattern_gates(chunk))
+            )
+        began = time.perf_counter()
+        solver = StageSolver(
+            program,
+            data,
+            tol=settings.tol,
+            max_seconds=settings.seconds or math.inf,
+            gram_unknowns=settings.gram_unknowns,
+            check_every=settings.check_every,
+            max_iterations=settings.max_iterations,
+        )
+        largest = solver.beta_max()
+        log.info(
+            "stage %d: %s route, %d unknowns per output, set-up %.1f s, beta_max %.4g",
+            index + 1,
+            solver.route,
+            solver.unknowns,
+            solver.setup_seconds,
+            largest,
+        )
+        best: tuple[float, float, dict[str, Tensor], dict[str, Any]] | None = None
+        worse = 0
+        for position, fraction in enumerate(settings.betas):
+            beta = fraction * largest
+            program.config = replace(program.config, beta=beta)
+            trace: list[list[float]] = []
+            cert = solver.solve(
+                beta, callback=lambda t, c, out=trace: out.append([t, c["relative_gap"]])
+            )
+            metrics = self._validate_stage(stage, inputs)
+            seconds = time.perf_counter() - began
+            began = time.perf_counter()
+            row = {
+                "method": cfg.method,
+                "stage": index + 1,
+                "epoch": position + 1,
+                "beta": beta,
+                **metrics,
+                **{f"cert_{k}": v for k, v in cert.items()},
+                "seconds": seconds,
+            }
+            record = {
+                "stage": index + 1,
+                "path_index": position + 1,
+                "beta_fraction": fraction,
+                "route": solver.route,
+                **cert,
+                "val_psnr": metrics["val_psnr"],
+                "certified": cert["relative_gap"] <= settings.tol,
+                "trace": trace,
+            }
+            self.certificates.append(record)
+            self._record(row, index * len(settings.betas) + position + 1)
+            if best is None or metrics["val_psnr"] > best[0]:
+                state = {k: v.detach().clone() for k, v in program.state_dict().items()}
+                best, worse = (metrics["val_psnr"], beta, state, record), 0
+            else:
+                worse += 1
+                if worse >= 2:
+                    break
+        assert best is not None
+        _, beta, state, record = best
+        program.config = replace(program.config, beta=beta)
+        program.load_state_dict(state)
+        record["selected"] = True
+        log.info(
+            "stage %d: beta %.4g selected, relative gap %.2e",
+            index + 1,
+            beta,
+            record["relative_gap"],
+        )
 
     def _start_stage(
         self, inputs: StageInputs, index: int, state: dict[str, Any] | None, epoch: int
