@@ -45,8 +45,11 @@ GRAM_CHUNK_ENTRIES = 64 * 1024 * 1024
 # raised to it: the metric must be positive definite, and directions the data do not see
 # need no scaling.
 METRIC_FLOOR = 1e-10
+# A matrix-free step constant is doubled (its estimate came from a few images) at most up
+# to this multiple of the estimate.
+MAX_STEP_GROWTH = 1024
 # Safeguarded Newton steps on the prox's scalar equation (see BlockMetric.prox).
-PROX_NEWTON_STEPS = 30
+PROX_NEWTON_STEPS = 50
 
 
 @dataclass
@@ -571,6 +574,7 @@ class StageSolver:
             return 0.5 * misfit / n + beta * float(norms.sum())
 
         step = self.lipschitz
+        slack = 10 * torch.finfo(stage.v.dtype).eps
         with torch.no_grad():
             current = stage.v.detach().double().reshape(per_shape)
             preds = predict(current)
@@ -595,8 +599,10 @@ class StageSolver:
                 candidate_preds = predict(candidate)
                 candidate_value = value(candidate, candidate_preds)
                 iterations += 1
-                if candidate_value > current_value + 1e-12 * abs(current_value):
-                    if plain:
+                # (A margin of the forward pass's rounding: in float32 the objective's last
+                # digits are noise near the optimum.)
+                if candidate_value > current_value + slack * abs(current_value):
+                    if plain and step < MAX_STEP_GROWTH * self.lipschitz:
                         step *= 2
                     momentum, plain = 1.0, True
                     extrapolated, extra_preds = current, preds
@@ -622,7 +628,6 @@ class StageSolver:
             if iterations % self.check_every:
                 cert, _ = _exact_certificate(stage, data, beta)
                 passes += 1
-        self.lipschitz = step
         return {
             **cert,
             "iterations": float(iterations),

@@ -729,6 +729,7 @@ class Trainer:
             record = {
                 "stage": index + 1,
                 "path_index": position + 1,
+                "beta": beta,
                 "beta_fraction": fraction,
                 "route": solver.route,
                 **cert,

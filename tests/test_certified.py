@@ -1,0 +1,168 @@
+"""The certified solver of convex stages (cvxmri.training.certified): its Gram system against
+the explicit design matrix, its prox against the optimality conditions, its optimum against
+an independent solver (cvxpy), and the trainer's beta path."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_convex import explicit_operator, group_slices, make_stage, smooth_data, with_beta
+
+from cvxmri.models.convex import duality_gap
+from cvxmri.training.certified import BlockMetric, StageSolver, gram_system
+from cvxmri.training.config import CertifiedConfig, TrainConfig, preset
+from cvxmri.training.trainer import Trainer
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("groups", ["separate", "frobenius"])
+def test_gram_system_is_the_explicit_normal_matrix(groups: str) -> None:
+    """G = A_c^T A_c / N and b = A_c^T r_c / N for every output c (the outputs share the
+    design), ||r||^2 / N, whatever the batches."""
+    x, r = smooth_data(3, 2, 7, seed=21)
+    stage, _ = make_stage(x, patterns=3, kernel_size=3, output_groups=groups)
+    a = explicit_operator(stage, x)
+    batch, out, pixels = 3, 2, 49
+    size = a.shape[1] // (stage.config.patterns * out)
+    a = a.reshape(batch, out, pixels, stage.config.patterns, out, size)
+    d = stage.pattern_gates(x)
+    system = gram_system(stage, [(x[:2], r[:2], d[:2]), (x[2:], r[2:], d[2:])])
+    for c in range(out):
+        ac = a[:, c, :, :, c, :].reshape(batch * pixels, -1)
+        rc = r[:, c].reshape(-1)
+        torch.testing.assert_close(system.gram, ac.T @ ac / batch, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(system.rhs[:, c], ac.T @ rc / batch, rtol=1e-5, atol=1e-6)
+    assert system.rr == pytest.approx(float(r.square().sum()) / batch, rel=1e-6)
+    assert system.count == 3
+
+
+@pytest.mark.parametrize("groups", ["separate", "frobenius"])
+def test_metric_prox_satisfies_the_optimality_conditions(groups: str) -> None:
+    """u = prox: L M (u - z) + beta u / ||u|| = 0 on a non-zero group, ||L M z|| <= beta on a
+    zero group; both kinds occur in the instance."""
+    gen = torch.Generator().manual_seed(3)
+    p, out, m = 5, 2, 6
+    factor = torch.randn(p, m, m, generator=gen, dtype=F64)
+    blocks = factor @ factor.transpose(1, 2) + 0.1 * torch.eye(m, dtype=F64)
+    metric = BlockMetric(blocks, groups)
+    z = torch.randn(p, out, m, generator=gen, dtype=F64) * torch.linspace(0.02, 2, p).view(
+        p, 1, 1
+    ).to(F64)
+    lipschitz, beta = 2.0, 1.5
+    u = metric.prox(z, lipschitz, beta)
+    moved = lipschitz * torch.einsum("pij,poj->poi", blocks, u - z)
+    shape = (p * out, m) if groups == "separate" else (p, out * m)
+    moved, u_g = moved.reshape(shape), u.reshape(shape)
+    pushed = lipschitz * torch.einsum("pij,poj->poi", blocks, z).reshape(shape)
+    norms = u_g.norm(dim=1)
+    alive = norms > 0
+    assert alive.any() and (~alive).any()
+    residual = moved[alive] + beta * u_g[alive] / norms[alive, None]
+    assert residual.abs().max() <= 1e-9 * beta
+    assert (pushed[~alive].norm(dim=1) <= beta * (1 + 1e-12)).all()
+    # The solve is the inverse of the metric.
+    torch.testing.assert_close(
+        torch.einsum("pij,poj->poi", blocks, metric.solve(z)), z, rtol=1e-9, atol=1e-12
+    )
+
+
+def solve_cvxpy(stage, x: torch.Tensor, r: torch.Tensor) -> float:
+    cp = pytest.importorskip("cvxpy")
+    a = explicit_operator(stage, x).numpy()
+    v = cp.Variable(a.shape[1])
+    penalty = sum(cp.norm(v[s], 2) for s in group_slices(stage))
+    problem = cp.Problem(
+        cp.Minimize(
+            cp.sum_squares(a @ v - r.reshape(-1).numpy()) / (2 * x.shape[0])
+            + stage.config.beta * penalty
+        )
+    )
+    problem.solve(solver="CLARABEL", tol_gap_abs=1e-9, tol_gap_rel=1e-9, tol_feas=1e-9)
+    assert problem.status == "optimal"
+    return float(problem.value)
+
+
+@pytest.mark.parametrize("groups", ["separate", "frobenius"])
+@pytest.mark.parametrize("route", ["gram", "matrix-free"])
+def test_certified_optimum_matches_cvxpy(route: str, groups: str) -> None:
+    """Both routes reach the optimum of an independent solver to 1e-6 relative in objective,
+    and every reported gap bounds the true suboptimality."""
+    pytest.importorskip("cvxpy")
+    x, r = smooth_data(3, 2, 8, seed=22)
+    stage, _ = make_stage(x, patterns=4, kernel_size=3, output_groups=groups)
+    # The Gram route accumulates its matrix in float32 (refinement removes the rounding);
+    # the matrix-free route works in the data's dtype, float64 here.
+    data = [(x, r, stage.pattern_gates(x))]
+    solver = StageSolver(
+        stage,
+        data,
+        tol=1e-9,
+        gram_unknowns=10_000 if route == "gram" else 0,
+        max_iterations=20_000,
+        check_every=20,
+    )
+    assert solver.route == route
+    beta = 0.05 * solver.beta_max()
+    seen: list[dict[str, float]] = []
+    cert = solver.solve(beta, callback=lambda _, c: seen.append(c))
+    optimum = solve_cvxpy(with_beta(stage, beta), x, r)
+    assert cert["relative_gap"] <= 1e-7, cert
+    assert cert["primal"] == pytest.approx(optimum, rel=1e-6)
+    for c in seen:
+        assert c["primal"] - optimum <= c["gap"] + 1e-9 * optimum
+        assert c["dual"] <= optimum * (1 + 1e-9)
+    # The stage holds the solution, and the stage's own certificate agrees.
+    again = duality_gap(with_beta(stage, beta), [(x, r)])
+    assert again["primal"] == pytest.approx(cert["primal"], rel=1e-6)
+
+
+def test_clipped_dual_point_beats_the_unit_scale() -> None:
+    """Where <r, e> / ||e||^2 < beta / max dual norm, the dual point is scaled by the former
+    and its value is above that of min(1, beta / max dual norm)."""
+    x, r = smooth_data(2, 2, 6, seed=23)
+    stage, _ = make_stage(x, patterns=3, kernel_size=3, beta=50.0)
+    gen = torch.Generator().manual_seed(24)
+    with torch.no_grad():
+        stage.v.copy_(2.0 * torch.randn(stage.v.shape, generator=gen, dtype=F64))
+    a = explicit_operator(stage, x).numpy()
+    e = r.reshape(-1).numpy() - a @ stage.v.detach().reshape(-1).numpy()
+    n = x.shape[0]
+    ratio = float(r.reshape(-1).numpy() @ e / (e @ e))
+    cert = duality_gap(stage, [(x, r)])
+    assert ratio < min(1.0, 50.0 / cert["max_dual_norm"])
+    assert cert["dual_scale"] == pytest.approx(ratio, rel=1e-10)
+    unit = min(1.0, 50.0 / cert["max_dual_norm"])
+    rr = float(r.square().sum())
+    unit_dual = (0.5 * rr - 0.5 * float(np.sum((r.reshape(-1).numpy() - unit * e) ** 2))) / n
+    assert cert["dual"] > unit_dual
+
+
+def test_trainer_beta_path_certifies_and_selects_on_validation(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    config: TrainConfig = replace(
+        preset("tiny"),
+        data=str(tiny_data),
+        solver="certified",
+        certified=CertifiedConfig(tol=1e-3, betas=(0.1, 0.01)),
+    )
+    trainer = Trainer(config, tmp_path)
+    trainer.fit()
+    path = [c for c in trainer.certificates if "path_index" in c]
+    assert [(c["stage"], c["path_index"]) for c in path] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    for stage in (1, 2):
+        rows = [c for c in path if c["stage"] == stage]
+        assert all(c["relative_gap"] <= 1e-3 and c["certified"] for c in rows)
+        assert all(c["trace"] and c["trace"][-1][1] == c["relative_gap"] for c in rows)
+        selected = [c for c in rows if c.get("selected")]
+        assert len(selected) == 1
+        assert selected[0]["val_psnr"] == max(c["val_psnr"] for c in rows)
+        assert rows[0]["beta"] == pytest.approx(10 * rows[1]["beta"], rel=1e-12)
+    # One history row per beta, with its beta and certificate.
+    assert [row["beta"] for row in trainer.history] == [c["beta"] for c in path]
+    assert all("cert_relative_gap" in row for row in trainer.history)
