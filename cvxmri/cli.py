@@ -343,7 +343,12 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 def _cmd_info(args: argparse.Namespace) -> None:
     from cvxmri.data.fastmri_h5 import read_volume
+    from cvxmri.data.prepare import check_data_file
 
+    if args.file.is_dir():
+        raise CvxmriError(f"{args.file}: a folder; 'data info' takes one .h5 file")
+    if args.file.is_file():
+        check_data_file(args.file)
     volume = read_volume(args.file)
     kind = "multi-coil" if volume.multicoil else "single-coil"
     enc = volume.encoding
