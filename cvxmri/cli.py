@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--out", type=Path, help="run folder (default runs/evaluate-<time>)")
     evaluate.add_argument("--force", action="store_true", help="replace an existing run folder")
+    _add_predict_parser(commands)
     train = commands.add_parser(
         "train", help="train a network (layer-wise convex, layer-wise, end-to-end)"
     )
@@ -237,6 +238,62 @@ def build_parser() -> argparse.ArgumentParser:
     for leaf in _leaf_parsers(parser):
         _add_global_options(leaf, argparse.SUPPRESS)
     return parser
+
+
+def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
+    """`cvxmri predict`."""
+    predict = commands.add_parser(
+        "predict",
+        help="write reconstructions: one HDF5 per volume in fastMRI's submission layout",
+    )
+    predict.add_argument(
+        "--model",
+        required=True,
+        help="a trained network (model.pt, or its run folder) or a classical method: "
+        "zero-filled or cs",
+    )
+    predict.add_argument(
+        "--data", type=Path, required=True, help=_DATA_HELP.replace(" (default %(default)s)", "")
+    )
+    predict.add_argument(
+        "--out", type=Path, required=True, help="folder for the reconstructions (made if missing)"
+    )
+    predict.add_argument(
+        "--split", default="test", help="split of a dataset root (default test; else none)"
+    )
+    predict.add_argument(
+        "--mask",
+        action="append",
+        choices=("poisson", "cartesian", "equispaced", "file"),
+        help="sampling pattern (default: each file's own 'mask' dataset when it has one, as "
+        "fastMRI's test files do; else the network's training mask, else poisson); file: "
+        "every file's own",
+    )
+    predict.add_argument(
+        "--accel", type=_number, help="acceleration of drawn masks (default: training's, else 4)"
+    )
+    predict.add_argument(
+        "--center-fraction",
+        type=_number,
+        help="fully sampled centre fraction of drawn 1D masks (default: training's, else 0.04)",
+    )
+    predict.add_argument(
+        "--calib-size",
+        type=_positive_int,
+        help="side of the fully sampled centre of drawn Poisson-disc masks "
+        "(default: training's, else 16)",
+    )
+    predict.add_argument(
+        "--device", default="cpu", help="where a network runs: cpu, cuda or auto (default cpu)"
+    )
+    predict.add_argument(
+        "--nifti", action="store_true", help="also write a .nii.gz per volume, for viewers"
+    )
+    predict.add_argument("--cs-lambda", type=_number, help="CS l1-wavelet weight")
+    predict.add_argument("--cs-iterations", type=_positive_int, help="CS iterations")
+    predict.add_argument(
+        "--force", action="store_true", help="replace output files of the same names"
+    )
 
 
 def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
@@ -380,12 +437,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     }
     overrides = {name: value for name, value in given.items() if value is not None}
     overrides["masks"] = _mask_specs(args, config.masks)
-    cs = config.cs
-    if args.cs_lambda is not None:
-        cs = replace(cs, lamda=args.cs_lambda)
-    if args.cs_iterations is not None:
-        cs = replace(cs, iterations=args.cs_iterations)
-    config = replace(config, cs=cs, **overrides)
+    config = replace(config, cs=_cs_config(args, config.cs), **overrides)
     config.validate()
     out = args.out or default_run_dir("evaluate")
     with run_folder(out, config, overwrite=args.force) as folder:
@@ -395,6 +447,46 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"{config.split} split, target {target} (mean ± std over volumes / slices)")
     print(table)
     print(f"results: {out}")
+
+
+def _cs_config(args: argparse.Namespace, cs: object) -> object:
+    """``cs`` with --cs-lambda and --cs-iterations, where given."""
+    from dataclasses import replace
+
+    if args.cs_lambda is not None:
+        cs = replace(cs, lamda=args.cs_lambda)  # type: ignore[type-var]
+    if args.cs_iterations is not None:
+        cs = replace(cs, iterations=args.cs_iterations)  # type: ignore[type-var]
+    return cs
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from cvxmri.masks import MaskSpec
+    from cvxmri.predict import PredictConfig, predict, training_mask
+    from cvxmri.recon import CSConfig
+
+    if args.mask and len(args.mask) > 1:
+        raise CvxmriError("predict takes one --mask (one reconstruction per volume)")
+    # Drawn masks: the kind given, with the parameters given, else the training mask's.
+    trained = training_mask(args.model)
+    spec = _mask_specs(args, [trained or MaskSpec("poisson", 4.0)])[0]
+    config = PredictConfig(
+        model=args.model,
+        data=str(args.data),
+        split=args.split,
+        mask=spec,
+        file_masks=not args.mask,
+        nifti=args.nifti,
+        cs=_cs_config(args, CSConfig()),  # type: ignore[arg-type]
+        device=args.device,
+    )
+    written = predict(config, args.out, overwrite=args.force)
+    files = written["files"]
+    masks = sorted({str(f["mask"]) for f in files})  # type: ignore[union-attr, index]
+    print(
+        f"{written['method']}: wrote {len(files)} reconstruction(s) to {args.out} "  # type: ignore[arg-type]
+        f"(mask: {', '.join(masks)}; dataset 'reconstruction', slices x H x W float32)"
+    )
 
 
 def _train_config(args: argparse.Namespace) -> object:
@@ -692,6 +784,7 @@ COMMANDS = {
     ("data", "prepare"): _cmd_prepare,
     ("data", "info"): _cmd_info,
     ("evaluate", None): _cmd_evaluate,
+    ("predict", None): _cmd_predict,
     ("train", None): _cmd_train,
     ("reproduce", None): _cmd_reproduce,
     ("report", None): _cmd_report,
