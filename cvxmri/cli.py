@@ -41,6 +41,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _split_ratio(text: str) -> tuple[int, int, int]:
+    """``TRAIN:VAL:TEST`` of integers >= 0, not all 0 (``3:1:1``)."""
+    parts = text.split(":")
+    if len(parts) != 3 or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected TRAIN:VAL:TEST such as 3:1:1, got {text!r}")
+    train, val, test = (int(part) for part in parts)
+    if train + val + test == 0:
+        raise argparse.ArgumentTypeError(f"at least one split needs a share, got {text!r}")
+    return train, val, test
+
+
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -131,7 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="magnitude volume to simulate from; repeat for several "
         "(default: Colin27 and MNI152, installed offline)",
     )
-    simulate.add_argument("--out", type=Path, default=Path("data/default"), help="dataset root")
+    simulate.add_argument(
+        "--out",
+        type=Path,
+        help="dataset root (default data/default; required with --nifti)",
+    )
+    simulate.add_argument(
+        "--frame",
+        type=_nonnegative_int,
+        help="the frame (0, 1, ...) of 4D --nifti volumes to simulate from",
+    )
     simulate.add_argument("--matrix", type=_positive_int, default=128, help="recon matrix")
     simulate.add_argument("--coils", type=_positive_int, default=8, help="number of coils")
     simulate.add_argument("--snr", type=_number, default=30.0, help="SNR of the combined image")
@@ -140,6 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument(
         "--slice-step", type=_positive_int, default=2, help="use every n-th slice"
+    )
+    simulate.add_argument(
+        "--slab-slices",
+        type=_positive_int,
+        help="slices per file (slab) (default 6, fewer when the volumes are too small for "
+        "every split to get one)",
+    )
+    simulate.add_argument(
+        "--guard-slices",
+        type=_nonnegative_int,
+        default=2,
+        help="slices dropped between neighbouring slabs (default 2)",
+    )
+    simulate.add_argument(
+        "--split-ratio",
+        type=_split_ratio,
+        default=(3, 1, 1),
+        help="slabs of train:val:test, assigned cyclically (default 3:1:1; 0:0:1: test only)",
     )
     simulate.add_argument("--seed", type=int, default=0, help="random seed")
     simulate.add_argument("--force", action="store_true", help="replace an existing dataset")
@@ -365,6 +413,13 @@ def _mask_specs(args: argparse.Namespace, configured: Sequence[object]) -> list:
 def _cmd_simulate(args: argparse.Namespace) -> None:
     from cvxmri.data.simulate import SimulationConfig, default_sources, load_nifti, simulate_dataset
 
+    if args.nifti and args.out is None:
+        raise CvxmriError(
+            "--nifti needs --out DIR: the default data/default is the default dataset's"
+        )
+    if args.frame is not None and not args.nifti:
+        raise CvxmriError("--frame picks a frame of 4D --nifti volumes; no --nifti given")
+    out = args.out or Path("data/default")
     config = SimulationConfig(
         matrix=args.matrix,
         coils=args.coils,
@@ -372,15 +427,21 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         readout_oversampling=args.readout_oversampling,
         slice_step=args.slice_step,
         seed=args.seed,
+        slab_slices=args.slab_slices or SimulationConfig.slab_slices,
+        guard_slices=args.guard_slices,
+        split_ratio=args.split_ratio,
     )
     config.validate()
-    sources = [load_nifti(p) for p in args.nifti] if args.nifti else default_sources()
-    manifest = simulate_dataset(sources, args.out, config, overwrite=args.force)
+    sources = [load_nifti(p, args.frame) for p in args.nifti] if args.nifti else default_sources()
+    manifest = simulate_dataset(
+        sources, out, config, overwrite=args.force, fit_slabs=args.slab_slices is None
+    )
     counts = manifest["counts"]
+    slab = manifest["config"]["slab_slices"]  # type: ignore[index]
     print(
-        f"wrote {len(manifest['files'])} files to {args.out} "  # type: ignore[arg-type]
-        f"(slices: train {counts['train']}, val {counts['val']}, test {counts['test']}); "  # type: ignore[index]
-        f"manifest: {args.out / 'manifest.json'}"
+        f"wrote {len(manifest['files'])} files to {out} "  # type: ignore[arg-type]
+        f"(slices: train {counts['train']}, val {counts['val']}, test {counts['test']}; "  # type: ignore[index]
+        f"slabs of {slab}); manifest: {out / 'manifest.json'}"
     )
 
 

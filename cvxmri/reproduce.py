@@ -645,10 +645,20 @@ def _add_benchmarks(out: Path, benchmarks: dict[str, Path] | None) -> None:
         shutil.copyfile(path, out / BENCHMARK_FILES[kind])
 
 
+def _saved_config(path: Path) -> object:
+    """A folder's saved configuration with the defaults of settings added since it was
+    written (so a folder begun before a new setting, at its default, goes on); as read
+    when it is not a valid configuration."""
+    try:
+        return to_dict(load_yaml(ReproduceConfig, path))
+    except CvxmriError:
+        return yaml.safe_load(path.read_text())
+
+
 def _open_folder(config: ReproduceConfig, out: Path, force: bool) -> None:
     saved = out / "config.yaml"
     if saved.is_file() and not force:
-        if yaml.safe_load(saved.read_text()) != to_dict(config):
+        if _saved_config(saved) != to_dict(config):
             raise CvxmriError(
                 f"{out}: started with another configuration (use --force to start again, "
                 "or another --out)"
