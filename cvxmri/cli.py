@@ -563,6 +563,7 @@ def _train_config(args: argparse.Namespace) -> object:
     import yaml
 
     from cvxmri.config import from_dict, to_dict
+    from cvxmri.data.prepare import check_data_file
     from cvxmri.training.config import TrainConfig, preset
 
     if args.mask and len(args.mask) > 1:
@@ -623,6 +624,11 @@ def _train_config(args: argparse.Namespace) -> object:
     # Record the convex program as it runs: its pattern count and kernel size follow
     # channels and kernel_size (`TrainConfig.stage_config`), whatever the preset says.
     config = replace(config, convex=config.stage_config())
+    # A file that cannot be k-space (a NIfTI volume...) is named as such, not as a
+    # dataset root without a val split.
+    for data in (config.data, config.val_data):
+        if data and Path(data).is_file():
+            check_data_file(Path(data))
     config.validate()
     return config
 
