@@ -115,7 +115,10 @@ def staged_files(
     existing = [name for name in names if (out / name).exists()]
     if existing and not overwrite:
         more = f" and {len(existing) - 1} more of the outputs" if len(existing) > 1 else ""
-        raise CvxmriError(f"{out}: already holds {existing[0]}{more} (use --force to replace them)")
+        them = "them" if more else "it"
+        raise CvxmriError(
+            f"{out}: already holds {existing[0]}{more} (use --force to replace {them})"
+        )
     created = first_missing(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
