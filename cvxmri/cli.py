@@ -413,12 +413,14 @@ def _mask_specs(args: argparse.Namespace, configured: Sequence[object]) -> list:
 def _cmd_simulate(args: argparse.Namespace) -> None:
     from cvxmri.data.simulate import SimulationConfig, default_sources, load_nifti, simulate_dataset
 
+    if args.frame is not None and not args.nifti:
+        raise CvxmriError("--frame picks a frame of 4D --nifti volumes; no --nifti given")
+    # The volumes are checked first (a missing file is the first thing to fix).
+    sources = [load_nifti(p, args.frame) for p in args.nifti] if args.nifti else None
     if args.nifti and args.out is None:
         raise CvxmriError(
             "--nifti needs --out DIR: the default data/default is the default dataset's"
         )
-    if args.frame is not None and not args.nifti:
-        raise CvxmriError("--frame picks a frame of 4D --nifti volumes; no --nifti given")
     out = args.out or Path("data/default")
     config = SimulationConfig(
         matrix=args.matrix,
@@ -432,9 +434,12 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         split_ratio=args.split_ratio,
     )
     config.validate()
-    sources = [load_nifti(p, args.frame) for p in args.nifti] if args.nifti else default_sources()
     manifest = simulate_dataset(
-        sources, out, config, overwrite=args.force, fit_slabs=args.slab_slices is None
+        sources or default_sources(),
+        out,
+        config,
+        overwrite=args.force,
+        fit_slabs=args.slab_slices is None,
     )
     counts = manifest["counts"]
     slab = manifest["config"]["slab_slices"]  # type: ignore[index]
