@@ -208,3 +208,22 @@ def test_simulate_command_options(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main([*args, "--out", str(tmp_path / "x"), "--frame", "1"]) == 2
     assert "--frame applies to 4D volumes only" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_reproduce_folder_from_before_the_split_ratio_goes_on(tmp_path: Path) -> None:
+    """A reproduce folder whose config.yaml predates ``simulation.split_ratio`` is the same
+    configuration (the new setting at its default), not "another configuration"."""
+    import yaml
+
+    from cvxmri.config import to_dict
+    from cvxmri.reproduce import _open_folder, reproduce_preset
+
+    config = reproduce_preset("tiny")
+    saved = to_dict(config)
+    del saved["simulation"]["split_ratio"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    _open_folder(config, tmp_path, force=False)
+    saved["simulation"]["slab_slices"] = 3
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(CvxmriError, match="another configuration"):
+        _open_folder(config, tmp_path, force=False)
