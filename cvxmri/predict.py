@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -141,14 +142,22 @@ def training_mask(model: str) -> MaskSpec | None:
         return None
 
 
-def resolve_model(
-    model: str, cs: CSConfig, device: object = "cpu"
-) -> tuple[str, Reconstructor, Path | None]:
-    """The label, the reconstruction function and the network file (None for a classical
-    method) of ``model``, a classical method name or a model file or run folder."""
+class Method(NamedTuple):
+    """A resolved ``--model``: its label (the method's name, or the network's run folder),
+    its reconstruction function, and for a network its file and saved metadata."""
+
+    label: str
+    reconstruct: Reconstructor
+    file: Path | None = None
+    metadata: dict[str, object] | None = None
+
+
+def resolve_model(model: str, cs: CSConfig, device: object = "cpu") -> Method:
+    """The `Method` of ``model``: a classical method name, or a model file or run folder
+    (a path of a method's name wins), loaded onto ``device``."""
     path = Path(model)
     if model in CLASSICAL_METHODS and not path.exists():
-        return model, classical_reconstructor(model, cs), None
+        return Method(model, classical_reconstructor(model, cs))
     if not path.exists():
         raise CvxmriError(
             f"{model}: no such model file or run folder (or a classical method: "
@@ -158,7 +167,7 @@ def resolve_model(
     if network.ndim != 2:
         raise CvxmriError(f"{model}: a {network.ndim}D network; predict reconstructs 2D slices")
     file = Path(str(network.metadata["path"]))
-    return model_label(file), network_reconstructor(network), file
+    return Method(model_label(file), network_reconstructor(network), file, network.metadata)
 
 
 def nifti_name(path: Path) -> str:
@@ -217,7 +226,9 @@ def predict(config: PredictConfig, out: Path, overwrite: bool = False) -> dict[s
                 "predict writes one file per name: give one split folder at a time"
             )
         seen[path.name] = path
-    label, reconstruct, network = resolve_model(config.model, config.cs, device)
+    label, reconstruct, network, metadata = resolve_model(config.model, config.cs, device)
+    if network is not None:  # recorded as what ran: the model file, not its folder
+        config = replace(config, model=str(network))
     names = [p.name for p in files]
     if config.nifti:
         names += [nifti_name(p) for p in files]
@@ -226,7 +237,9 @@ def predict(config: PredictConfig, out: Path, overwrite: bool = False) -> dict[s
     with staged_files(out, [*names, CONFIG_NAME, LOG_NAME], overwrite) as stage:
         save_yaml(config, stage(CONFIG_NAME))
         with logging_to(stage(LOG_NAME)):
-            log.info("predict %s (model file %s) on %d volume(s)", label, network, len(files))
+            log.info("predict %s on %d volume(s) into %s", label, len(files), out)
+            if network is not None:
+                log.info("network %s, saved with %s", network, metadata)
             for path in tqdm(files, desc=f"predict {label}", unit="file", disable=None):
                 volume = prepare_volume(path, cache, config.espirit)
                 own = config.file_masks and volume.mask is not None

@@ -141,6 +141,9 @@ def test_network_predict_matches_evaluate_and_nifti_holds_the_same_values(
     evaluate = ["evaluate", "--model", str(run), "--data", str(tiny_data), *mask]
     assert main([*evaluate, "--out", str(scored)]) == 0
     rows = _volume_rows(scored, "run")
+    saved = yaml.safe_load((out / "predict.yaml").read_text())
+    assert saved["model"] == str(run / "model.pt")  # what ran: the file, not the folder
+    assert saved["mask"]["center_fraction"] == 0.08 and saved["file_masks"] is True
     for path in _test_files(tiny_data):
         recon = _reconstruction(out / path.name)
         volume = prepare_volume(path, default_cache_dir(tiny_data))
