@@ -675,7 +675,7 @@ CASES = [
     Case(
         "data-info-folder",
         "data info on a folder",
-        _args("data", "info", "{good}"),
+        _args("data", "info", "{good}/multicoil_test"),
         "a folder; 'data info' takes one .h5 file",
     ),
     Case(
