@@ -41,6 +41,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _split_ratio(text: str) -> tuple[int, int, int]:
+    """``TRAIN:VAL:TEST`` of integers >= 0, not all 0 (``3:1:1``)."""
+    parts = text.split(":")
+    if len(parts) != 3 or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected TRAIN:VAL:TEST such as 3:1:1, got {text!r}")
+    train, val, test = (int(part) for part in parts)
+    if train + val + test == 0:
+        raise argparse.ArgumentTypeError(f"at least one split needs a share, got {text!r}")
+    return train, val, test
+
+
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -131,7 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="magnitude volume to simulate from; repeat for several "
         "(default: Colin27 and MNI152, installed offline)",
     )
-    simulate.add_argument("--out", type=Path, default=Path("data/default"), help="dataset root")
+    simulate.add_argument(
+        "--out",
+        type=Path,
+        help="dataset root (default data/default; required with --nifti)",
+    )
+    simulate.add_argument(
+        "--frame",
+        type=_nonnegative_int,
+        help="the frame (0, 1, ...) of 4D --nifti volumes to simulate from",
+    )
     simulate.add_argument("--matrix", type=_positive_int, default=128, help="recon matrix")
     simulate.add_argument("--coils", type=_positive_int, default=8, help="number of coils")
     simulate.add_argument("--snr", type=_number, default=30.0, help="SNR of the combined image")
@@ -140,6 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument(
         "--slice-step", type=_positive_int, default=2, help="use every n-th slice"
+    )
+    simulate.add_argument(
+        "--slab-slices",
+        type=_positive_int,
+        help="slices per file (slab) (default 6, fewer when the volumes are too small for "
+        "every split to get one)",
+    )
+    simulate.add_argument(
+        "--guard-slices",
+        type=_nonnegative_int,
+        default=2,
+        help="slices dropped between neighbouring slabs (default 2)",
+    )
+    simulate.add_argument(
+        "--split-ratio",
+        type=_split_ratio,
+        default=(3, 1, 1),
+        help="slabs of train:val:test, assigned cyclically (default 3:1:1; 0:0:1: test only)",
     )
     simulate.add_argument("--seed", type=int, default=0, help="random seed")
     simulate.add_argument("--force", action="store_true", help="replace an existing dataset")
@@ -190,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--out", type=Path, help="run folder (default runs/evaluate-<time>)")
     evaluate.add_argument("--force", action="store_true", help="replace an existing run folder")
+    _add_predict_parser(commands)
     train = commands.add_parser(
         "train", help="train a network (layer-wise convex, layer-wise, end-to-end)"
     )
@@ -243,6 +292,62 @@ def build_parser() -> argparse.ArgumentParser:
     for leaf in _leaf_parsers(parser):
         _add_global_options(leaf, argparse.SUPPRESS)
     return parser
+
+
+def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
+    """`cvxmri predict`."""
+    predict = commands.add_parser(
+        "predict",
+        help="write reconstructions: one HDF5 per volume in fastMRI's submission layout",
+    )
+    predict.add_argument(
+        "--model",
+        required=True,
+        help="a trained network (model.pt, or its run folder) or a classical method: "
+        "zero-filled or cs",
+    )
+    predict.add_argument(
+        "--data", type=Path, required=True, help=_DATA_HELP.replace(" (default %(default)s)", "")
+    )
+    predict.add_argument(
+        "--out", type=Path, required=True, help="folder for the reconstructions (made if missing)"
+    )
+    predict.add_argument(
+        "--split", default="test", help="split of a dataset root (default test; else none)"
+    )
+    predict.add_argument(
+        "--mask",
+        action="append",
+        choices=("poisson", "cartesian", "equispaced", "file"),
+        help="sampling pattern (default: each file's own 'mask' dataset when it has one, as "
+        "fastMRI's test files do; else the network's training mask, else poisson); file: "
+        "every file's own",
+    )
+    predict.add_argument(
+        "--accel", type=_number, help="acceleration of drawn masks (default: training's, else 4)"
+    )
+    predict.add_argument(
+        "--center-fraction",
+        type=_number,
+        help="fully sampled centre fraction of drawn 1D masks (default: training's, else 0.04)",
+    )
+    predict.add_argument(
+        "--calib-size",
+        type=_positive_int,
+        help="side of the fully sampled centre of drawn Poisson-disc masks "
+        "(default: training's, else 16)",
+    )
+    predict.add_argument(
+        "--device", default="cpu", help="where a network runs: cpu, cuda or auto (default cpu)"
+    )
+    predict.add_argument(
+        "--nifti", action="store_true", help="also write a .nii.gz per volume, for viewers"
+    )
+    predict.add_argument("--cs-lambda", type=_number, help="CS l1-wavelet weight")
+    predict.add_argument("--cs-iterations", type=_positive_int, help="CS iterations")
+    predict.add_argument(
+        "--force", action="store_true", help="replace output files of the same names"
+    )
 
 
 def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
@@ -314,6 +419,15 @@ def _mask_specs(args: argparse.Namespace, configured: Sequence[object]) -> list:
 def _cmd_simulate(args: argparse.Namespace) -> None:
     from cvxmri.data.simulate import SimulationConfig, default_sources, load_nifti, simulate_dataset
 
+    if args.frame is not None and not args.nifti:
+        raise CvxmriError("--frame picks a frame of 4D --nifti volumes; no --nifti given")
+    # The volumes are checked first (a missing file is the first thing to fix).
+    sources = [load_nifti(p, args.frame) for p in args.nifti] if args.nifti else None
+    if args.nifti and args.out is None:
+        raise CvxmriError(
+            "--nifti needs --out DIR: the default data/default is the default dataset's"
+        )
+    out = args.out or Path("data/default")
     config = SimulationConfig(
         matrix=args.matrix,
         coils=args.coils,
@@ -321,15 +435,24 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         readout_oversampling=args.readout_oversampling,
         slice_step=args.slice_step,
         seed=args.seed,
+        slab_slices=args.slab_slices or SimulationConfig.slab_slices,
+        guard_slices=args.guard_slices,
+        split_ratio=args.split_ratio,
     )
     config.validate()
-    sources = [load_nifti(p) for p in args.nifti] if args.nifti else default_sources()
-    manifest = simulate_dataset(sources, args.out, config, overwrite=args.force)
+    manifest = simulate_dataset(
+        sources or default_sources(),
+        out,
+        config,
+        overwrite=args.force,
+        fit_slabs=args.slab_slices is None,
+    )
     counts = manifest["counts"]
+    slab = manifest["config"]["slab_slices"]  # type: ignore[index]
     print(
-        f"wrote {len(manifest['files'])} files to {args.out} "  # type: ignore[arg-type]
-        f"(slices: train {counts['train']}, val {counts['val']}, test {counts['test']}); "  # type: ignore[index]
-        f"manifest: {args.out / 'manifest.json'}"
+        f"wrote {len(manifest['files'])} files to {out} "  # type: ignore[arg-type]
+        f"(slices: train {counts['train']}, val {counts['val']}, test {counts['test']}; "  # type: ignore[index]
+        f"slabs of {slab}); manifest: {out / 'manifest.json'}"
     )
 
 
@@ -349,7 +472,12 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 def _cmd_info(args: argparse.Namespace) -> None:
     from cvxmri.data.fastmri_h5 import read_volume
+    from cvxmri.data.prepare import check_data_file
 
+    if args.file.is_dir():
+        raise CvxmriError(f"{args.file}: a folder; 'data info' takes one .h5 file")
+    if args.file.is_file():
+        check_data_file(args.file)
     volume = read_volume(args.file)
     kind = "multi-coil" if volume.multicoil else "single-coil"
     enc = volume.encoding
@@ -381,12 +509,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     }
     overrides = {name: value for name, value in given.items() if value is not None}
     overrides["masks"] = _mask_specs(args, config.masks)
-    cs = config.cs
-    if args.cs_lambda is not None:
-        cs = replace(cs, lamda=args.cs_lambda)
-    if args.cs_iterations is not None:
-        cs = replace(cs, iterations=args.cs_iterations)
-    config = replace(config, cs=cs, **overrides)
+    config = replace(config, cs=_cs_config(args, config.cs), **overrides)
     config.validate()
     out = args.out or default_run_dir("evaluate")
     with run_folder(out, config, overwrite=args.force) as folder:
@@ -396,6 +519,46 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"{config.split} split, target {target} (mean ± std over volumes / slices)")
     print(table)
     print(f"results: {out}")
+
+
+def _cs_config(args: argparse.Namespace, cs: object) -> object:
+    """``cs`` with --cs-lambda and --cs-iterations, where given."""
+    from dataclasses import replace
+
+    if args.cs_lambda is not None:
+        cs = replace(cs, lamda=args.cs_lambda)  # type: ignore[type-var]
+    if args.cs_iterations is not None:
+        cs = replace(cs, iterations=args.cs_iterations)  # type: ignore[type-var]
+    return cs
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from cvxmri.masks import MaskSpec
+    from cvxmri.predict import PredictConfig, predict, training_mask
+    from cvxmri.recon import CSConfig
+
+    if args.mask and len(args.mask) > 1:
+        raise CvxmriError("predict takes one --mask (one reconstruction per volume)")
+    # Drawn masks: the kind given, with the parameters given, else the training mask's.
+    trained = training_mask(args.model)
+    spec = _mask_specs(args, [trained or MaskSpec("poisson", 4.0)])[0]
+    config = PredictConfig(
+        model=args.model,
+        data=str(args.data),
+        split=args.split,
+        mask=spec,
+        file_masks=not args.mask,
+        nifti=args.nifti,
+        cs=_cs_config(args, CSConfig()),  # type: ignore[arg-type]
+        device=args.device,
+    )
+    written = predict(config, args.out, overwrite=args.force)
+    files = written["files"]
+    masks = sorted({str(f["mask"]) for f in files})  # type: ignore[union-attr, index]
+    print(
+        f"{written['method']}: wrote {len(files)} reconstruction(s) to {args.out} "  # type: ignore[arg-type]
+        f"(mask: {', '.join(masks)}; dataset 'reconstruction', slices x H x W float32)"
+    )
 
 
 def _train_config(args: argparse.Namespace) -> object:
@@ -411,6 +574,7 @@ def _train_config(args: argparse.Namespace) -> object:
     import yaml
 
     from cvxmri.config import from_dict, to_dict
+    from cvxmri.data.prepare import check_data_file
     from cvxmri.training.config import TrainConfig, preset
 
     if args.mask and len(args.mask) > 1:
@@ -472,6 +636,11 @@ def _train_config(args: argparse.Namespace) -> object:
     # Record the convex program as it runs: its pattern count and kernel size follow
     # channels and kernel_size (`TrainConfig.stage_config`), whatever the preset says.
     config = replace(config, convex=config.stage_config())
+    # A file that cannot be k-space (a NIfTI volume...) is named as such, not as a
+    # dataset root without a val split.
+    for data in (config.data, config.val_data):
+        if data and Path(data).is_file():
+            check_data_file(Path(data))
     config.validate()
     return config
 
@@ -694,6 +863,7 @@ COMMANDS = {
     ("data", "prepare"): _cmd_prepare,
     ("data", "info"): _cmd_info,
     ("evaluate", None): _cmd_evaluate,
+    ("predict", None): _cmd_predict,
     ("train", None): _cmd_train,
     ("reproduce", None): _cmd_reproduce,
     ("report", None): _cmd_report,

@@ -37,7 +37,7 @@ from cvxmri.data.prepare import (
     prepare_volume,
     volume_id,
 )
-from cvxmri.data.sample import make_sample
+from cvxmri.data.sample import Sample, make_sample
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec
 from cvxmri.metrics import slice_metrics, volume_metrics
@@ -126,6 +126,34 @@ def reference_image(volume: PreparedVolume, target: str) -> tuple[np.ndarray, st
     return volume.rss_target()
 
 
+def volume_sample(
+    volume: PreparedVolume, spec: MaskSpec, name: str, reference: np.ndarray | None = None
+) -> Sample:
+    """The `Sample` of all slices of a volume under its evaluation mask (`evaluation_mask`:
+    seeded from the file name, or the file's own ``mask`` for the ``file`` kind), with its
+    SENSE target; ``name`` is the volume id it carries and ``reference`` (S, h, w) the
+    magnitude the metrics compare against, if any. `evaluate` and `cvxmri.predict`
+    reconstruct exactly this."""
+    kspace = torch.from_numpy(volume.kspace)
+    mask = evaluation_mask(spec, volume.name, kspace.shape[-2:], volume.padding, volume.mask)
+    return make_sample(
+        kspace,
+        torch.from_numpy(mask.astype(np.float32)),
+        torch.from_numpy(volume.maps),
+        volume.recon_shape,
+        target=torch.from_numpy(volume.target),
+        reference=None if reference is None else torch.from_numpy(reference),
+        volume=name,
+    )
+
+
+def magnitude(image: torch.Tensor, sample: Sample) -> np.ndarray:
+    """A reconstruction (complex (B, h, w), in the sample's normalised units) as float32
+    magnitude images in the data's own units: what the metrics compare against the
+    reference, and what `cvxmri.predict` writes."""
+    return (image.abs() * sample.scale[:, None, None]).numpy()
+
+
 def model_file(path: Path) -> Path:
     """A network file: ``path`` itself, or ``path/model.pt`` when ``path`` is a run folder."""
     return path / "model.pt" if path.is_dir() else path
@@ -159,26 +187,13 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
         target, source = reference_image(volume, config.target)
         sources.append(source)
         name = volume_id(path, config.data)
-        kspace = torch.from_numpy(volume.kspace)
-        maps = torch.from_numpy(volume.maps)
         for spec in config.masks:
-            mask = evaluation_mask(
-                spec, volume.name, kspace.shape[-2:], volume.padding, volume.mask
-            )
-            sample = make_sample(
-                kspace,
-                torch.from_numpy(mask.astype(np.float32)),
-                maps,
-                volume.recon_shape,
-                target=torch.from_numpy(volume.target),
-                reference=torch.from_numpy(target),
-                volume=name,
-            )
+            sample = volume_sample(volume, spec, name, reference=target)
             for method, reconstruct in reconstructors.items():
                 start = time.perf_counter()
                 image = reconstruct(sample)
                 seconds[(method, spec.describe())] += time.perf_counter() - start
-                pred = (image.abs() * sample.scale[:, None, None]).numpy()
+                pred = magnitude(image, sample)
                 key = {"method": method, "mask": spec.describe(), "file": name}
                 per_volume = volume_metrics(target, pred)
                 volume_rows.append({**key, **per_volume})

@@ -46,6 +46,7 @@ from cvxmri.data.prepare import (
     default_cache_dir,
     evaluation_mask,
     find_files,
+    is_dataset_root,
     prepare_volume,
     volume_id,
 )
@@ -143,11 +144,27 @@ class ReproduceConfig:
         if self.clusters < 2:
             raise CvxmriError(f"clusters must be >= 2, got {self.clusters}")
         self.simulation.validate()
+        self.check_data()
         EvaluateConfig(
             data=self.data, split=self.split, masks=self.masks, cs=self.cs, methods=[]
         ).validate()
         for mask in self.masks:
             train_config(self, "end-to-end", mask, self.layers).validate()
+
+    def check_data(self) -> None:
+        """Refuse data that is neither a dataset root with the three splits nor a missing or
+        empty folder to simulate one into: one file or a flat folder has no splits."""
+        data = Path(self.data)
+        expected = (
+            "reproduce --data takes a dataset root with multicoil_train/, multicoil_val/ and "
+            "multicoil_test/, or a missing or empty folder to simulate one into"
+        )
+        if data.is_file():
+            raise CvxmriError(f"{data}: one file, not a dataset root ({expected})")
+        if data.is_dir() and any(data.iterdir()):
+            missing = [s for s in SPLITS if not is_dataset_root(data, s)]
+            if missing:
+                raise CvxmriError(f"{data}: no multicoil_{missing[0]}/ folder ({expected})")
 
 
 def reproduce_preset(name: str) -> ReproduceConfig:
@@ -628,10 +645,20 @@ def _add_benchmarks(out: Path, benchmarks: dict[str, Path] | None) -> None:
         shutil.copyfile(path, out / BENCHMARK_FILES[kind])
 
 
+def _saved_config(path: Path) -> object:
+    """A folder's saved configuration with the defaults of settings added since it was
+    written (so a folder begun before a new setting, at its default, goes on); as read
+    when it is not a valid configuration."""
+    try:
+        return to_dict(load_yaml(ReproduceConfig, path))
+    except CvxmriError:
+        return yaml.safe_load(path.read_text())
+
+
 def _open_folder(config: ReproduceConfig, out: Path, force: bool) -> None:
     saved = out / "config.yaml"
     if saved.is_file() and not force:
-        if yaml.safe_load(saved.read_text()) != to_dict(config):
+        if _saved_config(saved) != to_dict(config):
             raise CvxmriError(
                 f"{out}: started with another configuration (use --force to start again, "
                 "or another --out)"

@@ -4,10 +4,11 @@ its metrics into one folder, and the folder appears only when the run succeeded.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 from cvxmri import __version__
 from cvxmri.config import save_yaml
 from cvxmri.errors import CvxmriError
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def default_run_dir(kind: str) -> Path:
@@ -39,6 +42,22 @@ def environment() -> dict[str, str]:
 
 
 @contextmanager
+def logging_to(path: Path) -> Iterator[None]:
+    """Log INFO and above into ``path`` (a run's ``log.txt``) while inside, starting with
+    the `environment`; the file is closed on the way out."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        logging.getLogger(__name__).info("environment: %s", environment())
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+@contextmanager
 def run_folder(out: Path, config: Any, overwrite: bool = False) -> Iterator[Path]:
     """Create ``out`` through a ``.partial`` sibling: config and log are written at once,
     results by the caller; on success the folder is renamed into place, on failure it is
@@ -51,21 +70,75 @@ def run_folder(out: Path, config: Any, overwrite: bool = False) -> Iterator[Path
         partial.mkdir(parents=True)
     except OSError as err:
         raise CvxmriError(f"{out}: cannot create the output folder ({err.strerror})") from None
-    save_yaml(config, partial / "config.yaml")
-    handler = logging.FileHandler(partial / "log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    logging.getLogger(__name__).info("environment: %s", environment())
     try:
-        yield partial
+        save_yaml(config, partial / "config.yaml")
+        with logging_to(partial / "log.txt"):
+            yield partial
     except BaseException:
-        root.removeHandler(handler)
-        handler.close()
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    root.removeHandler(handler)
-    handler.close()
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet: what
+    creating ``path`` adds, and what a failure removes again."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+@contextmanager
+def staged_files(
+    out: Path, names: Sequence[str], overwrite: bool = False
+) -> Iterator[Callable[[str], Path]]:
+    """Write the files ``names`` into the folder ``out``, all or none of them.
+
+    Yields ``stage(name)``: the hidden temporary path in ``out`` to write file ``name``
+    to. When the block ends without error every staged file is renamed to its name; on
+    any failure the staged files are removed, and so is ``out`` (with the parents this
+    call created) when it did not exist before. Other files in ``out`` are left alone.
+    A file of one of these names already in ``out`` is refused up front unless
+    ``overwrite`` (then replaced at the end); a folder of one of these names always is.
+    """
+    names = list(names)
+    if out.exists() and not out.is_dir():
+        raise CvxmriError(f"{out}: exists and is not a folder")
+    folders = [name for name in names if (out / name).is_dir()]
+    if folders:
+        raise CvxmriError(f"{out / folders[0]}: a folder where an output file goes")
+    existing = [name for name in names if (out / name).exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more of the outputs" if len(existing) > 1 else ""
+        them = "them" if more else "it"
+        raise CvxmriError(
+            f"{out}: already holds {existing[0]}{more} (use --force to replace {them})"
+        )
+    created = first_missing(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CvxmriError(f"{out}: cannot create the output folder ({err.strerror})") from None
+    staged: dict[str, Path] = {}
+
+    def stage(name: str) -> Path:
+        if name not in names:
+            raise ValueError(f"{name} is not one of the outputs announced")
+        staged[name] = out / f".partial-{os.getpid()}-{name}"
+        return staged[name]
+
+    try:
+        yield stage
+        for name, path in staged.items():
+            os.replace(path, out / name)
+    except BaseException:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise

@@ -206,6 +206,128 @@ def _existing_dataset(work: Path, good: Path) -> list[str]:
     return ["data", "simulate", "--out", str(work / "out")]
 
 
+def _predict(model: str, data: Path, work: Path, *extra: str) -> list[str]:
+    return ["predict", "--model", model, "--data", str(data), "--out", str(work / "out"), *extra]
+
+
+def _predict_fails_midway(work: Path, good: Path) -> list[str]:
+    """A good volume first, then one with NaN k-space: the good one's file, written to a
+    temporary name, must not be left behind either."""
+    data = _copy_good(work, good)
+    bad = data / "multicoil_test" / "zz_nan.h5"
+    shutil.copy(next((data / "multicoil_test").glob("*.h5")), bad)
+    with h5py.File(bad, "r+") as hf:
+        kspace = hf["kspace"][()]
+        kspace[0, 0, 0, 0] = np.nan
+        hf["kspace"][...] = kspace
+    return _predict("zero-filled", data, work, "--mask", "cartesian", "--nifti")
+
+
+def _predict_run_without_model(work: Path, good: Path) -> list[str]:
+    (work / "run").mkdir()
+    (work / "run" / "config.yaml").write_text("method: end-to-end\n")
+    return _predict(str(work / "run"), good, work)
+
+
+def _predict_existing_outputs(work: Path, good: Path) -> list[str]:
+    (work / "out").mkdir()
+    (work / "out" / "keep.txt").write_text("keep")
+    name = next((good / "multicoil_test").glob("*.h5")).name
+    (work / "out" / name).write_text("an earlier reconstruction")
+    return _predict("zero-filled", good, work, "--mask", "cartesian")
+
+
+def _predict_same_names(work: Path, good: Path) -> list[str]:
+    source = next((good / "multicoil_test").glob("*.h5"))
+    for kind in ("multicoil_test", "singlecoil_test"):
+        (work / "data" / kind).mkdir(parents=True)
+        shutil.copy(source, work / "data" / kind / "same.h5")
+    return _predict("zero-filled", work / "data", work)
+
+
+def _one_test_file(good: Path) -> str:
+    return str(next((good / "multicoil_test").glob("*.h5")))
+
+
+def _reproduce_one_file(work: Path, good: Path) -> list[str]:
+    return [
+        "reproduce",
+        "--preset",
+        "tiny",
+        "--data",
+        _one_test_file(good),
+        "--out",
+        str(work / "out"),
+    ]
+
+
+def _train_one_file(work: Path, good: Path) -> list[str]:
+    return ["train", "--preset", "tiny", "--data", _one_test_file(good), "--out", str(work / "out")]
+
+
+def _nifti_as_data(work: Path, good: Path) -> list[str]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import phantom_nifti
+
+    nifti = phantom_nifti(work / "anatomical.nii.gz", depth=8)
+    return ["train", "--preset", "tiny", "--data", str(nifti), "--out", str(work / "out")]
+
+
+def _phantom(work: Path, depth: int) -> str:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import phantom_nifti
+
+    return str(phantom_nifti(work / "head.nii.gz", depth=depth))
+
+
+def _simulate_small(slab: str) -> Callable[[Path, Path], list[str]]:
+    def setup(work: Path, good: Path) -> list[str]:
+        nifti = _phantom(work, 24 if slab else 6)
+        extra = ["--slab-slices", slab] if slab else []
+        return [
+            "data",
+            "simulate",
+            "--nifti",
+            nifti,
+            "--matrix",
+            "24",
+            "--coils",
+            "3",
+            *extra,
+            "--out",
+            str(work / "out"),
+        ]
+
+    return setup
+
+
+def _four_d(*extra: str) -> Callable[[Path, Path], list[str]]:
+    def setup(work: Path, good: Path) -> list[str]:
+        import nibabel as nib
+
+        data = nib.load(_phantom(work, 24)).get_fdata()
+        frames = np.stack([data, data], axis=-1).astype(np.float32)
+        nib.save(nib.Nifti1Image(frames, np.eye(4)), work / "fmri.nii.gz")
+        nifti = str(work / "fmri.nii.gz")
+        return [
+            "data",
+            "simulate",
+            "--nifti",
+            nifti,
+            "--matrix",
+            "24",
+            *extra,
+            "--out",
+            str(work / "out"),
+        ]
+
+    return setup
+
+
+def _simulate_without_out(work: Path, good: Path) -> list[str]:
+    return ["data", "simulate", "--nifti", _phantom(work, 24)]
+
+
 BROKEN_HEADER = HEADER.replace(b"<reconSpace><matrixSize><x>32</x>", b"<reconSpace><matrixSize>")
 CASES = [
     Case(
@@ -489,6 +611,136 @@ CASES = [
         "simulate with SNR -3",
         _args("data", "simulate", "--snr", "-3"),
         "invalid simulation setting snr",
+    ),
+    Case(
+        "simulate-nifti-without-out",
+        "simulate from one's own NIfTI without --out (it would land in data/default)",
+        _simulate_without_out,
+        "--nifti needs --out DIR",
+    ),
+    Case(
+        "simulate-too-small",
+        "a volume with room for one slab of the --slab-slices given",
+        _simulate_small("6"),
+        "need one slab each",
+    ),
+    Case(
+        "simulate-too-small-for-any-slab",
+        "a volume of 6 slices: too few for a slab per split even one slice thick",
+        _simulate_small(""),
+        "2 usable slices",
+    ),
+    Case(
+        "simulate-split-ratio-zero",
+        "--split-ratio 0:0:0",
+        _args("data", "simulate", "--split-ratio", "0:0:0", "--out", "{work}/out"),
+        "at least one split needs a share",
+    ),
+    Case(
+        "nifti-4d-without-frame",
+        "simulate from a 4D NIfTI without --frame",
+        _four_d(),
+        "a 4D volume of 2 frames",
+    ),
+    Case(
+        "nifti-frame-out-of-range",
+        "--frame 2 of a 4D NIfTI of 2 frames",
+        _four_d("--frame", "2"),
+        "frame 2 out of range (the volume has 2 frames: 0 to 1)",
+    ),
+    Case(
+        "data-file-missing",
+        "--data naming an .h5 file that does not exist",
+        _args("evaluate", "--data", "{work}/some/file.h5", "--out", "{work}/out"),
+        "file.h5: no such file",
+    ),
+    Case(
+        "data-nifti",
+        "--data naming a NIfTI volume (image data, not k-space)",
+        _nifti_as_data,
+        "a NIfTI image volume, not fastMRI k-space",
+    ),
+    Case(
+        "train-one-file-without-val",
+        "train on one .h5 file without --val-data",
+        _train_one_file,
+        "is not a dataset root with a val split",
+    ),
+    Case(
+        "reproduce-one-file",
+        "reproduce --data on one .h5 file (it needs the three splits)",
+        _reproduce_one_file,
+        "one file, not a dataset root",
+    ),
+    Case(
+        "data-info-folder",
+        "data info on a folder",
+        _args("data", "info", "{good}/multicoil_test"),
+        "a folder; 'data info' takes one .h5 file",
+    ),
+    Case(
+        "predict-model-missing",
+        "predict with a model that is neither a file, a run folder nor a method",
+        _args("predict", "--model", "{work}/nothing", "--data", "{good}", "--out", "{work}/out"),
+        "no such model file or run folder (or a classical method: zero-filled, cs)",
+    ),
+    Case(
+        "predict-run-without-model",
+        "predict with a run folder that has no model.pt (unfinished training)",
+        _predict_run_without_model,
+        "a folder without model.pt",
+    ),
+    Case(
+        "predict-device-missing",
+        "predict on a CUDA device that is not there",
+        _args(
+            "predict",
+            "--model",
+            "zero-filled",
+            "--data",
+            "{good}",
+            "--device",
+            "cuda:99",
+            "--out",
+            "{work}/out",
+        ),
+        "device cuda:99 requested but",
+    ),
+    Case(
+        "predict-fails-midway",
+        "predict where the second volume has NaN k-space (no file of the first left)",
+        _predict_fails_midway,
+        "NaN or Inf",
+    ),
+    Case(
+        "predict-existing-outputs",
+        "predict into a folder that already holds a file of an output's name",
+        _predict_existing_outputs,
+        "already holds",
+    ),
+    Case(
+        "predict-same-names",
+        "predict on a dataset root whose multicoil and singlecoil splits share a name",
+        _predict_same_names,
+        "two volumes named same.h5",
+    ),
+    Case(
+        "predict-two-masks",
+        "predict with two --mask (one reconstruction per volume)",
+        _args(
+            "predict",
+            "--model",
+            "cs",
+            "--data",
+            "{good}",
+            "--mask",
+            "poisson",
+            "--mask",
+            "cartesian",
+            "--out",
+            "{work}/out",
+        ),
+        "predict takes one --mask",
     ),
 ]
 

@@ -38,6 +38,7 @@ NORM_PERCENTILE = 99.0
 SPLIT_KINDS = ("multicoil", "singlecoil")
 STORED_RSS = "stored reconstruction_rss"
 COMPUTED_RSS = "computed rss"
+DATA_FORMS = "a dataset root, a flat folder of .h5 files or one .h5 file"
 
 
 @dataclass(frozen=True)
@@ -271,12 +272,19 @@ def find_files(root: str | Path, split: str = "test") -> list[Path]:
       ``knee/multicoil_val``): any folder that is not a dataset root for ``split``; its own
       files are returned and ``split`` is ignored;
     - one ``.h5`` file; ``split`` is ignored.
+
+    Anything else is a one-line `CvxmriError` saying what is expected: a missing ``.h5``
+    file, a missing folder, a NIfTI volume (simulate k-space from it first) or a file of
+    another kind.
     """
     root = Path(root)
     if root.is_file():
+        check_data_file(root)
         return [root]
+    if root.suffix.lower() == ".h5":
+        raise CvxmriError(f"{root}: no such file")
     if not root.is_dir():
-        raise CvxmriError(f"{root}: data folder does not exist")
+        raise CvxmriError(f"{root}: data folder does not exist (expected {DATA_FORMS})")
     folders = [root / f"{kind}_{split}" for kind in SPLIT_KINDS]
     if not is_dataset_root(root, split):
         folders = [root]
@@ -287,6 +295,20 @@ def find_files(root: str | Path, split: str = "test") -> list[Path]:
             "folder itself (run 'cvxmri data simulate' to build the default dataset)"
         )
     return files
+
+
+def check_data_file(path: Path) -> None:
+    """Refuse, in one line, a data file that cannot be fastMRI k-space by its name: a
+    NIfTI volume (image data: ``cvxmri data simulate`` makes k-space from it) or a file
+    without an HDF5 suffix. HDF5 files are checked by the reader."""
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        raise CvxmriError(
+            f"{path}: a NIfTI image volume, not fastMRI k-space (simulate k-space from it "
+            f"with 'cvxmri data simulate --nifti {path} --out DIR', then use DIR)"
+        )
+    if path.suffix.lower() != ".h5":
+        raise CvxmriError(f"{path}: not an .h5 file (expected {DATA_FORMS})")
 
 
 def is_dataset_root(data: str | Path, split: str) -> bool:

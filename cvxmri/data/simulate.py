@@ -4,7 +4,9 @@ Per axial slice: resample to the recon matrix, add a smooth random phase, multip
 birdcage coil sensitivities (sigpy), take the centred orthonormal FFT and add complex
 Gaussian noise. Slices are grouped into slabs; each slab is one fastMRI file, and slabs go to
 train, val or test with guard slices dropped between neighbouring slabs so that no split sees
-the neighbour of another split's slice.
+the neighbour of another split's slice. Slabs are assigned cyclically in the ratio
+``split_ratio`` (default 3:1:1); when a volume is small, every split of non-zero ratio still
+gets a slab (`ensure_every_split`), or the simulation says why it cannot.
 
 This is simulated k-space from magnitude images: it lacks real phase, real coil geometry and
 real noise correlations, so absolute PSNR/SSIM are optimistic ("implicit data crimes",
@@ -18,8 +20,9 @@ import json
 import logging
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -35,7 +38,8 @@ log = logging.getLogger(__name__)
 COLIN27_PATH = Path("/usr/share/mricron/templates/ch2.nii.gz")
 SPLITS = ("train", "val", "test")
 # Slabs cycle through this pattern (60% train, 20% val, 20% test), so every split sees
-# anatomy from the whole head; the cycle starts at a per-volume offset.
+# anatomy from the whole head; the cycle starts at a per-volume offset. It is
+# `split_pattern` of the default ratio 3:1:1.
 SPLIT_PATTERN = ("train", "val", "train", "test", "train")
 
 
@@ -53,6 +57,8 @@ class SimulationConfig:
         slice_step: use every n-th axial slice of the volume.
         slab_slices: slices per file (slab).
         guard_slices: slices dropped between neighbouring slabs.
+        split_ratio: slabs of train, val and test, assigned cyclically in this ratio
+            (`split_pattern`); a split of ratio 0 gets none (0:0:1: a test set only).
         min_foreground: drop slices whose foreground covers less of the matrix than this.
         phase_strength: peak-to-peak radians of the smooth random phase.
         seed: seed of the phase, the noise and the split offsets.
@@ -68,6 +74,7 @@ class SimulationConfig:
     min_foreground: float = 0.2
     phase_strength: float = 2.0
     seed: int = 0
+    split_ratio: tuple[int, int, int] = (3, 1, 1)
 
     def validate(self) -> None:
         """Raise `CvxmriError` for impossible values."""
@@ -81,33 +88,102 @@ class SimulationConfig:
             "guard_slices": self.guard_slices >= 0,
             "min_foreground": 0 <= self.min_foreground < 1,
             "phase_strength": self.phase_strength >= 0,
+            "split_ratio": len(self.split_ratio) == 3
+            and all(isinstance(w, int) and w >= 0 for w in self.split_ratio)
+            and sum(self.split_ratio) > 0,
         }
         for name, ok in checks.items():
             if not ok:
                 raise CvxmriError(f"invalid simulation setting {name}={getattr(self, name)}")
 
+    @property
+    def wanted_splits(self) -> list[str]:
+        """The splits of non-zero ratio: each gets at least one slab."""
+        return [split for split, weight in zip(SPLITS, self.split_ratio, strict=True) if weight]
+
+
+def split_pattern(ratio: tuple[int, int, int]) -> tuple[str, ...]:
+    """The cycle of splits slabs are assigned by: ``sum(ratio)`` entries, the val and test
+    entries (alternating, val first) spread evenly among the train ones. 3:1:1 gives
+    `SPLIT_PATTERN`, ``train, val, train, test, train``."""
+    _, val, test = ratio
+    others = []
+    while val or test:
+        if val:
+            others.append("val")
+            val -= 1
+        if test:
+            others.append("test")
+            test -= 1
+    length = sum(ratio)
+    pattern = ["train"] * length
+    for index, split in enumerate(others):
+        pattern[int((index + 0.5) * length / len(others))] = split
+    return tuple(pattern)
+
+
+def ensure_every_split(assigned: list[str], wanted: list[str]) -> list[str]:
+    """``assigned`` (the split of every slab, in order) changed so that every split of
+    ``wanted`` has a slab: a missing split takes the last slab of the split that has the
+    most. Needs at least ``len(wanted)`` slabs, all in ``wanted`` splits."""
+    assigned = list(assigned)
+    for split in wanted:
+        if split not in assigned:
+            donor = max(wanted, key=assigned.count)
+            assigned[max(i for i, s in enumerate(assigned) if s == donor)] = split
+    return assigned
+
 
 @dataclass(frozen=True)
 class Source:
-    """A magnitude volume to simulate from."""
+    """A magnitude volume to simulate from (``frame``: the frame taken of a 4D file)."""
 
     name: str
     image: nib.Nifti1Image
     origin: str
+    frame: int | None = None
 
 
-def load_nifti(path: str | Path) -> Source:
-    """Load a NIfTI file as a simulation source, with a one-line error if it cannot be."""
+def load_nifti(path: str | Path, frame: int | None = None) -> Source:
+    """Load a NIfTI file as a simulation source, with a one-line error if it cannot be.
+
+    A 4D file (x, y, z, t) needs ``frame``, the index of the 3D volume to take; a 3D file
+    (or a 4D one of one frame) takes none."""
     path = Path(path)
     if not path.is_file():
         raise CvxmriError(f"{path}: no such file")
     try:
         image = nib.load(path)
+        shape = image.shape
+    except Exception as err:  # nibabel raises many types for damaged files
+        raise CvxmriError(f"{path}: cannot read as NIfTI ({type(err).__name__}: {err})") from None
+    frames = shape[3] if len(shape) == 4 else 1
+    if len(shape) not in (3, 4):
+        raise CvxmriError(f"{path}: expected a 3D or 4D volume, got shape {shape}")
+    if frames > 1 and frame is None:
+        raise CvxmriError(
+            f"{path}: a 4D volume of {frames} frames, shape {shape}: choose one with "
+            f"--frame (0 to {frames - 1})"
+        )
+    if frame is not None:
+        if len(shape) == 3:
+            raise CvxmriError(f"{path}: a 3D volume; --frame applies to 4D volumes only")
+        if not 0 <= frame < frames:
+            raise CvxmriError(
+                f"{path}: frame {frame} out of range (the volume has {frames} frames: "
+                f"0 to {frames - 1})"
+            )
+    try:
+        if frame is not None:
+            image = image.slicer[..., frame]
         image.get_fdata(dtype=np.float32)
     except Exception as err:  # nibabel raises many types for damaged files
         raise CvxmriError(f"{path}: cannot read as NIfTI ({type(err).__name__}: {err})") from None
     name = path.name.removesuffix(".gz").removesuffix(".nii")
-    return Source(name=name, image=image, origin=f"{path} (sha256 {_sha256(path)[:16]})")
+    origin = f"{path} (sha256 {_sha256(path)[:16]})"
+    if frame is not None:
+        origin += f", frame {frame} of {frames}"
+    return Source(name=name, image=image, origin=origin, frame=frame)
 
 
 def default_sources() -> list[Source]:
@@ -235,10 +311,18 @@ def slabs(n_slices: int, slab: int, guard: int) -> Iterator[range]:
 
 
 def simulate_dataset(
-    sources: list[Source], out_dir: str | Path, config: SimulationConfig, overwrite: bool = False
+    sources: list[Source],
+    out_dir: str | Path,
+    config: SimulationConfig,
+    overwrite: bool = False,
+    fit_slabs: bool = False,
 ) -> dict[str, object]:
     """Simulate every source into ``out_dir/multicoil_{train,val,test}/`` with a
     ``manifest.json``, and return the manifest.
+
+    Every split of non-zero ``split_ratio`` gets at least one slab, or a `CvxmriError` says
+    why it cannot. With ``fit_slabs``, slabs are made thinner than ``slab_slices`` (down to
+    one slice) when volumes are too small for that (and the manifest records the size used).
 
     The dataset is built in a sibling folder and moved into place at the end, so an
     interrupted run leaves no half-written dataset. An existing ``out_dir`` is replaced only
@@ -248,12 +332,14 @@ def simulate_dataset(
     final = Path(out_dir)
     if final.exists() and any(final.iterdir()) and not overwrite:
         raise CvxmriError(f"{final}: already exists and is not empty (use --force to replace it)")
+    volumes = [_load_slices(source, config) for source in sources]
+    config, note = _fit_slabs(volumes, config, fit_slabs)
     final.parent.mkdir(parents=True, exist_ok=True)
     out_dir = final.with_name(f".{final.name}.partial")
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir()
     try:
-        manifest = _simulate_into(sources, out_dir, config)
+        manifest = _simulate_into(volumes, out_dir, config, note)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
@@ -263,65 +349,152 @@ def simulate_dataset(
     return manifest
 
 
+@dataclass
+class _Volume:
+    """A source's axial slices, their indices in the volume and the slices kept (every
+    ``slice_step``-th with enough foreground)."""
+
+    source: Source
+    images: np.ndarray
+    indices: np.ndarray
+    keep: list[int]
+
+
+def _load_slices(source: Source, config: SimulationConfig) -> _Volume:
+    try:
+        images, indices = axial_slices(source.image, config.matrix)
+    except CvxmriError as err:
+        raise CvxmriError(f"{source.name}: {err}") from None
+    keep = [
+        k
+        for k in range(0, len(images), config.slice_step)
+        if foreground_fraction(images[k]) >= config.min_foreground
+    ]
+    return _Volume(source, images, indices, keep)
+
+
+def volume_slabs(keep: list[int], config: SimulationConfig) -> list[list[int]]:
+    """The slabs of a volume: slice indices of ``slab_slices`` kept slices separated by
+    ``guard_slices``; only runs of slices that are contiguous in the volume form a slab."""
+    found = []
+    for slab in slabs(len(keep), config.slab_slices, config.guard_slices):
+        positions = [keep[i] for i in slab]
+        if positions[-1] - positions[0] == config.slice_step * (len(positions) - 1):
+            found.append(positions)
+    return found
+
+
+def _slab_problem(volumes: list[_Volume], config: SimulationConfig) -> str:
+    """Why these slabs cannot make the dataset ('' when they can)."""
+    counts = [len(volume_slabs(v.keep, config)) for v in volumes]
+    usable = (
+        f"usable slices (one axial slice in {config.slice_step}, with "
+        f"{config.min_foreground:.0%} foreground or more)"
+    )
+    slab = f"slab(s) of {config.slab_slices} slices, {config.guard_slices} dropped between slabs"
+    for volume, count in zip(volumes, counts, strict=True):
+        if count == 0:
+            return (
+                f"{volume.source.name}: no slab of {config.slab_slices} slices: "
+                f"{len(volume.keep)} {usable} of {len(volume.images)}"
+            )
+    wanted = config.wanted_splits
+    if sum(counts) < len(wanted):
+        names = ", ".join(v.source.name for v in volumes)
+        kept = sum(len(v.keep) for v in volumes)
+        return (
+            f"{names}: {kept} {usable} make {sum(counts)} {slab}, but the splits "
+            f"{'/'.join(wanted)} need one slab each"
+        )
+    return ""
+
+
+def _fit_slabs(
+    volumes: list[_Volume], config: SimulationConfig, fit: bool
+) -> tuple[SimulationConfig, str]:
+    """``config``, with thinner slabs when ``fit`` and the volumes need them, and a note of
+    the change; a `CvxmriError` saying why when no slab size works."""
+    problem = _slab_problem(volumes, config)
+    if not problem:
+        return config, ""
+    if fit:
+        for size in range(config.slab_slices - 1, 0, -1):
+            thinner = replace(config, slab_slices=size)
+            if not _slab_problem(volumes, thinner):
+                note = (
+                    f"slabs of {size} slices instead of {config.slab_slices}: the volumes are "
+                    "too small for every split to get a slab of the default size"
+                )
+                log.warning("%s", note)
+                return thinner, note
+        problem = _slab_problem(volumes, replace(config, slab_slices=1))
+    hint = (
+        "use a smaller --slab-slices, --guard-slices or --slice-step, a --split-ratio with "
+        "fewer splits (0:0:1: a test set only), or more volumes"
+    )
+    raise CvxmriError(f"{problem}; {hint}")
+
+
 def _simulate_into(
-    sources: list[Source], out_dir: Path, config: SimulationConfig
+    volumes: list[_Volume], out_dir: Path, config: SimulationConfig, note: str = ""
 ) -> dict[str, object]:
     rng = np.random.default_rng(config.seed)
     full = (config.matrix * config.readout_oversampling, config.matrix)
     maps = birdcage_maps(config.coils, full)
     encoding = EncodingInfo.full(full, (config.matrix, config.matrix))
-    files = []
-    for source_index, source in enumerate(sources):
-        try:
-            images, indices = axial_slices(source.image, config.matrix)
-        except CvxmriError as err:
-            raise CvxmriError(f"{source.name}: {err}") from None
-        keep = [
-            k
-            for k in range(0, len(images), config.slice_step)
-            if foreground_fraction(images[k]) >= config.min_foreground
-        ]
-        # Only runs of slices that are contiguous in the volume form a slab.
-        offset = int(rng.integers(len(SPLIT_PATTERN))) + source_index
-        n_slabs = 0
-        for slab in slabs(len(keep), config.slab_slices, config.guard_slices):
-            positions = [keep[i] for i in slab]
-            if positions[-1] - positions[0] != config.slice_step * (len(positions) - 1):
-                continue
-            split = SPLIT_PATTERN[(offset + n_slabs) % len(SPLIT_PATTERN)]
-            kspace = np.stack([simulate_slice(images[k], maps, config, rng) for k in positions])
-            target = rss_target(kspace, encoding.recon_shape)
-            name = f"{source.name}_{n_slabs:03d}.h5"
-            volume = Volume(
-                kspace,
-                target,
-                encoding,
-                {"acquisition": "SIM_T1", "patient_id": source.name},
+    pattern = split_pattern(config.split_ratio)
+    files: list[dict[str, Any]] = []
+    staging = out_dir / "slabs"
+    for source_index, volume in enumerate(volumes):
+        source = volume.source
+        offset = int(rng.integers(len(pattern))) + source_index
+        for n_slab, positions in enumerate(volume_slabs(volume.keep, config)):
+            kspace = np.stack(
+                [simulate_slice(volume.images[k], maps, config, rng) for k in positions]
             )
-            write_volume(out_dir / f"multicoil_{split}" / name, volume)
+            target = rss_target(kspace, encoding.recon_shape)
+            name = f"{source.name}_{n_slab:03d}.h5"
+            attrs = {"acquisition": "SIM_T1", "patient_id": source.name}
+            write_volume(staging / name, Volume(kspace, target, encoding, attrs))
             files.append(
                 {
-                    "file": f"multicoil_{split}/{name}",
-                    "split": split,
+                    "file": name,
+                    "split": pattern[(offset + n_slab) % len(pattern)],
                     "source": source.name,
-                    "source_slices": [int(indices[k]) for k in positions],
+                    "source_slices": [int(volume.indices[k]) for k in positions],
                 }
             )
-            log.info("%s: %s (%d slices)", split, name, len(positions))
-            n_slabs += 1
-        if n_slabs == 0:
-            raise CvxmriError(
-                f"{source.name}: no slab of {config.slab_slices} slices with enough foreground"
-            )
+    # Every split asked for gets a slab (small volumes), then the files go to their split.
+    splits = ensure_every_split([f["split"] for f in files], config.wanted_splits)
+    moved = [
+        i for i, (f, split) in enumerate(zip(files, splits, strict=True)) if f["split"] != split
+    ]
+    if moved:
+        message = ", ".join(f"{files[i]['file']} to {splits[i]}" for i in moved)
+        note = "; ".join(filter(None, [note, f"too few slabs for the ratio: moved {message}"]))
+        log.warning("too few slabs for the split ratio: moved %s", message)
+    for entry, split in zip(files, splits, strict=True):
+        target_path = out_dir / f"multicoil_{split}" / entry["file"]
+        target_path.parent.mkdir(exist_ok=True)
+        (staging / entry["file"]).rename(target_path)
+        entry["file"] = f"multicoil_{split}/{entry['file']}"
+        entry["split"] = split
+        log.info("%s: %s (%d slices)", split, entry["file"], len(entry["source_slices"]))
+    staging.rmdir()
+    ratio = ":".join(str(w) for w in config.split_ratio)
     manifest = {
         "kind": "simulated multi-coil k-space from magnitude volumes",
-        "sources": [{"name": s.name, "origin": s.origin} for s in sources],
+        "sources": [
+            {"name": v.source.name, "origin": v.source.origin, "frame": v.source.frame}
+            for v in volumes
+        ],
         "config": asdict(config),
         "split_rule": (
             f"slabs of {config.slab_slices} slices (every {config.slice_step}th axial slice), "
             f"{config.guard_slices} slices dropped between slabs, slabs assigned cyclically "
-            f"by {list(SPLIT_PATTERN)}"
+            f"by {list(pattern)} (train:val:test {ratio})"
         ),
+        "adjustments": note,
         "files": files,
         "counts": {
             split: sum(len(f["source_slices"]) for f in files if f["split"] == split)

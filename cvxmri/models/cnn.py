@@ -10,7 +10,8 @@ for volumes ``(B, C, D, H, W)``; the convolutions come from `cvxmri.models.conv`
 
 `ReconCNN` is an ordinary ``torch.nn.Module``. `save` and `load` use a tensor-only file
 read with ``torch.load(weights_only=True)``: no pickle payload can run code, and loading
-needs nothing from the training code.
+needs nothing from the training code. `load` takes a model file or a run folder (its
+``model.pt``) and keeps the file's metadata (method, mask, layers...) as ``model.metadata``.
 """
 
 from __future__ import annotations
@@ -136,12 +137,20 @@ class ReconCNN(nn.Module):
         hidden: the hidden layers, applied in order.
         final: the 1x1 convolution to 2 channels (its number of spatial dimensions is the
             network's ``ndim``).
+
+    Attributes:
+        metadata: what is known of how the network was made (a plain JSON-able dict):
+            empty for a new network; after `load`, the metadata `save` was given (a
+            training run saves ``method``, ``layers`` and ``mask``, the description of its
+            training mask), plus ``path``, the file it was loaded from. `save` writes it
+            when given no other.
     """
 
     def __init__(self, hidden: list[nn.Module], final: nn.Module) -> None:
         super().__init__()
         self.hidden = nn.ModuleList(hidden)
         self.final = final
+        self.metadata: dict[str, object] = {}
 
     @classmethod
     def relu(
@@ -207,12 +216,17 @@ class ReconCNN(nn.Module):
         return spec
 
     def save(self, path: str | Path, metadata: dict[str, object] | None = None) -> None:
-        """Write weights and architecture atomically; tensors and JSON text only."""
+        """Write weights and architecture atomically; tensors and JSON text only.
+
+        ``metadata`` (JSON-able) is stored beside them; by default the network's own
+        ``metadata`` (without the ``path`` that `load` adds)."""
         path = Path(path)
+        if metadata is None:
+            metadata = {k: v for k, v in self.metadata.items() if k != "path"}
         payload = {
             "format": FORMAT,
             "architecture": json.dumps(self.architecture()),
-            "metadata": json.dumps(metadata or {}),
+            "metadata": json.dumps(metadata),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
         tmp = path.with_name(f".{path.name}.tmp")
@@ -227,8 +241,27 @@ class ReconCNN(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> ReconCNN:
-        """Read a network written by `save`, without executing any pickled code."""
+        """Read a network written by `save`, without executing any pickled code.
+
+        Args:
+            path: a model file, or a run folder (``cvxmri train --out``): its ``model.pt``,
+                the network at full depth.
+            map_location: the device the network goes to.
+
+        Returns:
+            The network in training mode, with ``metadata`` the dict saved with it (a
+            training run's: ``method``, ``layers``, ``mask``) and ``metadata["path"]`` the
+            file read. ``ReconCNN.load("runs/x").metadata["method"]`` is the method of run
+            ``runs/x``.
+        """
         path = Path(path)
+        if path.is_dir():
+            if not (path / "model.pt").is_file():
+                raise CvxmriError(
+                    f"{path}: a folder without model.pt (a run folder holds one once its "
+                    "training has finished)"
+                )
+            path = path / "model.pt"
         if not path.is_file():
             raise CvxmriError(f"{path}: no such model file")
         try:
@@ -242,11 +275,15 @@ class ReconCNN(nn.Module):
             spec = json.loads(payload["architecture"])
             model = cls._build(spec)
             model.load_state_dict(payload["state_dict"])
+            metadata = json.loads(payload.get("metadata") or "{}")
+            if not isinstance(metadata, dict):
+                raise ValueError(f"metadata is a {type(metadata).__name__}, not a mapping")
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             first = str(err).splitlines()[0]
             raise CvxmriError(
                 f"{path}: model file does not match its architecture ({first})"
             ) from None
+        model.metadata = {**metadata, "path": str(path)}
         return model.to(map_location)
 
     @classmethod
