@@ -15,7 +15,7 @@ from cvxmri.models.cnn import GatedConv, ReconCNN, ReluConv
 from cvxmri.training.config import OptimConfig
 from cvxmri.training.fit import fit_end_to_end, fit_layerwise
 
-OPTIM = OptimConfig(lr=1e-2, step=10, gamma=0.5, epochs=5, batch_size=4)
+OPTIM = OptimConfig(lr=1e-2, step=10, gamma=0.5, epochs=10, batch_size=4)
 
 
 def pairs(n: int = 16, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
