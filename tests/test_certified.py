@@ -35,9 +35,9 @@ def test_gram_system_is_the_explicit_normal_matrix(groups: str) -> None:
     for c in range(out):
         ac = a[:, c, :, :, c, :].reshape(batch * pixels, -1)
         rc = r[:, c].reshape(-1)
-        torch.testing.assert_close(system.gram, ac.T @ ac / batch, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(system.rhs[:, c], ac.T @ rc / batch, rtol=1e-5, atol=1e-6)
-    assert system.rr == pytest.approx(float(r.square().sum()) / batch, rel=1e-6)
+        torch.testing.assert_close(system.gram, ac.T @ ac / batch, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(system.rhs[:, c], ac.T @ rc / batch, rtol=1e-12, atol=1e-12)
+    assert system.rr == pytest.approx(float(r.square().sum()) / batch, rel=1e-12)
     assert system.count == 3
 
 
