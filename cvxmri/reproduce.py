@@ -770,16 +770,19 @@ def rebuild_report(out: Path, benchmarks: dict[str, Path] | None = None) -> Path
 def _final_certificates(
     mask: str, certificates: list[dict[str, Any]], beta: float
 ) -> list[dict[str, Any]]:
-    """The last certificate of every stage, with the stage's mapping report."""
+    """The last certificate of every stage (of a beta path: the selected beta's), with the
+    stage's mapping report."""
     rows: dict[int, dict[str, Any]] = {}
+    chosen: set[int] = set()
     for entry in certificates:
-        row = rows.setdefault(
-            int(entry["stage"]), {"mask": mask, "stage": int(entry["stage"]), "beta": beta}
-        )
+        stage = int(entry["stage"])
+        row = rows.setdefault(stage, {"mask": mask, "stage": stage, "beta": beta})
         if "mapping" in entry:
             row.update(entry["mapping"])
-        else:
-            row.update({k: v for k, v in entry.items() if k != "stage"})
+        elif stage not in chosen:
+            row.update({k: v for k, v in entry.items() if k not in ("stage", "trace")})
+            if entry.get("selected"):
+                chosen.add(stage)
     return [rows[s] for s in sorted(rows)]
 
 

@@ -166,3 +166,22 @@ def test_trainer_beta_path_certifies_and_selects_on_validation(
     # One history row per beta, with its beta and certificate.
     assert [row["beta"] for row in trainer.history] == [c["beta"] for c in path]
     assert all("cert_relative_gap" in row for row in trainer.history)
+
+
+def test_results_keep_the_selected_beta_of_a_path() -> None:
+    """The report's certificate of a stage is the selected beta's, with that beta; without a
+    path it is the last one, with the run's beta."""
+    from cvxmri.reproduce import _final_certificates
+
+    path = [
+        {"stage": 1, "path_index": 1, "beta": 0.3, "relative_gap": 1e-4, "trace": [[1.0, 1e-4]]},
+        {"stage": 1, "path_index": 2, "beta": 0.1, "relative_gap": 2e-4, "selected": True},
+        {"stage": 1, "path_index": 3, "beta": 0.03, "relative_gap": 3e-4},
+        {"stage": 1, "mapping": {"violation_fraction": 0.5}},
+        {"stage": 2, "epoch": 1, "relative_gap": 0.9},
+        {"stage": 2, "epoch": 2, "relative_gap": 0.8},
+    ]
+    rows = _final_certificates("poisson-4x", path, 1e-4)
+    assert rows[0]["beta"] == 0.1 and rows[0]["relative_gap"] == 2e-4
+    assert rows[0]["violation_fraction"] == 0.5 and "trace" not in rows[0]
+    assert rows[1]["beta"] == 1e-4 and rows[1]["relative_gap"] == 0.8

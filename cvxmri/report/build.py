@@ -285,7 +285,8 @@ def _certificates(results: dict[str, Any]) -> Section:
     text = (
         "Each convex stage is a group-lasso problem on its fixed training set (whole images, "
         "fixed masks). From the stage's final weights: the primal value, the value of a "
-        "dual-feasible point (the residual scaled by min(1, beta / largest dual group norm)) "
+        "dual-feasible point (the residual scaled by clip(<r, e> / ||e||^2, 0, beta / largest "
+        "dual group norm), accumulated in float64) "
         "and the relative duality gap (primal - dual) / primal, which bounds the "
         "suboptimality: 0 certifies the global optimum, 1 certifies nothing. The last column "
         "is the fraction of (pixel, unit) pairs where the exact ReLU mapping of the stage "
