@@ -1,4 +1,4 @@
-"""The convex program of one layer-wise training stage (docs: method.md).
+"""The convex program of one layer-wise training stage (docs/method.md).
 
 A stage regresses the residual ``r = x* - x0`` from its input ``X = h_{i-1}`` with a
 two-layer network whose ReLU sign patterns are frozen by P gate filters. With the gates
@@ -10,7 +10,7 @@ fixed the model is linear in its weights, so training is a convex program:
   ``z``, its cone constraints ``(2 D_p - 1) * conv(X, w_p) >= 0`` (same for ``z``) kept as
   the convex penalty ``cone_penalty * sum relu(-(2 D_p - 1) * conv(X, w_p))``.
 
-Unlike method.md, the data term is divided by the number of samples N ("mean-scaled"), so
+Unlike the papers, the data term is divided by the number of samples N ("mean-scaled"), so
 the objective of a mini-batch is an unbiased estimate of the full-batch one and ``beta``
 does not depend on the size of the training set.
 
@@ -587,7 +587,7 @@ class ConvexStage(torch.nn.Module):
         )
 
     def to_relu(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """The ordinary two-layer ReLU network of the solution (method.md's mapping).
+        """The ordinary two-layer ReLU network of the solution (docs/method.md's mapping).
 
         Each non-zero ``w_p[c]`` gives a hidden ``KxK`` filter ``w_p[c] / sqrt(||w_p[c]||)``
         (bias 0) with output weight ``+sqrt(||w_p[c]||)`` into output channel c of a ``1x1``

@@ -1,4 +1,4 @@
-"""The stages of layer-wise training and the one factory that builds them (docs: method.md).
+"""The stages of layer-wise training and the one factory that builds them (docs/method.md).
 
 Stage ``i`` of layer-wise training fits a two-layer model ``X -> r`` from its input
 ``X = h_{i-1}`` (the frozen prefix's features) to the residual ``r = x* - x0``, then hands its

@@ -1,4 +1,4 @@
-"""Full-batch FISTA for the gated-ReLU group lasso of one stage (docs: method.md).
+"""Full-batch FISTA for the gated-ReLU group lasso of one stage (docs/method.md).
 
 ``min_v L(v) + beta sum_g ||v_g||`` with the mean-scaled data term
 ``L(v) = 1/(2N) sum_n ||A_n v - r_n||^2`` and ``A_n v = sum_p D_p(X_n) * conv(X_n, v_p)``.

@@ -4,7 +4,7 @@
 ``torch.utils.data.DataLoader`` over a ``TensorDataset`` of a user's own 2-channel images
 (real, imaginary; ``(B, 2, H, W)``, 3D ``(B, 2, D, H, W)``), or a list of tensor pairs.
 
-- `fit_layerwise`: stage by stage (method.md). Stage ``i`` is built by `build_stage` with its
+- `fit_layerwise`: stage by stage (docs/method.md). Stage ``i`` is built by `build_stage` with its
   gates from the first batch(es) of its inputs, trained for ``optim.epochs`` epochs on the
   residual ``target - x0`` from the frozen prefix's features (run without autograd on every
   batch), then frozen and appended.

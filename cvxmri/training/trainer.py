@@ -1,6 +1,6 @@
 """Training: layer-wise (convex or not) and end-to-end, with exact resume.
 
-Layer-wise training (method.md) builds the network one stage at a time. Stage ``i`` trains
+Layer-wise training (docs/method.md) builds the network one stage at a time. Stage ``i`` trains
 a two-layer model on the output ``h_{i-1}`` of the frozen prefix to predict the residual
 ``x* - x0``; then its first layer is frozen and appended, and its second layer is dropped
 unless it is the last stage. The prefix runs without autograd, and with fixed masks its
