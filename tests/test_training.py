@@ -404,3 +404,14 @@ def test_history_is_written_every_epoch(data: Path, tmp_path: Path, method: str)
     with pytest.raises(TrainingStopped):
         Trainer(config, tmp_path).fit(stop_after=1)
     assert len((tmp_path / "history.csv").read_text().splitlines()) == 3
+
+
+def test_check_resumable_names_keys_and_refuses_what_is_not_a_config(tmp_path: Path) -> None:
+    from cvxmri.training.trainer import check_resumable, config_differences
+
+    saved = {"method": "end-to-end", "optim": {"lr": 0.001, "epochs": 2}}
+    new = {"method": "end-to-end", "optim": {"lr": 0.01, "epochs": 2}, "seed": 1}
+    assert config_differences(saved, new) == ["optim.lr: 0.001 -> 0.01", "seed: (none) -> 1"]
+    check_resumable(saved, {**saved, "optim": {"lr": 0.001, "epochs": 5}}, tmp_path)
+    with pytest.raises(CvxmriError, match="not a mapping"):
+        check_resumable(None, new, tmp_path)

@@ -175,6 +175,8 @@ def config_differences(saved: Any, new: Any, prefix: str = "") -> list[str]:
 def check_resumable(saved: Any, new: dict[str, Any], out: Path) -> None:
     """Refuse to resume the run in ``out`` (started with ``saved``) with ``new``, naming the
     keys that differ, unless they are the same or an end-to-end run gets more epochs."""
+    if not isinstance(saved, dict):
+        raise CvxmriError(f"{out}: the run's configuration is not a mapping; nothing to resume")
     changes = config_differences(saved, new)
     if not changes:
         return
