@@ -159,17 +159,22 @@ def check_step_fits(config: TrainConfig, shape: tuple[int, int], device: torch.d
 def config_differences(saved: Any, new: Any, prefix: str = "") -> list[str]:
     """The keys on which two configurations (nested dicts) differ, as
     ``optim.lr: 0.001 -> 0.01`` (``saved -> new``; a missing key reads ``(none)``)."""
+    missing = "(none)"
+    if isinstance(saved, dict) or isinstance(new, dict):
+        # A section missing on one side is compared key by key, so leaves are named.
+        saved = {} if saved == missing else saved
+        new = {} if new == missing else new
     if isinstance(saved, dict) and isinstance(new, dict):
         found = []
         for key in dict.fromkeys([*saved, *new]):
-            missing = "(none)"
             found += config_differences(
                 saved.get(key, missing), new.get(key, missing), f"{prefix}{key}."
             )
         return found
     if saved == new:
         return []
-    return [f"{prefix.rstrip('.')}: {saved} -> {new}"]
+    shown = ["''" if value == "" else value for value in (saved, new)]
+    return [f"{prefix.rstrip('.')}: {shown[0]} -> {shown[1]}"]
 
 
 def check_resumable(saved: Any, new: dict[str, Any], out: Path) -> None:
