@@ -25,7 +25,10 @@ Every stage and epoch writes ``checkpoints/last.pt`` (the frozen prefix is read 
 ``model_depthN.pt``); a resumed run continues from it and
 ends with the same weights as an uninterrupted one, to the bit, because every
 random choice (masks, crops, batch order, initialisation) is derived from (seed, stage,
-epoch).
+epoch). ``history.csv`` is rewritten with every history row, so an interrupted run has
+its finished epochs' rows. An end-to-end run may resume with more ``optim.epochs`` than it
+was started with (`check_resumable`): it continues to the new count and ends as a run
+started with it would, the schedule depending on the epoch index only.
 """
 
 from __future__ import annotations
