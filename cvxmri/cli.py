@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -285,7 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--amp", action="store_true", help="bf16 autocast")
     train.add_argument("--seed", type=int, help="random seed")
     train.add_argument("--out", type=Path, help="run folder (default runs/<method>-<mask>-<time>)")
-    train.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint, with its own config.yaml "
+        "(end-to-end: --epochs N beyond the saved count extends a finished run)",
+    )
     train.add_argument("--force", action="store_true", help="replace an existing run folder")
     _add_reproduce_parsers(commands)
     _add_benchmark_parsers(commands)
@@ -566,8 +571,9 @@ def _train_config(args: argparse.Namespace) -> object:
     over both (options left out never override: argparse defaults are None here).
 
     A run's own ``config.yaml`` is a complete config, so ``--config RUN/config.yaml``
-    reproduces that run's configuration. ``convex.patterns`` and ``convex.kernel_size``
-    are recorded as the stages use them (derived from ``channels`` and ``kernel_size``).
+    reproduces that run's configuration; ``--resume`` without ``--config`` reads the run's.
+    ``convex.patterns`` and ``convex.kernel_size`` are recorded as the stages use them
+    (derived from ``channels`` and ``kernel_size``).
     """
     from dataclasses import replace
 
@@ -579,6 +585,12 @@ def _train_config(args: argparse.Namespace) -> object:
 
     if args.mask and len(args.mask) > 1:
         raise CvxmriError("train takes one --mask")
+    if args.resume and args.out is None:
+        raise CvxmriError("--resume needs --out RUN, the run folder to continue")
+    if args.resume and args.config is None and (args.out / "config.yaml").is_file():
+        # A resumed run starts from its own configuration; options given override it
+        # (and are refused by `check_resumable` if they change it, but for more epochs).
+        args.config = args.out / "config.yaml"
     overlay: object = {}
     if args.config:
         if not args.config.is_file():
@@ -662,7 +674,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     config = _train_config(args)
     out = args.out or default_train_dir(config)
-    metrics = train(config, out, resume=args.resume, force=args.force)
+    metrics = train(
+        config, out, resume=args.resume, force=args.force, progress=_epoch_progress(args)
+    )
     final = metrics["final"]
     print(
         f"{config.method} {config.mask.describe()}, {config.layers} layers: "
@@ -670,6 +684,21 @@ def _cmd_train(args: argparse.Namespace) -> None:
         f"({metrics['train_seconds']:.0f} s)"
     )
     print(f"model: {out / 'model.pt'}")
+
+
+def _epoch_progress(args: argparse.Namespace) -> Callable[[dict], None] | None:
+    """One line per epoch on stderr when it is a terminal (and -v does not already log
+    every row); None otherwise, so that logs and captured output stay as they were."""
+    if args.verbose or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    from cvxmri.training.trainer import epoch_summary
+
+    def show(row: dict) -> None:
+        tqdm.write(epoch_summary(row), file=sys.stderr)
+
+    return show
 
 
 def default_train_dir(config: object) -> Path:

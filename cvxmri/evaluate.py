@@ -203,6 +203,7 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
                     slice_rows.append({**key, "slice": index, **row})
                 log.info("%s %s %s: %s", method, spec.describe(), name, per_volume)
     summary = summarise(slice_rows, volume_rows, seconds, config)
+    note_training_masks(summary, paths)
     summary["target_source"] = (
         sources[0]
         if len(set(sources)) == 1
@@ -214,6 +215,22 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
     )
     write_results(out, slice_rows, volume_rows, summary)
     return summary
+
+
+def note_training_masks(summary: dict[str, object], paths: list[Path]) -> None:
+    """Give every network's result its training mask (``trained_mask``, from its run
+    folder's ``config.yaml``, where known) and, where it was evaluated on another mask, a
+    ``note`` saying so (`format_table` prints it under the table)."""
+    from cvxmri.predict import training_mask
+
+    trained = {model_label(path): training_mask(str(path)) for path in paths}
+    for entry in summary["results"]:  # type: ignore[attr-defined]
+        spec = trained.get(entry["method"])
+        if spec is None:
+            continue
+        entry["trained_mask"] = spec.describe()
+        if spec.describe() != entry["mask"]:
+            entry["note"] = f"trained on {spec.describe()}, evaluated on {entry['mask']}"
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -255,7 +272,8 @@ def write_results(
 
 
 def format_table(summary: dict[str, object]) -> str:
-    """The summary as a fixed-width table: volume metrics (fastMRI) and slice-based ones."""
+    """The summary as a fixed-width table: volume metrics (fastMRI) and slice-based ones,
+    then a note line for each network evaluated on a mask it was not trained on."""
     results = summary["results"]  # type: ignore[index]
     width = max([len("method"), *(len(str(e["method"])) for e in results)])  # type: ignore[union-attr]
     header = (
@@ -273,4 +291,7 @@ def format_table(summary: dict[str, object]) -> str:
             f"{sl['ssim']['mean']:>7.4f} ± {sl['ssim']['std']:<5.4f} "
             f"{vol['nmse']['mean']:>9.5f} {entry['seconds']:>7.1f}"
         )
+    for entry in results:  # type: ignore[union-attr]
+        if entry.get("note"):
+            lines.append(f"note: {entry['method']} was {entry['note']}")
     return "\n".join(lines)

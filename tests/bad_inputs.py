@@ -160,6 +160,25 @@ def _other_configuration(work: Path, good: Path) -> list[str]:
     return [*_tiny_train(good, out), "--resume"]
 
 
+def _saved_run(good: Path, out: Path, *options: str) -> list[str]:
+    """A run folder holding the config.yaml of a tiny run (as `train` writes it, no
+    checkpoint); the argv resuming it with ``options``."""
+    from cvxmri.cli import _train_config, build_parser
+    from cvxmri.config import save_yaml
+
+    out.mkdir()
+    save_yaml(_train_config(build_parser().parse_args(_tiny_train(good, out))), out / "config.yaml")
+    return ["train", "--out", str(out), "--resume", *options]
+
+
+def _resume_other_option(work: Path, good: Path) -> list[str]:
+    return _saved_run(good, work / "run", "--lr", "0.01")
+
+
+def _resume_more_layerwise_epochs(work: Path, good: Path) -> list[str]:
+    return _saved_run(good, work / "run", "--epochs", "5")
+
+
 def _yaml(text: str) -> Callable[[Path, Path], list[str]]:
     def setup(work: Path, good: Path) -> list[str]:
         (work / "c.yaml").write_text(text)
@@ -578,6 +597,24 @@ CASES = [
         "--resume of a run started with another configuration",
         _other_configuration,
         "another configuration",
+    ),
+    Case(
+        "resume-other-option",
+        "--resume of a run with an option that changes its configuration (--lr)",
+        _resume_other_option,
+        "optim.lr: 0.001 -> 0.01",
+    ),
+    Case(
+        "resume-more-layerwise-epochs",
+        "--resume of a layer-wise run with more --epochs",
+        _resume_more_layerwise_epochs,
+        "only supported for end-to-end",
+    ),
+    Case(
+        "resume-without-out",
+        "--resume without the run folder (--out)",
+        _args("train", "--resume"),
+        "--resume needs --out",
     ),
     Case(
         "checkpoint-payload",

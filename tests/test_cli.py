@@ -191,8 +191,61 @@ def test_train_cli_run_resume_and_force(tiny: Path, capsys: pytest.CaptureFixtur
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0  # finished run: resume is a no-op
     assert main([*args, "--resume", "--epochs", "3"]) == 2
-    assert "another configuration" in capsys.readouterr().err
+    assert "only supported for end-to-end" in capsys.readouterr().err
+    assert main([*args, "--resume", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another configuration: optim.lr: 0.001 -> 0.01 " in err and "\n" not in err
     assert main([*args, "--force", "--epochs", "1"]) == 0
+
+
+def _stop_after_one_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the next training stop (resumably) after its first epoch."""
+    from cvxmri.training.trainer import Trainer
+
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, stop_after=None: fit(self, stop_after=1))
+
+
+def test_resume_with_no_options_uses_the_runs_config(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``train --out RUN --resume`` alone continues a stopped run with its own config.yaml
+    (method, preset, mask and data of the first call); history.csv had the finished
+    epoch's row while the run was stopped."""
+    out = tmp_path / "run"
+    args = ["train", "--method", "end-to-end", "--preset", "tiny", "--calib-size", "6"]
+    args += ["--epochs", "3", "--data", str(tiny / "data"), "--out", str(out)]
+    with monkeypatch.context() as patch:
+        _stop_after_one_epoch(patch)
+        assert main(args) == 1  # TrainingStopped: an internal error for the command line
+    capsys.readouterr()
+    assert not (out / "model.pt").exists()
+    assert len((out / "history.csv").read_text().splitlines()) == 2  # header, epoch 1
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert "end-to-end" in capsys.readouterr().out
+    assert (out / "model.pt").exists()
+    rows = (out / "history.csv").read_text().splitlines()
+    assert [row.split(",")[2] for row in rows[1:]] == ["1", "2", "3"]
+
+
+def test_resume_needs_out(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+
+
+def test_epoch_progress_only_on_a_terminal(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One line per epoch on stderr when it is a terminal; nothing when it is not (or with
+    -v, which logs every row already)."""
+    args = ["train", "--method", "end-to-end", "--preset", "tiny", "--calib-size", "6"]
+    args += ["--epochs", "2", "--data", str(tiny / "data")]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert "epoch" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "val PSNR" in line]
+    assert len(lines) == 2 and lines[0].startswith("end-to-end epoch 1, loss ")
 
 
 def test_train_with_yaml_config(tiny: Path, tmp_path: Path) -> None:
@@ -490,6 +543,27 @@ def test_evaluate_model_keeps_the_classical_rows(
     result = _run(*common, "--device", "cuda:99", "--out", str(tmp_path / "gpu"))
     assert result.returncode == 2 and "device cuda:99 requested but" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "gpu").exists()
+
+
+def test_evaluate_says_when_a_network_meets_another_mask(
+    tiny: Path, end_to_end_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A network evaluated on a mask other than its training mask (from its run folder's
+    config.yaml) gets a note under the table and in summary.json; on its own mask, none."""
+    out = tmp_path / "masks"
+    args = ["evaluate", "--data", str(tiny / "data"), "--model", str(end_to_end_run)]
+    args += ["--mask", "poisson", "--mask", "cartesian", "--calib-size", "6"]
+    assert main([*args, "--method", "zero-filled", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    note = "trained on poisson 4x (calib 6x6), evaluated on cartesian 4x (centre 0.04)"
+    assert f"note: {end_to_end_run.name} was {note}" in printed
+    assert printed.count("note:") == 1
+    results = json.loads((out / "summary.json").read_text())["results"]
+    network = {r["mask"]: r for r in results if r["method"] == end_to_end_run.name}
+    assert network["cartesian 4x (centre 0.04)"]["note"] == note
+    assert "note" not in network["poisson 4x (calib 6x6)"]
+    assert network["poisson 4x (calib 6x6)"]["trained_mask"] == "poisson 4x (calib 6x6)"
+    assert all("note" not in r for r in results if r["method"] == "zero-filled")
 
 
 def test_report_on_a_training_run_says_what_it_needs(end_to_end_run: Path) -> None:

@@ -358,3 +358,60 @@ def test_cached_stages_train_without_the_prefix(
     # Each stage's inputs came from the previous stage's through one layer, and the
     # previous stage's cache files are gone.
     assert not list(tmp_path.glob("cache/stage2_*"))
+
+
+def test_extending_end_to_end_epochs_matches_a_longer_run(data: Path, tmp_path: Path) -> None:
+    """A finished end-to-end run given more epochs continues from its last checkpoint and
+    ends with the weights of a run started with that many epochs: the step schedule
+    (StepLR) and every random choice depend on the epoch index only, not on the total."""
+    short = tiny(data, "end-to-end")
+    longer = replace(short, optim=replace(short.optim, epochs=4))
+    whole = Trainer(longer, tmp_path / "whole").fit()
+    out = tmp_path / "extended"
+    Trainer(short, out).fit()
+    extended = Trainer(longer, out)
+    model = extended.fit()
+    for (name, a), b in zip(whole.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert [row["epoch"] for row in extended.history] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_other_settings_naming_them(data: Path, tmp_path: Path) -> None:
+    config = tiny(data, "layerwise-convex")
+    Trainer(config, tmp_path).fit()
+    more = replace(config, optim=replace(config.optim, epochs=3))
+    with pytest.raises(CvxmriError, match="only supported for end-to-end"):
+        Trainer(more, tmp_path).fit()
+    other = replace(config, seed=7, optim=replace(config.optim, lr=0.01))
+    with pytest.raises(CvxmriError, match=r"optim\.lr: 0\.001 -> 0\.01; seed: 0 -> 7"):
+        Trainer(other, tmp_path).fit()
+    e2e = tiny(data, "end-to-end")
+    Trainer(e2e, tmp_path / "e2e").fit()
+    fewer = replace(e2e, optim=replace(e2e.optim, epochs=1))
+    with pytest.raises(CvxmriError, match="can only add epochs"):
+        Trainer(fewer, tmp_path / "e2e").fit()
+
+
+@pytest.mark.parametrize("method", ["layerwise-convex", "end-to-end"])
+def test_history_is_written_every_epoch(data: Path, tmp_path: Path, method: str) -> None:
+    """An interrupted run has history.csv with one row per finished epoch."""
+    config = tiny(data, method)
+    config = replace(config, optim=replace(config.optim, epochs=3))
+    with pytest.raises(TrainingStopped):
+        Trainer(config, tmp_path).fit(stop_after=1)
+    rows = (tmp_path / "history.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[0].startswith("method,stage,epoch,lr,train_loss")
+    with pytest.raises(TrainingStopped):
+        Trainer(config, tmp_path).fit(stop_after=1)
+    assert len((tmp_path / "history.csv").read_text().splitlines()) == 3
+
+
+def test_check_resumable_names_keys_and_refuses_what_is_not_a_config(tmp_path: Path) -> None:
+    from cvxmri.training.trainer import check_resumable, config_differences
+
+    saved = {"method": "end-to-end", "optim": {"lr": 0.001, "epochs": 2}}
+    new = {"method": "end-to-end", "optim": {"lr": 0.01, "epochs": 2}, "seed": 1}
+    assert config_differences(saved, new) == ["optim.lr: 0.001 -> 0.01", "seed: (none) -> 1"]
+    check_resumable(saved, {**saved, "optim": {"lr": 0.001, "epochs": 5}}, tmp_path)
+    with pytest.raises(CvxmriError, match="not a mapping"):
+        check_resumable(None, new, tmp_path)

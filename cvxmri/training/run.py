@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +14,31 @@ from cvxmri.config import save_yaml, to_dict
 from cvxmri.errors import CvxmriError
 from cvxmri.runs import environment
 from cvxmri.training.config import TrainConfig
-from cvxmri.training.trainer import Trainer, resolve_device, write_outputs
+from cvxmri.training.trainer import Trainer, check_resumable, resolve_device, write_outputs
 
 log = logging.getLogger(__name__)
 
 
 def train(
-    config: TrainConfig, out: Path, resume: bool = False, force: bool = False
+    config: TrainConfig,
+    out: Path,
+    resume: bool = False,
+    force: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train into ``out`` and return the validation metrics.
 
     A new run needs a new (or, with ``force``, replaced) folder; ``resume`` continues the
-    run in ``out`` from its last checkpoint and requires the same configuration.
+    run in ``out`` from its last checkpoint and requires the same configuration, except
+    that an end-to-end run may be given more ``optim.epochs`` than it was started with:
+    it then continues (a finished run too) to the new count, with the weights a run
+    started with that count would have (the schedule depends on the epoch only).
 
     A failed run leaves nothing behind: the settings and the device are checked before the
     folder is created, and a folder this call created is removed again if the run fails
     before its first checkpoint (after that, the run is resumable and kept).
+
+    ``progress`` is called with every history row (`Trainer`).
     """
     config.validate()
     resolve_device(config.device)
@@ -40,8 +50,7 @@ def train(
         saved = out / "config.yaml"
         if not saved.is_file():
             raise CvxmriError(f"{out}: nothing to resume (no config.yaml)")
-        if yaml.safe_load(saved.read_text()) != to_dict(config):
-            raise CvxmriError(f"{out}: the run was started with another configuration")
+        check_resumable(yaml.safe_load(saved.read_text()), to_dict(config), out)
     created = _first_missing(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +63,7 @@ def train(
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
         log.info("environment: %s", environment())
-        trainer = Trainer(config, out)
+        trainer = Trainer(config, out, progress)
         model = trainer.fit()
         return write_outputs(trainer, model)
     except BaseException:

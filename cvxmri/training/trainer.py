@@ -25,7 +25,10 @@ Every stage and epoch writes ``checkpoints/last.pt`` (the frozen prefix is read 
 ``model_depthN.pt``); a resumed run continues from it and
 ends with the same weights as an uninterrupted one, to the bit, because every
 random choice (masks, crops, batch order, initialisation) is derived from (seed, stage,
-epoch).
+epoch). ``history.csv`` is rewritten with every history row, so an interrupted run has
+its finished epochs' rows. An end-to-end run may resume with more ``optim.epochs`` than it
+was started with (`check_resumable`): it continues to the new count and ends as a run
+started with it would, the schedule depending on the epoch index only.
 """
 
 from __future__ import annotations
@@ -156,6 +159,55 @@ def check_step_fits(config: TrainConfig, shape: tuple[int, int], device: torch.d
     )
 
 
+def config_differences(saved: Any, new: Any, prefix: str = "") -> list[str]:
+    """The keys on which two configurations (nested dicts) differ, as
+    ``optim.lr: 0.001 -> 0.01`` (``saved -> new``; a missing key reads ``(none)``)."""
+    missing = "(none)"
+    if isinstance(saved, dict) or isinstance(new, dict):
+        # A section missing on one side is compared key by key, so leaves are named.
+        saved = {} if saved == missing else saved
+        new = {} if new == missing else new
+    if isinstance(saved, dict) and isinstance(new, dict):
+        found = []
+        for key in dict.fromkeys([*saved, *new]):
+            found += config_differences(
+                saved.get(key, missing), new.get(key, missing), f"{prefix}{key}."
+            )
+        return found
+    if saved == new:
+        return []
+    shown = ["''" if value == "" else value for value in (saved, new)]
+    return [f"{prefix.rstrip('.')}: {shown[0]} -> {shown[1]}"]
+
+
+def check_resumable(saved: Any, new: dict[str, Any], out: Path) -> None:
+    """Refuse to resume the run in ``out`` (started with ``saved``) with ``new``, naming the
+    keys that differ, unless they are the same or an end-to-end run gets more epochs."""
+    if not isinstance(saved, dict):
+        raise CvxmriError(f"{out}: the run's configuration is not a mapping; nothing to resume")
+    changes = config_differences(saved, new)
+    if not changes:
+        return
+    if [c.split(":")[0] for c in changes] == ["optim.epochs"]:
+        before, after = saved["optim"]["epochs"], new["optim"]["epochs"]
+        if new.get("method") != "end-to-end":
+            raise CvxmriError(
+                f"{out}: extending a run by more epochs ({before} -> {after}) is only "
+                "supported for end-to-end training (layer-wise epochs are per stage)"
+            )
+        if after > before:
+            return
+        raise CvxmriError(
+            f"{out}: the run was started with optim.epochs {before}; resuming can only "
+            f"add epochs, not take them away ({after})"
+        )
+    shown = changes[:5] + ([f"{len(changes) - 5} more"] if len(changes) > 5 else [])
+    raise CvxmriError(
+        f"{out}: the run was started with another configuration: {'; '.join(shown)} "
+        "(resume without these options, or start a new run)"
+    )
+
+
 class TrainingStopped(Exception):
     """Raised when ``stop_after`` epochs have run; the run folder can be resumed."""
 
@@ -183,9 +235,16 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     """Trains one network as configured, writing into ``out`` (see the module docstring)."""
 
-    def __init__(self, config: TrainConfig, out: Path) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        out: Path,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """``progress``: called with every history row (an epoch, or a solver's check)."""
         config.validate()
         self.config = config
+        self.progress = progress
         self.out = out
         self.device = resolve_device(config.device)
         self.train_data = SliceData(
@@ -271,8 +330,14 @@ class Trainer:
         }
 
     def _record(self, row: dict[str, Any], step: int) -> None:
+        """Add a history row: to ``history.csv`` (rewritten every epoch, so that an
+        interrupted run has the rows of its finished epochs), the log, TensorBoard and
+        the ``progress`` callback."""
         self.history.append(row)
+        write_history(self.out / "history.csv", self.history)
         log.info("%s", row)
+        if self.progress is not None:
+            self.progress(row)
         if self.writer is not None:
             for key, value in row.items():
                 if isinstance(value, float) and math.isfinite(value):
@@ -324,9 +389,7 @@ class Trainer:
         if not path.exists():
             return None
         state = load_checkpoint(path)
-        saved = json.loads(state["config"])
-        if saved != to_dict(self.config):
-            raise CvxmriError(f"{path}: checkpoint was written with another configuration")
+        check_resumable(json.loads(state["config"]), to_dict(self.config), path)
         self.history = json.loads(state["history"])
         self.certificates = json.loads(state["certificates"])
         self.depth_metrics = json.loads(state["depth_metrics"])
@@ -826,6 +889,38 @@ class StageInputs:
         return None if self.prefix is None else self.prefix.last_hidden
 
 
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    """``history`` as CSV (the union of the rows' keys as columns), replacing ``path``
+    whole (written beside it, then renamed); nothing for an empty history."""
+    if not history:
+        return
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    partial.replace(path)
+
+
+def epoch_summary(row: dict[str, Any]) -> str:
+    """One line for a history row: where training is, its loss, validation PSNR, time."""
+    where = f"{row.get('method', '')}"
+    if row.get("stage"):
+        where += f" stage {row['stage']}"
+    parts = [f"{where} epoch {row.get('epoch')}"]
+    for key, label, fmt in (
+        ("train_loss", "loss", ".4g"),
+        ("val_psnr", "val PSNR", ".2f"),
+        ("cert_relative_gap", "gap", ".2e"),
+    ):
+        if isinstance(row.get(key), float):
+            parts.append(f"{label} {row[key]:{fmt}}")
+    if isinstance(row.get("seconds"), float):
+        parts.append(f"{row['seconds']:.1f} s")
+    return ", ".join(parts)
+
+
 def write_outputs(trainer: Trainer, model: ReconCNN) -> dict[str, Any]:
     """The exported network, history (CSV), certificates and metrics (JSON) of a run."""
     out = trainer.out
@@ -834,12 +929,7 @@ def write_outputs(trainer: Trainer, model: ReconCNN) -> dict[str, Any]:
         out / "model.pt",
         {"method": config.method, "layers": model.depth, "mask": config.mask.describe()},
     )
-    if trainer.history:
-        keys = list(dict.fromkeys(k for row in trainer.history for k in row))
-        with (out / "history.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(trainer.history)
+    write_history(out / "history.csv", trainer.history)
     (out / "certificates.json").write_text(json.dumps(trainer.certificates, indent=2))
     metrics = {
         "method": config.method,
