@@ -12,7 +12,7 @@ import yaml
 
 from cvxmri.config import save_yaml, to_dict
 from cvxmri.errors import CvxmriError
-from cvxmri.runs import environment
+from cvxmri.runs import environment, first_missing
 from cvxmri.training.config import TrainConfig
 from cvxmri.training.trainer import Trainer, check_resumable, resolve_device, write_outputs
 
@@ -51,7 +51,7 @@ def train(
         if not saved.is_file():
             raise CvxmriError(f"{out}: nothing to resume (no config.yaml)")
         check_resumable(yaml.safe_load(saved.read_text()), to_dict(config), out)
-    created = _first_missing(out)
+    created = first_missing(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -74,17 +74,6 @@ def train(
         raise
     finally:
         _close(handler)
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The outermost folder of ``path`` (itself included) that does not exist yet: what
-    creating ``path`` adds, and what a failed run removes again."""
-    missing = None
-    for folder in (path, *path.parents):
-        if folder.exists():
-            break
-        missing = folder
-    return missing
 
 
 def _close(handler: logging.Handler | None) -> None:
