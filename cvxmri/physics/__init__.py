@@ -1,5 +1,6 @@
 """MRI physics: the centred FFT and the linear operators of the forward model, in 2D or 3D."""
 
+from cvxmri.physics.cg import conjugate_gradient
 from cvxmri.physics.fft import fft2c, fftnc, ifft2c, ifftnc, spatial_dims
 from cvxmri.physics.operators import (
     FFT,
@@ -9,6 +10,7 @@ from cvxmri.physics.operators import (
     Mask,
     Sense,
     center_crop,
+    recon_sense,
 )
 
 __all__ = [
@@ -19,9 +21,11 @@ __all__ = [
     "Mask",
     "Sense",
     "center_crop",
+    "conjugate_gradient",
     "fft2c",
     "fftnc",
     "ifft2c",
     "ifftnc",
+    "recon_sense",
     "spatial_dims",
 ]

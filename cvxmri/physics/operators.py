@@ -312,3 +312,28 @@ class CenterCrop(LinearOperator):
         out = y.new_zeros((*y.shape[: y.ndim - len(self.full)], *self.full))
         out[(..., *_crop_slices(self.full, self.shape))] = y
         return out
+
+
+def recon_sense(
+    maps: torch.Tensor,
+    mask: torch.Tensor | None,
+    shape: Sequence[int],
+    ndim: int = 2,
+) -> LinearOperator:
+    """The SENSE operator of images on the reconstruction matrix ``shape``:
+    ``A = M F S P``, with ``P`` the zero-padding from ``shape`` to the k-space grid (the
+    adjoint of `CenterCrop`); plain `Sense` when the two grids agree. ``A^H y`` is then the
+    cropped zero-filled image, the input of a network, and data consistency can work on the
+    images a network sees.
+
+    Args:
+        maps: coil sensitivities (B, C, *grid).
+        mask: sampling mask broadcastable to (B, C, *grid), or None.
+        shape: the reconstruction matrix, ``ndim`` axes, each at most the grid's.
+        ndim: number of spatial axes.
+    """
+    sense = Sense(maps, mask, ndim)
+    full = tuple(maps.shape[-ndim:])
+    if tuple(shape) == full:
+        return sense
+    return sense @ CenterCrop(full, shape).H

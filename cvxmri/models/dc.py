@@ -1,0 +1,141 @@
+"""Data consistency: pull an image estimate back towards the measured k-space.
+
+With ``A`` the SENSE operator of the reconstruction matrix (`cvxmri.physics.recon_sense`)
+and ``y`` the measured k-space, two steps are offered, both affine in the estimate ``z``:
+
+- `GradientDC`: one gradient step on ``1/2 ||A z - y||^2``,
+  ``DC(z) = z - eta A^H (A z - y)``;
+- `ProximalDC` (CG-SENSE): the proximal step
+  ``DC(z) = (A^H A + lamda I)^{-1} (A^H y + lamda z)``, solved by a fixed number of
+  conjugate-gradient iterations from zero (MoDL's data-consistency layer).
+
+Being affine, ``DC(z) = DC(0) + L z`` with a linear part ``L`` (`DataConsistency.linear`):
+``L = I - eta A^H A`` or ``L = lamda (A^H A + lamda I)^{-1}``. A greedy iteration of an
+unrolled network, ``DC(x + R(x))`` with a fixed ``x``, is then the fixed image
+``DC(x)`` plus ``L`` applied to the regulariser's output, which keeps a convex program
+convex. Images are complex (B, *grid); every step runs on any device and under autograd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from cvxmri.errors import CvxmriError
+from cvxmri.physics import LinearOperator, conjugate_gradient
+
+DC_KINDS = ("gradient", "cg")
+
+
+@dataclass(frozen=True)
+class DCConfig:
+    """The data-consistency step of an unrolled network.
+
+    Attributes:
+        kind: ``gradient`` (`GradientDC`) or ``cg`` (`ProximalDC`).
+        eta: the gradient step length; ``A^H A`` has norm at most 1 for coil maps of unit
+            root-sum-of-squares, so any ``0 < eta < 2`` is a contraction on the data term.
+        lamda: the proximal weight of ``cg`` (smaller trusts the data more).
+        cg_iterations: conjugate-gradient iterations of ``cg``.
+    """
+
+    kind: str = "gradient"
+    eta: float = 1.5
+    lamda: float = 0.05
+    cg_iterations: int = 10
+
+    def validate(self) -> None:
+        """Raise `CvxmriError` naming the first invalid setting."""
+        checks = {
+            "kind": self.kind in DC_KINDS,
+            "eta": 0 < self.eta < 2,
+            "lamda": self.lamda > 0 and self.lamda < float("inf"),
+            "cg_iterations": self.cg_iterations >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise CvxmriError(
+                    f"invalid data-consistency setting dc.{name}={getattr(self, name)!r}"
+                )
+
+    def build(self) -> DataConsistency:
+        """The module of this setting."""
+        self.validate()
+        if self.kind == "gradient":
+            return GradientDC(self.eta)
+        return ProximalDC(self.lamda, self.cg_iterations)
+
+
+class DataConsistency(nn.Module):
+    """An affine data-consistency step ``z -> DC(z) = DC(0) + L z`` (see the module
+    docstring). Subclasses define `linear` and `offset`."""
+
+    def forward(self, z: Tensor, op: LinearOperator, aty: Tensor) -> Tensor:
+        """``DC(z)`` for complex images ``z`` (B, *grid), the operator ``A`` and ``A^H y``."""
+        return self.offset(op, aty) + self.linear(z, op)
+
+    def linear(self, z: Tensor, op: LinearOperator) -> Tensor:
+        """The linear part ``L z``."""
+        raise NotImplementedError
+
+    def offset(self, op: LinearOperator, aty: Tensor) -> Tensor:
+        """``DC(0)``: where the step takes the zero image."""
+        raise NotImplementedError
+
+    def config(self) -> DCConfig:
+        """The setting that builds this module."""
+        raise NotImplementedError
+
+
+class GradientDC(DataConsistency):
+    """``DC(z) = z - eta A^H (A z - y)``: ``L = I - eta A^H A``, ``DC(0) = eta A^H y``."""
+
+    def __init__(self, eta: float) -> None:
+        super().__init__()
+        self.eta = eta
+
+    def forward(self, z: Tensor, op: LinearOperator, aty: Tensor) -> Tensor:
+        """``z - eta (A^H A z - A^H y)`` (one normal-operator product)."""
+        return z - self.eta * (op.N(z) - aty)
+
+    def linear(self, z: Tensor, op: LinearOperator) -> Tensor:
+        """``z - eta A^H A z``."""
+        return z - self.eta * op.N(z)
+
+    def offset(self, op: LinearOperator, aty: Tensor) -> Tensor:
+        """``eta A^H y``."""
+        return self.eta * aty
+
+    def config(self) -> DCConfig:
+        """``DCConfig(kind="gradient", eta=eta)``."""
+        return DCConfig(kind="gradient", eta=self.eta)
+
+
+class ProximalDC(DataConsistency):
+    """``DC(z) = (A^H A + lamda I)^{-1} (A^H y + lamda z)`` by ``iterations`` conjugate
+    gradient steps from zero (affine up to the solver's residual)."""
+
+    def __init__(self, lamda: float, iterations: int) -> None:
+        super().__init__()
+        self.lamda = lamda
+        self.iterations = iterations
+
+    def _solve(self, rhs: Tensor, op: LinearOperator) -> Tensor:
+        return conjugate_gradient(lambda v: op.N(v) + self.lamda * v, rhs, self.iterations)
+
+    def forward(self, z: Tensor, op: LinearOperator, aty: Tensor) -> Tensor:
+        """One solve with right-hand side ``A^H y + lamda z``."""
+        return self._solve(aty + self.lamda * z, op)
+
+    def linear(self, z: Tensor, op: LinearOperator) -> Tensor:
+        """``lamda (A^H A + lamda I)^{-1} z``."""
+        return self._solve(self.lamda * z, op)
+
+    def offset(self, op: LinearOperator, aty: Tensor) -> Tensor:
+        """``(A^H A + lamda I)^{-1} A^H y``."""
+        return self._solve(aty, op)
+
+    def config(self) -> DCConfig:
+        """``DCConfig(kind="cg", lamda=lamda, cg_iterations=iterations)``."""
+        return DCConfig(kind="cg", lamda=self.lamda, cg_iterations=self.iterations)

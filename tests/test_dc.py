@@ -1,0 +1,111 @@
+"""Data consistency and conjugate gradients: fixed points, affinity, a direct solve,
+gradients against finite differences, in 2D and 3D."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cvxmri.errors import CvxmriError
+from cvxmri.models.dc import DCConfig, GradientDC, ProximalDC
+from cvxmri.physics import conjugate_gradient, recon_sense
+
+
+def problem(ndim: int, dtype: torch.dtype = torch.complex128, crop: bool = True):
+    """A random multi-coil problem: maps of unit root-sum-of-squares, a random mask, the
+    operator on a (possibly cropped) reconstruction matrix and an image."""
+    gen = torch.Generator().manual_seed(ndim)
+    grid = (6, 8) if ndim == 2 else (4, 6, 5)
+    shape = tuple(g - 2 for g in grid) if crop else grid
+    maps = torch.randn(2, 3, *grid, dtype=dtype, generator=gen)
+    maps = maps / maps.abs().square().sum(dim=1, keepdim=True).sqrt()
+    mask = (torch.rand(2, 1, *grid, generator=gen) < 0.4).to(dtype.to_real())
+    op = recon_sense(maps, mask, shape, ndim)
+    x = torch.randn(2, *shape, dtype=dtype, generator=gen)
+    return op, x
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("dc", [GradientDC(1.5), ProximalDC(0.05, 60)])
+def test_consistent_image_is_a_fixed_point(ndim, dc):
+    op, x = problem(ndim)
+    aty = op.H(op(x))  # data measured from x itself, without noise
+    assert torch.allclose(dc(x, op, aty), x, atol=1e-9)
+    # An image that disagrees with the data moves.
+    assert not torch.allclose(dc(2 * x, op, aty), 2 * x, atol=1e-3)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("dc", [GradientDC(0.7), ProximalDC(0.1, 60)])
+def test_dc_is_affine_with_its_linear_part(ndim, dc):
+    op, x = problem(ndim)
+    gen = torch.Generator().manual_seed(5)
+    aty = op.H(torch.randn(op(x).shape, dtype=x.dtype, generator=gen))
+    z1, z2 = torch.randn(2, *x.shape, dtype=x.dtype, generator=gen)
+    a = 0.3
+    mixed = dc(a * z1 + (1 - a) * z2, op, aty)
+    assert torch.allclose(mixed, a * dc(z1, op, aty) + (1 - a) * dc(z2, op, aty), atol=1e-8)
+    # DC(z) = DC(0) + L z, with L complex-linear.
+    assert torch.allclose(dc(z1, op, aty), dc.offset(op, aty) + dc.linear(z1, op), atol=1e-8)
+    assert torch.allclose(dc.linear(1j * z1, op), 1j * dc.linear(z1, op), atol=1e-8)
+
+
+def explicit_normal(op, shape, dtype):
+    """The matrix of ``A^H A`` of batch item 0, column by column."""
+    n = int(torch.tensor(shape).prod())
+    columns = []
+    for j in range(n):
+        e = torch.zeros(2, n, dtype=dtype)
+        e[0, j] = 1
+        columns.append(op.N(e.view(2, *shape))[0].flatten())
+    return torch.stack(columns, dim=1)
+
+
+def test_cg_matches_a_direct_solve():
+    op, x = problem(2)
+    lamda = 0.05
+    normal = explicit_normal(op, x.shape[1:], x.dtype)
+    rhs = x
+    solved = conjugate_gradient(lambda v: op.N(v) + lamda * v, rhs, 100)
+    direct = torch.linalg.solve(
+        normal + lamda * torch.eye(len(normal), dtype=x.dtype), x[0].flatten()
+    )
+    assert torch.allclose(solved[0].flatten(), direct, atol=1e-10)
+    # With too few iterations it is not there yet: the test can fail.
+    short = conjugate_gradient(lambda v: op.N(v) + lamda * v, rhs, 2)
+    assert not torch.allclose(short[0].flatten(), direct, atol=1e-3)
+
+
+def test_cg_items_are_independent_and_stop_at_tol():
+    op, x = problem(2)
+    apply = lambda v: op.N(v) + 0.1 * v  # noqa: E731
+    both = conjugate_gradient(apply, x, 5)
+    first = conjugate_gradient(lambda v: apply_one(op, v), x[:1], 5)
+    assert torch.allclose(both[:1], first, atol=1e-12)
+    early = conjugate_gradient(apply, x, 500, tol=1e-6)
+    residual = torch.linalg.vector_norm((apply(early) - x).flatten(1), dim=1)
+    assert bool((residual <= 1e-6 * torch.linalg.vector_norm(x.flatten(1), dim=1)).all())
+
+
+def apply_one(op, v):
+    """``(A^H A + 0.1) v`` for batch item 0 alone (its own operator)."""
+    single = recon_sense(op.outer.maps[:1], op.outer.mask[:1], v.shape[1:])
+    return single.N(v) + 0.1 * v
+
+
+@pytest.mark.parametrize("dc", [GradientDC(1.2), ProximalDC(0.2, 4)])
+def test_gradients_match_finite_differences(dc):
+    op, x = problem(2, crop=False)
+    aty = op.H(op(torch.randn_like(x)))
+    z = torch.randn_like(x).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: dc(v, op, aty), (z,), eps=1e-6, atol=1e-6)
+
+
+def test_dc_config_builds_and_refuses_bad_settings():
+    assert isinstance(DCConfig().build(), GradientDC)
+    built = DCConfig(kind="cg", lamda=0.2, cg_iterations=3).build()
+    assert isinstance(built, ProximalDC) and built.config() == DCConfig("cg", 1.5, 0.2, 3)
+    with pytest.raises(CvxmriError, match=r"dc\.eta=2\.5"):
+        DCConfig(eta=2.5).validate()
+    with pytest.raises(CvxmriError, match=r"dc\.kind='admm'"):
+        DCConfig(kind="admm").validate()
