@@ -142,7 +142,10 @@ def test_2d_is_bit_identical_to_the_old_formulas(dtype: torch.dtype) -> None:
         assert torch.equal(op(x), old_sense_forward(maps, mask, x)), name
         assert torch.equal(op.H(y), old_sense_adjoint(maps, mask, y)), name
         normal = old_sense_adjoint(maps, mask, old_sense_forward(maps, mask, x))
-        assert torch.equal(op.N(x), normal), name
+        # The normal operator skips the inner centring shifts (SenseNormal): the same
+        # products, but vectorised loops may round the last bit differently.
+        tol = torch.finfo(dtype).eps * 8 * float(normal.abs().max())
+        assert torch.allclose(op.N(x), normal, rtol=0, atol=tol), name
         assert torch.equal(Sense(maps[0], mask).H(y), old_sense_adjoint(maps[0], mask, y)), name
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cvxmri.errors import CvxmriError, describe_load_error
+from cvxmri.errors import CvxmriError
 from cvxmri.models.conv import conv_ops
 
 FORMAT = "cvxmri.ReconCNN/1"
@@ -220,24 +220,9 @@ class ReconCNN(nn.Module):
 
         ``metadata`` (JSON-able) is stored beside them; by default the network's own
         ``metadata`` (without the ``path`` that `load` adds)."""
-        path = Path(path)
         if metadata is None:
             metadata = {k: v for k, v in self.metadata.items() if k != "path"}
-        payload = {
-            "format": FORMAT,
-            "architecture": json.dumps(self.architecture()),
-            "metadata": json.dumps(metadata),
-            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-        }
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            torch.save(payload, tmp)
-            with open(tmp, "rb+") as handle:
-                handle.flush()
-                os.fsync(handle.fileno())
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_payload(Path(path), FORMAT, self.architecture(), metadata, self.state_dict())
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> ReconCNN:
@@ -252,42 +237,22 @@ class ReconCNN(nn.Module):
             The network in training mode, with ``metadata`` the dict saved with it (a
             training run's: ``method``, ``layers``, ``mask``) and ``metadata["path"]`` the
             file read. ``ReconCNN.load("runs/x").metadata["method"]`` is the method of run
-            ``runs/x``.
+            ``runs/x``. An unrolled network's file is refused (read it with
+            `cvxmri.models.unrolled.load_network`, which reads both kinds).
         """
-        path = Path(path)
-        if path.is_dir():
-            if not (path / "model.pt").is_file():
-                raise CvxmriError(
-                    f"{path}: a folder without model.pt (a run folder holds one once its "
-                    "training has finished)"
-                )
-            path = path / "model.pt"
-        if not path.is_file():
-            raise CvxmriError(f"{path}: no such model file")
-        try:
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as err:  # torch raises several types for foreign or damaged files
-            reason = describe_load_error(err)
-            raise CvxmriError(f"{path}: not a cvxmri model file ({reason})") from None
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise CvxmriError(f"{path}: not a cvxmri model file (format {FORMAT} expected)")
-        try:
-            spec = json.loads(payload["architecture"])
-            model = cls._build(spec)
-            model.load_state_dict(payload["state_dict"])
-            metadata = json.loads(payload.get("metadata") or "{}")
-            if not isinstance(metadata, dict):
-                raise ValueError(f"metadata is a {type(metadata).__name__}, not a mapping")
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            first = str(err).splitlines()[0]
+        from cvxmri.models.unrolled import load_network
+
+        model = load_network(path, map_location)
+        if not isinstance(model, cls):
             raise CvxmriError(
-                f"{path}: model file does not match its architecture ({first})"
-            ) from None
-        model.metadata = {**metadata, "path": str(path)}
-        return model.to(map_location)
+                f"{model.metadata['path']}: an unrolled network, not a CNN (load it with "
+                "load_network)"
+            )
+        return model
 
     @classmethod
-    def _build(cls, spec: list[dict[str, object]]) -> ReconCNN:
+    def from_architecture(cls, spec: list[dict[str, object]]) -> ReconCNN:
+        """An untrained network of the layers `architecture` describes."""
         hidden: list[nn.Module] = []
         for entry in spec[:-1]:
             ndim = int(entry.get("ndim", 2))
@@ -312,3 +277,29 @@ class ReconCNN(nn.Module):
             raise ValueError("the last layer must be the final 1x1 convolution")
         module = conv_ops(int(final.get("ndim", 2))).module
         return cls(hidden, module(int(final["in"]), int(final["out"]), 1))
+
+
+def save_payload(
+    path: Path,
+    format_name: str,
+    architecture: object,
+    metadata: dict[str, object],
+    state_dict: dict[str, Tensor],
+) -> None:
+    """Write a network file atomically: its format name, architecture and metadata as JSON
+    text, and its tensors on the CPU (nothing ``torch.load(weights_only=True)`` refuses)."""
+    payload = {
+        "format": format_name,
+        "architecture": json.dumps(architecture),
+        "metadata": json.dumps(metadata),
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(payload, tmp)
+        with open(tmp, "rb+") as handle:
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

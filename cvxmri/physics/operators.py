@@ -247,6 +247,46 @@ class Sense(LinearOperator):
             y = y * self.mask
         return (self.maps.conj() * ifftnc(y, self.ndim)).sum(dim=self.coil_dim)
 
+    @property
+    def N(self) -> LinearOperator:
+        """``A^H A``, computed without centring every coil's k-space (`SenseNormal`)."""
+        return SenseNormal(self)
+
+
+class SenseNormal(LinearOperator):
+    """The normal operator ``A^H A`` of a `Sense` operator, equal to ``A.H(A(x))`` up to
+    the last bit of float rounding but about three times faster on the CPU.
+
+    The centring shifts of the FFTs (``fftshift``/``ifftshift``, which copy the whole
+    coil-by-grid tensor) cancel between ``F`` and ``F^H`` except at the two ends: with the
+    maps and the mask shifted once, ``A^H A x = fftshift(sum_c conj(S'_c) F0^H (M'^2 F0
+    (S'_c ifftshift(x))))``, ``F0`` the uncentred FFT and ``'`` the ``ifftshift`` of a
+    tensor, so only the image is shifted. The products are those of the centred formula,
+    in the same order (vectorised loops may still round a last bit differently).
+    """
+
+    def __init__(self, sense: Sense) -> None:
+        super().__init__(name=f"{sense.name}.N")
+        self.sense = sense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``A^H A x``: image (B, *grid) to image (B, *grid)."""
+        sense = self.sense
+        dims = spatial_dims(sense.ndim)
+        maps = torch.fft.ifftshift(sense.maps, dim=dims)
+        coils = maps * torch.fft.ifftshift(x, dim=dims).unsqueeze(sense.coil_dim)
+        kspace = torch.fft.fftn(coils, dim=dims, norm="ortho")
+        if sense.mask is not None:
+            mask = sense.mask.view(*([1] * (sense.ndim - sense.mask.ndim)), *sense.mask.shape)
+            mask = torch.fft.ifftshift(mask, dim=dims)
+            kspace = kspace * mask * mask
+        images = torch.fft.ifftn(kspace, dim=dims, norm="ortho")
+        return torch.fft.fftshift((maps.conj() * images).sum(dim=sense.coil_dim), dim=dims)
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``(A^H A)^H y = A^H A y``."""
+        return self.forward(y)
+
 
 def _crop_slices(full: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
     """fastMRI's centred window: start ``(size - target) // 2`` on each axis."""
@@ -336,4 +376,18 @@ def recon_sense(
     full = tuple(maps.shape[-ndim:])
     if tuple(shape) == full:
         return sense
-    return sense @ CenterCrop(full, shape).H
+    return CroppedSense(sense, CenterCrop(full, shape))
+
+
+class CroppedSense(Composition):
+    """``A P``: a `Sense` operator ``A`` on images zero-padded by ``P = crop^H`` (see
+    `recon_sense`), whose normal operator ``crop A^H A P`` uses `SenseNormal`."""
+
+    def __init__(self, sense: Sense, crop: CenterCrop) -> None:
+        super().__init__(sense, crop.H)
+        self.crop = crop
+
+    @property
+    def N(self) -> LinearOperator:
+        """``crop (A^H A) P``."""
+        return Composition(self.crop, Composition(self.outer.N, self.inner))

@@ -18,11 +18,13 @@ from cvxmri.data.prepare import is_dataset_root
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec
 from cvxmri.models.convex import ConvexStageConfig
+from cvxmri.models.dc import DCConfig
 from cvxmri.models.stages import StageSpec
 
 METHODS = ("layerwise-convex", "layerwise-nonconvex", "end-to-end")
 PRESETS = ("quick", "paper", "tiny")
 SOLVERS = ("adam", "fista", "certified")
+ARCHS = ("cnn", "unrolled")
 
 
 @dataclass
@@ -83,11 +85,53 @@ class CertifiedConfig:
 
 
 @dataclass
+class UnrolledConfig:
+    """The unrolled network of ``arch: unrolled`` (`cvxmri.models.unrolled.UnrolledNet`).
+
+    Attributes:
+        iterations: T, the number of regulariser-plus-data-consistency iterations.
+        channels: hidden width of each iteration's regulariser (``KxK conv -> ReLU ->
+            1x1``). A convex iteration has ``channels // 2`` gate patterns, each with a
+            complex output (real and imaginary channels, one group), the same width.
+        kernel_size: KxK of the regularisers' hidden layers.
+        dc: the data-consistency step.
+        shared: one regulariser for every iteration (end-to-end only; greedy training
+            trains one module per iteration).
+    """
+
+    iterations: int = 8
+    channels: int = 16
+    kernel_size: int = 5
+    dc: DCConfig = field(default_factory=DCConfig)
+    shared: bool = False
+
+    def validate(self, method: str) -> None:
+        """Raise `CvxmriError` naming the first invalid setting."""
+        checks = {
+            "iterations": self.iterations >= 1,
+            "channels": self.channels >= 2 and self.channels % 2 == 0,
+            "kernel_size": self.kernel_size >= 1 and self.kernel_size % 2 == 1,
+            "shared": not self.shared or method == "end-to-end",
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise CvxmriError(
+                    f"invalid training setting unrolled.{name}={getattr(self, name)!r}"
+                    + (" (shared weights need method end-to-end)" if name == "shared" else "")
+                )
+        self.dc.validate()
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run depends on; saved as ``config.yaml`` in the run folder.
 
     Attributes:
         method: layerwise-convex, layerwise (non-convex greedy ablation) or end-to-end.
+        arch: ``cnn`` (`ReconCNN`, ``layers`` deep, the paper's network) or ``unrolled``
+            (`UnrolledNet`, see ``unrolled``; layer-wise methods train it greedily, one
+            iteration at a time, and its convex iterations are always solved by the
+            certified path, ``certified``).
         data: training data: a dataset root (its ``multicoil_train/``), a flat folder of
             ``.h5`` files (e.g. fastMRI's ``knee/multicoil_train``) or one file.
         val_data: validation data, in the same forms; empty: the ``val`` split of ``data``
@@ -113,8 +157,10 @@ class TrainConfig:
         stage_cache: where layer-wise stage inputs are kept: memory, disk, or none
             (recomputed from the frozen prefix for every batch).
         certificate_every: compute the convex certificate every n epochs (and at the end).
-        solver: how convex stages are solved: ``adam`` (mini-batches of crops, as the paper),
-            ``fista`` (full-batch proximal gradient on whole images at ``convex.beta``) or
+        unrolled: the unrolled network of ``arch: unrolled``.
+        solver: how the CNN's convex stages are solved: ``adam`` (mini-batches of crops, as
+            the paper), ``fista`` (full-batch proximal gradient on whole images at
+            ``convex.beta``) or
             ``certified`` (a beta path chosen on validation, every beta solved to a relative
             duality gap; see ``certified``). The last two solve the convex program itself
             (gated program, fixed masks, cached stage inputs).
@@ -133,6 +179,7 @@ class TrainConfig:
     """
 
     method: str = "layerwise-convex"
+    arch: str = "cnn"
     data: str = "data/default"
     val_data: str = ""
     mask: MaskSpec = field(default_factory=lambda: MaskSpec("poisson", 4.0))
@@ -140,6 +187,7 @@ class TrainConfig:
     channels: int = 256
     kernel_size: int = 7
     convex: ConvexStageConfig = field(default_factory=ConvexStageConfig)
+    unrolled: UnrolledConfig = field(default_factory=UnrolledConfig)
     hidden_layer: str = "gated"
     carry: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -163,6 +211,12 @@ class TrainConfig:
         """Raise `CvxmriError` for impossible settings."""
         if self.method not in METHODS:
             raise CvxmriError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.arch not in ARCHS:
+            raise CvxmriError(f"unknown arch {self.arch!r} (choose from {', '.join(ARCHS)})")
+        if self.arch == "unrolled":
+            self.unrolled.validate(self.method)
+            if self.method != "end-to-end" and not self.fixed_masks:
+                raise CvxmriError("greedy unrolled training needs fixed_masks=true")
         self.mask.validate()
         if self.mask.kind == "file":
             raise CvxmriError("mask 'file' is for evaluation; training draws its masks")

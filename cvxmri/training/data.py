@@ -29,7 +29,7 @@ from cvxmri.data.prepare import (
     prepare_volume,
     volume_id,
 )
-from cvxmri.data.sample import make_sample
+from cvxmri.data.sample import Sample, collate_samples, make_sample
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec, seed_from_name
 
@@ -152,6 +152,25 @@ class SliceData:
             key = [seed, seed_from_name(f"{name}:{index}")] + ([] if epoch is None else [epoch])
             masks.append(self.mask.sample(shape, np.random.default_rng(key), self.padding))
         return torch.from_numpy(np.stack(masks).astype(np.float32))
+
+    def samples(self, masks: Tensor, batch: int = 16) -> Sample:
+        """Every slice as one `Sample` for these masks (`make_sample`, ``batch`` slices at
+        a time): k-space, masks and maps included, for networks that apply the SENSE
+        operator themselves (data consistency)."""
+        return collate_samples(
+            [
+                make_sample(
+                    self.kspace[start : start + batch],
+                    masks[start : start + batch],
+                    self.maps[start : start + batch],
+                    self.recon_shape,
+                    target=self.targets[start : start + batch],
+                    volume=self.files[start : start + batch],
+                    slice_index=self.slices[start : start + batch],
+                )
+                for start in range(0, len(self), batch)
+            ]
+        )
 
     def pairs(self, masks: Tensor, batch: int = 16) -> PairSet:
         """Normalised ``(x0, x*)`` pairs for these masks (`make_sample`, ``batch`` slices

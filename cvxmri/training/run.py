@@ -15,6 +15,7 @@ from cvxmri.errors import CvxmriError
 from cvxmri.runs import environment, first_missing
 from cvxmri.training.config import TrainConfig
 from cvxmri.training.trainer import Trainer, check_resumable, resolve_device, write_outputs
+from cvxmri.training.unrolled import UnrolledTrainer
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,11 @@ def train(
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
         log.info("environment: %s", environment())
-        trainer = Trainer(config, out, progress)
+        trainer = (
+            UnrolledTrainer(config, out, progress)
+            if config.arch == "unrolled"
+            else Trainer(config, out, progress)
+        )
         model = trainer.fit()
         return write_outputs(trainer, model)
     except BaseException:

@@ -55,6 +55,7 @@ from cvxmri.metrics import slice_metrics, volume_metrics
 from cvxmri.models.cnn import ReconCNN
 from cvxmri.models.convex import ConvexStage, pack_gates, unpack_gates
 from cvxmri.models.stages import Stage, build_stage
+from cvxmri.models.unrolled import UnrolledNet
 from cvxmri.training import data as data_module
 from cvxmri.training.certified import StageSolver
 from cvxmri.training.checkpoint import load_checkpoint, save_checkpoint
@@ -312,22 +313,7 @@ class Trainer:
                 return x0 + model.final(model.last_hidden(h))
 
             pred = self._apply(tail, pairs.x0, stage_inputs)
-        pred = pred * pairs.support
-        scale = pairs.scale[:, None, None]
-        pred_mag = torch.linalg.vector_norm(pred, dim=1) * scale
-        target_mag = torch.linalg.vector_norm(pairs.target, dim=1) * scale
-        volumes = []
-        for name in dict.fromkeys(pairs.files):
-            index = [i for i, f in enumerate(pairs.files) if f == name]
-            volumes.append(volume_metrics(target_mag[index], pred_mag[index]))
-        per_slice = slice_metrics(target_mag, pred_mag)
-        return {
-            "val_psnr": float(sum(v["psnr"] for v in volumes) / len(volumes)),
-            "val_ssim": float(sum(v["ssim"] for v in volumes) / len(volumes)),
-            "val_nmse": float(sum(v["nmse"] for v in volumes) / len(volumes)),
-            "val_psnr_slice": float(sum(per_slice["psnr"]) / len(per_slice["psnr"])),
-            "val_ssim_slice": float(sum(per_slice["ssim"]) / len(per_slice["ssim"])),
-        }
+        return image_metrics(pred, pairs.target, pairs.support, pairs.scale, pairs.files)
 
     def _record(self, row: dict[str, Any], step: int) -> None:
         """Add a history row: to ``history.csv`` (rewritten every epoch, so that an
@@ -889,6 +875,30 @@ class StageInputs:
         return None if self.prefix is None else self.prefix.last_hidden
 
 
+def image_metrics(
+    pred: Tensor, target: Tensor, support: Tensor, scale: Tensor, files: list[str]
+) -> dict[str, float]:
+    """Validation metrics of normalised 2-channel predictions (N, 2, h, w) against their
+    targets: restricted to the coil ``support``, magnitudes back in the data's units
+    (``scale``), volume metrics grouped by ``files`` and averaged (fastMRI's convention),
+    and per-slice means."""
+    pred = pred * support
+    pred_mag = torch.linalg.vector_norm(pred, dim=1) * scale[:, None, None]
+    target_mag = torch.linalg.vector_norm(target, dim=1) * scale[:, None, None]
+    volumes = []
+    for name in dict.fromkeys(files):
+        index = [i for i, f in enumerate(files) if f == name]
+        volumes.append(volume_metrics(target_mag[index], pred_mag[index]))
+    per_slice = slice_metrics(target_mag, pred_mag)
+    return {
+        "val_psnr": float(sum(v["psnr"] for v in volumes) / len(volumes)),
+        "val_ssim": float(sum(v["ssim"] for v in volumes) / len(volumes)),
+        "val_nmse": float(sum(v["nmse"] for v in volumes) / len(volumes)),
+        "val_psnr_slice": float(sum(per_slice["psnr"]) / len(per_slice["psnr"])),
+        "val_ssim_slice": float(sum(per_slice["ssim"]) / len(per_slice["ssim"])),
+    }
+
+
 def write_history(path: Path, history: list[dict[str, Any]]) -> None:
     """``history`` as CSV (the union of the rows' keys as columns), replacing ``path``
     whole (written beside it, then renamed); nothing for an empty history."""
@@ -921,13 +931,18 @@ def epoch_summary(row: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def write_outputs(trainer: Trainer, model: ReconCNN) -> dict[str, Any]:
+def write_outputs(trainer: Trainer, model: ReconCNN | UnrolledNet) -> dict[str, Any]:
     """The exported network, history (CSV), certificates and metrics (JSON) of a run."""
     out = trainer.out
     config = trainer.config
+    size = (
+        {"iterations": model.iterations}
+        if isinstance(model, UnrolledNet)
+        else {"layers": model.depth}
+    )
     model.save(
         out / "model.pt",
-        {"method": config.method, "layers": model.depth, "mask": config.mask.describe()},
+        {"method": config.method, "arch": config.arch, **size, "mask": config.mask.describe()},
     )
     write_history(out / "history.csv", trainer.history)
     (out / "certificates.json").write_text(json.dumps(trainer.certificates, indent=2))

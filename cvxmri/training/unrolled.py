@@ -1,0 +1,668 @@
+"""Training unrolled networks (``arch: unrolled``): end-to-end, or greedily one iteration
+at a time, each iteration a non-convex fit or a certified convex program.
+
+Greedy training fixes the previous iterate ``x`` (the output of the frozen iterations
+before) and fits iteration t alone: ``min ||DC(x + R_t(x)) - x*||^2``. With a gated
+regulariser ``R_t(x) = sum_p D_p conv(x, v_p)`` (gates fixed from ``x``) and the affine
+data consistency ``DC(z) = DC(0) + L z`` (`cvxmri.models.dc`), the iteration's output is
+``DC(x) + L Phi v``: linear in the weights. So the iteration is the group lasso
+
+    min_v  1/(2N) sum_n ||L_n Phi_n v - r_n||^2 + beta sum_p ||v_p||,   r = x* - DC(x)
+
+with one group per pattern (its real and imaginary outputs together: ``L`` mixes them).
+The regulariser's output is complex, ``Phi w`` with complex coefficients ``w = a + i b``
+(``a`` the weights of the real output channel, ``b`` of the imaginary one), and ``L`` is
+complex-linear, so the design is ``B = L Phi`` with complex columns ``L phi_j``. Its Gram
+matrix ``H = B^H B / N`` and ``B^H r / N`` are accumulated once over the training set
+(`dc_gram_system`: ``P * C_in * K^d`` applications of ``L`` per image, the cost of this
+route), in the real form ``[[Re H, -Im H], [Im H, Re H]]`` on ``(a, b)``; the certified
+solver's Gram route (`cvxmri.training.certified.solve_gram`) then solves every beta of the
+path, and an exact float64 pass through the real operators certifies each solution
+(refining it when the accumulated matrix's rounding matters).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from cvxmri.data.sample import Sample
+from cvxmri.errors import CvxmriError
+from cvxmri.models.cnn import ReconCNN, to_channels
+from cvxmri.models.convex import ConvexStage, ConvexStageConfig, certificate_numbers
+from cvxmri.models.dc import DataConsistency
+from cvxmri.models.stages import gated_layers
+from cvxmri.models.unrolled import UnrolledNet
+from cvxmri.physics import LinearOperator, recon_sense
+from cvxmri.training.certified import (
+    BlockMetric,
+    GramSystem,
+    _patches,
+    metric_lipschitz,
+    solve_gram,
+)
+from cvxmri.training.data import derived_seed, epoch_batches
+from cvxmri.training.fit import make_optimizer
+from cvxmri.training.trainer import Trainer, TrainingStopped, image_metrics
+
+log = logging.getLogger(__name__)
+
+# Columns of the design mapped through L at once (bounds the memory of the Gram build:
+# columns x coils x grid complex values).
+COLUMN_CHUNK = 64
+# Images per chunk when applying iterations to a whole set.
+IMAGE_CHUNK = 8
+# Refinement rounds of a convex iteration's solve (each one exact float64 pass).
+MAX_ROUNDS = 20
+
+
+def _complex(channels: Tensor) -> Tensor:
+    """Real (B, 2, ...) -> complex (B, ...) in the matching precision (float64 stays
+    double, unlike `cvxmri.models.cnn.to_complex`)."""
+    return torch.complex(channels[:, 0], channels[:, 1])
+
+
+@dataclass
+class IterationData:
+    """A chunk of training images of one greedy iteration, on the device.
+
+    Attributes:
+        x: (b, 2, h, w) the previous iterate (the iteration's input).
+        r: (b, 2, h, w) the residual ``x* - DC(x)`` the regulariser must explain.
+        gates: bool (b, P, h, w) the iteration's sign patterns on ``x``.
+        maps: complex (b, C, H, W) coil maps.
+        mask: (b, 1, H, W) sampling masks.
+    """
+
+    x: Tensor
+    r: Tensor
+    gates: Tensor
+    maps: Tensor
+    mask: Tensor
+
+    def operator(self, dtype: torch.dtype = torch.complex64) -> LinearOperator:
+        """``A`` of the chunk's images in complex ``dtype``."""
+        real = dtype.to_real()
+        return recon_sense(
+            self.maps.to(dtype), self.mask.to(real), tuple(self.x.shape[-2:]), ndim=2
+        )
+
+
+def _group_norms(weight: Tensor) -> Tensor:
+    """Per-pattern norms of a weight (P, 2, C_in, K, K): one group per pattern."""
+    return torch.linalg.vector_norm(weight.flatten(1), dim=1)
+
+
+@torch.no_grad()
+def dc_gram_system(
+    stage: ConvexStage, data: list[IterationData], dc: DataConsistency
+) -> GramSystem:
+    """The `GramSystem` of a greedy convex iteration (see the module docstring), in the
+    real form, one output column, unknowns ordered per pattern as ``(a_p, b_p)``, each the
+    pattern's ``C_in * K^2`` weights of one output channel (the layout of the stage's
+    weight ``(P, 2, C_in, K, K)`` flattened).
+
+    Per image, the ``m = P C_in K^2`` design columns (the gated patches) go through ``L``
+    in chunks of `COLUMN_CHUNK` (complex64, the operator's own precision), and their
+    products are accumulated in float64.
+    """
+    began = time.perf_counter()
+    p = stage.config.patterns
+    m0 = stage.in_channels * stage.config.kernel_size**2
+    m = p * m0
+    device = stage.gate_weight.device
+    gram = torch.zeros(2 * m, 2 * m, dtype=torch.float64, device=device)
+    rhs = torch.zeros(2 * m, dtype=torch.float64, device=device)
+    rr, count = 0.0, 0
+    for chunk in data:
+        for i in range(chunk.x.shape[0]):
+            x = chunk.x[i : i + 1].float()
+            u = _patches(stage, x)  # (pixels, m0)
+            d = chunk.gates[i].reshape(p, -1).T.float()  # (pixels, P)
+            columns = (d[:, :, None] * u[:, None, :]).reshape(u.shape[0], m).T
+            shape = x.shape[-2:]
+            mapped = torch.empty(m, u.shape[0], dtype=torch.complex64, device=device)
+            single = recon_sense(chunk.maps[i : i + 1], chunk.mask[i : i + 1].float(), shape)
+            for start in range(0, m, COLUMN_CHUNK):
+                part = columns[start : start + COLUMN_CHUNK].reshape(-1, *shape)
+                mapped[start : start + COLUMN_CHUNK] = dc.linear(
+                    part.to(torch.complex64), single
+                ).reshape(part.shape[0], -1)
+            stacked = torch.cat([mapped.real, mapped.imag])  # (2m, pixels)
+            products = (stacked @ stacked.T).double()
+            rr_part, ri_part = products[:m, :m], products[:m, m:]
+            ir_part, ii_part = products[m:, :m], products[m:, m:]
+            re_h = rr_part + ii_part
+            im_h = ri_part - ir_part
+            gram += torch.cat([torch.cat([re_h, -im_h], dim=1), torch.cat([im_h, re_h], dim=1)])
+            r = chunk.r[i].double().reshape(2, -1)
+            br, bi = mapped.real.double(), mapped.imag.double()
+            rhs += torch.cat([br @ r[0] + bi @ r[1], br @ r[1] - bi @ r[0]])
+            rr += float(r.square().sum())
+            count += 1
+    if count == 0:
+        raise CvxmriError("the training set is empty: no images")
+    order = torch.tensor(
+        [o * m + q * m0 + j for q in range(p) for o in range(2) for j in range(m0)],
+        device=device,
+    )
+    return GramSystem(
+        gram[order][:, order] / count,
+        (rhs[order] / count)[:, None],
+        rr / count,
+        count,
+        p,
+        "separate",
+        time.perf_counter() - began,
+    )
+
+
+@torch.no_grad()
+def exact_certificate(
+    stage: ConvexStage,
+    weight: Tensor,
+    data: list[IterationData],
+    dc: DataConsistency,
+    beta: float,
+) -> tuple[dict[str, float], Tensor, float]:
+    """The certificate of ``weight`` (P, 2, C_in, K, K) at ``beta`` from one pass through
+    the real operators in float64 (complex128), the exact gradient of the data term and
+    its value ``||e||^2 / N``."""
+    w = weight.double()
+    ee = re = 0.0
+    gradient = torch.zeros_like(w)
+    count = 0
+    for chunk in data:
+        op = chunk.operator(torch.complex128)
+        x, gates = chunk.x.double(), chunk.gates.double()
+        pred = to_channels(dc.linear(_complex(stage.apply_weight(x, w, gates)), op))
+        e = chunk.r.double() - pred
+        ee += float(e.square().sum())
+        re += float((chunk.r.double() * e).sum())
+        back = to_channels(dc.linear(_complex(e), op))
+        gradient -= stage.apply_adjoint(x, back, gates)
+        count += x.shape[0]
+    ee, re, gradient = ee / count, re / count, gradient / count
+    norms = _group_norms(w)
+    primal = 0.5 * ee + beta * float(norms.sum())
+    max_dual = float(_group_norms(gradient).max())
+    cert = {
+        **certificate_numbers(primal, re, ee, beta, max_dual),
+        "groups": float((norms > 0).sum()),
+    }
+    return cert, gradient, ee
+
+
+class IterationSolver:
+    """Solves a greedy convex iteration at any ``beta`` to the relative gap ``tol``,
+    warm-started from the stage's weights (which it overwrites): the Gram route of
+    `cvxmri.training.certified.StageSolver` with `dc_gram_system` as the model and
+    `exact_certificate` as the exact pass."""
+
+    def __init__(
+        self,
+        stage: ConvexStage,
+        data: list[IterationData],
+        dc: DataConsistency,
+        *,
+        tol: float,
+        max_seconds: float,
+        max_iterations: int,
+    ) -> None:
+        began = time.perf_counter()
+        self.stage, self.data, self.dc = stage, data, dc
+        self.tol, self.max_seconds, self.max_iterations = tol, max_seconds, max_iterations
+        self.system = dc_gram_system(stage, data, dc)
+        self.metric = BlockMetric.from_gram(self.system)
+        system = self.system
+
+        def hessian(u: Tensor) -> Tensor:
+            return system.per_pattern(system.gram @ system.flat(u))
+
+        shape = (system.patterns, 1, system.block)
+        self.lipschitz = metric_lipschitz(hessian, self.metric, shape, 100)
+        self.unknowns = system.gram.shape[0]
+        self.setup_seconds = time.perf_counter() - began
+
+    def _flat(self, weight: Tensor) -> Tensor:
+        return weight.detach().double().reshape(-1, 1)
+
+    def _set(self, v: Tensor) -> None:
+        with torch.no_grad():
+            self.stage.v.copy_(v.reshape(self.stage.v.shape).to(self.stage.v.dtype))
+
+    def beta_max(self) -> float:
+        """The smallest ``beta`` at which the zero weight is optimal."""
+        return self.system.beta_max()
+
+    def solve(self, beta: float, trace: list[list[float]]) -> dict[str, float]:
+        """Solve at ``beta``; ``[seconds, relative gap]`` of every exact pass is appended
+        to ``trace``. Returns the last exact certificate with ``iterations``, ``passes``
+        and ``seconds``."""
+        began = time.perf_counter()
+        system = self.system
+        v = self._flat(self.stage.v)
+        iterations = passes = 0
+        while True:
+            cert, gradient, ee = exact_certificate(
+                self.stage, self.stage.v, self.data, self.dc, beta
+            )
+            passes += 1
+            seconds = time.perf_counter() - began
+            trace.append([seconds, cert["relative_gap"]])
+            if (
+                cert["relative_gap"] <= self.tol
+                or passes > MAX_ROUNDS
+                or seconds > self.max_seconds
+            ):
+                break
+            gv = system.gram @ v
+            rhs = gv - self._flat(gradient)
+            # The model's gradient and ||e||^2 at v are the exact ones.
+            rr = ee + 2 * float((rhs * v).sum()) - float((v * gv).sum())
+            model = GramSystem(system.gram, rhs, rr, system.count, system.patterns, "separate")
+            v, inner = solve_gram(
+                model,
+                beta,
+                v,
+                tol=self.tol / 4,
+                max_iterations=self.max_iterations,
+                metric=self.metric,
+                lipschitz=self.lipschitz,
+            )
+            iterations += int(inner["iterations"])
+            self._set(v)
+        return {
+            **cert,
+            "iterations": float(iterations),
+            "passes": float(passes),
+            "seconds": time.perf_counter() - began,
+        }
+
+
+class UnrolledTrainer(Trainer):
+    """Trains an `UnrolledNet` as configured (``config.arch == "unrolled"``), writing
+    into ``out`` like `Trainer`: history, certificates, checkpoints (per epoch end-to-end,
+    per iteration greedily; a greedy iteration interrupted midway restarts on resume).
+
+    Training uses whole images (data consistency needs the whole field of view) with the
+    run's fixed masks (greedy) or fresh masks per epoch (end-to-end, ``fixed_masks:
+    false``)."""
+
+    def __init__(self, config: Any, out: Path, progress: Any = None) -> None:
+        super().__init__(config, out, progress)
+        self.settings = config.unrolled
+        self.val_samples = self.val_data.samples(self.val_data.evaluation_masks())
+        self.fixed_samples = (
+            self.train_data.samples(self.train_data.training_masks(config.seed, None))
+            if config.fixed_masks
+            else None
+        )
+
+    def _samples(self, epoch: int) -> Sample:
+        if self.fixed_samples is not None:
+            return self.fixed_samples
+        return self.train_data.samples(self.train_data.training_masks(self.config.seed, epoch))
+
+    def _metrics(self, pred: Tensor) -> dict[str, float]:
+        val = self.val_samples
+        assert val.target is not None
+        return image_metrics(pred, val.target, val.support, val.scale, val.volume)
+
+    @torch.no_grad()
+    def _advance(
+        self, block: torch.nn.Module, dc: DataConsistency, x: Tensor, samples: Sample
+    ) -> Tensor:
+        """``DC(block(x))`` for every image of ``samples`` (chunks on the device; CPU out)."""
+        block.eval()
+        out = []
+        for start in range(0, len(x), IMAGE_CHUNK):
+            part = slice(start, start + IMAGE_CHUNK)
+            xs = x[part].to(self.device)
+            op = recon_sense(
+                samples.maps[part].to(self.device),
+                samples.mask[part].to(self.device),
+                tuple(xs.shape[-2:]),
+            )
+            z = _complex(block(xs))
+            out.append(to_channels(dc(z, op, op.H(samples.y[part].to(self.device)))).cpu())
+        return torch.cat(out)
+
+    def _network_metrics(self, model: UnrolledNet) -> dict[str, float]:
+        x = self.val_samples.x0
+        for block in model.blocks:
+            x = self._advance(block, model.dc, x, self.val_samples)
+        return self._metrics(x)
+
+    def fit(self, stop_after: int | None = None) -> UnrolledNet:  # type: ignore[override]
+        """Train (resuming from ``checkpoints/last.pt`` if present) and return the network.
+
+        Args:
+            stop_after: stop after this many epochs (end-to-end) or iterations (greedy) in
+                this call (to test resumption); the run is then resumable.
+        """
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        try:
+            state = self._load()
+            budget = [math.inf if stop_after is None else stop_after]
+            if self.config.method == "end-to-end":
+                return self._fit_unrolled_end_to_end(state, budget)
+            return self._fit_greedy(state, budget)
+        finally:
+            self.writer.close()
+
+    # ------------------------------------------------------------------------ end-to-end
+
+    def _fit_unrolled_end_to_end(
+        self, state: dict[str, Any] | None, budget: list[float]
+    ) -> UnrolledNet:
+        cfg, settings = self.config, self.settings
+        torch.manual_seed(derived_seed(cfg.seed, 1000))
+        model = UnrolledNet.relu(
+            settings.iterations,
+            settings.channels,
+            settings.kernel_size,
+            settings.dc,
+            settings.shared,
+        ).to(self.device)
+        optimizer, scheduler = make_optimizer(model.parameters(), cfg.optim)
+        start = 0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start = int(state["epoch"])
+        for epoch in range(start, cfg.optim.epochs):
+            if budget[0] <= 0:
+                raise TrainingStopped
+            began = time.perf_counter()
+            samples = self._samples(epoch)
+            assert samples.target is not None
+            model.train()
+            losses = []
+            for index in epoch_batches(len(samples), cfg.optim.batch_size, cfg.seed, 0, epoch):
+                batch = _take(samples, index, self.device)
+                assert batch.target is not None
+                optimizer.zero_grad(set_to_none=True)
+                pred = self._forward(model, batch)
+                loss = 0.5 * (pred - batch.target).pow(2).sum() / len(index)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            row = {
+                "method": cfg.method,
+                "stage": 0,
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": sum(losses) / len(losses),
+                **self._network_metrics(model),
+                "seconds": time.perf_counter() - began,
+            }
+            self._record(row, epoch)
+            self._save(
+                {
+                    "method": cfg.method,
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                }
+            )
+            budget[0] -= 1
+        self.depth_metrics = self._iteration_metrics(model)
+        return model.cpu()
+
+    def _forward(self, model: UnrolledNet, batch: Sample) -> Tensor:
+        """The network's output, each iteration checkpointed when configured."""
+        if not self.config.checkpointing:
+            return model(batch.x0, batch.y, batch.mask, batch.maps)
+        op = model.operator(batch.x0, batch.mask, batch.maps)
+        aty = op.H(batch.y)
+        x = batch.x0
+
+        def iteration(block: ReconCNN, z: Tensor) -> Tensor:
+            return to_channels(model.dc(_complex(block(z)), op, aty))
+
+        for block in model.blocks:
+            x = checkpoint(iteration, block, x, use_reentrant=False)
+        return x
+
+    def _iteration_metrics(self, model: UnrolledNet) -> list[dict[str, Any]]:
+        """Validation metrics after every iteration of ``model`` (``iterations`` 1..T)."""
+        rows = []
+        x = self.val_samples.x0
+        for t, block in enumerate(model.blocks):
+            x = self._advance(block, model.dc, x, self.val_samples)
+            rows.append({"iterations": t + 1, **self._metrics(x)})
+        return rows
+
+    # ---------------------------------------------------------------------------- greedy
+
+    def _fit_greedy(self, state: dict[str, Any] | None, budget: list[float]) -> UnrolledNet:
+        cfg, settings = self.config, self.settings
+        dc = settings.dc.build()
+        train = self._samples(0)
+        blocks: list[ReconCNN] = []
+        if state is not None:
+            specs = json.loads(state["architectures"])
+            for t, spec in enumerate(specs):
+                block = ReconCNN.from_architecture(spec)
+                prefix = f"{t}."
+                block.load_state_dict(
+                    {
+                        k[len(prefix) :]: v
+                        for k, v in state["blocks"].items()
+                        if k.startswith(prefix)
+                    }
+                )
+                blocks.append(block.to(self.device))
+        x_train, x_val = train.x0, self.val_samples.x0
+        for block in blocks:
+            x_train = self._advance(block, dc, x_train, train)
+            x_val = self._advance(block, dc, x_val, self.val_samples)
+        for t in range(len(blocks), settings.iterations):
+            if budget[0] <= 0:
+                raise TrainingStopped
+            began = time.perf_counter()
+            if cfg.method == "layerwise-convex":
+                block = self._convex_iteration(t, dc, x_train, x_val, train)
+            else:
+                block = self._nonconvex_iteration(t, dc, x_train, x_val, train)
+            blocks.append(block)
+            x_train = self._advance(block, dc, x_train, train)
+            x_val = self._advance(block, dc, x_val, self.val_samples)
+            metrics = self._metrics(x_val)
+            self.depth_metrics.append({"iterations": t + 1, **metrics})
+            log.info("iteration %d: val PSNR %.2f dB", t + 1, metrics["val_psnr"])
+            self._save(
+                {
+                    "method": cfg.method,
+                    "stage": t + 1,
+                    "epoch": 0,
+                    "architectures": json.dumps([b.architecture() for b in blocks]),
+                    "blocks": {
+                        f"{i}.{k}": v.detach().cpu()
+                        for i, b in enumerate(blocks)
+                        for k, v in b.state_dict().items()
+                    },
+                    "seconds": time.perf_counter() - began,
+                }
+            )
+            budget[0] -= 1
+        return UnrolledNet([b.cpu() for b in blocks], dc)
+
+    def _residual(self, dc: DataConsistency, x: Tensor, samples: Sample) -> Tensor:
+        """``x* - DC(x)`` for every image: what iteration t's regulariser must explain."""
+        assert samples.target is not None
+        return samples.target - self._advance(torch.nn.Identity(), dc, x, samples)
+
+    def _nonconvex_iteration(
+        self, t: int, dc: DataConsistency, x_train: Tensor, x_val: Tensor, train: Sample
+    ) -> ReconCNN:
+        """Iteration t by backpropagation on the fixed previous iterate (GLEAM-style)."""
+        cfg, settings = self.config, self.settings
+        assert train.target is not None
+        torch.manual_seed(derived_seed(cfg.seed, t, 8))
+        block = ReconCNN.relu(2, settings.channels, settings.kernel_size).to(self.device)
+        optimizer, scheduler = make_optimizer(block.parameters(), cfg.optim)
+        for epoch in range(cfg.optim.epochs):
+            began = time.perf_counter()
+            block.train()
+            losses = []
+            for index in epoch_batches(len(train), cfg.optim.batch_size, cfg.seed, t + 1, epoch):
+                batch = _take(train, index, self.device)
+                assert batch.target is not None
+                op = recon_sense(batch.maps, batch.mask, tuple(batch.x0.shape[-2:]))
+                z = _complex(block(x_train[index].to(self.device)))
+                pred = to_channels(dc(z, op, op.H(batch.y)))
+                optimizer.zero_grad(set_to_none=True)
+                loss = 0.5 * (pred - batch.target).pow(2).sum() / len(index)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            row = {
+                "method": cfg.method,
+                "stage": t + 1,
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": sum(losses) / len(losses),
+                **self._metrics(self._advance(block, dc, x_val, self.val_samples)),
+                "seconds": time.perf_counter() - began,
+            }
+            self._record(row, t * cfg.optim.epochs + epoch + 1)
+        return block
+
+    def _convex_iteration(
+        self, t: int, dc: DataConsistency, x_train: Tensor, x_val: Tensor, train: Sample
+    ) -> ReconCNN:
+        """Iteration t as a certified convex program along the beta path, keeping the beta
+        with the best validation PSNR (`CertifiedConfig`); every beta is recorded."""
+        cfg, settings, certified = self.config, self.settings, self.config.certified
+        stage_config = ConvexStageConfig(
+            patterns=settings.channels // 2,
+            kernel_size=settings.kernel_size,
+            output_groups="frobenius",
+            gate_seed=derived_seed(cfg.seed, t, 7),
+            active_fraction=cfg.convex.active_fraction,
+        )
+        stage = ConvexStage(2, 2, stage_config).to(self.device)
+        stage.init_gates(x_train[:16].to(self.device))
+        residual = self._residual(dc, x_train, train)
+        data = []
+        for start in range(0, len(x_train), IMAGE_CHUNK):
+            part = slice(start, start + IMAGE_CHUNK)
+            x = x_train[part].to(self.device)
+            data.append(
+                IterationData(
+                    x,
+                    residual[part].to(self.device),
+                    stage.pattern_gates(x),
+                    train.maps[part].to(self.device),
+                    train.mask[part].to(self.device),
+                )
+            )
+        began = time.perf_counter()
+        solver = IterationSolver(
+            stage,
+            data,
+            dc,
+            tol=certified.tol,
+            max_seconds=certified.seconds or math.inf,
+            max_iterations=certified.max_iterations,
+        )
+        largest = solver.beta_max()
+        log.info(
+            "iteration %d: Gram of %d unknowns built in %.1f s, beta_max %.4g",
+            t + 1,
+            solver.unknowns,
+            solver.setup_seconds,
+            largest,
+        )
+        best: tuple[float, dict[str, Tensor], dict[str, Any]] | None = None
+        worse = 0
+        for position, fraction in enumerate(certified.betas):
+            beta = fraction * largest
+            trace: list[list[float]] = []
+            cert = solver.solve(beta, trace)
+            first, last = gated_layers(stage)
+            block = ReconCNN([first], last).to(self.device)
+            metrics = self._metrics(self._advance(block, dc, x_val, self.val_samples))
+            seconds = time.perf_counter() - began
+            began = time.perf_counter()
+            record = {
+                "stage": t + 1,
+                "path_index": position + 1,
+                "beta": beta,
+                "beta_fraction": fraction,
+                "route": "dc-gram",
+                **cert,
+                "val_psnr": metrics["val_psnr"],
+                "certified": cert["relative_gap"] <= certified.tol,
+                "trace": trace,
+            }
+            self.certificates.append(record)
+            self._record(
+                {
+                    "method": cfg.method,
+                    "stage": t + 1,
+                    "epoch": position + 1,
+                    "beta": beta,
+                    **metrics,
+                    **{f"cert_{k}": v for k, v in cert.items()},
+                    "seconds": seconds,
+                },
+                t * len(certified.betas) + position + 1,
+            )
+            if best is None or metrics["val_psnr"] > best[0]:
+                saved = {k: v.detach().clone() for k, v in stage.state_dict().items()}
+                best, worse = (metrics["val_psnr"], saved, record), 0
+            else:
+                worse += 1
+                if worse >= 2:
+                    break
+        assert best is not None
+        _, saved, record = best
+        stage.load_state_dict(saved)
+        stage.config = replace(stage.config, beta=record["beta"])
+        record["selected"] = True
+        log.info(
+            "iteration %d: beta %.4g selected, relative gap %.2e",
+            t + 1,
+            record["beta"],
+            record["relative_gap"],
+        )
+        first, last = gated_layers(stage)
+        return ReconCNN([first], last).to(self.device)
+
+
+def _take(samples: Sample, index: Tensor, device: torch.device) -> Sample:
+    """The slices ``index`` of ``samples`` on ``device`` (tensors only; ids follow)."""
+    picked = index.tolist()
+    return Sample(
+        y=samples.y[index].to(device),
+        mask=samples.mask[index].to(device),
+        maps=samples.maps[index].to(device),
+        x0=samples.x0[index].to(device),
+        target=None if samples.target is None else samples.target[index].to(device),
+        reference=None,
+        scale=samples.scale[index].to(device),
+        support=samples.support[index].to(device),
+        recon_shape=samples.recon_shape,
+        volume=[samples.volume[i] for i in picked],
+        slice_index=[samples.slice_index[i] for i in picked],
+    )
