@@ -255,8 +255,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML config over the preset (a run's config.yaml is one); options given override it",
     )
     _add_mask_options(train, train=True)
-    train.add_argument("--layers", type=_positive_int, help="network depth k+1 (paper: 5)")
-    train.add_argument("--channels", type=_positive_int, help="hidden width")
+    train.add_argument(
+        "--arch",
+        choices=("cnn", "unrolled"),
+        help="cnn (the paper's network, default) or unrolled (T iterations of a regulariser "
+        "and data consistency; layer-wise methods train it one iteration at a time)",
+    )
+    train.add_argument(
+        "--iterations", type=_positive_int, help="unrolled: iterations T (default 8)"
+    )
+    train.add_argument(
+        "--dc",
+        choices=("gradient", "cg"),
+        help="unrolled: data consistency, a gradient step or CG-SENSE (default gradient)",
+    )
+    train.add_argument(
+        "--shared-weights",
+        action="store_true",
+        help="unrolled, end-to-end: one regulariser for all iterations",
+    )
+    train.add_argument("--layers", type=_positive_int, help="cnn: network depth k+1 (paper: 5)")
+    train.add_argument(
+        "--channels", type=_positive_int, help="hidden width (unrolled: of each regulariser)"
+    )
     train.add_argument("--epochs", type=_positive_int, help="epochs (per stage for layer-wise)")
     train.add_argument("--lr", type=_number, help="Adam learning rate")
     train.add_argument("--batch-size", type=_positive_int, help="images (crops) per step")
@@ -625,10 +646,22 @@ def _train_config(args: argparse.Namespace) -> object:
         convex = replace(convex, beta=args.beta)
     if args.program is not None:
         convex = replace(convex, program=args.program)
+    arch = args.arch or config.arch
+    unrolled = config.unrolled
+    for name, value in (
+        ("iterations", args.iterations),
+        ("channels", args.channels if arch == "unrolled" else None),
+        ("shared", args.shared_weights or None),
+    ):
+        if value is not None:
+            unrolled = replace(unrolled, **{name: value})
+    if args.dc is not None:
+        unrolled = replace(unrolled, dc=replace(unrolled.dc, kind=args.dc))
     overrides = {
         "method": args.method,
+        "arch": args.arch,
         "layers": args.layers,
-        "channels": args.channels,
+        "channels": args.channels if arch == "cnn" else None,
         "stage_cache": args.stage_cache,
         "solver": args.solver,
         "device": args.device,
@@ -642,11 +675,16 @@ def _train_config(args: argparse.Namespace) -> object:
         mask=mask,
         optim=optim,
         convex=convex,
+        unrolled=unrolled,
         **{k: v for k, v in overrides.items() if v is not None},
     )
     # Record the convex program as it runs: its pattern count and kernel size follow
     # channels and kernel_size (`TrainConfig.stage_config`), whatever the preset says.
     config = replace(config, convex=config.stage_config())
+    if config.arch == "unrolled":
+        # Data consistency needs the whole field of view: unrolled networks train on whole
+        # images, whatever crops the preset draws for the CNN.
+        config = replace(config, crop=0, crops_per_image=1)
     # A file that cannot be k-space (a NIfTI volume...) is named as such, not as a
     # dataset root without a val split.
     for data in (config.data, config.val_data):
@@ -677,8 +715,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
         config, out, resume=args.resume, force=args.force, progress=_epoch_progress(args)
     )
     final = metrics["final"]
+    size = (
+        f"unrolled, {config.unrolled.iterations} iterations"
+        if config.arch == "unrolled"
+        else f"{config.layers} layers"
+    )
     print(
-        f"{config.method} {config.mask.describe()}, {config.layers} layers: "
+        f"{config.method} {config.mask.describe()}, {size}: "
         f"val PSNR {final['val_psnr']:.2f} dB, SSIM {final['val_ssim']:.4f} "
         f"({metrics['train_seconds']:.0f} s)"
     )

@@ -41,7 +41,7 @@ from cvxmri.data.sample import Sample, make_sample
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec
 from cvxmri.metrics import slice_metrics, volume_metrics
-from cvxmri.models.cnn import ReconCNN
+from cvxmri.models.unrolled import load_network
 from cvxmri.recon import (
     CLASSICAL_METHODS,
     CSConfig,
@@ -176,7 +176,7 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
     reconstructors = {m: classical_reconstructor(m, config.cs) for m in config.methods}
     paths = [model_file(Path(p)) for p in config.models]
     for path in paths:
-        model = ReconCNN.load(path, map_location=device).eval()
+        model = load_network(path, map_location=device).eval()
         reconstructors[model_label(path)] = network_reconstructor(model)
     slice_rows: list[dict[str, object]] = []
     volume_rows: list[dict[str, object]] = []

@@ -62,7 +62,7 @@ from cvxmri.evaluate import (
     volume_sample,
 )
 from cvxmri.masks import MaskSpec
-from cvxmri.models.cnn import ReconCNN
+from cvxmri.models.unrolled import load_network
 from cvxmri.recon import CLASSICAL_METHODS, CSConfig, Reconstructor, network_reconstructor
 from cvxmri.runs import logging_to, staged_files
 
@@ -163,7 +163,7 @@ def resolve_model(model: str, cs: CSConfig, device: object = "cpu") -> Method:
             f"{model}: no such model file or run folder (or a classical method: "
             f"{', '.join(CLASSICAL_METHODS)})"
         )
-    network = ReconCNN.load(path, map_location=device).eval()  # type: ignore[arg-type]
+    network = load_network(path, map_location=device).eval()  # type: ignore[arg-type]
     if network.ndim != 2:
         raise CvxmriError(f"{model}: a {network.ndim}D network; predict reconstructs 2D slices")
     file = Path(str(network.metadata["path"]))

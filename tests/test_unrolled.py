@@ -1,0 +1,248 @@
+"""Unrolled networks: the model (start, files), a greedy convex iteration's Gram system
+against the explicit design, its optimum against cvxpy, and the three ways to train it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvxmri.errors import CvxmriError
+from cvxmri.models.cnn import ReconCNN, to_channels, to_complex
+from cvxmri.models.convex import ConvexStage, ConvexStageConfig
+from cvxmri.models.dc import DCConfig
+from cvxmri.models.unrolled import UnrolledNet, load_network
+from cvxmri.physics import recon_sense
+from cvxmri.training.config import CertifiedConfig, TrainConfig, UnrolledConfig, preset
+from cvxmri.training.trainer import TrainingStopped
+from cvxmri.training.unrolled import (
+    IterationData,
+    IterationSolver,
+    UnrolledTrainer,
+    dc_gram_system,
+    exact_certificate,
+)
+
+F64 = torch.float64
+
+
+def batch(seed: int = 0, size: int = 3, grid: tuple[int, int] = (10, 12), recon=(8, 8)):
+    """A random multi-coil batch: (x0, y, mask, maps) with x0 = crop(A^H y)."""
+    gen = torch.Generator().manual_seed(seed)
+    maps = torch.randn(size, 3, *grid, dtype=torch.complex64, generator=gen)
+    maps = maps / maps.abs().square().sum(dim=1, keepdim=True).sqrt()
+    mask = (torch.rand(size, 1, *grid, generator=gen) < 0.4).float()
+    image = torch.randn(size, *recon, dtype=torch.complex64, generator=gen)
+    op = recon_sense(maps, mask, recon)
+    y = op(image)
+    return to_channels(op.H(y)), y, mask, maps
+
+
+@pytest.mark.parametrize("kind", ["gradient", "cg"])
+def test_a_new_network_is_t_data_consistency_steps(kind: str) -> None:
+    """The regularisers' output layers start at zero: the network is DC applied T times."""
+    x0, y, mask, maps = batch()
+    net = UnrolledNet.relu(3, 4, 3, DCConfig(kind=kind, cg_iterations=5))
+    op = recon_sense(maps, mask, (8, 8))
+    expected = to_complex(x0)
+    for _ in range(3):
+        expected = net.dc(expected, op, op.H(y))
+    torch.testing.assert_close(to_complex(net(x0, y, mask, maps)), expected)
+    assert len(net.iterates(x0, y, mask, maps)) == 3
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_saved_network_reloads_with_the_same_output(tmp_path: Path, shared: bool) -> None:
+    x0, y, mask, maps = batch(1)
+    torch.manual_seed(0)
+    net = UnrolledNet.relu(2, 4, 3, DCConfig(kind="cg", lamda=0.1, cg_iterations=4), shared)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    net.save(tmp_path / "model.pt", {"method": "end-to-end"})
+    back = load_network(tmp_path)
+    assert isinstance(back, UnrolledNet) and back.shared == shared
+    assert back.metadata["method"] == "end-to-end"
+    assert back.dc.config() == net.dc.config()
+    torch.testing.assert_close(back(x0, y, mask, maps), net(x0, y, mask, maps))
+    # A CNN file loads through the same function; ReconCNN.load refuses the unrolled one.
+    ReconCNN.relu(2, 4, 3).save(tmp_path / "cnn.pt")
+    assert isinstance(load_network(tmp_path / "cnn.pt"), ReconCNN)
+    with pytest.raises(CvxmriError, match="an unrolled network, not a CNN"):
+        ReconCNN.load(tmp_path / "model.pt")
+
+
+def iteration_problem(kind: str, seed: int = 3):
+    """A small greedy convex iteration: its stage (3 patterns, 3x3), data and DC."""
+    x0, y, mask, maps = batch(seed, size=2)
+    gen = torch.Generator().manual_seed(seed + 1)
+    target = torch.randn(x0.shape, generator=gen)
+    dc = DCConfig(kind=kind, eta=1.2, lamda=0.2, cg_iterations=40).build()
+    op = recon_sense(maps, mask, (8, 8))
+    offset = to_channels(dc(to_complex(x0), op, op.H(y)))
+    stage = ConvexStage(
+        2, 2, ConvexStageConfig(patterns=3, kernel_size=3, output_groups="frobenius")
+    )
+    stage.init_gates(x0)
+    data = [IterationData(x0, target - offset, stage.pattern_gates(x0), maps, mask)]
+    return stage, data, dc
+
+
+def explicit_design(stage: ConvexStage, data, dc) -> torch.Tensor:
+    """The real design matrix (pixels * 2 * N, unknowns): the iteration's output for every
+    unit weight (one batch of columns) through the real operators in float64."""
+    chunk = data[0]
+    n, count = chunk.x.shape[0], stage.v.numel()
+    units = torch.eye(count, dtype=F64).view(count, *stage.v.shape)
+    x, gates = chunk.x.double(), chunk.gates.double()
+    preds = torch.stack([stage.apply_weight(x, w, gates) for w in units])  # (q, N, 2, h, w)
+    op = recon_sense(
+        chunk.maps.to(torch.complex128).repeat(count, 1, 1, 1),
+        chunk.mask.double().repeat(count, 1, 1, 1),
+        tuple(x.shape[-2:]),
+    )
+    flat = preds.reshape(count * n, *preds.shape[2:])
+    mapped = dc.linear(torch.complex(flat[:, 0], flat[:, 1]), op)
+    return to_channels(mapped).reshape(count, -1).T
+
+
+@pytest.mark.parametrize("kind", ["gradient", "cg"])
+def test_dc_gram_system_is_the_explicit_normal_matrix(kind: str) -> None:
+    stage, data, dc = iteration_problem(kind)
+    system = dc_gram_system(stage, data, dc)
+    a = explicit_design(stage, data, dc)
+    r = data[0].r.double().reshape(-1)
+    n = data[0].x.shape[0]
+    scale = float((a.T @ a).abs().max())
+    torch.testing.assert_close(system.gram, a.T @ a / n, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(system.rhs[:, 0], a.T @ r / n, rtol=0, atol=1e-5 * scale)
+    assert system.rr == pytest.approx(float(r.square().sum()) / n, rel=1e-6)
+    assert system.patterns == 3 and system.block == 2 * 2 * 9
+
+
+def test_convex_iteration_optimum_matches_cvxpy() -> None:
+    """The solver's optimum matches an independent solver to 1e-6 relative, and every
+    certificate's gap bounds the true suboptimality."""
+    cp = pytest.importorskip("cvxpy")
+    stage, data, dc = iteration_problem("gradient", seed=5)
+    solver = IterationSolver(stage, data, dc, tol=1e-8, max_seconds=60, max_iterations=20_000)
+    beta = 0.05 * solver.beta_max()
+    trace: list[list[float]] = []
+    cert = solver.solve(beta, trace)
+    a = explicit_design(stage, data, dc).numpy()
+    r = data[0].r.double().reshape(-1).numpy()
+    v = cp.Variable(a.shape[1])
+    block = a.shape[1] // 3
+    penalty = sum(cp.norm(v[p * block : (p + 1) * block], 2) for p in range(3))
+    n = data[0].x.shape[0]
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(a @ v - r) / (2 * n) + beta * penalty))
+    problem.solve(solver="CLARABEL", tol_gap_abs=1e-9, tol_gap_rel=1e-9, tol_feas=1e-9)
+    optimum = float(problem.value)
+    assert cert["relative_gap"] <= 1e-7, cert
+    assert cert["primal"] == pytest.approx(optimum, rel=1e-6)
+    assert cert["dual"] <= optimum * (1 + 1e-9)
+    # The zero weight's certificate (the first exact pass of a cold start) bounds too.
+    zero, _, _ = exact_certificate(stage, torch.zeros_like(stage.v), data, dc, beta)
+    assert zero["primal"] - optimum <= zero["gap"] + 1e-9 * optimum
+    assert zero["gap"] > 1e-3 * zero["primal"]
+
+
+def unrolled_config(tiny_data: Path, method: str, **changes) -> TrainConfig:
+    return replace(
+        preset("tiny"),
+        data=str(tiny_data),
+        method=method,
+        arch="unrolled",
+        crop=0,
+        unrolled=UnrolledConfig(iterations=2, channels=4, kernel_size=3),
+        certified=CertifiedConfig(tol=1e-3, betas=(0.1, 0.01)),
+        **changes,
+    )
+
+
+@pytest.mark.parametrize("method", ["layerwise-convex", "layerwise-nonconvex", "end-to-end"])
+def test_each_method_trains_an_unrolled_network(
+    tiny_data: Path, tmp_path: Path, method: str
+) -> None:
+    config = unrolled_config(tiny_data, method)
+    trainer = UnrolledTrainer(config, tmp_path)
+    model = trainer.fit()
+    assert isinstance(model, UnrolledNet) and model.iterations == 2
+    assert [row["iterations"] for row in trainer.depth_metrics] == [1, 2]
+    # The network's own output gives the last row's metrics.
+    val = trainer.val_samples
+    with torch.no_grad():
+        pred = model(val.x0, val.y, val.mask, val.maps)
+    assert trainer._metrics(pred)["val_psnr"] == pytest.approx(
+        trainer.depth_metrics[-1]["val_psnr"], abs=1e-4
+    )
+    if method == "layerwise-convex":
+        assert trainer.certificates and all(c["certified"] for c in trainer.certificates)
+        assert sum(1 for c in trainer.certificates if c.get("selected")) == 2
+    else:
+        assert not trainer.certificates
+
+
+def test_greedy_training_resumes_to_the_same_network(tiny_data: Path, tmp_path: Path) -> None:
+    config = unrolled_config(tiny_data, "layerwise-nonconvex")
+    for name in ("whole", "parts"):
+        (tmp_path / name).mkdir()
+    whole = UnrolledTrainer(config, tmp_path / "whole").fit()
+    interrupted = UnrolledTrainer(config, tmp_path / "parts")
+    with pytest.raises(TrainingStopped):
+        interrupted.fit(stop_after=1)
+    resumed = UnrolledTrainer(config, tmp_path / "parts").fit()
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_unrolled_settings_are_checked() -> None:
+    with pytest.raises(CvxmriError, match="shared weights need method end-to-end"):
+        replace(preset("tiny"), arch="unrolled", unrolled=UnrolledConfig(shared=True)).validate()
+    with pytest.raises(CvxmriError, match="unknown arch 'rnn'"):
+        replace(preset("tiny"), arch="rnn").validate()
+    with pytest.raises(CvxmriError, match=r"unrolled\.iterations=0"):
+        replace(preset("tiny"), arch="unrolled", unrolled=UnrolledConfig(iterations=0)).validate()
+
+
+def test_cli_trains_an_unrolled_network_that_predict_and_evaluate_use(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """``train --arch unrolled`` records what ran; the run folder works as --model of
+    predict and evaluate, which score its images alike."""
+    import csv
+
+    import h5py
+    import numpy as np
+    import yaml
+
+    from cvxmri.cli import main
+    from cvxmri.data.prepare import default_cache_dir, prepare_volume
+    from cvxmri.metrics import volume_metrics
+
+    run = tmp_path / "run"
+    data = ["--data", str(tiny_data)]
+    train = ["train", "--preset", "tiny", "--arch", "unrolled", "--method", "end-to-end"]
+    options = ["--iterations", "2", "--channels", "4", "--dc", "cg", "--epochs", "2"]
+    assert main([*train, *options, *data, "--out", str(run)]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["arch"] == "unrolled" and saved["crop"] == 0
+    assert saved["unrolled"]["iterations"] == 2 and saved["unrolled"]["channels"] == 4
+    assert saved["unrolled"]["dc"]["kind"] == "cg"
+    model = load_network(run)
+    assert isinstance(model, UnrolledNet) and model.metadata["iterations"] == 2
+    out, scored = tmp_path / "recon", tmp_path / "scored"
+    assert main(["predict", "--model", str(run), *data, "--out", str(out)]) == 0
+    mask = ["--mask", "poisson", "--calib-size", "6"]  # the tiny preset's training mask
+    assert main(["evaluate", "--model", str(run), *data, *mask, "--out", str(scored)]) == 0
+    with (scored / "per_volume.csv").open() as handle:
+        rows = {r["file"]: r for r in csv.DictReader(handle) if r["method"] == "run"}
+    assert rows
+    for volume, row in rows.items():
+        path = tiny_data / volume
+        with h5py.File(out / path.name, "r") as hf:
+            recon = np.asarray(hf["reconstruction"])
+        target = np.abs(prepare_volume(path, default_cache_dir(tiny_data)).target)
+        assert volume_metrics(target, recon)["psnr"] == pytest.approx(float(row["psnr"]), rel=1e-9)
