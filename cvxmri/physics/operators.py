@@ -261,8 +261,11 @@ class SenseNormal(LinearOperator):
     coil-by-grid tensor) cancel between ``F`` and ``F^H`` except at the two ends: with the
     maps and the mask shifted once, ``A^H A x = fftshift(sum_c conj(S'_c) F0^H (M'^2 F0
     (S'_c ifftshift(x))))``, ``F0`` the uncentred FFT and ``'`` the ``ifftshift`` of a
-    tensor, so only the image is shifted. The products are those of the centred formula,
-    in the same order (vectorised loops may still round a last bit differently).
+    tensor, so only the image is shifted; and along an axis where the mask is constant
+    (the readout of a Cartesian mask, or any axis it broadcasts along) ``F^H M F = M``, so
+    no FFT is taken along it (half the work for 1D Cartesian masks). Without a mask,
+    ``A^H A x = sum_c |S_c|^2 x``. The result equals the centred formula up to float
+    rounding.
     """
 
     def __init__(self, sense: Sense) -> None:
@@ -272,15 +275,21 @@ class SenseNormal(LinearOperator):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``A^H A x``: image (B, *grid) to image (B, *grid)."""
         sense = self.sense
+        if sense.mask is None:
+            return (sense.maps.conj() * sense.maps).sum(dim=sense.coil_dim) * x
         dims = spatial_dims(sense.ndim)
         maps = torch.fft.ifftshift(sense.maps, dim=dims)
         coils = maps * torch.fft.ifftshift(x, dim=dims).unsqueeze(sense.coil_dim)
-        kspace = torch.fft.fftn(coils, dim=dims, norm="ortho")
-        if sense.mask is not None:
-            mask = sense.mask.view(*([1] * (sense.ndim - sense.mask.ndim)), *sense.mask.shape)
-            mask = torch.fft.ifftshift(mask, dim=dims)
-            kspace = kspace * mask * mask
-        images = torch.fft.ifftn(kspace, dim=dims, norm="ortho")
+        mask = sense.mask.view(*([1] * (sense.ndim - sense.mask.ndim)), *sense.mask.shape)
+        # Along an axis where the mask is constant (the readout of a Cartesian mask), F^H M F
+        # is M itself: no FFT along it.
+        axes = tuple(d for d in dims if not bool((mask == mask.narrow(d, 0, 1)).all()))
+        mask = torch.fft.ifftshift(mask, dim=dims)
+        if axes:
+            kspace = torch.fft.fftn(coils, dim=axes, norm="ortho") * mask * mask
+            images = torch.fft.ifftn(kspace, dim=axes, norm="ortho")
+        else:
+            images = coils * mask * mask
         return torch.fft.fftshift((maps.conj() * images).sum(dim=sense.coil_dim), dim=dims)
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
