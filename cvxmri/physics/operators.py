@@ -284,12 +284,13 @@ class SenseNormal(LinearOperator):
         # Along an axis where the mask is constant (the readout of a Cartesian mask), F^H M F
         # is M itself: no FFT along it.
         axes = tuple(d for d in dims if not bool((mask == mask.narrow(d, 0, 1)).all()))
-        mask = torch.fft.ifftshift(mask, dim=dims)
+        # M^H M = M^2 (M for a 0/1 mask), squared once on the small mask.
+        weights = torch.fft.ifftshift(mask * mask, dim=dims)
         if axes:
-            kspace = torch.fft.fftn(coils, dim=axes, norm="ortho") * mask * mask
+            kspace = torch.fft.fftn(coils, dim=axes, norm="ortho") * weights
             images = torch.fft.ifftn(kspace, dim=axes, norm="ortho")
         else:
-            images = coils * mask * mask
+            images = coils * weights
         return torch.fft.fftshift((maps.conj() * images).sum(dim=sense.coil_dim), dim=dims)
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
