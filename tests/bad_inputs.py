@@ -577,6 +577,24 @@ CASES = [
     ),
     Case("yaml-syntax", "YAML that does not parse", _yaml("layers: [1, 2\n"), "not valid YAML"),
     Case(
+        "unrolled-shared-greedy",
+        "shared regulariser weights with greedy (layer-wise) training of an unrolled network",
+        _args("train", "--arch", "unrolled", "--shared-weights", "--data", "{good}"),
+        "shared weights need method end-to-end",
+    ),
+    Case(
+        "unrolled-eta",
+        "a gradient data-consistency step of length 2.5 (diverges beyond 2)",
+        _yaml("arch: unrolled\nunrolled:\n  dc:\n    eta: 2.5\n"),
+        "dc.eta=2.5",
+    ),
+    Case(
+        "unrolled-iterations-zero",
+        "an unrolled network of 0 iterations",
+        _args("train", "--arch", "unrolled", "--iterations", "0", "--data", "{good}"),
+        "--iterations",
+    ),
+    Case(
         "output-not-writable",
         "an output folder below a regular file",
         _args(
