@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
+from cvxmri.data.espirit import espirit
 from cvxmri.data.fastmri_h5 import Volume, read_encoding, read_volume
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec, seed_from_name
@@ -39,24 +40,70 @@ SPLIT_KINDS = ("multicoil", "singlecoil")
 STORED_RSS = "stored reconstruction_rss"
 COMPUTED_RSS = "computed rss"
 DATA_FORMS = "a dataset root, a flat folder of .h5 files or one .h5 file"
+ESPIRIT_BACKENDS = ("torch", "sigpy")
+SLICES_PER_CALL = 8
 
 
 @dataclass(frozen=True)
 class EspiritConfig:
-    """sigpy `EspiritCalib` parameters."""
+    """ESPIRiT parameters (sigpy `EspiritCalib`'s) and the implementation that computes
+    the maps: ``"torch"`` (`cvxmri.data.espirit`, batched, CPU or CUDA; the default) or
+    ``"sigpy"`` (``EspiritCalib``, one slice at a time on CPU)."""
 
     calib_width: int = 24
     thresh: float = 0.02
     kernel_width: int = 6
     crop: float = 0.95
+    backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        if self.backend not in ESPIRIT_BACKENDS:
+            raise CvxmriError(
+                f"unknown ESPIRiT backend {self.backend!r} (expected one of "
+                f"{', '.join(ESPIRIT_BACKENDS)})"
+            )
 
     def tag(self) -> str:
-        """A folder name that changes whenever a parameter does."""
-        return f"espirit-cw{self.calib_width}-t{self.thresh:g}-k{self.kernel_width}-c{self.crop:g}"
+        """A folder name that changes whenever a parameter or the backend does, so that
+        caches of the two backends never mix."""
+        return (
+            f"espirit-{self.backend}-cw{self.calib_width}-t{self.thresh:g}"
+            f"-k{self.kernel_width}-c{self.crop:g}"
+        )
 
 
-def espirit_maps(kspace: np.ndarray, config: EspiritConfig) -> np.ndarray:
-    """ESPIRiT sensitivities (C, H, W) of one slice's multi-coil k-space (C, H, W)."""
+def espirit_maps(
+    kspace: np.ndarray,
+    config: EspiritConfig,
+    device: str | torch.device = "cpu",
+    slices_per_call: int = SLICES_PER_CALL,
+) -> np.ndarray:
+    """ESPIRiT sensitivities, complex64, of multi-coil k-space: one slice (C, H, W) or a
+    stack (S, C, H, W), same shape out.
+
+    The torch backend computes ``slices_per_call`` slices at a time on ``device`` (the
+    memory it needs grows with it); the sigpy backend ignores both and runs on CPU."""
+    stack = kspace if kspace.ndim == 4 else kspace[None]
+    if config.backend == "sigpy":
+        maps = np.stack([_sigpy_maps(k, config) for k in stack])
+    else:
+        parts = []
+        for first in range(0, len(stack), slices_per_call):
+            part = torch.from_numpy(np.ascontiguousarray(stack[first : first + slices_per_call]))
+            computed = espirit(
+                part.to(device=device, dtype=torch.complex64),
+                calib_width=config.calib_width,
+                thresh=config.thresh,
+                kernel_width=config.kernel_width,
+                crop=config.crop,
+            )
+            parts.append(computed.cpu().numpy())
+        maps = np.concatenate(parts)
+    return maps if kspace.ndim == 4 else maps[0]
+
+
+def _sigpy_maps(kspace: np.ndarray, config: EspiritConfig) -> np.ndarray:
+    """sigpy's ``EspiritCalib`` maps (C, H, W) of one slice (C, H, W)."""
     import sigpy.mri
 
     app = sigpy.mri.app.EspiritCalib(
@@ -142,11 +189,9 @@ def load_maps(path: Path, volume: Volume, cache_dir: Path, config: EspiritConfig
     cached = _cache_path(path, cache_dir, config)
     fingerprint = _fingerprint(path)
     calib = min(config.calib_width, *volume.kspace.shape[-2:])
-    if calib != config.calib_width:
-        config = EspiritConfig(calib, config.thresh, config.kernel_width, config.crop)
     # C order, as the cache returns them: a strided layout would change the summation
     # order downstream, and a first run would differ in the last bit from later ones.
-    maps = np.ascontiguousarray(np.stack([espirit_maps(k, config) for k in volume.kspace]))
+    maps = np.ascontiguousarray(espirit_maps(volume.kspace, replace(config, calib_width=calib)))
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
     try:
