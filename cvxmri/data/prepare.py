@@ -19,8 +19,12 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from itertools import repeat
 from pathlib import Path
 
 import h5py
@@ -162,6 +166,11 @@ def _fingerprint(path: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def _cache_is_valid(hf: h5py.File, path: Path, shape: tuple[int, ...]) -> bool:
+    """Whether an open cache file holds maps of ``shape`` computed from ``path`` as it is."""
+    return hf.attrs.get("source") == _fingerprint(path) and hf["maps"].shape == shape
+
+
 def _read_cache(
     path: Path, cache_dir: Path, config: EspiritConfig, shape: tuple[int, ...], index: slice
 ) -> np.ndarray | None:
@@ -172,11 +181,65 @@ def _read_cache(
         return None
     try:
         with h5py.File(cached, "r") as hf:
-            if hf.attrs.get("source") == _fingerprint(path) and hf["maps"].shape == shape:
+            if _cache_is_valid(hf, path, shape):
                 return np.asarray(hf["maps"][index])
     except OSError:
         log.warning("%s: damaged cache file, recomputing", cached)
     return None
+
+
+def _needs_maps(path: Path, cache_dir: Path, config: EspiritConfig) -> bool:
+    """Whether ``path`` is a multi-coil file without valid cached maps (reads no maps)."""
+    _, shape, multicoil = read_encoding(path)
+    cached = _cache_path(path, cache_dir, config)
+    if not multicoil or not cached.is_file():
+        return multicoil
+    try:
+        with h5py.File(cached, "r") as hf:
+            return not _cache_is_valid(hf, path, shape)
+    except OSError:
+        return True
+
+
+def _cache_maps(path: Path, cache_dir: Path, config: EspiritConfig) -> None:
+    """Compute and cache the maps of one file (a worker's task: nothing is sent back)."""
+    load_maps(path, read_volume(path), cache_dir, config)
+
+
+def _one_thread() -> None:
+    """Worker start-up: one torch thread per process, the processes being the parallelism."""
+    torch.set_num_threads(1)
+
+
+def precompute_maps(
+    paths: Sequence[str | Path],
+    cache_dir: str | Path,
+    config: EspiritConfig | None = None,
+    workers: int = 1,
+    progress: bool = False,
+) -> int:
+    """Compute and cache the coil maps of the files among ``paths`` that have none cached
+    yet (`load_maps`), ``workers`` files at a time in separate processes (spawned, one
+    torch thread each; 1: in this process). Every cache file is written to a temporary
+    name and renamed, so readers never see a partial one. ``progress``: a progress bar
+    on a terminal. Returns how many files were computed."""
+    from tqdm import tqdm
+
+    config = config or EspiritConfig()
+    cache = Path(cache_dir)
+    todo = [Path(p) for p in paths if _needs_maps(Path(p), cache, config)]
+    bar = tqdm(total=len(todo), desc="coil maps", unit="file", disable=None if progress else True)
+    with bar:
+        if workers <= 1 or len(todo) <= 1:
+            for path in todo:
+                _cache_maps(path, cache, config)
+                bar.update()
+            return len(todo)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(todo)), context, _one_thread) as pool:
+            for _ in pool.map(_cache_maps, todo, repeat(cache), repeat(config)):
+                bar.update()
+    return len(todo)
 
 
 def load_maps(path: Path, volume: Volume, cache_dir: Path, config: EspiritConfig) -> np.ndarray:
