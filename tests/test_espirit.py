@@ -123,3 +123,8 @@ def test_cuda_matches_cpu(kspace: np.ndarray) -> None:
     cuda = espirit_maps(kspace, EspiritConfig(), device="cuda")
     for ours, theirs in zip(cuda, cpu, strict=True):
         assert projection_difference(ours, theirs) < 1e-3
+
+
+def test_no_signal_gives_zero_maps() -> None:
+    maps = espirit(torch.zeros(1, 4, 32, 32, dtype=torch.complex64), calib_width=16)
+    assert torch.equal(maps, torch.zeros_like(maps))  # not NaN, as 0 / 0 would give
