@@ -1,18 +1,29 @@
 """Time mask generation and data preparation; print a table, write JSON and update
 docs/benchmarks.md.
 
-Usage: .venv/bin/python benchmarks/bench_data.py [--repeats N] [--quick]
+Usage: .venv/bin/python benchmarks/bench_data.py [--repeats N] [--quick] [--threads N]
 
 Each number is the median wall time of ``repeats`` runs in this process (after one warm-up
 run), so ratios between rows of one run are comparable; absolute numbers depend on the
 machine, which is recorded with them.
+
+ESPIRiT maps are timed with sigpy's ``EspiritCalib``, the torch implementation (one slice
+per call, and a batch of ``BATCH`` slices per call, per slice) and, when the ``bart``
+command is installed, BART's ``ecalib -m1`` with the same parameters (k-space written in
+BART's .cfl/.hdr format; its time includes reading and writing them). Their agreement is
+`projection_difference` (the part of one's maps outside the span of the other's, pixel by
+pixel, relative, over all pixels; blind to a per-pixel phase) and the fraction of pixels
+where one's maps are zero and the other's are not (the crop).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,6 +44,10 @@ from cvxmri.runs import environment
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "data.json"
 DOC = ROOT / "docs" / "benchmarks.md"
+BATCH = 8
+BLAS_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+ESPIRIT = EspiritConfig()
+SIGPY = EspiritConfig(backend="sigpy")
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -55,9 +70,10 @@ def smooth_image(shape: tuple[int, int]) -> np.ndarray:
     return ((radius < 1) * (0.6 + 0.4 * np.cos(xx / 5.0) ** 2)).astype(np.float32)
 
 
-def run(repeats: int, quick: bool) -> list[dict[str, object]]:
-    """All timings as rows of a table."""
+def run(repeats: int, quick: bool) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """All timings as rows of a table, and the agreement of the ESPIRiT maps."""
     rows: list[dict[str, object]] = []
+    agreement: list[dict[str, object]] = []
     rng = np.random.default_rng(0)
     mask_shapes = [(128, 128)] if quick else [(128, 128), (320, 368)]
     specs = [
@@ -78,7 +94,10 @@ def run(repeats: int, quick: bool) -> list[dict[str, object]]:
             )
     for matrix, coils in [(128, 8)] if quick else [(128, 8), (320, 15)]:
         rows += preparation_rows(matrix, coils, repeats, rng)
-    return rows
+        timed, agreed = espirit_rows(matrix, coils, repeats, rng)
+        rows += timed
+        agreement += agreed
+    return rows, agreement
 
 
 def preparation_rows(
@@ -95,11 +114,6 @@ def preparation_rows(
     batch_maps = torch.from_numpy(maps)[None]
     steps: list[tuple[str, Callable[[], object], int]] = [
         ("simulate one slice", lambda: simulate_slice(image, maps, config, rng), repeats),
-        (
-            "ESPIRiT maps, one slice (sigpy)",
-            lambda: espirit_maps(kspace, EspiritConfig()),
-            max(1, repeats // 2),
-        ),
         ("zero-filled SENSE, one slice", lambda: Sense(batch_maps, mask).H(masked), repeats),
         (
             "CS l1-wavelet (100 it), one slice",
@@ -120,6 +134,114 @@ def preparation_rows(
         seconds = median_seconds(lambda: prepare_volume(path, cache), repeats)
     rows.append({"step": "prepare 4-slice file, maps cached", "size": size, "seconds": seconds})
     return rows
+
+
+def projection_difference(maps: np.ndarray, reference: np.ndarray) -> float:
+    """``||(I - P) m||_F / ||m||_F`` of maps ``m`` (C, H, W), with ``P`` at each pixel the
+    orthogonal projection onto the reference map there (zero where it is zero)."""
+    norm = np.linalg.norm(reference, axis=0, keepdims=True)
+    unit = np.divide(reference, norm, out=np.zeros_like(reference), where=norm > 0)
+    projected = unit * (unit.conj() * maps).sum(axis=0, keepdims=True)
+    return float(np.linalg.norm(maps - projected) / np.linalg.norm(maps))
+
+
+def support_mismatch(maps: np.ndarray, reference: np.ndarray) -> float:
+    """The fraction of pixels where exactly one of two maps (C, H, W) is zero."""
+    return float(np.mean((np.abs(maps).sum(axis=0) > 0) != (np.abs(reference).sum(axis=0) > 0)))
+
+
+def write_cfl(base: Path, array: np.ndarray) -> None:
+    """Write ``array`` (dims in BART's order) as BART's ``base.hdr`` and ``base.cfl``."""
+    dims = list(array.shape) + [1] * (16 - array.ndim)
+    base.with_suffix(".hdr").write_text("# Dimensions\n" + " ".join(map(str, dims)) + "\n")
+    np.asfortranarray(array, dtype=np.complex64).T.tofile(base.with_suffix(".cfl"))
+
+
+def read_cfl(base: Path) -> np.ndarray:
+    """Read BART's ``base.hdr`` and ``base.cfl`` (trailing singleton dims dropped)."""
+    dims = [int(d) for d in base.with_suffix(".hdr").read_text().splitlines()[1].split()]
+    while len(dims) > 1 and dims[-1] == 1:
+        dims.pop()
+    data = np.fromfile(base.with_suffix(".cfl"), dtype=np.complex64)
+    return data.reshape(dims[::-1]).T
+
+
+def bart_maps(kspace: np.ndarray, folder: Path) -> np.ndarray:
+    """``bart ecalib -m1`` maps (C, H, W) of one slice (C, H, W), with sigpy's defaults."""
+    write_cfl(folder / "kspace", kspace.transpose(1, 2, 0)[:, :, None])
+    command = ["bart", "ecalib", "-m1", "-r", str(ESPIRIT.calib_width)]
+    command += ["-k", str(ESPIRIT.kernel_width), "-t", f"{ESPIRIT.thresh:g}"]
+    command += ["-c", f"{ESPIRIT.crop:g}", str(folder / "kspace"), str(folder / "maps")]
+    subprocess.run(command, check=True, capture_output=True)
+    return (
+        read_cfl(folder / "maps").reshape(kspace.shape[1], kspace.shape[2], -1).transpose(2, 0, 1)
+    )
+
+
+def espirit_rows(
+    matrix: int, coils: int, repeats: int, rng: np.random.Generator
+) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """ESPIRiT maps of simulated slices by sigpy, torch and BART: times and agreement."""
+    shape = (matrix, matrix)
+    maps = birdcage_maps(coils, shape)
+    config = SimulationConfig(matrix=matrix, coils=coils)
+    stack = np.stack([simulate_slice(smooth_image(shape), maps, config, rng) for _ in range(BATCH)])
+    kspace = stack[0]
+    size = f"{matrix}x{matrix}, {coils} coils"
+    steps: list[tuple[str, Callable[[], object], int, int]] = [
+        ("ESPIRiT maps, one slice (sigpy)", lambda: espirit_maps(kspace, SIGPY), 1, 1),
+        ("ESPIRiT maps, one slice (torch)", lambda: espirit_maps(kspace, ESPIRIT), 1, repeats),
+        (
+            f"ESPIRiT maps, {BATCH} slices per call, per slice (torch)",
+            lambda: espirit_maps(stack, ESPIRIT),
+            BATCH,
+            repeats,
+        ),
+    ]
+    references = {"sigpy": espirit_maps(kspace, SIGPY), "torch": espirit_maps(kspace, ESPIRIT)}
+    bart = shutil.which("bart")
+    with tempfile.TemporaryDirectory() as tmp:
+        if bart:
+            steps.append(
+                (
+                    "ESPIRiT maps, one slice (bart ecalib -m1)",
+                    lambda: bart_maps(kspace, Path(tmp)),
+                    1,
+                    repeats,
+                )
+            )
+            references["bart"] = bart_maps(kspace, Path(tmp))
+        rows: list[dict[str, object]] = [
+            {"step": step, "size": size, "seconds": median_seconds(fn, n) / per}
+            for step, fn, per, n in steps
+        ]
+    agreement = [
+        {
+            "maps": maps_of,
+            "reference": reference_of,
+            "size": size,
+            "projection_difference": projection_difference(
+                references[maps_of], references[reference_of]
+            ),
+            "support_mismatch": support_mismatch(references[maps_of], references[reference_of]),
+        }
+        for maps_of, reference_of in [("torch", "sigpy"), ("bart", "torch"), ("bart", "sigpy")]
+        if maps_of in references
+    ]
+    return rows, agreement
+
+
+def agreement_table(agreement: list[dict[str, object]]) -> str:
+    """A Markdown table of the ESPIRiT agreement."""
+    lines = ["| maps | reference | size | projection difference | support mismatch |"]
+    lines.append("|---|---|---|---|---|")
+    for row in agreement:
+        lines.append(
+            f"| {row['maps']} | {row['reference']} | {row['size']} | "
+            f"{float(row['projection_difference']):.2e} | "  # type: ignore[arg-type]
+            f"{100 * float(row['support_mismatch']):.2f}% |"  # type: ignore[arg-type]
+        )
+    return "\n".join(lines)
 
 
 def table(rows: list[dict[str, object]]) -> str:
@@ -156,22 +278,33 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="128x128 only")
     parser.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
-    rows = run(args.repeats, args.quick)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, agreement = run(args.repeats, args.quick)
     env = environment()
     env["torch_threads"] = str(torch.get_num_threads())
-    markdown = table(rows)
+    blas = {k: os.environ[k] for k in BLAS_THREADS if k in os.environ}
+    env.update(blas)
+    markdown = table(rows) + "\n\nESPIRiT agreement (see the script's docstring):\n\n"
+    markdown += agreement_table(agreement)
     print(markdown)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
-        json.dumps({"date": str(date.today()), "environment": env, "rows": rows}, indent=2)
+        json.dumps(
+            {"date": str(date.today()), "environment": env, "rows": rows, "agreement": agreement},
+            indent=2,
+        )
     )
     if not args.no_doc:
         header = (
             f"## Mask generation and data preparation\n\n"
             f"{date.today()}, {env['processor']} ({env['torch_threads']} torch threads), "
-            f"torch {env['torch']}, command: `.venv/bin/python benchmarks/bench_data.py"
-            f"{' --quick' if args.quick else ''} --repeats {args.repeats}`. "
+            f"torch {env['torch']}, command: `"
+            + "".join(f"{k}={v} " for k, v in blas.items())
+            + f".venv/bin/python benchmarks/bench_data.py{' --quick' if args.quick else ''}"
+            f"{f' --threads {args.threads}' if args.threads else ''} --repeats {args.repeats}`. "
             f"Median of {args.repeats} runs after a warm-up. JSON: `benchmarks/results/data.json`."
             f"\n\n"
         )

@@ -196,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare.add_argument("--data", type=Path, default=Path("data/default"), help=_DATA_HELP)
     prepare.add_argument("--split", action="append", help="split(s) (default: all three)")
+    prepare.add_argument(
+        "--workers", type=_positive_int, default=1, help="files computed in parallel processes"
+    )
+    prepare.add_argument(
+        "--backend", default="torch", help="ESPIRiT implementation: torch (default) or sigpy"
+    )
 
     info = data_commands.add_parser("info", help="print what a fastMRI HDF5 file holds")
     info.add_argument("file", type=Path)
@@ -482,17 +488,17 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
+    from cvxmri.data.prepare import EspiritConfig, default_cache_dir, find_files, precompute_maps
 
-    from cvxmri.data.prepare import EspiritConfig, default_cache_dir, find_files, prepare_volume
-
-    cache, done = default_cache_dir(args.data), set()
-    for split in args.split or ["train", "val", "test"]:
-        paths = [p for p in find_files(args.data, split) if p not in done]
-        for path in tqdm(paths, desc=f"coil maps {split}", unit="file", disable=None):
-            prepare_volume(path, cache, EspiritConfig())
-        done.update(paths)
-    print(f"coil maps cached under {cache}")
+    config = EspiritConfig(backend=args.backend)
+    cache = default_cache_dir(args.data)
+    splits = args.split or ["train", "val", "test"]
+    paths = list(dict.fromkeys(p for s in splits for p in find_files(args.data, s)))
+    computed = precompute_maps(paths, cache, config, args.workers, progress=True)
+    print(
+        f"coil maps of {len(paths)} files under {cache / config.tag()} "
+        f"({computed} computed, {len(paths) - computed} already cached)"
+    )
 
 
 def _cmd_info(args: argparse.Namespace) -> None:

@@ -46,6 +46,17 @@ def test_simulate_then_info(tiny: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "multi-coil" in out and "recon matrix: 32 x 32" in out
 
 
+def test_prepare_caches_the_maps(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tiny / "data"
+    assert main(["data", "prepare", "--data", str(data), "--split", "test"]) == 0
+    files = list((data / "multicoil_test").glob("*.h5"))
+    assert f"coil maps of {len(files)} files" in capsys.readouterr().out
+    cached = sorted(p.name for p in (data / "cache").rglob("*.h5"))
+    assert cached == sorted(p.name for p in files)
+    assert main(["data", "prepare", "--data", str(data), "--split", "test"]) == 0
+    assert f"(0 computed, {len(files)} already cached)" in capsys.readouterr().out
+
+
 def test_evaluate_zero_filled_and_cs(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tiny / "run"
     code = main(
@@ -128,6 +139,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         (["train", "--method", "magic"], "invalid choice"),
         (["train", "--data", "/nonexistent", "--preset", "tiny"], "data folder does not exist"),
         (["train", "--mask", "poisson", "--mask", "cartesian"], "one --mask"),
+        (["data", "prepare", "--workers", "0"], "--workers"),
+        (["data", "prepare", "--backend", "bart"], "unknown ESPIRiT backend 'bart'"),
     ],
 )
 def test_bad_input_one_line_error(args: list[str], message: str) -> None:

@@ -144,3 +144,29 @@ def test_bad_arguments_are_one_line_errors(tiny_data: Path, tmp_path: Path) -> N
         SliceDataset(tmp_path, MASK)
     with pytest.raises(IndexError):
         SliceDataset(tiny_data, MASK, split="val")[1000]
+
+
+def test_map_workers_precompute_the_files_in_use(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cvxmri.training import data as training_data
+
+    calls: list[tuple[list[str], int]] = []
+
+    def record(paths: list[Path], cache: Path, config: EspiritConfig, workers: int) -> int:
+        calls.append(([p.name for p in paths], workers))
+        return 0
+
+    monkeypatch.setattr(dataset_module, "precompute_maps", record)
+    monkeypatch.setattr(training_data, "precompute_maps", record)
+    files = find_files(tiny_data, "train")
+    first = prepare_volume(files[0], default_cache_dir(tiny_data)).kspace.shape[0]
+    assert len(files) > 1
+    SliceDataset(tiny_data, MASK, split="train", max_slices=first, map_workers=3)
+    SliceData(tiny_data, "train", MASK, max_slices=first, map_workers=3)
+    assert calls == [([files[0].name], 3)] * 2  # only the file holding those slices
+    SliceDataset(tiny_data, MASK, split="train", map_workers=2)
+    assert calls[-1] == ([p.name for p in files], 2)
+    SliceDataset(tiny_data, MASK, split="train")
+    SliceData(tiny_data, "train", MASK, max_slices=first)
+    assert len(calls) == 3  # one worker: maps computed as the volumes are read

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,7 @@ from cvxmri.data.prepare import (
     EspiritConfig,
     find_files,
     normalisation_scale,
+    precompute_maps,
     prepare_volume,
 )
 from cvxmri.data.simulate import SimulationConfig, load_nifti, simulate_dataset
@@ -57,6 +59,32 @@ def test_maps_are_cached(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None
     # Another ESPIRiT setting is another cache entry.
     with pytest.raises(AssertionError, match="recomputed"):
         prepare_volume(path, dataset / "cache", EspiritConfig(calib_width=12))
+
+
+def test_parallel_maps_equal_serial(dataset: Path, tmp_path: Path) -> None:
+    files = find_files(dataset, "train")[:2]
+    assert len(files) == 2
+    config = EspiritConfig(calib_width=16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a worker, so that the rounding is the same
+    try:
+        assert precompute_maps(files, tmp_path / "serial", config) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert precompute_maps(files, tmp_path / "parallel", config, workers=2) == 2
+    for path in files:
+        caches = [
+            tmp_path / run / config.tag() / path.parent.name / path.name
+            for run in ("serial", "parallel")
+        ]
+        with h5py.File(caches[0]) as serial, h5py.File(caches[1]) as parallel:
+            assert dict(serial.attrs) == dict(parallel.attrs)
+            maps = np.asarray(serial["maps"])
+            assert maps.shape[0] == 2 and np.abs(maps).max() > 0.5
+            np.testing.assert_array_equal(parallel["maps"], maps)
+    assert not list(tmp_path.rglob("*.tmp"))
+    # Cached: nothing is computed again, nor in a pool.
+    assert precompute_maps(files, tmp_path / "parallel", config, workers=2) == 0
 
 
 def test_normalisation_scale() -> None:

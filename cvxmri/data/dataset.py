@@ -33,6 +33,7 @@ from cvxmri.data.prepare import (
     default_cache_dir,
     evaluation_mask,
     find_files,
+    precompute_maps,
     rss_image,
     sense_image,
     slice_maps,
@@ -83,6 +84,9 @@ class SliceDataset(Dataset[Sample]):
         cache: coil-map cache folder (default `default_cache_dir`).
         espirit: coil-map settings.
         max_slices: keep only the first n slices (0: all).
+        map_workers: when above 1, the maps of its files not cached yet are computed at
+            construction, this many files at a time in separate processes
+            (`cvxmri.data.prepare.precompute_maps`); else each volume's on first use.
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class SliceDataset(Dataset[Sample]):
         cache: str | Path | None = None,
         espirit: EspiritConfig | None = None,
         max_slices: int = 0,
+        map_workers: int = 1,
     ) -> None:
         if target not in ("sense", "rss"):
             raise CvxmriError(f"unknown target {target!r} (choose sense or rss)")
@@ -128,6 +133,9 @@ class SliceDataset(Dataset[Sample]):
             self._volume_of = self._volume_of[:max_slices]
             self._slice_of = self._slice_of[:max_slices]
         self._masks: OrderedDict[int, np.ndarray] = OrderedDict()
+        if map_workers > 1:
+            used = [self.volumes[i].path for i in np.unique(self._volume_of)]
+            precompute_maps(used, self.cache, self.espirit, map_workers)
 
     def __len__(self) -> int:
         return len(self._volume_of)

@@ -26,6 +26,7 @@ from cvxmri.data.prepare import (
     default_cache_dir,
     evaluation_mask,
     find_files,
+    precompute_maps,
     prepare_volume,
     volume_id,
 )
@@ -85,6 +86,17 @@ def check_split_fits(files: list[Path], max_slices: int) -> None:
         )
 
 
+def files_holding(paths: list[Path], max_slices: int) -> list[Path]:
+    """The first of ``paths`` that hold the first ``max_slices`` slices (0: all of them)."""
+    needed, total = [], 0
+    for path in paths:
+        if max_slices and total >= max_slices:
+            break
+        needed.append(path)
+        total += read_encoding(path)[1][0]
+    return needed
+
+
 class SliceData:
     """All slices of one split in memory, ready to be masked.
 
@@ -95,6 +107,8 @@ class SliceData:
         max_slices: keep only the first n slices (0: all).
         espirit: coil-map settings; maps are cached under ``root/cache``
             (`cvxmri.data.prepare.default_cache_dir`).
+        map_workers: maps not cached yet are computed this many files at a time, in
+            separate processes (`cvxmri.data.prepare.precompute_maps`); 1: one by one.
 
     Each slice has a volume id (``files``: its file's path relative to the data root) and
     a file name (``names``), which seeds its masks as in `cvxmri.evaluate`.
@@ -107,13 +121,17 @@ class SliceData:
         mask: MaskSpec,
         max_slices: int = 0,
         espirit: EspiritConfig | None = None,
+        map_workers: int = 1,
     ) -> None:
         kspace, maps, targets, files, names, slices = [], [], [], [], [], []
         self.mask = mask
         paths = find_files(root, split)
         check_split_fits(paths, max_slices)
+        config, cache = espirit or EspiritConfig(), default_cache_dir(root)
+        if map_workers > 1:
+            precompute_maps(files_holding(paths, max_slices), cache, config, map_workers)
         for path in paths:
-            volume = prepare_volume(path, default_cache_dir(root), espirit or EspiritConfig())
+            volume = prepare_volume(path, cache, config)
             kspace.append(torch.from_numpy(volume.kspace))
             maps.append(torch.from_numpy(volume.maps))
             targets.append(torch.from_numpy(volume.target))
