@@ -7,8 +7,8 @@ finished parts, and an interrupted training part is resumed from its last checkp
 1. the dataset: the default one is simulated when the data folder is missing or empty;
    the coil maps of every split are computed (cached under ``<data>/cache``);
 2. for each mask (Poisson disc 4x, 1D Cartesian 4x with centre fraction 0.04):
-   zero-filled and CS on the test split; the layer-wise convex network, then the non-convex
-   layer-wise ablation, each trained and its network after every stage
+   zero-filled, CS and CG-SENSE on the test split; the layer-wise convex network, then the
+   non-convex layer-wise ablation, each trained and its network after every stage
    (``model_depthN.pt``) evaluated on the test split; end-to-end networks of every depth
    (or of the full depth only), each trained and evaluated; a representative test slice
    reconstructed by every method (``examples``); what each layer learned (``inspect``);
@@ -68,7 +68,7 @@ from cvxmri.evaluate import (
 from cvxmri.masks import MaskSpec
 from cvxmri.metrics import slice_metrics
 from cvxmri.models.cnn import ReconCNN
-from cvxmri.recon import CLASSICAL_METHODS, CSConfig, network_reconstructor
+from cvxmri.recon import CLASSICAL_METHODS, CGSenseConfig, CSConfig, network_reconstructor
 from cvxmri.report import interpret
 from cvxmri.runs import environment, run_folder
 from cvxmri.training.config import PRESETS, TrainConfig, preset
@@ -110,6 +110,7 @@ class ReproduceConfig:
             depth curve of both methods); otherwise of the full depth only.
         split: the split every method is evaluated on.
         cs: compressed-sensing settings.
+        cg_sense: CG-SENSE settings.
         device: cpu, cuda or auto.
         amp: bf16 autocast in training.
         seed: training seed.
@@ -127,6 +128,7 @@ class ReproduceConfig:
     end_to_end_every_depth: bool = True
     split: str = "test"
     cs: CSConfig = field(default_factory=CSConfig)
+    cg_sense: CGSenseConfig = field(default_factory=CGSenseConfig)
     device: str = "auto"
     amp: bool = False
     seed: int = 0
@@ -146,7 +148,12 @@ class ReproduceConfig:
         self.simulation.validate()
         self.check_data()
         EvaluateConfig(
-            data=self.data, split=self.split, masks=self.masks, cs=self.cs, methods=[]
+            data=self.data,
+            split=self.split,
+            masks=self.masks,
+            cs=self.cs,
+            cg_sense=self.cg_sense,
+            methods=[],
         ).validate()
         for mask in self.masks:
             train_config(self, "end-to-end", mask, self.layers).validate()
@@ -242,7 +249,7 @@ def plan(config: ReproduceConfig) -> list[Part]:
         parts.append(
             Part(
                 "baselines",
-                f"zero-filled and CS, {label}",
+                f"zero-filled, CS and CG-SENSE, {label}",
                 f"{key}/baselines",
                 "summary.json",
                 EXPECTED_SECONDS["baselines"],
@@ -355,6 +362,7 @@ def _run_evaluation(config: ReproduceConfig, root: Path, part: Part) -> None:
         models=models,
         masks=[part.mask],
         cs=config.cs,
+        cg_sense=config.cg_sense,
     )
     with run_folder(root / part.folder, eval_config, overwrite=True) as folder:
         evaluate(eval_config, folder)
@@ -410,7 +418,9 @@ def _run_examples(config: ReproduceConfig, root: Path, part: Part) -> None:
     )
     assert sample.reference is not None
     target = sample.reference.numpy() / sample.scale.numpy()[:, None, None]
-    reconstructors = {m: classical_reconstructor(m, config.cs) for m in CLASSICAL_METHODS}
+    reconstructors = {
+        m: classical_reconstructor(m, config.cs, config.cg_sense) for m in CLASSICAL_METHODS
+    }
     for method, model_path in networks.items():
         reconstructors[method] = network_reconstructor(ReconCNN.load(model_path).eval())
     arrays = {
