@@ -7,9 +7,10 @@ Usage:
 
 Every setting is one `evaluate` call on the split (default ``val``; the test split is never
 used to choose anything), with the masks `cvxmri evaluate` draws per file (Poisson disc 4x
-and 1D Cartesian 4x, centre 0.04), so each row is what ``cvxmri evaluate --split val
---method M --cs-lambda L ...`` prints. Rows are appended to a JSON file (default
-``benchmarks/results/sweep_<method>.json``), so a grid can be refined in later calls.
+and 1D Cartesian 4x, centre 0.04; ``--mask`` picks one), so each row is what ``cvxmri
+evaluate --split val --method M --cs-lambda L ...`` prints. Rows are appended to a JSON
+file (default ``benchmarks/results/sweep_<method>.json``), so a grid can be refined in
+later calls.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from cvxmri.recon import CGSenseConfig, CSConfig
 from cvxmri.runs import environment
 
 ROOT = Path(__file__).resolve().parent.parent
+MASKS = ("poisson", "cartesian")
 
 
 def sweep_rows(config: EvaluateConfig) -> list[dict[str, object]]:
@@ -54,6 +56,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, nargs="+", help="default: the config's")
     parser.add_argument("--no-shifts", action="store_true", help="CS without random shifts")
     parser.add_argument("--wavelet", default="db4", help="CS wavelet (pywt name)")
+    parser.add_argument(
+        "--mask",
+        action="append",
+        choices=("poisson", "cartesian"),
+        help="Poisson disc 4x and/or 1D Cartesian 4x (default: both)",
+    )
     parser.add_argument("--split", default="val")
     parser.add_argument("--data", default="data/default")
     parser.add_argument("--out", type=Path)
@@ -74,7 +82,12 @@ def main() -> None:
             )
             cg = CGSenseConfig(lamda=lamda, iterations=iterations)
             config = EvaluateConfig(
-                data=args.data, split=args.split, methods=[args.method], cs=cs, cg_sense=cg
+                data=args.data,
+                split=args.split,
+                methods=[args.method],
+                masks=[m for m in EvaluateConfig().masks if m.kind in (args.mask or MASKS)],
+                cs=cs,
+                cg_sense=cg,
             )
             settings = asdict(cs) if args.method == "cs" else asdict(cg)
             for row in sweep_rows(config):

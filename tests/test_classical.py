@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -259,3 +261,58 @@ def test_classical_methods_and_their_settings() -> None:
     ):
         with pytest.raises(CvxmriError, match=message):
             bad.validate()
+
+
+def test_reproduce_takes_the_classical_weights_per_mask(tmp_path: Path) -> None:
+    """``classical_by_mask`` replaces the weights for its masks only, survives a YAML round
+    trip, and a key that is not a mask key is a one-line error."""
+    from cvxmri.config import from_dict, to_dict
+    from cvxmri.masks import MaskSpec
+    from cvxmri.reproduce import (
+        CLASSICAL_BY_MASK,
+        MaskClassical,
+        ReproduceConfig,
+        classical_settings,
+    )
+
+    config = ReproduceConfig(data=str(tmp_path / "data"))
+    poisson, cartesian = config.masks
+    cs, cg = classical_settings(config, cartesian)
+    tuned = CLASSICAL_BY_MASK["cartesian-4x"]
+    assert (cs.lamda, cg.lamda, cg.iterations) == (
+        tuned.cs_lamda,
+        tuned.cg_lamda,
+        tuned.cg_iterations,
+    )
+    assert cs.iterations == config.cs.iterations and cs.shifts
+    assert classical_settings(config, poisson)[0].lamda == CLASSICAL_BY_MASK["poisson-4x"].cs_lamda
+    other = MaskSpec("poisson", 8.0)
+    assert classical_settings(config, other) == (config.cs, config.cg_sense)
+    loaded = from_dict(ReproduceConfig, to_dict(config))
+    assert loaded.classical_by_mask == config.classical_by_mask
+    assert isinstance(loaded.classical_by_mask["poisson-4x"], MaskClassical)
+    none = ReproduceConfig(data=str(tmp_path / "data"), classical_by_mask={})
+    assert classical_settings(none, cartesian) == (none.cs, none.cg_sense)
+    bad = ReproduceConfig(
+        data=str(tmp_path / "data"),
+        classical_by_mask={"posson-4x": CLASSICAL_BY_MASK["poisson-4x"]},
+    )
+    with pytest.raises(CvxmriError, match="'posson-4x' is not a mask key"):
+        bad.validate()
+    negative = ReproduceConfig(
+        data=str(tmp_path / "data"),
+        classical_by_mask={
+            "cartesian-4x": MaskClassical(cs_lamda=-1.0, cg_lamda=0.0, cg_iterations=3)
+        },
+    )
+    with pytest.raises(CvxmriError, match="CS lambda must be a positive number"):
+        negative.validate()
+    with pytest.raises(CvxmriError, match="expected an integer"):
+        from_dict(
+            ReproduceConfig,
+            {
+                "classical_by_mask": {
+                    "poisson-4x": {"cs_lamda": 1e-3, "cg_lamda": 0, "cg_iterations": 2.5}
+                }
+            },
+        )
