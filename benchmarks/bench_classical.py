@@ -7,16 +7,16 @@ Usage: .venv/bin/python benchmarks/bench_classical.py [--split test] [--bart-lam
 Every method reconstructs the same `Sample` per volume and mask that `cvxmri evaluate`
 builds (`cvxmri.evaluate.volume_sample`: the per-file masks seeded from the file name), and
 is scored as `evaluate` scores it (`volume_metrics` against the SENSE magnitude, mean over
-volumes). Methods: zero-filled, CS without shifts (sigpy's `L1WaveletRecon`, the solver
-before cycle spinning, at its old default lamda 3e-3), CS with random shifts and CG-SENSE
-at their defaults, and, when the ``bart`` command is on the PATH (Debian: ``apt-get
-install bart``; never needed otherwise), ``bart pics -l1 -r L -i N -w 1`` with and without
-``-n`` (no random shifts) on the same normalised k-space, maps and sampling pattern,
-written as .cfl/.hdr files. ``-w 1`` keeps BART from rescaling the data, so its ``L`` is in
-the units of ``CSConfig.lamda``; BART's lamda is chosen on the validation split from
-``--bart-lamda`` (best mean PSNR over both masks, the rule of ``CSConfig.lamda``), then
-run on ``--split``. Timings share the machine with whatever else runs on it: compare rows
-of one run.
+volumes). Methods: zero-filled; CS without shifts (sigpy's `L1WaveletRecon`, the solver
+before cycle spinning, at its old default lamda 3e-3); CS with random shifts at the default
+lamda and at the per-mask lamdas of `cvxmri reproduce` (`classical_settings`); CG-SENSE
+likewise; and, when the ``bart`` command is on the PATH (Debian: ``apt-get install bart``;
+never needed otherwise), ``bart pics -l1 -r L -i N -w 1`` with and without ``-n`` (no
+random shifts) on the same normalised k-space, maps and sampling pattern, written as
+.cfl/.hdr files. ``-w 1`` keeps BART from rescaling the data, so its ``L`` is in the units
+of ``CSConfig.lamda``; BART's lamda is chosen per mask on the validation split from
+``--bart-lamda``, then run on ``--split`` (``-n`` at the same lamda). Timings share the
+machine with whatever else runs on it: compare rows of one run.
 """
 
 from __future__ import annotations
@@ -47,14 +47,15 @@ from cvxmri.evaluate import magnitude, volume_sample
 from cvxmri.masks import MaskSpec
 from cvxmri.metrics import volume_metrics
 from cvxmri.physics import center_crop
-from cvxmri.recon import CGSenseConfig, CSConfig, cg_sense, compressed_sensing, zero_filled
+from cvxmri.recon import CSConfig, cg_sense, compressed_sensing, zero_filled
+from cvxmri.reproduce import ReproduceConfig, classical_settings
 from cvxmri.runs import environment
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "classical.json"
 MASKS = (MaskSpec("poisson", 4.0), MaskSpec("cartesian", 4.0, 0.04))
 OLD_CS = CSConfig(lamda=3e-3, shifts=False)
-BART_LAMDAS = (1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 1e-2, 1.5e-2)
+BART_LAMDAS = (1e-3, 1.5e-3, 2.5e-3, 4e-3, 6e-3, 1e-2)
 
 Reconstruct = Callable[[Sample], np.ndarray]
 
@@ -120,16 +121,17 @@ def load_split(data: str, split: str) -> list[Volume]:
     return volumes
 
 
-def score(volumes: list[Volume], reconstruct: Reconstruct) -> dict[str, dict[str, float]]:
-    """Per mask: volume PSNR/SSIM means over the volumes and the total wall time."""
-    result = {}
+def score(volumes: list[Volume], reconstruct: dict[str, Reconstruct]) -> dict[str, object]:
+    """Per mask (``reconstruct`` maps a mask's description to its method): volume
+    PSNR/SSIM means over the volumes and the total wall time."""
+    result: dict[str, object] = {}
     for spec in MASKS:
         mask = spec.describe()
         rows, seconds = [], 0.0
         for volume in volumes:
             sample = volume.samples[mask]
             start = time.perf_counter()
-            image = reconstruct(sample)
+            image = reconstruct[mask](sample)
             seconds += time.perf_counter() - start
             rows.append(volume_metrics(volume.target, magnitude(image, sample)))
         result[mask] = {
@@ -141,6 +143,47 @@ def score(volumes: list[Volume], reconstruct: Reconstruct) -> dict[str, dict[str
     return result
 
 
+def per_mask(make: Callable[[MaskSpec], Reconstruct]) -> dict[str, Reconstruct]:
+    """``make(mask)`` for every mask, keyed by its description."""
+    return {spec.describe(): make(spec) for spec in MASKS}
+
+
+def cvxmri_methods(iterations: int) -> dict[str, tuple[str, dict[str, Reconstruct]]]:
+    """cvxmri's classical methods: (settings, reconstruction per mask) by name."""
+    default = ReproduceConfig(cs=CSConfig(iterations=iterations))
+    old = CSConfig(lamda=OLD_CS.lamda, iterations=iterations, shifts=False)
+    tuned = {spec.describe(): classical_settings(default, spec) for spec in MASKS}
+    tuned_text = "; ".join(f"{spec.kind} {tuned[spec.describe()][0].lamda:g}" for spec in MASKS)
+    cg_text = "; ".join(
+        f"{spec.kind} {tuned[spec.describe()][1].lamda:g}, "
+        f"{tuned[spec.describe()][1].iterations} it"
+        for spec in MASKS
+    )
+    return {
+        "zero-filled": ("", per_mask(lambda _: zero_filled)),
+        "cs, no shifts (before)": (
+            f"lamda {old.lamda:g}",
+            per_mask(lambda _: lambda s: compressed_sensing(s, old)),
+        ),
+        "cs, shifts, one lamda": (
+            f"lamda {default.cs.lamda:g}",
+            per_mask(lambda _: lambda s: compressed_sensing(s, default.cs)),
+        ),
+        "cs, shifts, lamda per mask": (
+            f"lamda {tuned_text}",
+            {m: lambda s, cs=cs: compressed_sensing(s, cs) for m, (cs, _) in tuned.items()},
+        ),
+        "cg-sense, one setting": (
+            f"lamda {default.cg_sense.lamda:g}, {default.cg_sense.iterations} it",
+            per_mask(lambda _: lambda s: cg_sense(s, default.cg_sense)),
+        ),
+        "cg-sense, per mask": (
+            f"lamda, it: {cg_text}",
+            {m: lambda s, cg=cg: cg_sense(s, cg) for m, (_, cg) in tuned.items()},
+        ),
+    }
+
+
 def main() -> None:
     """Run every method on the split (BART's lamda chosen on val first) and write the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -150,17 +193,7 @@ def main() -> None:
     parser.add_argument("--bart-lamda", type=float, nargs="+", default=list(BART_LAMDAS))
     args = parser.parse_args()
     test = load_split(args.data, args.split)
-    new_cs = CSConfig(iterations=args.iterations)
-    old_cs = CSConfig(lamda=OLD_CS.lamda, iterations=args.iterations, shifts=False)
-    methods: dict[str, tuple[str, Reconstruct]] = {
-        "zero-filled": ("", zero_filled),
-        "cs-noshift": (f"lamda {old_cs.lamda:g}", lambda s: compressed_sensing(s, old_cs)),
-        "cs": (f"lamda {new_cs.lamda:g}", lambda s: compressed_sensing(s, new_cs)),
-        "cg-sense": (
-            f"lamda {CGSenseConfig().lamda:g}, {CGSenseConfig().iterations} it",
-            lambda s: cg_sense(s, CGSenseConfig()),
-        ),
-    }
+    methods = cvxmri_methods(args.iterations)
     record: dict[str, object] = {
         "date": date.today().isoformat(),
         "split": args.split,
@@ -178,21 +211,28 @@ def main() -> None:
             val = load_split(args.data, "val")
             grid = {}
             for lamda in args.bart_lamda:
-                grid[lamda] = score(
-                    val, lambda s, lam=lamda: bart_pics(s, lam, args.iterations, True, folder)
+                run = per_mask(
+                    lambda _, lam=lamda: lambda s: bart_pics(s, lam, args.iterations, True, folder)
                 )
+                grid[lamda] = score(val, run)
                 print(f"BART val lamda {lamda:g}: {json.dumps(grid[lamda])}", flush=True)
-            best = max(grid, key=lambda lam: np.mean([m["psnr"] for m in grid[lam].values()]))
+            best = {
+                spec.describe(): max(grid, key=lambda lam: grid[lam][spec.describe()]["psnr"])
+                for spec in MASKS
+            }
             record["bart_val_grid"] = {f"{lam:g}": rows for lam, rows in grid.items()}
             record["bart_lamda"] = best
-            methods["bart"] = (
-                f"lamda {best:g}",
-                lambda s: bart_pics(s, best, args.iterations, True, folder),
-            )
-            methods["bart-n"] = (
-                f"lamda {best:g}, -n",
-                lambda s: bart_pics(s, best, args.iterations, False, folder),
-            )
+            text = "; ".join(f"{spec.kind} {best[spec.describe()]:g}" for spec in MASKS)
+            for name, shifts in (("bart pics -l1", True), ("bart pics -l1 -n", False)):
+                methods[name] = (
+                    f"lamda {text} (best on val)",
+                    {
+                        m: lambda s, lam=lam, sh=shifts: bart_pics(
+                            s, lam, args.iterations, sh, folder
+                        )
+                        for m, lam in best.items()
+                    },
+                )
         results = {}
         for method, (settings, reconstruct) in methods.items():
             results[method] = {"settings": settings, **score(test, reconstruct)}

@@ -174,7 +174,14 @@ def test_results_come_from_the_runs_own_files(reproduced: dict[str, Any]) -> Non
     assert methods == {
         (mask, method)
         for mask in ("poisson-4x", "cartesian-4x")
-        for method in ("zero-filled", "cs", "layerwise-convex", "layerwise-nonconvex", "end-to-end")
+        for method in (
+            "zero-filled",
+            "cs",
+            "cg-sense",
+            "layerwise-convex",
+            "layerwise-nonconvex",
+            "end-to-end",
+        )
     }
     # The representative slice was reconstructed exactly as the evaluation did.
     example = results["examples"][0]
