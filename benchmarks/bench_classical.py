@@ -15,14 +15,17 @@ never needed otherwise), ``bart pics -l1 -r L -i N -w 1`` with and without ``-n`
 random shifts) on the same normalised k-space, maps and sampling pattern, written as
 .cfl/.hdr files. ``-w 1`` keeps BART from rescaling the data, so its ``L`` is in the units
 of ``CSConfig.lamda``; BART's lamda is chosen per mask on the validation split from
-``--bart-lamda``, then run on ``--split`` (``-n`` at the same lamda). Timings share the
-machine with whatever else runs on it: compare rows of one run.
+``--bart-lamda`` (by default three points of the CS grid in docs/benchmarks.md, around
+the optima of cvxmri's CS), then run on ``--split`` (``-n`` at the same lamda). BART runs
+on one OpenMP thread, torch on its default threads. Timings share the machine with
+whatever else runs on it: compare rows of one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -55,7 +58,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "classical.json"
 MASKS = (MaskSpec("poisson", 4.0), MaskSpec("cartesian", 4.0, 0.04))
 OLD_CS = CSConfig(lamda=3e-3, shifts=False)
-BART_LAMDAS = (1e-3, 1.5e-3, 2.5e-3, 4e-3, 6e-3, 1e-2)
+BART_LAMDAS = (1.33e-3, 2.37e-3, 4.22e-3)
+# One OpenMP thread: on 2 cores shared with other jobs, BART's spinning OpenMP threads make
+# one pics call 60x slower (0.7 s against 43 s, measured).
+BART_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 Reconstruct = Callable[[Sample], np.ndarray]
 
@@ -91,7 +97,7 @@ def bart_pics(
         command = ["bart", "pics", "-l1", "-r", str(lamda), "-i", str(iterations), "-w", "1"]
         command += ["-p", str(folder / "pat")] + ([] if shifts else ["-n"])
         command += [str(folder / "ksp"), str(folder / "sens"), str(folder / "out")]
-        subprocess.run(command, check=True, capture_output=True)
+        subprocess.run(command, check=True, capture_output=True, env=BART_ENV)
         images.append(read_cfl(folder / "out").reshape(sample.y.shape[-2:]))
     full = np.stack(images)
     cropped = center_crop(torch.from_numpy(full), sample.recon_shape)

@@ -118,8 +118,8 @@ class MaskClassical:
 # that a large weight smooths into the image; CG-SENSE: Poisson-disc data are
 # over-fitted after a few iterations, Cartesian data need many).
 CLASSICAL_BY_MASK = {
-    "poisson-4x": MaskClassical(cs_lamda=4.2e-3, cg_lamda=0.0, cg_iterations=4),
-    "cartesian-4x": MaskClassical(cs_lamda=1.33e-3, cg_lamda=0.0, cg_iterations=15),
+    "poisson-4x": MaskClassical(cs_lamda=4.22e-3, cg_lamda=0.0, cg_iterations=4),
+    "cartesian-4x": MaskClassical(cs_lamda=1.33e-3, cg_lamda=0.0, cg_iterations=12),
 }
 
 
