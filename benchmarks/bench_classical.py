@@ -15,8 +15,8 @@ never needed otherwise), ``bart pics -l1 -r L -i N -w 1`` with and without ``-n`
 random shifts) on the same normalised k-space, maps and sampling pattern, written as
 .cfl/.hdr files. ``-w 1`` keeps BART from rescaling the data, so its ``L`` is in the units
 of ``CSConfig.lamda``; BART's lamda is chosen per mask on the validation split from
-``--bart-lamda`` (by default three points of the CS grid in docs/benchmarks.md, around
-the optima of cvxmri's CS), then run on ``--split`` (``-n`` at the same lamda). BART runs
+``--bart-lamda`` (by default the CS grid of docs/benchmarks.md from 1e-3 to 7.5e-3),
+then run on ``--split`` (``-n`` at the same lamda). BART runs
 on one OpenMP thread, torch on its default threads. Timings share the machine with
 whatever else runs on it: compare rows of one run.
 """
@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "classical.json"
 MASKS = (MaskSpec("poisson", 4.0), MaskSpec("cartesian", 4.0, 0.04))
 OLD_CS = CSConfig(lamda=3e-3, shifts=False)
-BART_LAMDAS = (1.33e-3, 2.37e-3, 4.22e-3)
+BART_LAMDAS = (1e-3, 1.33e-3, 1.78e-3, 2.37e-3, 3.16e-3, 4.22e-3, 5.62e-3, 7.5e-3)
 # One OpenMP thread: on 2 cores shared with other jobs, BART's spinning OpenMP threads make
 # one pics call 60x slower (0.7 s against 43 s, measured).
 BART_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -35,8 +35,9 @@ class CSConfig:
     minimises the objective of one wavelet exactly but, in effect, a penalty averaged over
     the shifts of the wavelet (a translation-invariant one), which removes that bias; on
     the default dataset's test split it gains 1.3 dB (Poisson disc 4x) and 1.0 dB (1D
-    Cartesian 4x) over the solver without shifts (docs/benchmarks.md), at about BART's
-    level. It costs more time: a pywt transform per iteration on the CPU, against sigpy's.
+    Cartesian 4x) over the solver without shifts, and with each mask's own weight it is
+    within 0.2 dB of BART's ``pics -l1`` (docs/benchmarks.md); it took 1.5-2.5x the time
+    of the solver without shifts there.
 
     Attributes:
         lamda: weight of the l1 norm of the wavelet coefficients, for data normalised as in
