@@ -222,7 +222,7 @@ def test_cg_sense_with_full_sampling_returns_the_image() -> None:
 def test_cg_sense_solves_the_normal_equations(lamda: float) -> None:
     kspace, maps, mask, image = undersampled(size=16, coils=3)
     sample = make_sample(kspace, mask, maps, (16, 16), target=image)
-    x = cg_sense(sample, CGSenseConfig(lamda=lamda, iterations=200))
+    x = cg_sense(sample, CGSenseConfig(lamda=lamda, iterations=30))
     sense = Sense(maps, mask)
     rhs = sense.adjoint(sample.y)
     residual = sense.adjoint(sense(x)) + lamda * x - rhs
