@@ -13,8 +13,9 @@ The public API, importable as ``cvxmri.<name>``:
 - masks: `MaskSpec`, `poisson_disc_mask`, `cartesian_random_mask`, `equispaced_mask`,
   `uniform_random_mask`;
 - physics: `Sense`, `FFT`, `Mask`, `CenterCrop`, `fftnc`, `ifftnc`;
-- reconstruction: `zero_filled`, `compressed_sensing`, `CSConfig`, `network_reconstructor`
-  (each takes a `Sample` and returns the image on the reconstruction matrix);
+- reconstruction: `zero_filled`, `compressed_sensing`, `CSConfig`, `cg_sense`,
+  `CGSenseConfig`, `network_reconstructor` (each takes a `Sample` and returns the image
+  on the reconstruction matrix);
 - metrics: `psnr`, `ssim`, `nmse`, `volume_metrics`, `slice_metrics` (fastMRI's
   conventions).
 
@@ -61,6 +62,8 @@ _EXPORTS = {
     "zero_filled": "cvxmri.recon",
     "compressed_sensing": "cvxmri.recon",
     "CSConfig": "cvxmri.recon",
+    "cg_sense": "cvxmri.recon",
+    "CGSenseConfig": "cvxmri.recon",
     "network_reconstructor": "cvxmri.recon",
     "psnr": "cvxmri.metrics",
     "ssim": "cvxmri.metrics",

@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--method",
         action="append",
-        help="zero-filled or cs; repeat for several (default: both, also beside --model)",
+        help="zero-filled, cs or cg-sense; repeat for several (default: all three, also "
+        "beside --model)",
     )
     evaluate.add_argument(
         "--model",
@@ -234,8 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--device", help="where the networks run: cpu, cuda or auto (default cpu)"
     )
-    evaluate.add_argument("--cs-lambda", type=_number, help="CS l1-wavelet weight")
-    evaluate.add_argument("--cs-iterations", type=_positive_int, help="CS iterations")
+    _add_classical_options(evaluate)
     evaluate.add_argument(
         "--config",
         type=Path,
@@ -325,6 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_classical_options(parser: argparse.ArgumentParser) -> None:
+    """The settings of the classical methods: --cs-lambda, --cs-iterations, --cs-no-shifts,
+    --cg-lambda and --cg-iterations (default: the --config file's, else the defaults)."""
+    parser.add_argument("--cs-lambda", type=_number, help="CS l1-wavelet weight")
+    parser.add_argument("--cs-iterations", type=_positive_int, help="CS iterations")
+    parser.add_argument(
+        "--cs-no-shifts",
+        action="store_true",
+        help="CS without random wavelet shifts (the earlier solver, sigpy's L1WaveletRecon)",
+    )
+    parser.add_argument("--cg-lambda", type=_number, help="CG-SENSE Tikhonov weight (>= 0)")
+    parser.add_argument("--cg-iterations", type=_positive_int, help="CG-SENSE iterations")
+
+
 def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
     """`cvxmri predict`."""
     predict = commands.add_parser(
@@ -335,7 +349,7 @@ def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
         "--model",
         required=True,
         help="a trained network (model.pt, or its run folder) or a classical method: "
-        "zero-filled or cs",
+        "zero-filled, cs or cg-sense",
     )
     predict.add_argument(
         "--data", type=Path, required=True, help=_DATA_HELP.replace(" (default %(default)s)", "")
@@ -374,8 +388,7 @@ def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--nifti", action="store_true", help="also write a .nii.gz per volume, for viewers"
     )
-    predict.add_argument("--cs-lambda", type=_number, help="CS l1-wavelet weight")
-    predict.add_argument("--cs-iterations", type=_positive_int, help="CS iterations")
+    _add_classical_options(predict)
     predict.add_argument(
         "--force", action="store_true", help="replace output files of the same names"
     )
@@ -540,7 +553,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     }
     overrides = {name: value for name, value in given.items() if value is not None}
     overrides["masks"] = _mask_specs(args, config.masks)
-    config = replace(config, cs=_cs_config(args, config.cs), **overrides)
+    config = replace(
+        config,
+        cs=_cs_config(args, config.cs),
+        cg_sense=_cg_sense_config(args, config.cg_sense),
+        **overrides,
+    )
     config.validate()
     out = args.out or default_run_dir("evaluate")
     with run_folder(out, config, overwrite=args.force) as folder:
@@ -553,20 +571,33 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cs_config(args: argparse.Namespace, cs: object) -> object:
-    """``cs`` with --cs-lambda and --cs-iterations, where given."""
+    """``cs`` with --cs-lambda, --cs-iterations and --cs-no-shifts, where given."""
     from dataclasses import replace
 
     if args.cs_lambda is not None:
         cs = replace(cs, lamda=args.cs_lambda)  # type: ignore[type-var]
     if args.cs_iterations is not None:
         cs = replace(cs, iterations=args.cs_iterations)  # type: ignore[type-var]
+    if args.cs_no_shifts:
+        cs = replace(cs, shifts=False)  # type: ignore[type-var]
     return cs
+
+
+def _cg_sense_config(args: argparse.Namespace, cg: object) -> object:
+    """``cg`` (CG-SENSE settings) with --cg-lambda and --cg-iterations, where given."""
+    from dataclasses import replace
+
+    if args.cg_lambda is not None:
+        cg = replace(cg, lamda=args.cg_lambda)  # type: ignore[type-var]
+    if args.cg_iterations is not None:
+        cg = replace(cg, iterations=args.cg_iterations)  # type: ignore[type-var]
+    return cg
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from cvxmri.masks import MaskSpec
     from cvxmri.predict import PredictConfig, predict, training_mask
-    from cvxmri.recon import CSConfig
+    from cvxmri.recon import CGSenseConfig, CSConfig
 
     if args.mask and len(args.mask) > 1:
         raise CvxmriError("predict takes one --mask (one reconstruction per volume)")
@@ -581,6 +612,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         file_masks=not args.mask,
         nifti=args.nifti,
         cs=_cs_config(args, CSConfig()),  # type: ignore[arg-type]
+        cg_sense=_cg_sense_config(args, CGSenseConfig()),  # type: ignore[arg-type]
         device=args.device,
     )
     written = predict(config, args.out, overwrite=args.force)

@@ -20,13 +20,16 @@ T = TypeVar("T")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """A dataclass as plain YAML-friendly data (tuples become lists)."""
+    """A dataclass as plain YAML-friendly data (tuples become lists; mappings stay
+    mappings, their values converted)."""
 
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, list | tuple):
             return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {key: plain(v) for key, v in value.items()}
         return value
 
     return plain(config)
@@ -51,6 +54,14 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise CvxmriError(f"{where}: expected a mapping, got {value!r}")
         return from_dict(annotation, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CvxmriError(f"{where}: expected a mapping, got {value!r}")
+        key_type, item = args if args else (Any, Any)
+        return {
+            _convert(key, key_type, where): _convert(v, item, f"{where}.{key}")
+            for key, v in value.items()
+        }
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise CvxmriError(f"{where}: expected a list, got {value!r}")

@@ -44,8 +44,10 @@ from cvxmri.metrics import slice_metrics, volume_metrics
 from cvxmri.models.unrolled import load_network
 from cvxmri.recon import (
     CLASSICAL_METHODS,
+    CGSenseConfig,
     CSConfig,
     Reconstructor,
+    cg_sense,
     compressed_sensing,
     network_reconstructor,
     zero_filled,
@@ -71,7 +73,8 @@ class EvaluateConfig:
             the stored ``reconstruction_rss`` when the file has one).
         models: trained networks (``model.pt`` files, or run folders meaning their
             ``model.pt``) evaluated beside the methods.
-        cs: compressed-sensing settings.
+        cs: compressed-sensing settings (method ``cs``).
+        cg_sense: CG-SENSE settings (method ``cg-sense``).
         espirit: coil-map settings.
         cache: where coil maps are cached; ``<data root>/cache`` when empty
             (`cvxmri.data.prepare.default_cache_dir`).
@@ -88,6 +91,7 @@ class EvaluateConfig:
     target: str = "sense"
     models: list[str] = field(default_factory=list)
     cs: CSConfig = field(default_factory=CSConfig)
+    cg_sense: CGSenseConfig = field(default_factory=CGSenseConfig)
     espirit: EspiritConfig = field(default_factory=EspiritConfig)
     cache: str = ""
     device: str = "cpu"
@@ -109,13 +113,41 @@ class EvaluateConfig:
             raise CvxmriError(f"CS lambda must be a positive number, got {self.cs.lamda}")
         if self.cs.iterations < 1:
             raise CvxmriError(f"CS iterations must be >= 1, got {self.cs.iterations}")
+        check_wavelet(self.cs.wavelet)
+        if not (self.cg_sense.lamda >= 0 and math.isfinite(self.cg_sense.lamda)):
+            raise CvxmriError(
+                f"CG-SENSE lambda must be a non-negative number, got {self.cg_sense.lamda}"
+            )
+        if self.cg_sense.iterations < 1:
+            raise CvxmriError(f"CG-SENSE iterations must be >= 1, got {self.cg_sense.iterations}")
 
 
-def classical_reconstructor(method: str, cs: CSConfig) -> Reconstructor:
-    """The reconstruction function (``Sample -> image``) of a classical method."""
+def check_wavelet(name: str) -> None:
+    """Raise `CvxmriError` unless ``name`` is an orthogonal wavelet pywt knows (``db4``,
+    ``haar``, ``sym8``, ...), as the CS solvers need."""
+    import pywt
+
+    if name not in pywt.wavelist(kind="discrete") or not pywt.Wavelet(name).orthogonal:
+        raise CvxmriError(
+            f"unknown CS wavelet {name!r} (an orthogonal discrete pywt wavelet, e.g. db4, db2, "
+            "haar, sym8)"
+        )
+
+
+def classical_reconstructor(
+    method: str, cs: CSConfig, cg: CGSenseConfig | None = None
+) -> Reconstructor:
+    """The reconstruction function (``Sample -> image``) of a classical method (one of
+    `CLASSICAL_METHODS`), with the CS settings ``cs`` and the CG-SENSE settings ``cg``
+    (the defaults when None)."""
     if method == "zero-filled":
         return zero_filled
-    return lambda sample: compressed_sensing(sample, cs)
+    if method == "cs":
+        return lambda sample: compressed_sensing(sample, cs)
+    if method == "cg-sense":
+        settings = CGSenseConfig() if cg is None else cg
+        return lambda sample: cg_sense(sample, settings)
+    raise CvxmriError(f"unknown method {method!r} (choose from {', '.join(CLASSICAL_METHODS)})")
 
 
 def reference_image(volume: PreparedVolume, target: str) -> tuple[np.ndarray, str]:
@@ -173,7 +205,9 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
     device = resolve_device(config.device)
     files = find_files(config.data, config.split)
     cache = Path(config.cache) if config.cache else default_cache_dir(config.data)
-    reconstructors = {m: classical_reconstructor(m, config.cs) for m in config.methods}
+    reconstructors = {
+        m: classical_reconstructor(m, config.cs, config.cg_sense) for m in config.methods
+    }
     paths = [model_file(Path(p)) for p in config.models]
     for path in paths:
         model = load_network(path, map_location=device).eval()

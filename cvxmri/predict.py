@@ -63,7 +63,13 @@ from cvxmri.evaluate import (
 )
 from cvxmri.masks import MaskSpec
 from cvxmri.models.unrolled import load_network
-from cvxmri.recon import CLASSICAL_METHODS, CSConfig, Reconstructor, network_reconstructor
+from cvxmri.recon import (
+    CLASSICAL_METHODS,
+    CGSenseConfig,
+    CSConfig,
+    Reconstructor,
+    network_reconstructor,
+)
 from cvxmri.runs import logging_to, staged_files
 
 log = logging.getLogger(__name__)
@@ -81,7 +87,8 @@ class PredictConfig:
 
     Attributes:
         model: a trained network (a model file, or a run folder meaning its ``model.pt``)
-            or a classical method (``zero-filled`` or ``cs``; a path of that name wins).
+            or a classical method (``zero-filled``, ``cs`` or ``cg-sense``; a path of that
+            name wins).
         data: a dataset root, a flat folder of ``.h5`` files or one file.
         split: the split of a dataset root.
         mask: the sampling mask of the files without their own (kind ``file``: every
@@ -90,6 +97,7 @@ class PredictConfig:
             files need); off when a mask is asked for explicitly.
         nifti: also write a ``.nii.gz`` per volume.
         cs: compressed-sensing settings (method ``cs``).
+        cg_sense: CG-SENSE settings (method ``cg-sense``).
         espirit: coil-map settings.
         cache: where coil maps are cached; ``<data root>/cache`` when empty.
         device: where a network runs: cpu, cuda (``cuda:N``) or auto.
@@ -102,6 +110,7 @@ class PredictConfig:
     file_masks: bool = True
     nifti: bool = False
     cs: CSConfig = field(default_factory=CSConfig)
+    cg_sense: CGSenseConfig = field(default_factory=CGSenseConfig)
     espirit: EspiritConfig = field(default_factory=EspiritConfig)
     cache: str = ""
     device: str = "cpu"
@@ -118,6 +127,7 @@ class PredictConfig:
             methods=[],
             masks=[self.mask],
             cs=self.cs,
+            cg_sense=self.cg_sense,
             device=self.device,
         ).validate()
 
@@ -152,12 +162,15 @@ class Method(NamedTuple):
     metadata: dict[str, object] | None = None
 
 
-def resolve_model(model: str, cs: CSConfig, device: object = "cpu") -> Method:
-    """The `Method` of ``model``: a classical method name, or a model file or run folder
-    (a path of a method's name wins), loaded onto ``device``."""
+def resolve_model(
+    model: str, cs: CSConfig, device: object = "cpu", cg: CGSenseConfig | None = None
+) -> Method:
+    """The `Method` of ``model``: a classical method name (run with the CS settings ``cs``
+    or the CG-SENSE settings ``cg``), or a model file or run folder (a path of a method's
+    name wins), loaded onto ``device``."""
     path = Path(model)
     if model in CLASSICAL_METHODS and not path.exists():
-        return Method(model, classical_reconstructor(model, cs))
+        return Method(model, classical_reconstructor(model, cs, cg))
     if not path.exists():
         raise CvxmriError(
             f"{model}: no such model file or run folder (or a classical method: "
@@ -226,7 +239,9 @@ def predict(config: PredictConfig, out: Path, overwrite: bool = False) -> dict[s
                 "predict writes one file per name: give one split folder at a time"
             )
         seen[path.name] = path
-    label, reconstruct, network, metadata = resolve_model(config.model, config.cs, device)
+    label, reconstruct, network, metadata = resolve_model(
+        config.model, config.cs, device, config.cg_sense
+    )
     if network is not None:  # recorded as what ran: the model file, not its folder
         config = replace(config, model=str(network))
     names = [p.name for p in files]

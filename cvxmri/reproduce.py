@@ -7,8 +7,8 @@ finished parts, and an interrupted training part is resumed from its last checkp
 1. the dataset: the default one is simulated when the data folder is missing or empty;
    the coil maps of every split are computed (cached under ``<data>/cache``);
 2. for each mask (Poisson disc 4x, 1D Cartesian 4x with centre fraction 0.04):
-   zero-filled and CS on the test split; the layer-wise convex network, then the non-convex
-   layer-wise ablation, each trained and its network after every stage
+   zero-filled, CS and CG-SENSE on the test split; the layer-wise convex network, then the
+   non-convex layer-wise ablation, each trained and its network after every stage
    (``model_depthN.pt``) evaluated on the test split; end-to-end networks of every depth
    (or of the full depth only), each trained and evaluated; a representative test slice
    reconstructed by every method (``examples``); what each layer learned (``inspect``);
@@ -65,10 +65,10 @@ from cvxmri.evaluate import (
     evaluate,
     model_label,
 )
-from cvxmri.masks import MaskSpec
+from cvxmri.masks import MASK_KINDS, MaskSpec
 from cvxmri.metrics import slice_metrics
 from cvxmri.models.cnn import ReconCNN
-from cvxmri.recon import CLASSICAL_METHODS, CSConfig, network_reconstructor
+from cvxmri.recon import CLASSICAL_METHODS, CGSenseConfig, CSConfig, network_reconstructor
 from cvxmri.report import interpret
 from cvxmri.runs import environment, run_folder
 from cvxmri.training.config import PRESETS, TrainConfig, preset
@@ -95,6 +95,34 @@ EXPECTED_SECONDS = {
 }
 
 
+@dataclass(frozen=True)
+class MaskClassical:
+    """The weights of the classical methods for one mask, chosen on the validation split
+    (docs/benchmarks.md, "How the CS weight was chosen"); for that mask they replace
+    ``lamda`` of `ReproduceConfig.cs` and ``lamda`` and ``iterations`` of
+    `ReproduceConfig.cg_sense`.
+
+    Attributes:
+        cs_lamda: CS l1-wavelet weight.
+        cg_lamda: CG-SENSE Tikhonov weight.
+        cg_iterations: CG-SENSE iterations.
+    """
+
+    cs_lamda: float
+    cg_lamda: float
+    cg_iterations: int
+
+
+# Chosen on the validation split of the default dataset (docs/benchmarks.md): the two masks
+# want clearly different weights (CS: Cartesian 1D undersampling leaves coherent aliasing
+# that a large weight smooths into the image; CG-SENSE: Poisson-disc data are
+# over-fitted after a few iterations, Cartesian data need many).
+CLASSICAL_BY_MASK = {
+    "poisson-4x": MaskClassical(cs_lamda=4.22e-3, cg_lamda=0.0, cg_iterations=4),
+    "cartesian-4x": MaskClassical(cs_lamda=1.33e-3, cg_lamda=0.0, cg_iterations=12),
+}
+
+
 @dataclass
 class ReproduceConfig:
     """What `cvxmri reproduce` runs; saved as ``config.yaml`` in the reproduce folder.
@@ -110,6 +138,10 @@ class ReproduceConfig:
             depth curve of both methods); otherwise of the full depth only.
         split: the split every method is evaluated on.
         cs: compressed-sensing settings.
+        cg_sense: CG-SENSE settings.
+        classical_by_mask: weights of the classical methods per mask, by `mask_key`
+            (``poisson-4x``); they win over ``cs`` and ``cg_sense`` for their mask, whose
+            settings apply to the other masks (``{}``: to every mask).
         device: cpu, cuda or auto.
         amp: bf16 autocast in training.
         seed: training seed.
@@ -127,6 +159,10 @@ class ReproduceConfig:
     end_to_end_every_depth: bool = True
     split: str = "test"
     cs: CSConfig = field(default_factory=CSConfig)
+    cg_sense: CGSenseConfig = field(default_factory=CGSenseConfig)
+    classical_by_mask: dict[str, MaskClassical] = field(
+        default_factory=lambda: dict(CLASSICAL_BY_MASK)
+    )
     device: str = "auto"
     amp: bool = False
     seed: int = 0
@@ -145,9 +181,18 @@ class ReproduceConfig:
             raise CvxmriError(f"clusters must be >= 2, got {self.clusters}")
         self.simulation.validate()
         self.check_data()
-        EvaluateConfig(
-            data=self.data, split=self.split, masks=self.masks, cs=self.cs, methods=[]
-        ).validate()
+        for key in self.classical_by_mask:
+            kind, _, accel = key.rpartition("-")
+            if kind not in MASK_KINDS or not accel.endswith("x") or not _is_number(accel[:-1]):
+                raise CvxmriError(
+                    f"classical_by_mask: {key!r} is not a mask key like poisson-4x "
+                    f"(kinds: {', '.join(MASK_KINDS)})"
+                )
+        for mask in self.masks:
+            cs, cg = classical_settings(self, mask)
+            EvaluateConfig(
+                data=self.data, split=self.split, masks=[mask], cs=cs, cg_sense=cg, methods=[]
+            ).validate()
         for mask in self.masks:
             train_config(self, "end-to-end", mask, self.layers).validate()
 
@@ -179,6 +224,26 @@ def reproduce_preset(name: str) -> ReproduceConfig:
 def mask_key(mask: MaskSpec) -> str:
     """The folder name of a mask's parts, e.g. ``poisson-4x``."""
     return f"{mask.kind}-{mask.acceleration:g}x"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def classical_settings(config: ReproduceConfig, mask: MaskSpec) -> tuple[CSConfig, CGSenseConfig]:
+    """The CS and CG-SENSE settings of ``mask``: ``config.cs`` and ``config.cg_sense`` with
+    the mask's weights from ``config.classical_by_mask``, where it has them."""
+    tuned = config.classical_by_mask.get(mask_key(mask))
+    if tuned is None:
+        return config.cs, config.cg_sense
+    return (
+        replace(config.cs, lamda=tuned.cs_lamda),
+        replace(config.cg_sense, lamda=tuned.cg_lamda, iterations=tuned.cg_iterations),
+    )
 
 
 def train_config(config: ReproduceConfig, method: str, mask: MaskSpec, layers: int) -> TrainConfig:
@@ -242,7 +307,7 @@ def plan(config: ReproduceConfig) -> list[Part]:
         parts.append(
             Part(
                 "baselines",
-                f"zero-filled and CS, {label}",
+                f"zero-filled, CS and CG-SENSE, {label}",
                 f"{key}/baselines",
                 "summary.json",
                 EXPECTED_SECONDS["baselines"],
@@ -348,13 +413,15 @@ def _run_evaluation(config: ReproduceConfig, root: Path, part: Part) -> None:
         methods, models = list(CLASSICAL_METHODS), []
     else:
         methods, models = [], [str(root / path) for _, path in tested_models(part)]
+    cs, cg = classical_settings(config, part.mask)
     eval_config = EvaluateConfig(
         data=config.data,
         split=config.split,
         methods=methods,
         models=models,
         masks=[part.mask],
-        cs=config.cs,
+        cs=cs,
+        cg_sense=cg,
     )
     with run_folder(root / part.folder, eval_config, overwrite=True) as folder:
         evaluate(eval_config, folder)
@@ -410,7 +477,8 @@ def _run_examples(config: ReproduceConfig, root: Path, part: Part) -> None:
     )
     assert sample.reference is not None
     target = sample.reference.numpy() / sample.scale.numpy()[:, None, None]
-    reconstructors = {m: classical_reconstructor(m, config.cs) for m in CLASSICAL_METHODS}
+    cs, cg = classical_settings(config, mask)
+    reconstructors = {m: classical_reconstructor(m, cs, cg) for m in CLASSICAL_METHODS}
     for method, model_path in networks.items():
         reconstructors[method] = network_reconstructor(ReconCNN.load(model_path).eval())
     arrays = {

@@ -541,6 +541,22 @@ CASES = [
         "device cuda:99 requested but",
     ),
     Case(
+        "evaluate-cg-lambda-negative",
+        "evaluate CG-SENSE with a negative Tikhonov weight",
+        _args(
+            "evaluate",
+            "--data",
+            "{good}",
+            "--method",
+            "cg-sense",
+            "--cg-lambda",
+            "-1",
+            "--out",
+            "{work}/out",
+        ),
+        "CG-SENSE lambda must be a non-negative number, got -1.0",
+    ),
+    Case(
         "evaluate-device-missing",
         "evaluate on a CUDA device that is not there",
         _args(
@@ -737,7 +753,7 @@ CASES = [
         "predict-model-missing",
         "predict with a model that is neither a file, a run folder nor a method",
         _args("predict", "--model", "{work}/nothing", "--data", "{good}", "--out", "{work}/out"),
-        "no such model file or run folder (or a classical method: zero-filled, cs)",
+        "no such model file or run folder (or a classical method: zero-filled, cs, cg-sense)",
     ),
     Case(
         "predict-run-without-model",

@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import yaml
 from conftest import phantom_nifti
 
 from cvxmri.cli import main
@@ -57,7 +58,7 @@ def test_prepare_caches_the_maps(tiny: Path, capsys: pytest.CaptureFixture[str])
     assert f"(0 computed, {len(files)} already cached)" in capsys.readouterr().out
 
 
-def test_evaluate_zero_filled_and_cs(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_the_classical_methods(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tiny / "run"
     code = main(
         [
@@ -70,8 +71,14 @@ def test_evaluate_zero_filled_and_cs(tiny: Path, capsys: pytest.CaptureFixture[s
             "zero-filled",
             "--method",
             "cs",
+            "--method",
+            "cg-sense",
             "--cs-iterations",
             "30",
+            "--cg-lambda",
+            "0.01",
+            "--cg-iterations",
+            "8",
             "--calib-size",
             "8",
             "--out",
@@ -85,11 +92,16 @@ def test_evaluate_zero_filled_and_cs(tiny: Path, capsys: pytest.CaptureFixture[s
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     results = {(r["method"], r["mask"].split()[0]): r for r in summary["results"]}
-    assert set(results) == {(m, k) for m in ("zero-filled", "cs") for k in ("poisson", "cartesian")}
+    methods = ("zero-filled", "cs", "cg-sense")
+    assert set(results) == {(m, k) for m in methods for k in ("poisson", "cartesian")}
     for kind in ("poisson", "cartesian"):
         zf = results[("zero-filled", kind)]["volume"]["psnr"]["mean"]
         cs = results[("cs", kind)]["volume"]["psnr"]["mean"]
         assert cs > zf
+    assert "cg-sense" in printed
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["cg_sense"] == {"lamda": 0.01, "iterations": 8}
+    assert saved["cs"]["iterations"] == 30 and saved["cs"]["shifts"] is True
     n_slices = sum(
         len(h5py.File(p)["kspace"]) for p in (tiny / "data" / "multicoil_test").glob("*.h5")
     )
@@ -547,7 +559,12 @@ def test_evaluate_model_keeps_the_classical_rows(
     args = [*common, "--model", str(end_to_end_run), "--cs-iterations", "5", "--device", "cpu"]
     assert main([*args, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert {r["method"] for r in summary["results"]} == {"zero-filled", "cs", end_to_end_run.name}
+    assert {r["method"] for r in summary["results"]} == {
+        "zero-filled",
+        "cs",
+        "cg-sense",
+        end_to_end_run.name,
+    }
     only = tmp_path / "only-zf"
     narrowed = [*common, "--model", str(end_to_end_run), "--method", "zero-filled"]
     assert main([*narrowed, "--out", str(only)]) == 0

@@ -96,6 +96,24 @@ def test_zero_filled_is_what_evaluate_scores_in_fastmri_layout(
     assert "environment" in logged and "multicoil_test/" in logged
 
 
+def test_cg_sense_predictions_are_what_evaluate_scores(tiny_data: Path, tmp_path: Path) -> None:
+    """``predict --model cg-sense`` with its options writes the images `evaluate` scores."""
+    out, scored = tmp_path / "recon", tmp_path / "scored"
+    common = ["--data", str(tiny_data), "--mask", "poisson", "--calib-size", "6"]
+    settings = ["--cg-lambda", "0.02", "--cg-iterations", "6"]
+    assert main(["predict", "--model", "cg-sense", *common, *settings, "--out", str(out)]) == 0
+    evaluate = ["evaluate", "--method", "cg-sense", *common, *settings, "--out", str(scored)]
+    assert main(evaluate) == 0
+    rows = _volume_rows(scored, "cg-sense")
+    for path in _test_files(tiny_data):
+        volume = prepare_volume(path, default_cache_dir(tiny_data))
+        metrics = volume_metrics(np.abs(volume.target), _reconstruction(out / path.name))
+        row = rows[f"multicoil_test/{path.name}"]
+        assert metrics["psnr"] == pytest.approx(float(row["psnr"]), rel=1e-12)
+    saved = yaml.safe_load((out / "predict.yaml").read_text())
+    assert saved["cg_sense"] == {"lamda": 0.02, "iterations": 6}
+
+
 def test_the_files_own_mask_by_default(tiny_data: Path, tmp_path: Path) -> None:
     """A file with a ``mask`` dataset (fastMRI's test files) is reconstructed with it; a
     fully sampled mask gives the SENSE magnitude. A file without one gets the drawn mask;

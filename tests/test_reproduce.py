@@ -141,7 +141,10 @@ def test_interrupted_run_resumes_and_skips_finished_parts(reproduced: dict[str, 
     # Second run: the parts finished before the interruption are skipped, the interrupted
     # training resumes, the rest runs.
     assert f"[1/{total}] dataset and coil maps: finished before, skipped" in second
-    assert f"[2/{total}] zero-filled and CS, poisson 4x (calib 6x6): finished before" in second
+    assert (
+        f"[2/{total}] zero-filled, CS and CG-SENSE, poisson 4x (calib 6x6): finished before"
+        in second
+    )
     assert re.search(rf"\[3/{total}\] train layerwise-convex, 3 layers, .* left\)", second)
     assert f"[{total}/{total}] results and report" in second
     # Third run: every part skipped, only the report rebuilt.
@@ -171,7 +174,14 @@ def test_results_come_from_the_runs_own_files(reproduced: dict[str, Any]) -> Non
     assert methods == {
         (mask, method)
         for mask in ("poisson-4x", "cartesian-4x")
-        for method in ("zero-filled", "cs", "layerwise-convex", "layerwise-nonconvex", "end-to-end")
+        for method in (
+            "zero-filled",
+            "cs",
+            "cg-sense",
+            "layerwise-convex",
+            "layerwise-nonconvex",
+            "end-to-end",
+        )
     }
     # The representative slice was reconstructed exactly as the evaluation did.
     example = results["examples"][0]

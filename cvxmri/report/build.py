@@ -163,7 +163,7 @@ def _depth(results: dict[str, Any], images: list[Image]) -> Section:
         "depth.png",
         figures.png(figures.depth_curves(results)),
         "Test PSNR and SSIM (volume means) against the number of layers; layer-wise: the "
-        "network after every stage. Dotted: zero-filled; dash-dotted: CS.",
+        "network after every stage. Dotted: zero-filled; dash-dotted: CS; dashed grey: CG-SENSE.",
     )
     images.append(figure)
     table = Table(["mask", "method", *(f"{d} layers" for d in range(2, layers + 1))], rows)

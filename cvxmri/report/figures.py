@@ -26,11 +26,13 @@ METHOD_STYLE = {
 REFERENCE_STYLE = {
     "zero-filled": {"color": "0.45", "ls": ":", "label": "zero-filled"},
     "cs": {"color": "k", "ls": "-.", "label": "CS (L1-wavelet)"},
+    "cg-sense": {"color": "0.6", "ls": "--", "label": "CG-SENSE"},
 }
 NAMES = {
     "target": "fully sampled",
     "zero-filled": "zero-filled",
     "cs": "CS (L1-wavelet)",
+    "cg-sense": "CG-SENSE",
     "end-to-end": "end-to-end",
     "layerwise-convex": "layer-wise convex",
     "layerwise-nonconvex": "layer-wise, non-convex",
@@ -47,7 +49,8 @@ def png(figure: Figure) -> bytes:
 
 def depth_curves(results: dict[str, Any]) -> Figure:
     """Test PSNR and SSIM (volume means) against the number of layers, per mask, with
-    zero-filled and CS as horizontal reference lines (the paper's Fig. 2)."""
+    zero-filled, CS and CG-SENSE (where the results have it: reproduce folders made
+    before it was added do not) as horizontal reference lines (the paper's Fig. 2)."""
     masks = results["masks"]
     layers = results["config"]["layers"]
     figure = Figure(figsize=(5.6 * len(masks), 7.2), layout="constrained")
@@ -64,8 +67,9 @@ def depth_curves(results: dict[str, Any]) -> Figure:
                 )
                 ax.plot(*zip(*points, strict=True), **style)
             for method, style in REFERENCE_STYLE.items():
-                value = next(m["volume"][metric]["mean"] for m in rows if m["method"] == method)
-                ax.axhline(value, **style)
+                for m in rows:
+                    if m["method"] == method:
+                        ax.axhline(m["volume"][metric]["mean"], **style)
             ax.set_xticks(range(2, layers + 1))
             ax.set_xlabel("number of layers")
             ax.set_ylabel(METRIC_LABEL[metric])
@@ -87,11 +91,13 @@ def _zoom_window(target: np.ndarray, zero_filled: np.ndarray) -> tuple[int, int,
 
 def examples(images: dict[str, np.ndarray], record: dict[str, Any], label: str) -> Figure:
     """A test slice by every method, with error maps and a zoomed inset (the paper's Fig. 3).
-    The error row starts with the sampling mask."""
+    The error row starts with the sampling mask. CG-SENSE is shown where the images have it
+    (reproduce folders made before it was added do not)."""
     columns = [
         "target",
         "zero-filled",
         "cs",
+        *(["cg-sense"] if "recon_cg-sense" in images else []),
         "end-to-end",
         "layerwise-convex",
         "layerwise-nonconvex",
