@@ -17,7 +17,8 @@
    minus the baseline: training memory = weights + prefix + Adam state + batch + the step's
    activations, gradients and work space. CUDA also reports the allocator's reserved peak.
    A workload with ``part="stage_pass"`` runs its once-per-stage pass instead of the step
-   (the step's state stays resident, so this over-counts the pass by it).
+   (the step's state stays resident, so this over-counts the pass by it), one with
+   ``part="solve"`` a convex solve (`Prepared.part`).
 
 The budget: on CUDA the process's allocator is capped at the budget
 (``torch.cuda.set_per_process_memory_fraction``), so a configuration that does not fit
@@ -36,6 +37,8 @@ import re
 import subprocess
 import sys
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -134,9 +137,7 @@ def measure_here(w: Workload, steps: int, budget_bytes: int) -> dict[str, Any]:
             _trim_heap()
             Path("/proc/self/clear_refs").write_text("5")
             state = _status_kib("VmRSS") * 1024 - baseline
-        run = prepared.step if w.part == "step" else prepared.stage_pass
-        if run is None:
-            raise ValueError(f"{w.describe()} has no stage pass")
+        run = prepared.part(w.part)
         began = time.perf_counter()
         for _ in range(steps):
             run()
@@ -154,6 +155,48 @@ def measure_here(w: Workload, steps: int, budget_bytes: int) -> dict[str, Any]:
             raise
         result.update(oom=True, error=str(err).splitlines()[0][:200])
     return result
+
+
+def tensor_peak_bytes(run: Callable[[], Any]) -> int:
+    """The peak of the bytes held at once by tensor storages that torch operations create
+    while ``run()`` runs (a `TorchDispatchMode` counts each new storage when an operation
+    returns it and uncounts it when the storage is freed; storages that existed before are
+    not counted). Deterministic, unlike the resident size, but blind to memory that is not a
+    tensor (work space inside a kernel, the allocator's overhead): a cross-check of what a
+    step keeps alive, used by the tests."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    before = {
+        o.untyped_storage().data_ptr()
+        for o in gc.get_objects()
+        if issubclass(type(o), torch.Tensor) and not o.is_meta
+    }
+    live: dict[int, int] = {}
+    peak = [0]
+
+    def free(pointer: int) -> None:
+        live.pop(pointer, None)
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in tree_flatten(out)[0]:
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                storage = tensor.untyped_storage()
+                pointer = storage.data_ptr()
+                if pointer in before or pointer in live or storage.nbytes() == 0:
+                    continue
+                live[pointer] = storage.nbytes()
+                weakref.finalize(storage, free, pointer)
+                peak[0] = max(peak[0], sum(live.values()))
+            return out
+
+    with Counter():
+        run()
+    return peak[0]
 
 
 def run_trial(
