@@ -35,7 +35,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cvxmri.benchmark.measure import CPU_METHOD, CUDA_METHOD
+from cvxmri.benchmark.measure import CUDA_METHOD, UNROLLED_CPU_METHOD
 from cvxmri.benchmark.memory import GIB, MIB, Runner, format_targets
 from cvxmri.benchmark.workload import LAYERWISE, METHODS, Workload
 from cvxmri.errors import CvxmriError
@@ -238,7 +238,7 @@ def run_unrolled_memory_benchmark(cfg: UnrolledMemoryConfig, out: Path) -> dict[
         "device": f"{device} ({name})",
         "command": env["command"],
         "environment": env,
-        "measurement": CUDA_METHOD if device.type == "cuda" else CPU_METHOD,
+        "measurement": CUDA_METHOD if device.type == "cuda" else UNROLLED_CPU_METHOD,
         "inputs": "random complex images, coil maps of unit root-sum-of-squares, random 0/1 "
         "masks with a fully sampled centre; greedy iteration T runs on the previous iterate "
         "through T - 1 frozen random ReLU blocks (resident); the convex step is the Gram "
