@@ -182,23 +182,30 @@ def tensor_peak_bytes(run: Callable[[], Any]) -> int:
     """The peak of the bytes held at once by tensor storages that torch operations create
     while ``run()`` runs (a `TorchDispatchMode` counts each new storage when an operation
     returns it and uncounts it when the storage is freed; storages that existed before are
-    not counted). Deterministic, unlike the resident size, but blind to memory that is not a
-    tensor (work space inside a kernel, the allocator's overhead): a cross-check of what a
-    step keeps alive, used by the tests."""
+    not counted; the garbage collector is paused meanwhile). Deterministic, unlike the
+    resident size, but blind to memory that is not a tensor (work space inside a kernel, the
+    allocator's overhead): a cross-check of what a step keeps alive, used by the tests."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
-    before = {
-        o.untyped_storage().data_ptr()
-        for o in gc.get_objects()
-        if issubclass(type(o), torch.Tensor) and not o.is_meta
-    }
+    # The collector would free reference cycles at moments that vary from run to run.
+    gc.collect()
+    before: set[int] = set()
     live: dict[int, int] = {}
     peak = [0]
+    finalizers = []
 
-    def free(pointer: int) -> None:
-        live.pop(pointer, None)
+    def watch(storage: torch.UntypedStorage, pointer: int, forget: Callable[[int], Any]) -> None:
+        # A freed storage's address may be reused: forget it when it is freed.
+        finalizers.append(weakref.finalize(storage, forget, pointer))
+
+    for o in gc.get_objects():
+        if issubclass(type(o), torch.Tensor) and not o.is_meta:
+            storage = o.untyped_storage()
+            if storage.data_ptr() not in before:
+                before.add(storage.data_ptr())
+                watch(storage, storage.data_ptr(), before.discard)
 
     class Counter(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -211,12 +218,18 @@ def tensor_peak_bytes(run: Callable[[], Any]) -> int:
                 if pointer in before or pointer in live or storage.nbytes() == 0:
                     continue
                 live[pointer] = storage.nbytes()
-                weakref.finalize(storage, free, pointer)
+                watch(storage, pointer, lambda p: live.pop(p, None))
                 peak[0] = max(peak[0], sum(live.values()))
             return out
 
-    with Counter():
-        run()
+    gc.disable()
+    try:
+        with Counter():
+            run()
+    finally:
+        gc.enable()
+        for finalizer in finalizers:
+            finalizer.detach()
     return peak[0]
 
 
