@@ -904,8 +904,7 @@ def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
 
 _CNN_DEFAULTS = {"layers": 5, "channels": 256, "kernel": 7, "size": 320}
 _MEMORY_DEFAULTS = {"cnn": _CNN_DEFAULTS, "unrolled": {"channels": 16, "kernel": 5, "size": 128}}
-# Options of `cvxmri benchmark memory` that only one architecture takes, with what it does
-# not take them from.
+# Options of `cvxmri benchmark memory` that only one architecture takes (None unless given).
 _UNROLLED_ONLY = ("iterations", "coils", "dc")
 _CNN_ONLY = ("layers", "stage_inputs")
 

@@ -237,6 +237,11 @@ def workload_of(settings: Any, method: str, **changes: Any) -> Workload:
     return replace(base, **changes)
 
 
+def _check_cnn(w: Workload) -> None:
+    if w.arch != "cnn":
+        raise CvxmriError(f"FLOPs are counted for the CNN's workloads only, not {w.describe()}")
+
+
 def conv_flops(c_in: int, c_out: int, kernel: int, pixels: int) -> int:
     """Multiply-adds x 2 of one 'same' convolution over ``pixels`` output pixels. The
     backward pass costs as much again for the weight gradient and for the input gradient."""
@@ -265,7 +270,10 @@ def step_flops(w: Workload) -> int:
     - non-convex stage: the KxK layer forward and weight gradient (its input needs no
       gradient), the 1x1 layer forward, weight and input gradients;
     - plus the prefix's forward when it is recomputed.
+
+    The paper's CNN only (``arch="cnn"``).
     """
+    _check_cnn(w)
     pixels = w.size * w.size
     c, k, io = w.channels, w.kernel_size, IMAGE_CHANNELS
     total = 0
@@ -293,7 +301,8 @@ def step_flops(w: Workload) -> int:
 def stage_pass_flops(w: Workload) -> int:
     """FLOPs of the stage pass over a batch (once per stage): the forward of the prefix
     (cached inputs: of its last layer only, applied to the previous stage's inputs) and, for
-    a convex stage, the gate convolution (``C_in -> P``)."""
+    a convex stage, the gate convolution (``C_in -> P``). The paper's CNN only."""
+    _check_cnn(w)
     pixels = w.size * w.size
     total = _prefix_flops(w, pixels)
     if w.stage >= 2 and not w.recomputes_prefix:
