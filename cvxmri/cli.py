@@ -842,11 +842,24 @@ def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
     speed = kinds.add_parser(
         "speed", help="training throughput, training time and compute efficiency"
     )
-    for parser in (memory, speed):
-        parser.add_argument("--layers", type=int, default=5, help="network depth (default 5)")
-        parser.add_argument("--channels", type=int, default=256, help="hidden width (256)")
-        parser.add_argument("--kernel", type=int, default=7, help="kernel size (default 7)")
-        parser.add_argument("--size", type=int, default=320, help="image side (default 320)")
+    # The memory benchmark's architecture defaults depend on --arch (`_MEMORY_DEFAULTS`).
+    for parser, defaults, note in (
+        (memory, dict.fromkeys(_CNN_DEFAULTS), "; --arch unrolled: {}"),
+        (speed, _CNN_DEFAULTS, ""),
+    ):
+        for name, flag, text in (
+            ("layers", "--layers", "network depth"),
+            ("channels", "--channels", "hidden width"),
+            ("kernel", "--kernel", "kernel size"),
+            ("size", "--size", "image side"),
+        ):
+            unrolled = _MEMORY_DEFAULTS["unrolled"].get(name, "not used")
+            parser.add_argument(
+                flag,
+                type=int,
+                default=defaults[name],
+                help=f"{text} (default {_CNN_DEFAULTS[name]}{note.format(unrolled)})",
+            )
         parser.add_argument(
             "--method", action="append", choices=METHODS, help="repeatable (default: all)"
         )
@@ -887,7 +900,10 @@ def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
         "--depths", type=_int_list, default=list(range(2, 13)), help="depth sweep (2-12)"
     )
     memory.add_argument(
-        "--depth-batch", type=int, default=1, help="batch of the depth and chunk sweeps (1)"
+        "--depth-batch",
+        type=int,
+        default=1,
+        help="batch of the depth and chunk sweeps; --arch unrolled: of every step (1)",
     )
     memory.add_argument(
         "--chunks",
@@ -899,11 +915,51 @@ def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
         "--trial-timeout", type=_number, default=3600.0, help="seconds per trial (3600)"
     )
     memory.add_argument("--out", type=Path, help="folder (default runs/benchmark-memory-<time>)")
+    memory.add_argument(
+        "--arch",
+        choices=("cnn", "unrolled"),
+        default="cnn",
+        help="cnn (the paper's network, default) or unrolled: peak memory against the "
+        "iterations T (--iterations; the options of the batch search, depth and chunk "
+        "sweeps are the CNN's)",
+    )
+    memory.add_argument(
+        "--iterations",
+        type=int,
+        nargs="+",
+        help="unrolled: the values of T measured (default 1 2 5 10 20)",
+    )
+    memory.add_argument("--coils", type=int, help="unrolled: receive coils (default 8)")
+    memory.add_argument(
+        "--dc", choices=("gradient", "cg"), help="unrolled: data consistency (default gradient)"
+    )
     speed.add_argument("--batch", type=int, default=1, help="images per step (default 1)")
     speed.add_argument("--repeats", type=int, default=3, help="timed steps (default 3)")
     speed.add_argument("--epochs", type=int, default=40, help="epochs per stage (default 40)")
     speed.add_argument("--images", type=int, default=1000, help="training images (1000)")
     speed.add_argument("--out", type=Path, help="folder (default runs/benchmark-speed-<time>)")
+
+
+_CNN_DEFAULTS = {"layers": 5, "channels": 256, "kernel": 7, "size": 320}
+_MEMORY_DEFAULTS = {"cnn": _CNN_DEFAULTS, "unrolled": {"channels": 16, "kernel": 5, "size": 128}}
+# Options of `cvxmri benchmark memory` that only one architecture takes (None unless given).
+_UNROLLED_ONLY = ("iterations", "coils", "dc")
+_CNN_ONLY = ("layers", "stage_inputs")
+
+
+def _memory_architecture(args: argparse.Namespace) -> None:
+    """Fill the memory benchmark's architecture defaults of ``args.arch`` in place; refuse
+    an option the other architecture takes."""
+    refused = _CNN_ONLY if args.arch == "unrolled" else _UNROLLED_ONLY
+    for name in refused:
+        if getattr(args, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise CvxmriError(f"{flag} does not apply to --arch {args.arch}")
+    if args.arch == "unrolled" and "bf16" in (args.precision or []):
+        raise CvxmriError("unrolled training has no bf16 autocast: --precision fp32 only")
+    for name, value in _MEMORY_DEFAULTS[args.arch].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def _benchmark_common(args: argparse.Namespace) -> dict[str, object]:
@@ -928,6 +984,10 @@ def _cmd_benchmark_memory(args: argparse.Namespace) -> None:
     from cvxmri.benchmark.memory import MemoryBenchConfig, format_tables, run_memory_benchmark
     from cvxmri.runs import default_run_dir, run_folder
 
+    _memory_architecture(args)
+    if args.arch == "unrolled":
+        _unrolled_benchmark_memory(args)
+        return
     config = MemoryBenchConfig(
         **_benchmark_common(args),  # type: ignore[arg-type]
         budget_gb=args.budget_gb,
@@ -945,6 +1005,43 @@ def _cmd_benchmark_memory(args: argparse.Namespace) -> None:
     with run_folder(out, config, overwrite=args.force) as folder:
         result = run_memory_benchmark(config, folder)
     print(format_tables(result))
+    print(f"results: {out}")
+
+
+def _unrolled_benchmark_memory(args: argparse.Namespace) -> None:
+    """`cvxmri benchmark memory --arch unrolled`: peak memory against T."""
+    from cvxmri.benchmark.memory_unrolled import (
+        UnrolledMemoryConfig,
+        format_unrolled_tables,
+        run_unrolled_memory_benchmark,
+    )
+    from cvxmri.benchmark.workload import METHODS
+    from cvxmri.runs import default_run_dir, run_folder
+    from cvxmri.training.trainer import resolve_device
+
+    config = UnrolledMemoryConfig(
+        channels=args.channels,
+        kernel_size=args.kernel,
+        size=args.size,
+        methods=list(dict.fromkeys(args.method or METHODS)),
+        budget_gb=args.budget_gb,
+        steps=args.steps,
+        batch=args.depth_batch,
+        device=str(resolve_device(args.device)),
+        trial_timeout=args.trial_timeout,
+        seed=args.seed,
+    )
+    if args.iterations is not None:
+        config.iterations = list(dict.fromkeys(args.iterations))
+    if args.coils is not None:
+        config.coils = args.coils
+    if args.dc is not None:
+        config.dc = args.dc
+    config.validate()
+    out = args.out or default_run_dir("benchmark-memory")
+    with run_folder(out, config, overwrite=args.force) as folder:
+        result = run_unrolled_memory_benchmark(config, folder)
+    print(format_unrolled_tables(result))
     print(f"results: {out}")
 
 

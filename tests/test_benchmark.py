@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvxmri.benchmark.measure import run_trial
+from cvxmri.benchmark.measure import run_trial, tensor_peak_bytes
 from cvxmri.benchmark.memory import linear_fit, max_batch_size
+from cvxmri.benchmark.memory_unrolled import UnrolledMemoryConfig
+from cvxmri.benchmark.memory_unrolled import targets as unrolled_targets
+from cvxmri.benchmark.unrolled import random_batch
 from cvxmri.benchmark.workload import Workload, prepare, stage_pass_flops, step_flops
 from cvxmri.cli import main
+from cvxmri.models.dc import DCConfig
+from cvxmri.models.unrolled import UnrolledNet
+from cvxmri.training.unrolled import unrolled_forward
 
 
 def test_bigger_batch_measures_bigger_peak() -> None:
@@ -194,3 +200,164 @@ def test_bad_inputs_give_one_line_errors(
 def test_speed_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["benchmark", "speed", *TINY, "--size", "1"]) == 2
     assert "smaller than the kernel size" in capsys.readouterr().err
+
+
+# Unrolled networks (issue 13): tiny sizes, T in {1, 3}.
+UNROLLED = {"arch": "unrolled", "channels": 4, "kernel_size": 3, "size": 16, "coils": 2}
+
+
+@pytest.mark.parametrize(
+    "method,part",
+    [
+        ("end-to-end", "step"),
+        ("end-to-end-checkpointing", "step"),
+        ("layerwise-nonconvex", "step"),
+        ("layerwise-nonconvex", "stage_pass"),
+        ("layerwise-convex", "step"),
+        ("layerwise-convex", "stage_pass"),
+    ],
+)
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_every_unrolled_workload_runs(method: str, part: str, iterations: int) -> None:
+    w = Workload(method, batch=2, iterations=iterations, part=part, **UNROLLED)
+    prepared = prepare(w)
+    prepared.warmup()
+    out = prepared.part(part)()
+    if part == "stage_pass":
+        # The images advanced through the iteration's block: (B, 2, H, W), finite.
+        assert out.shape == (2, 2, 16, 16) and bool(out.isfinite().all())
+    else:
+        # A training loss, or the convex Gram system's mean squared residual norm.
+        assert out > 0
+    assert (prepared.stage_pass is not None) == w.layerwise
+    assert (prepared.solve is not None) == (method == "layerwise-convex")
+
+
+def test_unrolled_convex_solve_runs() -> None:
+    w = Workload("layerwise-convex", iterations=2, part="solve", **UNROLLED)
+    prepared = prepare(w)
+    prepared.warmup()
+    cert = prepared.part("solve")()
+    assert cert["passes"] >= 1 and cert["relative_gap"] >= 0
+
+
+@pytest.mark.parametrize(
+    "method,part,grows",
+    [
+        ("end-to-end", "step", True),
+        ("layerwise-nonconvex", "step", False),
+        ("layerwise-nonconvex", "stage_pass", False),
+        ("layerwise-convex", "step", False),
+        ("layerwise-convex", "stage_pass", False),
+    ],
+)
+def test_unrolled_memory_against_iterations(method: str, part: str, grows: bool) -> None:
+    """Counted tensor bytes (`tensor_peak_bytes`: deterministic, unlike the resident size
+    of so small a step) at T = 1 and T = 3."""
+
+    def peak(iterations: int) -> int:
+        prepared = prepare(Workload(method, iterations=iterations, part=part, **UNROLLED))
+        prepared.warmup()
+        run = prepared.part(part)
+        run()  # the first full-size run makes one-time allocations of its own
+        return tensor_peak_bytes(run)
+
+    one, three = peak(1), peak(3)
+    assert one > 0
+    if grows:
+        # Backpropagating through T iterations keeps every iteration's hidden activation
+        # (4 channels of 16x16 float32: ReLU's backward needs it): 2 more at T = 3.
+        hidden = 4 * 16 * 16 * 4
+        assert three >= one + 2 * hidden
+    else:
+        # The same tensors at every T (the T - 1 frozen blocks and the previous iterate
+        # exist before the step and are not counted); 5% allows for the order in which
+        # reference cycles are freed, far below end-to-end's growth (+74% here).
+        assert abs(three - one) <= 0.05 * one
+
+
+def test_unrolled_targets_can_fail() -> None:
+    cfg = UnrolledMemoryConfig(iterations=[5, 20])
+    rows = [
+        {"method": m, "iterations": t, "peak_bytes": peak}
+        for m, t, peak in [
+            ("end-to-end", 5, 100),
+            ("end-to-end", 20, 90),
+            ("layerwise-nonconvex", 5, 100),
+            ("layerwise-nonconvex", 20, 105),
+            ("layerwise-convex", 5, 100),
+            ("layerwise-convex", 20, 120),
+        ]
+    ]
+    verdicts = {t["name"].split(",")[-1].strip(): t["met"] for t in unrolled_targets(rows, cfg)}
+    assert verdicts == {
+        "layerwise-nonconvex": True,
+        "layerwise-convex": False,
+        "end-to-end grows with T: peak at T=20 over T=5": False,
+    }
+    rows[1]["peak_bytes"] = 400
+    assert unrolled_targets(rows, cfg)[-1]["met"]
+
+
+UNROLLED_TINY = ["--arch", "unrolled", "--channels", "4", "--kernel", "3", "--size", "16"]
+
+
+def test_unrolled_memory_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "memory"
+    args = ["benchmark", "memory", *UNROLLED_TINY, "--coils", "2", "--iterations", "1", "2"]
+    args += ["--method", "end-to-end", "--budget-gb", "0.5", "--out", str(out)]
+    assert main(args) == 0
+    assert "| end-to-end |" in capsys.readouterr().out
+    result = json.loads((out / "memory.json").read_text())
+    assert result["schema"] == "cvxmri.benchmark.memory-unrolled/1"
+    assert result["config"]["iterations"] == [1, 2] and result["config"]["coils"] == 2
+    rows = {(r["method"], r["iterations"]): r for r in result["rows"]}
+    assert set(rows) == {("end-to-end", 1), ("end-to-end", 2)}
+    assert all(r["peak_bytes"] > 0 and not r["oom"] for r in rows.values())
+    assert [t["name"].split(":")[0] for t in result["targets"]] == ["end-to-end grows with T"]
+    for name in ("config.yaml", "log.txt", "memory.csv", "tables.md"):
+        assert (out / name).is_file(), name
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--arch", "unrolled", "--iterations", "0", "2"], "iterations must be >= 1"),
+        (["--arch", "unrolled", "--coils", "0"], "coils must be >= 1"),
+        (["--arch", "unrolled", "--channels", "5"], "channels must be even"),
+        (["--arch", "unrolled", "--size", "3"], "image size 3 is smaller than the kernel size 5"),
+        (["--arch", "unrolled", "--precision", "bf16"], "no bf16 autocast"),
+        (["--arch", "unrolled", "--layers", "3"], "--layers does not apply to --arch unrolled"),
+        (["--iterations", "2"], "--iterations does not apply to --arch cnn"),
+        (["--dc", "cg"], "--dc does not apply to --arch cnn"),
+    ],
+)
+def test_bad_unrolled_inputs_give_one_line_errors(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["benchmark", "memory", *extra, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cvxmri: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_checkpointed_unrolled_forward_is_the_plain_one() -> None:
+    """`unrolled_forward`, which the trainer and the end-to-end workloads run: the same
+    output and gradients with and without per-iteration checkpointing."""
+    gen = torch.Generator().manual_seed(0)
+    data = random_batch(2, 2, 16, gen, torch.device("cpu"))
+    torch.manual_seed(0)
+    net = UnrolledNet.relu(3, 4, 3, DCConfig(kind="cg", cg_iterations=3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    results = []
+    for checkpointing in (False, True):
+        net.zero_grad()
+        out = unrolled_forward(net, data.x0, data.y, data.mask, data.maps, checkpointing)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for plain, checkpointed in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(plain, checkpointed)
+    assert results[0][1][-1].abs().sum() > 0

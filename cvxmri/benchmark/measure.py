@@ -17,7 +17,12 @@
    minus the baseline: training memory = weights + prefix + Adam state + batch + the step's
    activations, gradients and work space. CUDA also reports the allocator's reserved peak.
    A workload with ``part="stage_pass"`` runs its once-per-stage pass instead of the step
-   (the step's state stays resident, so this over-counts the pass by it).
+   (the step's state stays resident, so this over-counts the pass by it), one with
+   ``part="solve"`` a convex solve (`Prepared.part`).
+
+An unrolled workload's child runs with glibc's mmap threshold fixed (`UNROLLED_CPU_ENV`),
+so that on the CPU freed tensors leave the resident set and its small peaks do not depend on
+the allocation history.
 
 The budget: on CUDA the process's allocator is capped at the budget
 (``torch.cuda.set_per_process_memory_fraction``), so a configuration that does not fit
@@ -32,10 +37,13 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +66,22 @@ CUDA_METHOD = (
     "budget (set_per_process_memory_fraction), so 'does not fit' is a real out-of-memory "
     "error; counts weights, frozen prefix, Adam state, the input batch, activations, "
     "gradients and work space"
+)
+
+
+# The environment of an unrolled workload's child on the CPU: glibc's mmap threshold fixed
+# at 64 KiB. By default the threshold rises to the size of any mapped block that is freed, and
+# later blocks of that size come from the heap, where freed memory stays resident and
+# fragments; for the peaks of unrolled training (tens of MiB) that made the resident size
+# depend on the allocation history by more than the differences measured (one end-to-end
+# step, T = 10, measured 33 and 58 MiB in two runs; 32 MiB with the fixed threshold, its
+# tensors 28 MiB by `tensor_peak_bytes`). With a fixed threshold every tensor above 64 KiB
+# is a mapping of its own, unmapped when freed, so the resident peak follows the tensors
+# alive at once.
+UNROLLED_CPU_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+UNROLLED_CPU_METHOD = (
+    CPU_METHOD + "; glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_=65536), "
+    "so that freed tensors leave the resident set"
 )
 
 
@@ -134,9 +158,7 @@ def measure_here(w: Workload, steps: int, budget_bytes: int) -> dict[str, Any]:
             _trim_heap()
             Path("/proc/self/clear_refs").write_text("5")
             state = _status_kib("VmRSS") * 1024 - baseline
-        run = prepared.step if w.part == "step" else prepared.stage_pass
-        if run is None:
-            raise ValueError(f"{w.describe()} has no stage pass")
+        run = prepared.part(w.part)
         began = time.perf_counter()
         for _ in range(steps):
             run()
@@ -156,11 +178,67 @@ def measure_here(w: Workload, steps: int, budget_bytes: int) -> dict[str, Any]:
     return result
 
 
+def tensor_peak_bytes(run: Callable[[], Any]) -> int:
+    """The peak of the bytes held at once by tensor storages that torch operations create
+    while ``run()`` runs (a `TorchDispatchMode` counts each new storage when an operation
+    returns it and uncounts it when the storage is freed; storages that existed before are
+    not counted; the garbage collector is paused meanwhile). Deterministic, unlike the
+    resident size, but blind to memory that is not a tensor (work space inside a kernel, the
+    allocator's overhead): a cross-check of what a step keeps alive, used by the tests."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    # The collector would free reference cycles at moments that vary from run to run.
+    gc.collect()
+    before: set[int] = set()
+    live: dict[int, int] = {}
+    peak = [0]
+    finalizers = []
+
+    def watch(storage: torch.UntypedStorage, pointer: int, forget: Callable[[int], Any]) -> None:
+        # A freed storage's address may be reused: forget it when it is freed.
+        finalizers.append(weakref.finalize(storage, forget, pointer))
+
+    for o in gc.get_objects():
+        if issubclass(type(o), torch.Tensor) and not o.is_meta:
+            storage = o.untyped_storage()
+            if storage.data_ptr() not in before:
+                before.add(storage.data_ptr())
+                watch(storage, storage.data_ptr(), before.discard)
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in tree_flatten(out)[0]:
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                storage = tensor.untyped_storage()
+                pointer = storage.data_ptr()
+                if pointer in before or pointer in live or storage.nbytes() == 0:
+                    continue
+                live[pointer] = storage.nbytes()
+                watch(storage, pointer, lambda p: live.pop(p, None))
+                peak[0] = max(peak[0], sum(live.values()))
+            return out
+
+    gc.disable()
+    try:
+        with Counter():
+            run()
+    finally:
+        gc.enable()
+        for finalizer in finalizers:
+            finalizer.detach()
+    return peak[0]
+
+
 def run_trial(
     w: Workload, steps: int, budget_bytes: int, timeout: float | None = None
 ) -> dict[str, Any]:
     """Measure ``w`` in a fresh Python process and return its result (`measure_here`);
-    a child killed by the system (out of memory) counts as out of memory."""
+    a child killed by the system (out of memory) counts as out of memory. An unrolled
+    workload's child runs with `UNROLLED_CPU_ENV` (it changes nothing on CUDA)."""
     command = [
         sys.executable,
         "-m",
@@ -169,8 +247,11 @@ def run_trial(
         str(steps),
         str(budget_bytes),
     ]
+    env = {**os.environ, **UNROLLED_CPU_ENV} if w.arch == "unrolled" else None
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, check=False, env=env
+        )
     except subprocess.TimeoutExpired:
         return {"batch": w.batch, "oom": False, "error": f"timed out after {timeout} s"}
     for line in reversed(done.stdout.splitlines()):

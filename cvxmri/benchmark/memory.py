@@ -24,6 +24,9 @@ step does not depend on the final depth, so the depth sweep measures stages
 ``1 .. max(depths) - 1`` once and the peak of a depth-``L`` network is the largest over
 stages ``1 .. L - 1``; end-to-end is measured at every depth.
 
+Unrolled networks (``--arch unrolled``), against their iterations T:
+`cvxmri.benchmark.memory_unrolled`.
+
 Output (``memory.json``, schema ``cvxmri.benchmark.memory/1``):
 
 - ``device``, ``command``, ``date``, ``environment``, ``measurement`` (how memory was

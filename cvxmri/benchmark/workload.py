@@ -19,6 +19,11 @@ the step that the trainer calls, with Adam:
   from the previous stage's through the one layer it froze (recomputed: the whole prefix),
   then a convex stage's sign patterns; without autograd.
 
+With ``arch="unrolled"`` the workload is one of an unrolled network of ``iterations``
+iterations (`cvxmri.models.unrolled`, trained by `cvxmri.training.unrolled`); the same
+method names mean the unrolled trainer's methods, built by
+`cvxmri.benchmark.unrolled.prepare_unrolled` (see its docstring).
+
 Images are random (memory and speed do not depend on the values of these dense
 computations). `step_flops` counts the step's convolution FLOPs analytically.
 """
@@ -41,6 +46,9 @@ from cvxmri.training.steps import end_to_end_step
 METHODS = ("end-to-end", "end-to-end-checkpointing", "layerwise-convex", "layerwise-nonconvex")
 LAYERWISE = ("layerwise-convex", "layerwise-nonconvex")
 STAGE_INPUTS = ("cached", "recomputed")
+ARCHS = ("cnn", "unrolled")
+# What a measurement runs (`Prepared.part`).
+PARTS = ("step", "stage_pass", "solve")
 LR = 1e-4
 # Input and output images have 2 channels (real, imaginary), as in training.
 IMAGE_CHANNELS = 2
@@ -70,8 +78,16 @@ class Workload:
         pattern_chunk: convex stages: gate patterns processed at once (0: all).
         device: ``cpu`` or ``cuda[:n]``.
         seed: of the random weights and images.
-        part: what a measurement runs: the training ``step`` or the once-per-stage
-            ``stage_pass`` (`Prepared.stage_pass`).
+        part: what a measurement runs (`PARTS`): the training ``step``, the once-per-stage
+            ``stage_pass`` (`Prepared.stage_pass`) or, for a greedy convex iteration of an
+            unrolled network, one ``solve`` at one beta (`Prepared.solve`).
+        arch: ``cnn`` (the paper's network) or ``unrolled`` (an unrolled network; then
+            ``layers``, ``stage``, ``stage_inputs``, ``amp`` and ``pattern_chunk`` are not
+            used: see `cvxmri.benchmark.unrolled`).
+        iterations: unrolled: T, the iterations of end-to-end training, or the greedy
+            iteration being trained (after T - 1 frozen ones).
+        coils: unrolled: receive coils of the random multi-coil data.
+        dc: unrolled: the data-consistency step, ``gradient`` or ``cg`` (`DCConfig.kind`).
     """
 
     method: str
@@ -87,11 +103,20 @@ class Workload:
     device: str = "cpu"
     seed: int = 0
     part: str = "step"
+    arch: str = "cnn"
+    iterations: int = 1
+    coils: int = 8
+    dc: str = "gradient"
 
     def validate(self) -> None:
         """Raise `CvxmriError` naming the first impossible setting."""
         if self.method not in METHODS:
             raise CvxmriError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.arch not in ARCHS:
+            raise CvxmriError(f"unknown architecture {self.arch!r} (choose from {ARCHS})")
+        if self.arch == "unrolled":
+            self._validate_unrolled()
+            return
         if self.layers < 2:
             raise CvxmriError(f"the network needs at least 2 layers, got {self.layers}")
         if self.channels < 2 or self.channels % 2:
@@ -106,7 +131,7 @@ class Workload:
             raise CvxmriError(f"batch size must be >= 1, got {self.batch}")
         if self.pattern_chunk < 0:
             raise CvxmriError(f"pattern chunk must be >= 0, got {self.pattern_chunk}")
-        if self.part not in ("step", "stage_pass"):
+        if self.part not in PARTS[:2]:
             raise CvxmriError(f"part must be step or stage_pass, got {self.part!r}")
         if self.stage_inputs not in STAGE_INPUTS:
             raise CvxmriError(f"stage inputs must be cached or recomputed, got {self.stage_inputs}")
@@ -114,6 +139,34 @@ class Workload:
             raise CvxmriError(
                 f"stage must be in 1..{self.layers - 1} for {self.layers} layers, got {self.stage}"
             )
+
+    def _validate_unrolled(self) -> None:
+        from cvxmri.models.dc import DC_KINDS
+
+        if self.iterations < 1:
+            raise CvxmriError(f"iterations must be >= 1, got {self.iterations}")
+        if self.coils < 1:
+            raise CvxmriError(f"coils must be >= 1, got {self.coils}")
+        if self.dc not in DC_KINDS:
+            raise CvxmriError(f"unknown data consistency {self.dc!r} (choose from {DC_KINDS})")
+        if self.channels < 2 or self.channels % 2:
+            raise CvxmriError(f"channels must be even and >= 2, got {self.channels}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise CvxmriError(f"kernel size must be odd and >= 1, got {self.kernel_size}")
+        if self.size < self.kernel_size:
+            raise CvxmriError(
+                f"image size {self.size} is smaller than the kernel size {self.kernel_size}"
+            )
+        if self.batch < 1:
+            raise CvxmriError(f"batch size must be >= 1, got {self.batch}")
+        if self.amp:
+            raise CvxmriError("unrolled training has no bf16 autocast: fp32 only")
+        if self.part not in PARTS:
+            raise CvxmriError(f"part must be one of {PARTS}, got {self.part!r}")
+        if self.part == "stage_pass" and not self.layerwise:
+            raise CvxmriError(f"{self.method} has no once-per-iteration pass")
+        if self.part == "solve" and self.method != "layerwise-convex":
+            raise CvxmriError(f"{self.method} has no convex solve")
 
     @property
     def layerwise(self) -> bool:
@@ -126,7 +179,11 @@ class Workload:
         return self.layerwise and self.stage >= 2 and self.stage_inputs == "recomputed"
 
     def describe(self) -> str:
-        """A short label, e.g. ``layerwise-convex stage 2 (recomputed), bf16``."""
+        """A short label, e.g. ``layerwise-convex stage 2 (recomputed), bf16`` or
+        ``unrolled layerwise-convex T=5, solve``."""
+        if self.arch == "unrolled":
+            text = f"unrolled {self.method} T={self.iterations}"
+            return text + ("" if self.part == "step" else f", {self.part.replace('_', ' ')}")
         text = self.method
         if self.layerwise:
             text += f" stage {self.stage}"
@@ -154,7 +211,9 @@ class Workload:
     @property
     def has_stage_pass(self) -> bool:
         """Whether the trainer runs a stage pass for it (a convex stage's sign patterns, a
-        later stage's inputs)."""
+        later stage's inputs; unrolled: every greedy iteration advances the images)."""
+        if self.arch == "unrolled":
+            return self.layerwise
         return self.method == "layerwise-convex" or (self.layerwise and self.stage >= 2)
 
     def to_json(self) -> str:
@@ -176,6 +235,11 @@ def workload_of(settings: Any, method: str, **changes: Any) -> Workload:
     configuration (batch 1 unless changed)."""
     base = Workload(method=method, **{name: getattr(settings, name) for name in ARCHITECTURE})
     return replace(base, **changes)
+
+
+def _check_cnn(w: Workload) -> None:
+    if w.arch != "cnn":
+        raise CvxmriError(f"FLOPs are counted for the CNN's workloads only, not {w.describe()}")
 
 
 def conv_flops(c_in: int, c_out: int, kernel: int, pixels: int) -> int:
@@ -206,7 +270,10 @@ def step_flops(w: Workload) -> int:
     - non-convex stage: the KxK layer forward and weight gradient (its input needs no
       gradient), the 1x1 layer forward, weight and input gradients;
     - plus the prefix's forward when it is recomputed.
+
+    The paper's CNN only (``arch="cnn"``).
     """
+    _check_cnn(w)
     pixels = w.size * w.size
     c, k, io = w.channels, w.kernel_size, IMAGE_CHANNELS
     total = 0
@@ -234,7 +301,8 @@ def step_flops(w: Workload) -> int:
 def stage_pass_flops(w: Workload) -> int:
     """FLOPs of the stage pass over a batch (once per stage): the forward of the prefix
     (cached inputs: of its last layer only, applied to the previous stage's inputs) and, for
-    a convex stage, the gate convolution (``C_in -> P``)."""
+    a convex stage, the gate convolution (``C_in -> P``). The paper's CNN only."""
+    _check_cnn(w)
     pixels = w.size * w.size
     total = _prefix_flops(w, pixels)
     if w.stage >= 2 and not w.recomputes_prefix:
@@ -254,6 +322,8 @@ class Prepared:
         stage_pass: layer-wise: the once-per-stage pass over the batch (the frozen prefix
             without autograd, the convex stage's sign patterns); None when there is
             nothing to compute (a non-convex first stage, end-to-end).
+        solve: a greedy convex iteration of an unrolled network: one certified solve at
+            one beta; None otherwise.
     """
 
     def __init__(
@@ -261,10 +331,19 @@ class Prepared:
         step: Callable[[], float],
         warmup: Callable[[], float],
         stage_pass: Callable[[], Tensor] | None,
+        solve: Callable[[], Any] | None = None,
     ) -> None:
         self.step = step
         self.warmup = warmup
         self.stage_pass = stage_pass
+        self.solve = solve
+
+    def part(self, name: str) -> Callable[[], Any]:
+        """The callable that a measurement of part ``name`` (`PARTS`) runs."""
+        run = {"step": self.step, "stage_pass": self.stage_pass, "solve": self.solve}[name]
+        if run is None:
+            raise ValueError(f"this workload has no {name.replace('_', ' ')}")
+        return run
 
 
 def _randn(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> Tensor:
@@ -309,6 +388,10 @@ def _autocast(device: torch.device, amp: bool) -> torch.autocast:
 def prepare(w: Workload) -> Prepared:
     """Build ``w`` as the trainer would (see the module docstring)."""
     w.validate()
+    if w.arch == "unrolled":
+        from cvxmri.benchmark.unrolled import prepare_unrolled
+
+        return prepare_unrolled(w)
     device = torch.device(w.device)
     gen = torch.Generator().manual_seed(w.seed)
     batch_gen = torch.Generator(device=device).manual_seed(w.seed)

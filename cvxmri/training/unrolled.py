@@ -427,18 +427,9 @@ class UnrolledTrainer(Trainer):
 
     def _forward(self, model: UnrolledNet, batch: Sample) -> Tensor:
         """The network's output, each iteration checkpointed when configured."""
-        if not self.config.checkpointing:
-            return model(batch.x0, batch.y, batch.mask, batch.maps)
-        op = model.operator(batch.x0, batch.mask, batch.maps)
-        aty = op.H(batch.y)
-        x = batch.x0
-
-        def iteration(block: ReconCNN, z: Tensor) -> Tensor:
-            return to_channels(model.dc(_complex(block(z)), op, aty))
-
-        for block in model.blocks:
-            x = checkpoint(iteration, block, x, use_reentrant=False)
-        return x
+        return unrolled_forward(
+            model, batch.x0, batch.y, batch.mask, batch.maps, self.config.checkpointing
+        )
 
     def _iteration_metrics(self, model: UnrolledNet) -> list[dict[str, Any]]:
         """Validation metrics after every iteration of ``model`` (``iterations`` 1..T)."""
@@ -648,6 +639,26 @@ class UnrolledTrainer(Trainer):
         )
         first, last = gated_layers(stage)
         return ReconCNN([first], last).to(self.device)
+
+
+def unrolled_forward(
+    model: UnrolledNet, x0: Tensor, y: Tensor, mask: Tensor, maps: Tensor, checkpointing: bool
+) -> Tensor:
+    """``model(x0, y, mask, maps)``, with each iteration checkpointed
+    (``torch.utils.checkpoint``: only its input is kept, the iteration is recomputed in the
+    backward pass) when ``checkpointing``; end-to-end training's forward pass."""
+    if not checkpointing:
+        return model(x0, y, mask, maps)
+    op = model.operator(x0, mask, maps)
+    aty = op.H(y)
+    x = x0
+
+    def iteration(block: ReconCNN, z: Tensor) -> Tensor:
+        return to_channels(model.dc(_complex(block(z)), op, aty))
+
+    for block in model.blocks:
+        x = checkpoint(iteration, block, x, use_reentrant=False)
+    return x
 
 
 def _take(samples: Sample, index: Tensor, device: torch.device) -> Sample:
