@@ -18,7 +18,7 @@ from cvxmri.physics import Sense, center_crop
 from cvxmri.recon import (
     CSConfig,
     compressed_sensing,
-    cs_l1_wavelet,
+    cs_l1_wavelet_shifted,
     network_reconstructor,
     zero_filled,
 )
@@ -160,9 +160,9 @@ def test_compressed_sensing_runs_on_the_full_grid_and_crops(
     sample = _sample(case)
     config = CSConfig(lamda=1e-6, iterations=200)
     image = compressed_sensing(sample, config)
-    full = cs_l1_wavelet(sample.y, sample.maps, sample.mask, config)
+    full = cs_l1_wavelet_shifted(sample.y, sample.maps, sample.mask, config)
     assert image.shape == (2, *RECON) and full.shape == (2, 8, 6)
-    # The power iteration behind sigpy's step is seeded: the same numbers, to the bit.
+    # The wavelet shifts are seeded: the same numbers, to the bit.
     assert torch.equal(image, center_crop(full, RECON) * sample.support[:, 0])
     assert (image[sample.support[:, 0] == 0] == 0).all()
     # Almost no regularisation: the full-grid solution fits the measured k-space.

@@ -11,6 +11,7 @@ default) and `cs_l1_wavelet` (sigpy's `L1WaveletRecon`, no shifts).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,11 +138,15 @@ def wavelet_soft_threshold(
     ``levels`` deep), complex soft threshold of every coefficient (the coarse band too) by
     the slice's ``threshold`` (B,), inverse transform, shift back. For axes divisible by
     ``2**levels`` the transform is orthonormal and this is the proximal operator of
-    ``threshold ||W S x||_1``."""
+    ``threshold ||W S x||_1``. On images smaller than the filter (one level is then
+    already "too high" for pywt) the periodic transform is still orthogonal and exactly
+    invertible, so pywt's warning about boundary effects is silenced."""
     import pywt
 
     shifted = torch.roll(image, shift, dims=(-2, -1)).cpu().numpy()
-    coeffs = pywt.wavedec2(shifted, wavelet, mode="periodization", level=levels, axes=(-2, -1))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Level value of", category=UserWarning)
+        coeffs = pywt.wavedec2(shifted, wavelet, mode="periodization", level=levels, axes=(-2, -1))
     tau = threshold.detach().cpu().numpy().astype(np.float32).reshape(-1, 1, 1)
 
     def soft(c: np.ndarray) -> np.ndarray:
