@@ -164,7 +164,11 @@ def main() -> None:
     parser.add_argument("--max-train-slices", type=int, default=18)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--runs", default="runs/bench-unrolled")
-    parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument(
+        "--no-doc",
+        action="store_true",
+        help="print the table only: leave docs/benchmarks.md and the results JSON alone",
+    )
     args = parser.parse_args()
     rows = [
         run_one(args, mask_name, method, seed)
@@ -175,21 +179,21 @@ def main() -> None:
     classics = {mask_name: classical(args, mask_name) for mask_name in args.masks}
     markdown = table(rows, classics, args.iterations)
     print(markdown)
-    env = environment()
-    env["torch_threads"] = str(torch.get_num_threads())
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "date": str(date.today()),
-                "environment": env,
-                "args": vars(args),
-                "rows": rows,
-                "classical": classics,
-            },
-            indent=2,
-        )
-    )
     if not args.no_doc:
+        env = environment()
+        env["torch_threads"] = str(torch.get_num_threads())
+        RESULTS.write_text(
+            json.dumps(
+                {
+                    "date": str(date.today()),
+                    "environment": env,
+                    "args": vars(args),
+                    "rows": rows,
+                    "classical": classics,
+                },
+                indent=2,
+            )
+        )
         command = (
             "`.venv/bin/python benchmarks/bench_unrolled.py --masks "
             + " ".join(args.masks)
@@ -209,7 +213,7 @@ def main() -> None:
             "`benchmarks/results/unrolled.json`.\n\n"
         )
         update_section(DOC, "bench_unrolled", header + markdown)
-    print(f"wrote {RESULTS}")
+        print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":
