@@ -270,5 +270,27 @@ def main(argv: list[str]) -> None:
     print(MARKER + json.dumps(result), flush=True)
 
 
+def result_header(schema: str, device: Any) -> dict[str, Any]:
+    """The fields every benchmark result starts with: ``schema``, ``date``, ``device`` (a
+    ``torch.device``, named with the GPU's or the processor's name), ``command`` and
+    ``environment`` (with torch's thread count)."""
+    from datetime import date
+
+    import torch
+
+    from cvxmri.runs import environment
+
+    env = environment()
+    env["torch_threads"] = str(torch.get_num_threads())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else env["processor"]
+    return {
+        "schema": schema,
+        "date": str(date.today()),
+        "device": f"{device} ({name})",
+        "command": env["command"],
+        "environment": env,
+    }
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -58,13 +58,12 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from cvxmri.benchmark.measure import CPU_METHOD, CUDA_METHOD, run_trial
+from cvxmri.benchmark.measure import CPU_METHOD, CUDA_METHOD, result_header, run_trial
 from cvxmri.benchmark.workload import LAYERWISE, METHODS, STAGE_INPUTS, Workload, workload_of
 from cvxmri.errors import CvxmriError
 
@@ -545,9 +544,7 @@ def targets(summary: list[dict], depth: list[dict], cfg: MemoryBenchConfig) -> l
 def run_memory_benchmark(cfg: MemoryBenchConfig, out: Path) -> dict[str, Any]:
     """Measure everything ``cfg`` asks for, write ``memory.json``, ``memory.csv``,
     ``tables.md`` and the plots into ``out``, and return the results."""
-    import torch
 
-    from cvxmri.runs import environment
     from cvxmri.training.trainer import resolve_device
 
     device = resolve_device(cfg.device)
@@ -562,15 +559,8 @@ def run_memory_benchmark(cfg: MemoryBenchConfig, out: Path) -> dict[str, Any]:
         summary = summarise(configurations, cfg)
         depth = depth_sweep(runner, cfg)
         chunks = chunk_sweep(runner, cfg)
-    env = environment()
-    env["torch_threads"] = str(torch.get_num_threads())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else env["processor"]
     result = {
-        "schema": SCHEMA,
-        "date": str(date.today()),
-        "device": f"{device} ({name})",
-        "command": env["command"],
-        "environment": env,
+        **result_header(SCHEMA, device),
         "measurement": CUDA_METHOD if device.type == "cuda" else CPU_METHOD,
         "inputs": "random images (B, 2, size, size); layer-wise 'cached': the stage input batch "
         "(bf16 under autocast) is given and the frozen prefix is not resident, as in the "

@@ -28,14 +28,13 @@ import csv
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import date
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from cvxmri.benchmark.measure import CUDA_METHOD, UNROLLED_CPU_METHOD
+from cvxmri.benchmark.measure import CUDA_METHOD, UNROLLED_CPU_METHOD, result_header
 from cvxmri.benchmark.memory import GIB, MIB, Runner, format_targets
 from cvxmri.benchmark.workload import LAYERWISE, METHODS, Workload
 from cvxmri.errors import CvxmriError
@@ -216,10 +215,8 @@ def targets(rows: list[dict[str, Any]], cfg: UnrolledMemoryConfig) -> list[dict[
 def run_unrolled_memory_benchmark(cfg: UnrolledMemoryConfig, out: Path) -> dict[str, Any]:
     """Measure everything ``cfg`` asks for, write ``memory.json``, ``memory.csv`` and
     ``tables.md`` into ``out``, and return the results."""
-    import torch
 
     from cvxmri.config import to_dict
-    from cvxmri.runs import environment
     from cvxmri.training.trainer import resolve_device
 
     device = resolve_device(cfg.device)
@@ -229,15 +226,8 @@ def run_unrolled_memory_benchmark(cfg: UnrolledMemoryConfig, out: Path) -> dict[
     with tqdm(total=total, desc="memory trials", unit="trial", disable=None) as progress:
         # The runner reads only steps, budget_bytes and trial_timeout of its config.
         rows = iteration_sweep(Runner(cfg, progress), cfg)  # type: ignore[arg-type]
-    env = environment()
-    env["torch_threads"] = str(torch.get_num_threads())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else env["processor"]
     result = {
-        "schema": SCHEMA,
-        "date": str(date.today()),
-        "device": f"{device} ({name})",
-        "command": env["command"],
-        "environment": env,
+        **result_header(SCHEMA, device),
         "measurement": CUDA_METHOD if device.type == "cuda" else UNROLLED_CPU_METHOD,
         "inputs": "random complex images, coil maps of unit root-sum-of-squares, random 0/1 "
         "masks with a fully sampled centre; greedy iteration T runs on the previous iterate "

@@ -43,7 +43,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cvxmri.benchmark.measure import result_header
 from cvxmri.benchmark.memory import PRECISIONS, format_targets
 from cvxmri.benchmark.workload import (
     LAYERWISE,
@@ -266,7 +266,6 @@ def run_speed_benchmark(cfg: SpeedBenchConfig, out: Path) -> dict[str, Any]:
     """Measure everything ``cfg`` asks for, write ``speed.json``, ``speed.csv``,
     ``tables.md`` and the plots into ``out``, and return the results."""
     from cvxmri.config import to_dict
-    from cvxmri.runs import environment
     from cvxmri.training.trainer import resolve_device
 
     device = resolve_device(cfg.device)
@@ -283,15 +282,8 @@ def run_speed_benchmark(cfg: SpeedBenchConfig, out: Path) -> dict[str, Any]:
         log.info("%s: %s", w.describe(), row)
         rows.append(row)
     totals = training_times(rows, cfg)
-    env = environment()
-    env["torch_threads"] = str(torch.get_num_threads())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else env["processor"]
     result = {
-        "schema": SCHEMA,
-        "date": str(date.today()),
-        "device": f"{device} ({name})",
-        "command": env["command"],
-        "environment": env,
+        **result_header(SCHEMA, device),
         "config": to_dict(cfg),
         "conv_peak": peaks,
         "rows": rows,

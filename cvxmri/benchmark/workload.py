@@ -114,11 +114,6 @@ class Workload:
             raise CvxmriError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
         if self.arch not in ARCHS:
             raise CvxmriError(f"unknown architecture {self.arch!r} (choose from {ARCHS})")
-        if self.arch == "unrolled":
-            self._validate_unrolled()
-            return
-        if self.layers < 2:
-            raise CvxmriError(f"the network needs at least 2 layers, got {self.layers}")
         if self.channels < 2 or self.channels % 2:
             raise CvxmriError(f"channels must be even and >= 2, got {self.channels}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
@@ -129,6 +124,11 @@ class Workload:
             )
         if self.batch < 1:
             raise CvxmriError(f"batch size must be >= 1, got {self.batch}")
+        if self.arch == "unrolled":
+            self._validate_unrolled()
+            return
+        if self.layers < 2:
+            raise CvxmriError(f"the network needs at least 2 layers, got {self.layers}")
         if self.pattern_chunk < 0:
             raise CvxmriError(f"pattern chunk must be >= 0, got {self.pattern_chunk}")
         if self.part not in PARTS[:2]:
@@ -149,16 +149,6 @@ class Workload:
             raise CvxmriError(f"coils must be >= 1, got {self.coils}")
         if self.dc not in DC_KINDS:
             raise CvxmriError(f"unknown data consistency {self.dc!r} (choose from {DC_KINDS})")
-        if self.channels < 2 or self.channels % 2:
-            raise CvxmriError(f"channels must be even and >= 2, got {self.channels}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise CvxmriError(f"kernel size must be odd and >= 1, got {self.kernel_size}")
-        if self.size < self.kernel_size:
-            raise CvxmriError(
-                f"image size {self.size} is smaller than the kernel size {self.kernel_size}"
-            )
-        if self.batch < 1:
-            raise CvxmriError(f"batch size must be >= 1, got {self.batch}")
         if self.amp:
             raise CvxmriError("unrolled training has no bf16 autocast: fp32 only")
         if self.part not in PARTS:

@@ -422,6 +422,17 @@ def solve_gram(
     return current, {**cert, "iterations": float(done), "seconds": time.perf_counter() - began}
 
 
+def refinement_model(system: GramSystem, v: Tensor, gradient: Tensor, ee: float) -> GramSystem:
+    """The quadratic model of one refinement round at ``v`` (``(n, out)``): the curvature
+    of ``system``, with the exact gradient ``gradient`` (same layout) and the exact
+    ``||e||^2 / N`` ``ee`` at ``v`` (from a pass over the data), so that the model's value
+    and gradient at ``v`` are the data's, whatever the matrix's rounding."""
+    gv = system.gram @ v
+    rhs = gv - gradient
+    rr = ee + 2 * float((rhs * v).sum()) - float((v * gv).sum())
+    return GramSystem(system.gram, rhs, rr, system.count, system.patterns, system.output_groups)
+
+
 # ------------------------------------------------------------------ solving a stage
 
 
@@ -553,15 +564,8 @@ class StageSolver:
                 or seconds > self.max_seconds
             ):
                 break
-            # The model's gradient at v is the exact one, and its ||e||^2 at v the exact one.
-            gv = system.gram @ v
-            rhs = gv - system.from_weight(stats.gradient)
-            rr = stats.ee + 2 * float((rhs * v).sum()) - float((v * gv).sum())
-            model = GramSystem(
-                system.gram, rhs, rr, system.count, system.patterns, system.output_groups
-            )
             v, inner = solve_gram(
-                model,
+                refinement_model(system, v, system.from_weight(stats.gradient), stats.ee),
                 beta,
                 v,
                 tol=self.tol / 4,

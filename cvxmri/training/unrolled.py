@@ -48,6 +48,7 @@ from cvxmri.training.certified import (
     GramSystem,
     _patches,
     metric_lipschitz,
+    refinement_model,
     solve_gram,
 )
 from cvxmri.training.data import derived_seed, epoch_batches
@@ -265,13 +266,8 @@ class IterationSolver:
                 or seconds > self.max_seconds
             ):
                 break
-            gv = system.gram @ v
-            rhs = gv - self._flat(gradient)
-            # The model's gradient and ||e||^2 at v are the exact ones.
-            rr = ee + 2 * float((rhs * v).sum()) - float((v * gv).sum())
-            model = GramSystem(system.gram, rhs, rr, system.count, system.patterns, "separate")
             v, inner = solve_gram(
-                model,
+                refinement_model(system, v, self._flat(gradient), ee),
                 beta,
                 v,
                 tol=self.tol / 4,
@@ -394,12 +390,7 @@ class UnrolledTrainer(Trainer):
             for index in epoch_batches(len(samples), cfg.optim.batch_size, cfg.seed, 0, epoch):
                 batch = _take(samples, index, self.device)
                 assert batch.target is not None
-                optimizer.zero_grad(set_to_none=True)
-                pred = self._forward(model, batch)
-                loss = 0.5 * (pred - batch.target).pow(2).sum() / len(index)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(_step(optimizer, self._forward(model, batch), batch.target))
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             row = {
@@ -519,11 +510,7 @@ class UnrolledTrainer(Trainer):
                 op = recon_sense(batch.maps, batch.mask, tuple(batch.x0.shape[-2:]))
                 z = _complex(block(x_train[index].to(self.device)))
                 pred = to_channels(dc(z, op, op.H(batch.y)))
-                optimizer.zero_grad(set_to_none=True)
-                loss = 0.5 * (pred - batch.target).pow(2).sum() / len(index)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(_step(optimizer, pred, batch.target))
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             row = {
@@ -659,6 +646,16 @@ def unrolled_forward(
     for block in model.blocks:
         x = checkpoint(iteration, block, x, use_reentrant=False)
     return x
+
+
+def _step(optimizer: torch.optim.Optimizer, pred: Tensor, target: Tensor) -> float:
+    """One optimiser step on ``0.5 ||pred - x*||^2 / B`` (the loss of `end_to_end_step`)
+    for a prediction computed with autograd; the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = 0.5 * (pred - target).pow(2).sum() / len(pred)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
 
 
 def _take(samples: Sample, index: Tensor, device: torch.device) -> Sample:
