@@ -404,7 +404,7 @@ def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
         "--preset",
         choices=("quick", "paper", "tiny"),
         default="quick",
-        help="quick (2 CPU cores, about 15 min), paper (GPU) or tiny (tests)",
+        help="quick (2 CPU cores, about 30 min), paper (GPU) or tiny (tests)",
     )
     reproduce.add_argument(
         "--data",
@@ -415,6 +415,17 @@ def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
     reproduce.add_argument("--out", type=Path, help="folder (default runs/reproduce-<preset>)")
     reproduce.add_argument("--device", default="auto", help="cpu, cuda or auto")
     reproduce.add_argument("--amp", action="store_true", help="bf16 autocast in training")
+    reproduce.add_argument(
+        "--iterations",
+        type=_nonnegative_int,
+        help="T of the unrolled networks' comparison (default: the preset's, 8 for quick; "
+        "0 leaves the comparison out)",
+    )
+    reproduce.add_argument(
+        "--dc",
+        choices=("gradient", "cg"),
+        help="data consistency of the unrolled networks (default gradient)",
+    )
     _benchmark_json_options(reproduce)
     reproduce.add_argument(
         "--force", action="store_true", help="start again in a folder begun with other settings"
@@ -796,6 +807,16 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     config = replace(
         reproduce_preset(args.preset), data=str(args.data), device=args.device, amp=args.amp
     )
+    unrolled = config.unrolled
+    if args.iterations == 0:
+        unrolled = replace(unrolled, methods=[])
+    elif args.iterations is not None:
+        network = replace(unrolled.network, iterations=args.iterations)
+        unrolled = replace(unrolled, network=network, end_to_end_iterations=[])
+    if args.dc is not None:
+        network = replace(unrolled.network, dc=replace(unrolled.network.dc, kind=args.dc))
+        unrolled = replace(unrolled, network=network)
+    config = replace(config, unrolled=unrolled)
     out = args.out or default_folder(args.preset)
     report = reproduce(config, out, force=args.force, benchmarks=_benchmark_jsons(args))
     _print_report(out, report)

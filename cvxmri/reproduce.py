@@ -40,6 +40,7 @@ import yaml
 from tqdm import tqdm
 
 from cvxmri.benchmark.memory import MIB, MemoryBenchConfig, run_memory_benchmark
+from cvxmri.benchmark.memory_unrolled import UnrolledMemoryConfig, run_unrolled_memory_benchmark
 from cvxmri.config import load_yaml, save_yaml, to_dict
 from cvxmri.data.prepare import (
     EspiritConfig,
@@ -68,10 +69,11 @@ from cvxmri.evaluate import (
 from cvxmri.masks import MASK_KINDS, MaskSpec
 from cvxmri.metrics import slice_metrics
 from cvxmri.models.cnn import ReconCNN
+from cvxmri.models.unrolled import load_network
 from cvxmri.recon import CLASSICAL_METHODS, CGSenseConfig, CSConfig, network_reconstructor
 from cvxmri.report import interpret
 from cvxmri.runs import environment, run_folder
-from cvxmri.training.config import PRESETS, TrainConfig, preset
+from cvxmri.training.config import PRESETS, TrainConfig, UnrolledConfig, preset
 from cvxmri.training.data import SliceData
 from cvxmri.training.run import train
 from cvxmri.training.trainer import resolve_device
@@ -92,7 +94,13 @@ EXPECTED_SECONDS = {
     "inspect": 3.0,
     "memory": 90.0,
     "report": 5.0,
+    # Unrolled networks, per iteration (128x128, 18 training slices).
+    "train unrolled layerwise-convex per iteration": 20.0,
+    "train unrolled layerwise-nonconvex per iteration": 22.0,
+    "train unrolled end-to-end per iteration": 11.0,
+    "memory unrolled": 60.0,
 }
+UNROLLED_METHODS = ("layerwise-convex", "layerwise-nonconvex", "end-to-end")
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,59 @@ CLASSICAL_BY_MASK = {
 
 
 @dataclass
+class UnrolledComparison:
+    """The comparison of unrolled networks with data consistency (`UnrolledNet`): each
+    method trains one network of ``network.iterations`` (T_max) iterations per mask on
+    whole images; the greedy methods are tested after every iteration (the metric against
+    T), end-to-end at each of ``end_to_end_iterations``.
+
+    Attributes:
+        methods: the training methods compared (empty: no unrolled comparison).
+        network: the unrolled network (T_max, width, kernel, data consistency).
+        end_to_end_iterations: T of the end-to-end networks, each its own run (empty:
+            T_max only).
+        max_train_slices: training slices (0: all); the first ones of the split.
+        epochs: epochs of end-to-end training and of every non-convex greedy iteration.
+        memory_iterations: T at which peak training memory is measured, each method in
+            fresh processes (empty: not measured).
+    """
+
+    methods: list[str] = field(default_factory=lambda: list(UNROLLED_METHODS))
+    network: UnrolledConfig = field(default_factory=UnrolledConfig)
+    end_to_end_iterations: list[int] = field(default_factory=list)
+    max_train_slices: int = 18
+    epochs: int = 30
+    memory_iterations: list[int] = field(default_factory=lambda: [1, 5, 20])
+
+    def validate(self) -> None:
+        """Raise `CvxmriError` for impossible settings."""
+        unknown = [m for m in self.methods if m not in UNROLLED_METHODS]
+        if unknown:
+            raise CvxmriError(
+                f"unrolled.methods: unknown method {unknown[0]!r} "
+                f"(choose from {', '.join(UNROLLED_METHODS)})"
+            )
+        self.network.validate("end-to-end")
+        if self.network.shared:
+            raise CvxmriError("unrolled.network.shared: the greedy methods cannot share weights")
+        checks = {
+            "unrolled.end_to_end_iterations": all(
+                1 <= t <= self.network.iterations for t in self.end_to_end_iterations
+            ),
+            "unrolled.max_train_slices": self.max_train_slices >= 0,
+            "unrolled.epochs": self.epochs >= 1,
+            "unrolled.memory_iterations": all(t >= 1 for t in self.memory_iterations),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise CvxmriError(f"{name}: impossible value {getattr(self, name.split('.')[1])!r}")
+
+    def end_to_end(self) -> list[int]:
+        """T of every end-to-end network, ascending."""
+        return sorted(set(self.end_to_end_iterations or [self.network.iterations]))
+
+
+@dataclass
 class ReproduceConfig:
     """What `cvxmri reproduce` runs; saved as ``config.yaml`` in the reproduce folder.
 
@@ -146,6 +207,7 @@ class ReproduceConfig:
         amp: bf16 autocast in training.
         seed: training seed.
         clusters: k-means clusters of the sign-pattern maps.
+        unrolled: the comparison of unrolled networks with data consistency.
     """
 
     preset: str = "quick"
@@ -167,6 +229,7 @@ class ReproduceConfig:
     amp: bool = False
     seed: int = 0
     clusters: int = 6
+    unrolled: UnrolledComparison = field(default_factory=UnrolledComparison)
 
     def validate(self) -> None:
         """Raise `CvxmriError` for impossible settings."""
@@ -195,6 +258,12 @@ class ReproduceConfig:
             ).validate()
         for mask in self.masks:
             train_config(self, "end-to-end", mask, self.layers).validate()
+        self.unrolled.validate()
+        for mask in self.masks:
+            for method in self.unrolled.methods:
+                unrolled_train_config(
+                    self, method, mask, self.unrolled.network.iterations
+                ).validate()
 
     def check_data(self) -> None:
         """Refuse data that is neither a dataset root with the three splits nor a missing or
@@ -216,8 +285,21 @@ def reproduce_preset(name: str) -> ReproduceConfig:
     """The reproduction of a training preset: its depth and Poisson-disc mask, and the 1D
     Cartesian mask at 4x with centre fraction 0.04."""
     base = preset(name)
+    unrolled = UnrolledComparison()
+    if name == "tiny":
+        unrolled = UnrolledComparison(
+            network=UnrolledConfig(iterations=2, channels=4, kernel_size=3),
+            max_train_slices=4,
+            epochs=1,
+            memory_iterations=[1, 2],
+        )
+    elif name == "paper":
+        unrolled = UnrolledComparison(max_train_slices=0, epochs=40)
     return ReproduceConfig(
-        preset=name, layers=base.layers, masks=[base.mask, MaskSpec("cartesian", 4.0, 0.04)]
+        preset=name,
+        layers=base.layers,
+        masks=[base.mask, MaskSpec("cartesian", 4.0, 0.04)],
+        unrolled=unrolled,
     )
 
 
@@ -261,6 +343,25 @@ def train_config(config: ReproduceConfig, method: str, mask: MaskSpec, layers: i
     )
 
 
+def unrolled_train_config(
+    config: ReproduceConfig, method: str, mask: MaskSpec, iterations: int
+) -> TrainConfig:
+    """The training configuration of one unrolled network of ``iterations``: the preset
+    for its mask (optimiser, certified solver, gates) with ``arch: unrolled``, whole
+    images, this run's unrolled settings, data, device, precision and seed."""
+    unrolled = config.unrolled
+    base = train_config(config, method, mask, config.layers)
+    return replace(
+        base,
+        arch="unrolled",
+        crop=0,
+        crops_per_image=1,
+        max_train_slices=unrolled.max_train_slices,
+        unrolled=replace(unrolled.network, iterations=iterations),
+        optim=replace(base.optim, epochs=unrolled.epochs),
+    )
+
+
 @dataclass(frozen=True)
 class Part:
     """One step of the plan.
@@ -273,7 +374,8 @@ class Part:
         weight: expected wall seconds in the quick preset on 2 CPU cores.
         mask: the mask it works on (None for the dataset and the memory measurement).
         method: the trained method (train and test parts).
-        layers: the network depth (train and test parts).
+        layers: the network depth (train and test parts of a CNN).
+        iterations: T of an unrolled network (its train and test parts; 0: a CNN).
     """
 
     kind: str
@@ -284,6 +386,7 @@ class Part:
     mask: MaskSpec | None = None
     method: str = ""
     layers: int = 0
+    iterations: int = 0
 
     def done(self, root: Path) -> bool:
         """Whether the part finished in an earlier run."""
@@ -293,6 +396,57 @@ class Part:
 def run_name(method: str, layers: int) -> str:
     """The folder name of a trained network: the method; end-to-end also its depth."""
     return f"end-to-end-depth{layers}" if method == "end-to-end" else method
+
+
+def unrolled_run_name(method: str, iterations: int) -> str:
+    """The folder name of a trained unrolled network: ``unrolled-`` and the method;
+    end-to-end also its T."""
+    suffix = f"-T{iterations}" if method == "end-to-end" else ""
+    return f"unrolled-{method}{suffix}"
+
+
+def unrolled_runs(config: ReproduceConfig) -> list[tuple[str, int]]:
+    """(method, T) of every unrolled network a mask trains: the greedy methods at T_max,
+    end-to-end at each of its T."""
+    unrolled = config.unrolled
+    runs = [(m, unrolled.network.iterations) for m in unrolled.methods if m != "end-to-end"]
+    if "end-to-end" in unrolled.methods:
+        runs += [("end-to-end", t) for t in unrolled.end_to_end()]
+    return runs
+
+
+def _unrolled_parts(config: ReproduceConfig, mask: MaskSpec) -> list[Part]:
+    """The train and test parts of the unrolled networks of one mask."""
+    key, label = mask_key(mask), mask.describe()
+    parts = []
+    for method, iterations in unrolled_runs(config):
+        name = unrolled_run_name(method, iterations)
+        weight = EXPECTED_SECONDS[f"train unrolled {method} per iteration"] * iterations
+        what = f"unrolled {method}, T={iterations}, {label}"
+        every = "" if method == "end-to-end" else " (every T)"
+        parts += [
+            Part(
+                "train",
+                f"train {what}",
+                f"{key}/{name}",
+                "metrics_val.json",
+                weight,
+                mask,
+                method,
+                iterations=iterations,
+            ),
+            Part(
+                "test",
+                f"test {what}{every}",
+                f"{key}/test-{name}",
+                "summary.json",
+                EXPECTED_SECONDS["test"],
+                mask,
+                method,
+                iterations=iterations,
+            ),
+        ]
+    return parts
 
 
 def plan(config: ReproduceConfig) -> list[Part]:
@@ -345,6 +499,7 @@ def plan(config: ReproduceConfig) -> list[Part]:
                     layers,
                 )
             )
+        parts += _unrolled_parts(config, mask)
         for kind, title in (
             ("examples", "representative test slice, every method"),
             ("inspect", "what each layer learned"),
@@ -368,13 +523,30 @@ def plan(config: ReproduceConfig) -> list[Part]:
             EXPECTED_SECONDS["memory"],
         )
     )
+    if config.unrolled.methods and config.unrolled.memory_iterations:
+        parts.append(
+            Part(
+                "memory-unrolled",
+                "peak training memory of unrolled networks against T (fresh processes)",
+                "memory-unrolled",
+                "memory.json",
+                EXPECTED_SECONDS["memory unrolled"],
+            )
+        )
     return parts
 
 
 def tested_models(part: Part) -> list[tuple[int, str]]:
     """(depth, model file relative to the reproduce folder) of a test part: the network
-    after every stage of a layer-wise run, the one network of an end-to-end run."""
+    after every stage of a layer-wise run, the one network of an end-to-end run. For an
+    unrolled network the depth is T: a greedy run's network after every iteration
+    (``model_iterT.pt``), an end-to-end run's one network."""
     assert part.mask is not None
+    if part.iterations:
+        run = f"{mask_key(part.mask)}/{unrolled_run_name(part.method, part.iterations)}"
+        if part.method == "end-to-end":
+            return [(part.iterations, f"{run}/model.pt")]
+        return [(t, f"{run}/model_iter{t}.pt") for t in range(1, part.iterations + 1)]
     run = f"{mask_key(part.mask)}/{run_name(part.method, part.layers)}"
     if part.method in LAYERWISE:
         return [(d, f"{run}/model_depth{d}.pt") for d in range(2, part.layers + 1)]
@@ -431,7 +603,11 @@ def _run_train(config: ReproduceConfig, root: Path, part: Part) -> None:
     assert part.mask is not None
     out = root / part.folder
     resume = (out / "config.yaml").is_file()
-    train(train_config(config, part.method, part.mask, part.layers), out, resume=resume, force=True)
+    if part.iterations:
+        run = unrolled_train_config(config, part.method, part.mask, part.iterations)
+    else:
+        run = train_config(config, part.method, part.mask, part.layers)
+    train(run, out, resume=resume, force=True)
 
 
 def _network_paths(config: ReproduceConfig, root: Path, mask: MaskSpec) -> dict[str, Path]:
@@ -481,6 +657,12 @@ def _run_examples(config: ReproduceConfig, root: Path, part: Part) -> None:
     reconstructors = {m: classical_reconstructor(m, cs, cg) for m in CLASSICAL_METHODS}
     for method, model_path in networks.items():
         reconstructors[method] = network_reconstructor(ReconCNN.load(model_path).eval())
+    t_max = config.unrolled.network.iterations
+    for method in config.unrolled.methods:
+        model_path = root / key / unrolled_run_name(method, t_max) / "model.pt"
+        reconstructors[f"unrolled-{method}"] = network_reconstructor(
+            load_network(model_path).eval()
+        )
     arrays = {
         "target": target[0],
         "x0": sample.x0[0].numpy(),
@@ -604,6 +786,37 @@ def _run_memory(config: ReproduceConfig, root: Path, part: Part) -> None:
         run_memory_benchmark(bench, folder)
 
 
+def unrolled_memory_config(config: ReproduceConfig) -> UnrolledMemoryConfig:
+    """The unrolled memory measurement of a reproduction
+    (`cvxmri.benchmark.memory_unrolled`): one training step of every compared method (and
+    end-to-end with checkpointing) at each of ``unrolled.memory_iterations``, at this
+    run's regulariser, data consistency, image size (a square of the same pixel count) and
+    coils, batch 1, each in a fresh process."""
+    data = SliceData(config.data, "train", config.masks[0], max_slices=1)
+    shape = data.recon_shape
+    network = config.unrolled.network
+    methods = list(config.unrolled.methods)
+    if "end-to-end" in methods:
+        methods.insert(methods.index("end-to-end") + 1, "end-to-end-checkpointing")
+    return UnrolledMemoryConfig(
+        iterations=sorted(set(config.unrolled.memory_iterations)),
+        channels=network.channels,
+        kernel_size=network.kernel_size,
+        size=round(math.sqrt(shape[0] * shape[1])),
+        coils=int(data.maps.shape[1]),
+        dc=network.dc.kind,
+        methods=methods,
+        device=config.device,
+        seed=config.seed,
+    )
+
+
+def _run_memory_unrolled(config: ReproduceConfig, root: Path, part: Part) -> None:
+    bench = unrolled_memory_config(config)
+    with run_folder(root / part.folder, bench, overwrite=True) as folder:
+        run_unrolled_memory_benchmark(bench, folder)
+
+
 RUNNERS = {
     "data": _run_data,
     "baselines": _run_evaluation,
@@ -612,6 +825,7 @@ RUNNERS = {
     "examples": _run_examples,
     "inspect": _run_inspect,
     "memory": _run_memory,
+    "memory-unrolled": _run_memory_unrolled,
 }
 
 
@@ -943,6 +1157,8 @@ def collect(out: Path) -> dict[str, Any]:
     for part in parts:
         folder = out / part.folder
         key = mask_key(part.mask) if part.mask is not None else ""
+        if part.iterations or part.kind == "memory-unrolled":
+            continue  # `collect_unrolled`
         if part.kind in ("baselines", "test"):
             summary = _read_json(folder / "summary.json")
             layers = (
@@ -1012,8 +1228,141 @@ def collect(out: Path) -> dict[str, Any]:
             {"title": p.title, "folder": p.folder, **timings.get(p.folder, {})} for p in parts
         ],
         "memory_run": memory_summary(_read_json(out / "memory" / "memory.json")),
+        "unrolled": collect_unrolled(out, config, parts, timings, metrics),
         **benchmarks,
     }
+
+
+def _metric_rows(out: Path, part: Part) -> list[dict[str, Any]]:
+    """The test metrics of an unrolled network after each tested T."""
+    assert part.mask is not None
+    summary = _read_json(out / part.folder / "summary.json")
+    iterations = {model_label(out / path): t for t, path in tested_models(part)}
+    return [
+        {
+            "method": part.method,
+            "mask": mask_key(part.mask),
+            "iterations": iterations[entry["method"]],
+            "label": entry["method"],
+            "volume": entry["volume"],
+            "slice": entry["slice"],
+            "seconds": entry["seconds"],
+        }
+        for entry in summary["results"]
+    ]
+
+
+def collect_unrolled(
+    out: Path,
+    config: ReproduceConfig,
+    parts: list[Part],
+    timings: dict[str, Any],
+    metrics: list[dict[str, Any]],
+) -> dict[str, Any] | None:
+    """The unrolled comparison's results (None when it did not run): test metrics against
+    T, training runs, the selected certificate of every convex iteration, the memory
+    measurement and, per mask, the answers at T_max (``metrics``: the classical rows)."""
+    unrolled = config.unrolled
+    if not unrolled.methods:
+        return None
+    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    certificates: list[dict[str, Any]] = []
+    for part in parts:
+        if not part.iterations:
+            continue
+        assert part.mask is not None
+        key, folder = mask_key(part.mask), out / part.folder
+        if part.kind == "test":
+            rows += _metric_rows(out, part)
+            continue
+        val = _read_json(folder / "metrics_val.json")
+        runs.append(
+            {
+                "method": part.method,
+                "mask": key,
+                "iterations": part.iterations,
+                "folder": part.folder,
+                "train_seconds": val["train_seconds"],
+                "wall_seconds": timings.get(part.folder, {}).get("seconds"),
+                "val": val["by_depth"],
+            }
+        )
+        if part.method == "layerwise-convex":
+            certificates += [
+                {"mask": key, "iteration": int(c["stage"])}
+                | {k: c[k] for k in ("beta", "beta_fraction", "relative_gap", "certified")}
+                | {k: c[k] for k in ("passes", "iterations", "seconds")}
+                for c in _read_json(folder / "certificates.json")
+                if c.get("selected")
+            ]
+    memory_path = out / "memory-unrolled" / "memory.json"
+    memory = None
+    if memory_path.is_file():
+        measured = _read_json(memory_path)
+        memory = {key: measured[key] for key in ("config", "device", "measurement", "targets")}
+        memory["rows"] = [
+            {
+                "method": row["method"],
+                "iterations": row["iterations"],
+                "peak_mib": None
+                if row["peak_bytes"] is None
+                else round(row["peak_bytes"] / MIB, 1),
+            }
+            for row in measured["rows"]
+        ]
+    return {
+        "iterations": unrolled.network.iterations,
+        "network": to_dict(unrolled.network),
+        "max_train_slices": unrolled.max_train_slices,
+        "epochs": unrolled.epochs,
+        "metrics": rows,
+        "runs": runs,
+        "certificates": certificates,
+        "memory": memory,
+        "answers": _unrolled_answers(config, rows, runs, certificates, metrics),
+    }
+
+
+def _unrolled_answers(
+    config: ReproduceConfig,
+    rows: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    certificates: list[dict[str, Any]],
+    metrics: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Per mask, the volume PSNR and SSIM of every unrolled method at T_max and of the
+    classical methods, and the differences the issue's targets speak of."""
+    t_max = config.unrolled.network.iterations
+    answers = []
+    for mask in config.masks:
+        key = mask_key(mask)
+        final = {r["method"]: r for r in rows if r["mask"] == key and r["iterations"] == t_max}
+        final |= {m["method"]: m for m in metrics if m["mask"] == key and m["layers"] is None}
+        gaps = [c["relative_gap"] for c in certificates if c["mask"] == key]
+        answer: dict[str, Any] = {
+            "mask": key,
+            "label": mask.describe(),
+            "iterations": t_max,
+            "psnr": {m: _mean(final, m, "psnr") for m in final},
+            "ssim": {m: _mean(final, m, "ssim") for m in final},
+            "largest_gap": max(gaps) if gaps else None,
+            "certified": all(c["certified"] for c in certificates if c["mask"] == key)
+            if gaps
+            else None,
+            "train_seconds": {
+                r["method"]: r["train_seconds"]
+                for r in runs
+                if r["mask"] == key and r["iterations"] == t_max
+            },
+        }
+        if "layerwise-convex" in final:
+            for other in ("cs", "end-to-end", "layerwise-nonconvex"):
+                if other in final:
+                    name = f"convex_minus_{other.replace('-', '_')}"
+                    answer[name] = _difference(final, "layerwise-convex", other)
+        answers.append(answer)
+    return answers
 
 
 def memory_summary(measured: dict[str, Any]) -> dict[str, Any]:

@@ -154,6 +154,23 @@ def test_2d_is_bit_identical_to_the_old_formulas(dtype: torch.dtype) -> None:
         assert torch.equal(Sense(maps[0], mask).H(y), old_sense_adjoint(maps[0], mask, y)), name
 
 
+def test_sense_normal_is_kept_until_the_operator_moves() -> None:
+    """`Sense.N` is prepared once (shifted maps and mask) and reused; casting the operator
+    drops it, so the next one is prepared from the cast buffers."""
+    gen = torch.Generator().manual_seed(5)
+    maps = crandn(1, 3, 12, 10, generator=gen).to(torch.complex64)
+    mask = (torch.rand(12, 10, generator=gen) < 0.4).float()
+    op = Sense(maps, mask)
+    normal = op.N
+    assert op.N is normal
+    op.double()  # complex buffers become complex128
+    assert op.N is not normal
+    x = crandn(1, 12, 10, generator=gen)
+    expected = op.H(op(x))
+    assert op.N(x).dtype == torch.complex128
+    assert torch.allclose(op.N(x), expected, rtol=0, atol=1e-12)
+
+
 def test_fft_matches_fastmri_convention() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 9, 8)) + 1j * rng.normal(size=(3, 9, 8))

@@ -17,11 +17,15 @@ import pytest
 import torch
 from conftest import phantom_nifti
 
+from cvxmri.benchmark import memory
+from cvxmri.benchmark.measure import measure_here
+from cvxmri.benchmark.workload import Workload
 from cvxmri.cli import main
 from cvxmri.data.simulate import SimulationConfig
 from cvxmri.errors import CvxmriError
 from cvxmri.evaluate import EvaluateConfig, evaluate
 from cvxmri.models.cnn import GatedConv, ReconCNN
+from cvxmri.models.unrolled import load_network
 from cvxmri.report import interpret
 from cvxmri.reproduce import ReproduceConfig, collect, plan, reproduce, reproduce_preset
 from cvxmri.training.trainer import Trainer, TrainingStopped
@@ -32,6 +36,7 @@ SECTIONS = [
     "Metrics against the number of layers",
     "Results",
     "Representative test slices",
+    "Unrolled networks with data consistency",
     "Wall time",
     "Optimality certificates of the convex stages",
     "Memory and speed",
@@ -73,17 +78,27 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     def stop_in_first_stage(self: Trainer, stop_after: int | None = None) -> ReconCNN:
         return fit(self, stop_after=1 if self.config.method == "layerwise-convex" else None)
 
+    def measure_in_process(
+        w: Workload, steps: int, budget: int, timeout: float | None = None
+    ) -> dict[str, Any]:
+        return measure_here(w, steps, budget)
+
     printed: list[str] = []
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(TrainingStopped):
-        patch.setattr(Trainer, "fit", stop_in_first_stage)
-        _run(config, out, printed)
-    interrupted = out / "poisson-4x" / "layerwise-convex"
-    state = {
-        "checkpoint": (interrupted / "checkpoints" / "last.pt").is_file(),
-        "depth2": (interrupted / "model_depth2.pt").is_file(),
-        "finished": (interrupted / "metrics_val.json").is_file(),
-    }
-    reports = [_run(config, out, printed), _run(config, out, printed)]
+    # The memory parts measure in this process: the orchestration is what is tested here
+    # (tests/test_benchmark.py runs the fresh-process measurement), and a fresh process
+    # per point would double this module's time.
+    with pytest.MonkeyPatch.context() as measuring:
+        measuring.setattr(memory, "run_trial", measure_in_process)
+        with pytest.MonkeyPatch.context() as patch, pytest.raises(TrainingStopped):
+            patch.setattr(Trainer, "fit", stop_in_first_stage)
+            _run(config, out, printed)
+        interrupted = out / "poisson-4x" / "layerwise-convex"
+        state = {
+            "checkpoint": (interrupted / "checkpoints" / "last.pt").is_file(),
+            "depth2": (interrupted / "model_depth2.pt").is_file(),
+            "finished": (interrupted / "metrics_val.json").is_file(),
+        }
+        reports = [_run(config, out, printed), _run(config, out, printed)]
     return {
         "config": config,
         "out": out,
@@ -203,6 +218,51 @@ def test_results_come_from_the_runs_own_files(reproduced: dict[str, Any]) -> Non
     inspected = results["inspect"][0]
     assert inspected["units"] == [len(n) for n in inspected["group_norms"]]
     assert len(inspected["pixels"]) == 3
+
+
+def test_unrolled_comparison_results(reproduced: dict[str, Any]) -> None:
+    """The unrolled networks: the greedy curves from the run's own per-iteration models,
+    every convex iteration certified, end-to-end at T_max, memory against T."""
+    out, config = reproduced["out"], reproduced["config"]
+    unrolled = json.loads((out / "results.json").read_text())["unrolled"]
+    t_max = config.unrolled.network.iterations
+    curve = {
+        m["iterations"]: m
+        for m in unrolled["metrics"]
+        if m["mask"] == "cartesian-4x" and m["method"] == "layerwise-convex"
+    }
+    assert sorted(curve) == list(range(1, t_max + 1))
+    summary = json.loads(
+        (out / "cartesian-4x" / "test-unrolled-layerwise-convex" / "summary.json").read_text()
+    )
+    for entry in summary["results"]:
+        t = int(entry["method"].rsplit("model_iter", 1)[1])
+        assert curve[t]["volume"] == entry["volume"]
+    # model_iter{T_max}.pt is the whole network: the same reconstruction as model.pt.
+    run = out / "cartesian-4x" / "unrolled-layerwise-convex"
+    whole, last = load_network(run / "model.pt"), load_network(run / f"model_iter{t_max}.pt")
+    for a, b in zip(whole.state_dict().values(), last.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert [(c["mask"], c["iteration"]) for c in unrolled["certificates"]] == [
+        (m, t) for m in ("poisson-4x", "cartesian-4x") for t in range(1, t_max + 1)
+    ]
+    assert all(c["certified"] and c["relative_gap"] <= 1e-3 for c in unrolled["certificates"])
+    end_to_end = [m for m in unrolled["metrics"] if m["method"] == "end-to-end"]
+    assert {(m["mask"], m["iterations"]) for m in end_to_end} == {
+        ("poisson-4x", t_max),
+        ("cartesian-4x", t_max),
+    }
+    for answer in unrolled["answers"]:
+        psnr = answer["psnr"]
+        assert answer["convex_minus_cs"]["psnr"] == pytest.approx(
+            psnr["layerwise-convex"] - psnr["cs"]
+        )
+    methods = {r["method"] for r in unrolled["memory"]["rows"]}
+    assert methods == {*config.unrolled.methods, "end-to-end-checkpointing"}
+    example = json.loads((out / "poisson-4x" / "examples" / "examples.json").read_text())
+    assert {"unrolled-layerwise-convex", "unrolled-end-to-end"} <= {
+        m["method"] for m in example["methods"]
+    }
 
 
 def test_report_sections_and_numbers(reproduced: dict[str, Any]) -> None:

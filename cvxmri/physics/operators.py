@@ -17,6 +17,7 @@ is checked by an adjointness test (``<A x, y> == <x, A^H y>``) in 2D and 3D.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -249,8 +250,20 @@ class Sense(LinearOperator):
 
     @property
     def N(self) -> LinearOperator:
-        """``A^H A``, computed without centring every coil's k-space (`SenseNormal`)."""
-        return SenseNormal(self)
+        """``A^H A``, computed without centring every coil's k-space (`SenseNormal`).
+
+        It is built once and kept (iterative solvers take it at every step); moving or
+        casting the operator (``.to``) drops it."""
+        normal = self.__dict__.get("_normal")
+        if normal is None:
+            normal = SenseNormal(self)
+            # Kept outside the module tree: the normal operator holds this one.
+            self.__dict__["_normal"] = normal
+        return normal
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Sense:
+        self.__dict__.pop("_normal", None)
+        return super()._apply(fn, recurse)
 
 
 class SenseNormal(LinearOperator):
@@ -268,29 +281,40 @@ class SenseNormal(LinearOperator):
     rounding.
     """
 
+    shifted_maps: torch.Tensor
+    weights: torch.Tensor
+
     def __init__(self, sense: Sense) -> None:
         super().__init__(name=f"{sense.name}.N")
         self.sense = sense
+        self.dims = spatial_dims(sense.ndim)
+        self.axes: tuple[int, ...] = ()
+        if sense.mask is None:
+            return
+        # Prepared once: the shifted maps and squared mask (M^H M = M^2, M for a 0/1 mask),
+        # and the axes that need an FFT. Along an axis where the mask is constant (the
+        # readout of a Cartesian mask), F^H M F is M itself: no FFT along it.
+        mask = sense.mask.view(*([1] * (sense.ndim - sense.mask.ndim)), *sense.mask.shape)
+        self.axes = tuple(d for d in self.dims if not bool((mask == mask.narrow(d, 0, 1)).all()))
+        self.register_buffer(
+            "shifted_maps", torch.fft.ifftshift(sense.maps, dim=self.dims), persistent=False
+        )
+        self.register_buffer(
+            "weights", torch.fft.ifftshift(mask * mask, dim=self.dims), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``A^H A x``: image (B, *grid) to image (B, *grid)."""
         sense = self.sense
         if sense.mask is None:
             return (sense.maps.conj() * sense.maps).sum(dim=sense.coil_dim) * x
-        dims = spatial_dims(sense.ndim)
-        maps = torch.fft.ifftshift(sense.maps, dim=dims)
+        maps, dims = self.shifted_maps, self.dims
         coils = maps * torch.fft.ifftshift(x, dim=dims).unsqueeze(sense.coil_dim)
-        mask = sense.mask.view(*([1] * (sense.ndim - sense.mask.ndim)), *sense.mask.shape)
-        # Along an axis where the mask is constant (the readout of a Cartesian mask), F^H M F
-        # is M itself: no FFT along it.
-        axes = tuple(d for d in dims if not bool((mask == mask.narrow(d, 0, 1)).all()))
-        # M^H M = M^2 (M for a 0/1 mask), squared once on the small mask.
-        weights = torch.fft.ifftshift(mask * mask, dim=dims)
-        if axes:
-            kspace = torch.fft.fftn(coils, dim=axes, norm="ortho") * weights
-            images = torch.fft.ifftn(kspace, dim=axes, norm="ortho")
+        if self.axes:
+            kspace = torch.fft.fftn(coils, dim=self.axes, norm="ortho") * self.weights
+            images = torch.fft.ifftn(kspace, dim=self.axes, norm="ortho")
         else:
-            images = coils * weights
+            images = coils * self.weights
         return torch.fft.fftshift((maps.conj() * images).sum(dim=sense.coil_dim), dim=dims)
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:

@@ -127,6 +127,8 @@ def _glance(results: dict[str, Any]) -> Section:
             f"end-to-end {seconds['end-to-end']:.0f} s."
         )
         items.append(line)
+    for answer in (results.get("unrolled") or {}).get("answers", []):
+        items.append(_unrolled_glance(answer))
     run = results["memory_run"]
     peaks = {r["method"]: r for r in run["rows"]}
     if {"end-to-end", "layerwise-convex"} <= peaks.keys():
@@ -361,6 +363,160 @@ def _memory(results: dict[str, Any]) -> Section:
     return Section("Memory and speed", blocks)
 
 
+def _unrolled_glance(answer: dict[str, Any]) -> str:
+    """One "At a glance" line: the convex unrolled network against CS and end-to-end."""
+    psnr, ssim = answer["psnr"], answer["ssim"]
+    line = f"**Unrolled, {answer['label']}**, T = {answer['iterations']}:"
+    if "layerwise-convex" in psnr:
+        line += f" greedy convex {psnr['layerwise-convex']:.2f} dB / {ssim['layerwise-convex']:.4f}"
+        if "convex_minus_cs" in answer:
+            diff = answer["convex_minus_cs"]["psnr"]
+            verdict = "beats" if diff > 0 else "does not beat"
+            line += (
+                f"; it {verdict} CS ({psnr['cs']:.2f} dB) by {_signed(diff, 2)} dB "
+                f"(target +1 dB: {'met' if diff >= 1.0 else 'missed'})"
+            )
+        if "convex_minus_end_to_end" in answer:
+            diff = answer["convex_minus_end_to_end"]
+            line += (
+                f"; against end-to-end ({psnr['end-to-end']:.2f} dB): "
+                f"{_signed(diff['psnr'], 2)} dB, {_signed(diff['ssim'], 4)} SSIM"
+            )
+        if answer["largest_gap"] is not None:
+            word = "every" if answer["certified"] else "not every"
+            line += (
+                f"; {word} iteration certified (largest relative gap {answer['largest_gap']:.1e})"
+            )
+        line += "."
+    else:
+        line += " " + ", ".join(f"{_name(m)} {v:.2f} dB" for m, v in psnr.items()) + "."
+    return line
+
+
+def _unrolled(results: dict[str, Any], folder: Path, images: list[Image]) -> Section:
+    unrolled = results["unrolled"]
+    network = unrolled["network"]
+    dc = network["dc"]
+    step = (
+        f"a gradient step (eta {dc['eta']:g})"
+        if dc["kind"] == "gradient"
+        else f"CG-SENSE ({dc['cg_iterations']} CG iterations, lambda {dc['lamda']:g})"
+    )
+    slices = unrolled["max_train_slices"] or "all"
+    blocks: list[str | list[str] | Table | Image | Code] = [
+        f"Unrolled networks with data consistency, T = {unrolled['iterations']} "
+        "iterations: each iteration adds a learned regulariser's output to the previous "
+        f"iterate and applies DC, {step}. Each regulariser is a "
+        f"{network['kernel_size']}x{network['kernel_size']} convolution of "
+        f"{network['channels']} channels, a ReLU (or gates) and a 1x1 convolution. Trained "
+        f"on whole images, the first {slices} training slices, three ways: greedy convex "
+        "(every iteration a group lasso solved along a beta path and certified, beta chosen "
+        "on validation), greedy non-convex (each iteration by Adam on the fixed previous "
+        f"iterate, {unrolled['epochs']} epochs), and end-to-end ({unrolled['epochs']} "
+        "epochs through all iterations). The greedy curves are one network each, tested "
+        "after every iteration; each end-to-end point is its own network."
+    ]
+    figure = Image(
+        "unrolled.png",
+        figures.png(figures.unrolled_curves(results)),
+        "Unrolled networks: test PSNR and SSIM (volume means) against T. Dotted: "
+        "zero-filled; dash-dotted: CS; dashed grey: CG-SENSE.",
+    )
+    images.append(figure)
+    blocks.append(figure)
+    labels = {m["key"]: m["label"] for m in results["masks"]}
+    t_values = sorted({m["iterations"] for m in unrolled["metrics"]})
+    rows = []
+    for mask in results["masks"]:
+        for method in ("layerwise-convex", "layerwise-nonconvex", "end-to-end"):
+            by_t = {
+                m["iterations"]: m
+                for m in unrolled["metrics"]
+                if m["mask"] == mask["key"] and m["method"] == method
+            }
+            if not by_t:
+                continue
+            cells = [
+                f"{by_t[t]['volume']['psnr']['mean']:.2f} / {by_t[t]['volume']['ssim']['mean']:.4f}"
+                if t in by_t
+                else ""
+                for t in t_values
+            ]
+            rows.append([mask["label"], _name(method), *cells])
+    blocks += [
+        "Test PSNR (dB) / SSIM, volume means, by T:",
+        Table(["mask", "method", *(f"T={t}" for t in t_values)], rows),
+    ]
+    seconds = [
+        [
+            labels[r["mask"]],
+            _name(r["method"]),
+            str(r["iterations"]),
+            _seconds(r["train_seconds"]),
+            _seconds(r["wall_seconds"]),
+        ]
+        for r in unrolled["runs"]
+    ]
+    blocks += [
+        "Training time (s):",
+        Table(["mask", "method", "T", "training s", "part wall s"], seconds),
+    ]
+    if unrolled["certificates"]:
+        blocks += [
+            "The selected beta of every greedy convex iteration and its certificate (the "
+            "relative duality gap bounds the suboptimality; `certificates.json` holds the "
+            "whole path):",
+            Table(
+                ["mask", "iteration", "beta", "beta / beta_max", "relative gap", "certified"],
+                [
+                    [
+                        labels[c["mask"]],
+                        str(c["iteration"]),
+                        f"{c['beta']:.3g}",
+                        f"{c['beta_fraction']:g}",
+                        f"{c['relative_gap']:.2e}",
+                        "yes" if c["certified"] else "no",
+                    ]
+                    for c in unrolled["certificates"]
+                ],
+            ),
+        ]
+    memory = unrolled["memory"]
+    if memory is not None:
+        config = memory["config"]
+        peaks: dict[str, dict[int, float | None]] = {}
+        for row in memory["rows"]:
+            peaks.setdefault(row["method"], {})[row["iterations"]] = row["peak_mib"]
+        ts = sorted(config["iterations"])
+        blocks += [
+            f"Peak training memory (MiB) against T, measured in this run (`memory-unrolled/`) "
+            f"on {memory['device']}: one training step at batch {config['batch']} "
+            f"({config['size']}x{config['size']}, {config['coils']} coils), each point a "
+            f"fresh process ({memory['measurement']}). Greedy methods: iteration T's step "
+            "(the convex one: its Gram build and solve).",
+            Table(
+                ["method", *(f"T={t}" for t in ts)],
+                [[method, *(_cell(v.get(t)) for t in ts)] for method, v in peaks.items()],
+            ),
+        ]
+        if memory["targets"]:
+            blocks.append(_scalar_table(memory["targets"]))
+    for mask, record in zip(results["masks"], results["examples"], strict=True):
+        arrays = dict(np.load(folder / mask["key"] / "examples" / "images.npz"))
+        networks = tuple(m for m in figures.UNROLLED_STYLE if f"recon_{m}" in arrays)
+        if not networks:
+            continue
+        figure = Image(
+            f"examples-unrolled-{mask['kind']}.png",
+            figures.png(figures.examples(arrays, record, mask["label"], networks)),
+            f"{mask['label']}: the representative slice of the previous section, by the "
+            f"unrolled networks at T = {unrolled['iterations']}. Titles: slice PSNR and SSIM.",
+        )
+        images.append(figure)
+        blocks.append(figure)
+    return Section("Unrolled networks with data consistency", blocks)
+
+
 def _scalar_table(rows: list[dict[str, Any]]) -> Table:
     """The scalar fields of a list of JSON objects, as they are."""
     keys = list(
@@ -487,6 +643,7 @@ def sections(results: dict[str, Any], folder: Path) -> tuple[list[Section], list
         _depth(results, images),
         _results_table(results),
         _examples(results, folder, images),
+        *([_unrolled(results, folder, images)] if results.get("unrolled") else []),
         _timing(results),
         _certificates(results),
         _memory(results),

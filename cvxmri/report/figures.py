@@ -23,6 +23,16 @@ METHOD_STYLE = {
     },
     "end-to-end": {"color": "C3", "marker": "^", "label": "end-to-end"},
 }
+UNROLLED_STYLE = {
+    "unrolled-layerwise-convex": {"color": "C0", "marker": "o", "label": "greedy convex"},
+    "unrolled-layerwise-nonconvex": {
+        "color": "C2",
+        "marker": "s",
+        "ls": "--",
+        "label": "greedy non-convex",
+    },
+    "unrolled-end-to-end": {"color": "C3", "marker": "^", "ls": "", "label": "end-to-end"},
+}
 REFERENCE_STYLE = {
     "zero-filled": {"color": "0.45", "ls": ":", "label": "zero-filled"},
     "cs": {"color": "k", "ls": "-.", "label": "CS (L1-wavelet)"},
@@ -36,6 +46,9 @@ NAMES = {
     "end-to-end": "end-to-end",
     "layerwise-convex": "layer-wise convex",
     "layerwise-nonconvex": "layer-wise, non-convex",
+    "unrolled-layerwise-convex": "unrolled, greedy convex",
+    "unrolled-layerwise-nonconvex": "unrolled, greedy non-convex",
+    "unrolled-end-to-end": "unrolled, end-to-end",
 }
 METRIC_LABEL = {"psnr": "test PSNR (dB)", "ssim": "test SSIM"}
 
@@ -79,6 +92,43 @@ def depth_curves(results: dict[str, Any]) -> Figure:
     return figure
 
 
+def unrolled_curves(results: dict[str, Any]) -> Figure:
+    """Test PSNR and SSIM (volume means) of the unrolled networks against their number of
+    iterations T, per mask: the greedy methods after every iteration of one network, the
+    end-to-end networks at their own T; the classical methods as horizontal lines."""
+    masks = results["masks"]
+    unrolled = results["unrolled"]
+    figure = Figure(figsize=(5.6 * len(masks), 7.2), layout="constrained")
+    axes = figure.subplots(2, len(masks), squeeze=False)
+    for col, mask in enumerate(masks):
+        rows = [m for m in unrolled["metrics"] if m["mask"] == mask["key"]]
+        references = [
+            m for m in results["metrics"] if m["mask"] == mask["key"] and m["layers"] is None
+        ]
+        for row, metric in enumerate(("psnr", "ssim")):
+            ax = axes[row, col]
+            for name, style in UNROLLED_STYLE.items():
+                method = name.removeprefix("unrolled-")
+                points = sorted(
+                    (m["iterations"], m["volume"][metric]["mean"])
+                    for m in rows
+                    if m["method"] == method
+                )
+                if points:
+                    ax.plot(*zip(*points, strict=True), **style)
+            for method, style in REFERENCE_STYLE.items():
+                for m in references:
+                    if m["method"] == method:
+                        ax.axhline(m["volume"][metric]["mean"], **style)
+            ax.set_xticks(range(1, unrolled["iterations"] + 1))
+            ax.set_xlabel("iterations T")
+            ax.set_ylabel(METRIC_LABEL[metric])
+            ax.set_title(f"unrolled, {mask['label']}")
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    return figure
+
+
 def _zoom_window(target: np.ndarray, zero_filled: np.ndarray) -> tuple[int, int, int]:
     """(top, left, size) of a square around the largest smoothed zero-filled error."""
     size = max(8, target.shape[0] // 4)
@@ -89,18 +139,25 @@ def _zoom_window(target: np.ndarray, zero_filled: np.ndarray) -> tuple[int, int,
     return top, left, size
 
 
-def examples(images: dict[str, np.ndarray], record: dict[str, Any], label: str) -> Figure:
-    """A test slice by every method, with error maps and a zoomed inset (the paper's Fig. 3).
-    The error row starts with the sampling mask. CG-SENSE is shown where the images have it
-    (reproduce folders made before it was added do not)."""
+CNN_COLUMNS = ("end-to-end", "layerwise-convex", "layerwise-nonconvex")
+
+
+def examples(
+    images: dict[str, np.ndarray],
+    record: dict[str, Any],
+    label: str,
+    networks: tuple[str, ...] = CNN_COLUMNS,
+) -> Figure:
+    """A test slice by the classical methods and the ``networks`` (names of ``recon_*``
+    images), with error maps and a zoomed inset (the paper's Fig. 3). The error row starts
+    with the sampling mask. CG-SENSE is shown where the images have it (reproduce folders
+    made before it was added do not)."""
     columns = [
         "target",
         "zero-filled",
         "cs",
         *(["cg-sense"] if "recon_cg-sense" in images else []),
-        "end-to-end",
-        "layerwise-convex",
-        "layerwise-nonconvex",
+        *networks,
     ]
     metrics = {m["method"]: m for m in record["methods"]}
     target = images["target"]

@@ -932,7 +932,9 @@ def epoch_summary(row: dict[str, Any]) -> str:
 
 
 def write_outputs(trainer: Trainer, model: ReconCNN | UnrolledNet) -> dict[str, Any]:
-    """The exported network, history (CSV), certificates and metrics (JSON) of a run."""
+    """The exported network (``model.pt``; a greedy unrolled run also its first t
+    iterations as ``model_iter{t}.pt``), history (CSV), certificates and metrics (JSON) of
+    a run."""
     out = trainer.out
     config = trainer.config
     size = (
@@ -940,10 +942,13 @@ def write_outputs(trainer: Trainer, model: ReconCNN | UnrolledNet) -> dict[str, 
         if isinstance(model, UnrolledNet)
         else {"layers": model.depth}
     )
-    model.save(
-        out / "model.pt",
-        {"method": config.method, "arch": config.arch, **size, "mask": config.mask.describe()},
-    )
+    about = {"method": config.method, "arch": config.arch, "mask": config.mask.describe()}
+    model.save(out / "model.pt", {**about, **size})
+    if isinstance(model, UnrolledNet) and config.method != "end-to-end":
+        # A greedy network after every iteration, as layer-wise CNNs keep model_depthN.pt.
+        for t in range(1, model.iterations + 1):
+            prefix = UnrolledNet(list(model.blocks[:t]), model.dc)
+            prefix.save(out / f"model_iter{t}.pt", {**about, "iterations": t})
     write_history(out / "history.csv", trainer.history)
     (out / "certificates.json").write_text(json.dumps(trainer.certificates, indent=2))
     metrics = {

@@ -57,9 +57,9 @@ from cvxmri.training.trainer import Trainer, TrainingStopped, image_metrics
 
 log = logging.getLogger(__name__)
 
-# Columns of the design mapped through L at once (bounds the memory of the Gram build:
-# columns x coils x grid complex values).
-COLUMN_CHUNK = 64
+# Columns of the design mapped through L at once: bounds the memory of the Gram build
+# (columns x coils x grid complex values); 16 ran 2x faster per column than 64 (cache).
+COLUMN_CHUNK = 16
 # Images per chunk when applying iterations to a whole set.
 IMAGE_CHUNK = 8
 # Refinement rounds of a convex iteration's solve (each one exact float64 pass).
