@@ -5,7 +5,8 @@ Usage: .venv/bin/python benchmarks/bench_unrolled.py [--masks poisson cartesian]
     [--iterations 8] [--seeds 0] [--max-train-slices 18] [--epochs 30] [--runs DIR]
 
 Every network trains on the default dataset (build it with `cvxmri data simulate`) with the
-quick preset and ``arch: unrolled``; its run folder is kept under ``--runs`` and a finished
+main job's configuration of it (`cvxmri.reproduce.unrolled_train_config`, quick preset);
+its run folder is kept under ``--runs`` and a finished
 run is reused, so an interrupted benchmark continues. Test metrics are fastMRI's volume
 PSNR and SSIM on the SENSE magnitude, with the fixed per-file test masks of `cvxmri
 evaluate`, after every iteration (the greedy methods' curves come from one network; the
@@ -30,8 +31,8 @@ from cvxmri.evaluate import EvaluateConfig, evaluate
 from cvxmri.masks import MaskSpec
 from cvxmri.models.unrolled import UnrolledNet, load_network
 from cvxmri.recon import CLASSICAL_METHODS
+from cvxmri.reproduce import reproduce_preset, unrolled_train_config
 from cvxmri.runs import environment
-from cvxmri.training.config import UnrolledConfig, preset
 from cvxmri.training.data import SliceData
 from cvxmri.training.run import train
 from cvxmri.training.trainer import image_metrics
@@ -60,19 +61,11 @@ def test_curve(model: UnrolledNet, data: str, mask: MaskSpec) -> list[dict[str, 
 def run_one(args: argparse.Namespace, mask_name: str, method: str, seed: int) -> dict:
     """Train (or reuse) one network and measure it."""
     mask = MASKS[mask_name]
-    base = preset("quick", mask.kind)
-    config = replace(
-        base,
-        method=method,
-        arch="unrolled",
-        mask=mask,
-        seed=seed,
-        crop=0,
-        crops_per_image=1,
-        max_train_slices=args.max_train_slices,
-        unrolled=UnrolledConfig(iterations=args.iterations),
-        optim=replace(base.optim, epochs=args.epochs),
-    )
+    quick = reproduce_preset("quick")
+    comparison = replace(quick.unrolled, max_train_slices=args.max_train_slices, epochs=args.epochs)
+    reproduced = replace(quick, seed=seed, unrolled=comparison)
+    # The main job's configuration of this network (`cvxmri reproduce`).
+    config = unrolled_train_config(reproduced, method, mask, args.iterations)
     out = Path(args.runs) / mask_name / f"{method}-seed{seed}"
     if not (out / "model.pt").exists():
         began = time.perf_counter()
