@@ -1174,6 +1174,7 @@ def collect(out: Path) -> dict[str, Any]:
                         "mask": key,
                         "layers": layers.get(label),
                         "label": label,
+                        "folder": part.folder,
                         "volume": entry["volume"],
                         "slice": entry["slice"],
                         "seconds": entry["seconds"],
@@ -1244,6 +1245,7 @@ def _metric_rows(out: Path, part: Part) -> list[dict[str, Any]]:
             "mask": mask_key(part.mask),
             "iterations": iterations[entry["method"]],
             "label": entry["method"],
+            "folder": part.folder,
             "volume": entry["volume"],
             "slice": entry["slice"],
             "seconds": entry["seconds"],
@@ -1320,11 +1322,12 @@ def collect_unrolled(
         "runs": runs,
         "certificates": certificates,
         "memory": memory,
-        "answers": _unrolled_answers(config, rows, runs, certificates, metrics),
+        "answers": _unrolled_answers(out, config, rows, runs, certificates, metrics),
     }
 
 
 def _unrolled_answers(
+    out: Path,
     config: ReproduceConfig,
     rows: list[dict[str, Any]],
     runs: list[dict[str, Any]],
@@ -1361,8 +1364,35 @@ def _unrolled_answers(
                 if other in final:
                     name = f"convex_minus_{other.replace('-', '_')}"
                     answer[name] = _difference(final, "layerwise-convex", other)
+                    answer[name]["paired"] = _paired(out, final["layerwise-convex"], final[other])
         answers.append(answer)
     return answers
+
+
+def _volume_psnr(out: Path, row: dict[str, Any]) -> dict[str, float]:
+    """Volume PSNR by file of one metrics row (its evaluation's ``per_volume.csv``)."""
+    with (out / row["folder"] / "per_volume.csv").open() as handle:
+        return {
+            r["file"]: float(r["psnr"])
+            for r in csv.DictReader(handle)
+            if r["method"] == row["label"]
+        }
+
+
+def _paired(out: Path, row: dict[str, Any], other: dict[str, Any]) -> dict[str, float | None]:
+    """The volume-paired PSNR difference of two metrics rows: mean, standard deviation and
+    standard error over the test volumes (``n``), which says whether a difference is
+    resolved by this test split."""
+    mine, theirs = _volume_psnr(out, row), _volume_psnr(out, other)
+    differences = [mine[f] - theirs[f] for f in sorted(mine) if f in theirs]
+    n = len(differences)
+    std = statistics.stdev(differences) if n > 1 else None
+    return {
+        "mean": statistics.fmean(differences) if n else None,
+        "std": std,
+        "standard_error": None if std is None else std / math.sqrt(n),
+        "n": n,
+    }
 
 
 def memory_summary(measured: dict[str, Any]) -> dict[str, Any]:

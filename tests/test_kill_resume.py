@@ -61,12 +61,18 @@ def train(
 CHECKPOINTS = {1: (0, 1), 2: (1, 0), 3: (1, 1), 4: (2, 0)}
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run every killed run is compared with (trained once)."""
+    out = tmp_path_factory.mktemp("kill") / "reference"
+    assert train(tiny_data, out) == 0
+    return out
+
+
 @pytest.mark.parametrize("kill", ["before:1", "during:1", "during:2", "before:3", "during:4"])
 def test_killed_and_resumed_run_matches_uninterrupted(
-    data: Path, tmp_path: Path, kill: str
+    data: Path, reference: Path, tmp_path: Path, kill: str
 ) -> None:
-    reference = tmp_path / "reference"
-    assert train(data, reference) == 0
     run = tmp_path / "killed"
     assert train(data, run, kill=kill) == -signal.SIGKILL
     assert not (run / "model.pt").exists()

@@ -257,6 +257,10 @@ def test_unrolled_comparison_results(reproduced: dict[str, Any]) -> None:
         assert answer["convex_minus_cs"]["psnr"] == pytest.approx(
             psnr["layerwise-convex"] - psnr["cs"]
         )
+        # Paired over the same volumes: the mean difference is the difference of means.
+        paired = answer["convex_minus_end_to_end"]["paired"]
+        assert paired["n"] >= 1
+        assert paired["mean"] == pytest.approx(answer["convex_minus_end_to_end"]["psnr"])
     methods = {r["method"] for r in unrolled["memory"]["rows"]}
     assert methods == {*config.unrolled.methods, "end-to-end-checkpointing"}
     example = json.loads((out / "poisson-4x" / "examples" / "examples.json").read_text())

@@ -363,6 +363,14 @@ def _memory(results: dict[str, Any]) -> Section:
     return Section("Memory and speed", blocks)
 
 
+def _standard_error(difference: dict[str, Any]) -> str:
+    """`` (standard error 0.12 dB over 3 volumes)`` of a paired difference, if known."""
+    paired = difference.get("paired") or {}
+    if paired.get("standard_error") is None:
+        return ""
+    return f" (standard error {paired['standard_error']:.2f} dB over {paired['n']} volumes)"
+
+
 def _unrolled_glance(answer: dict[str, Any]) -> str:
     """One "At a glance" line: the convex unrolled network against CS and end-to-end."""
     psnr, ssim = answer["psnr"], answer["ssim"]
@@ -373,14 +381,16 @@ def _unrolled_glance(answer: dict[str, Any]) -> str:
             diff = answer["convex_minus_cs"]["psnr"]
             verdict = "beats" if diff > 0 else "does not beat"
             line += (
-                f"; it {verdict} CS ({psnr['cs']:.2f} dB) by {_signed(diff, 2)} dB "
+                f"; it {verdict} CS ({psnr['cs']:.2f} dB) by {_signed(diff, 2)} dB"
+                f"{_standard_error(answer['convex_minus_cs'])} "
                 f"(target +1 dB: {'met' if diff >= 1.0 else 'missed'})"
             )
         if "convex_minus_end_to_end" in answer:
             diff = answer["convex_minus_end_to_end"]
             line += (
                 f"; against end-to-end ({psnr['end-to-end']:.2f} dB): "
-                f"{_signed(diff['psnr'], 2)} dB, {_signed(diff['ssim'], 4)} SSIM"
+                f"{_signed(diff['psnr'], 2)} dB{_standard_error(diff)}, "
+                f"{_signed(diff['ssim'], 4)} SSIM"
             )
         if answer["largest_gap"] is not None:
             word = "every" if answer["certified"] else "not every"
