@@ -863,24 +863,39 @@ def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
     speed = kinds.add_parser(
         "speed", help="training throughput, training time and compute efficiency"
     )
-    # The memory benchmark's architecture defaults depend on --arch (`_MEMORY_DEFAULTS`).
-    for parser, defaults, note in (
-        (memory, dict.fromkeys(_CNN_DEFAULTS), "; --arch unrolled: {}"),
-        (speed, _CNN_DEFAULTS, ""),
-    ):
+    # The architecture defaults depend on --arch (`_ARCH_DEFAULTS`).
+    for parser in (memory, speed):
         for name, flag, text in (
             ("layers", "--layers", "network depth"),
             ("channels", "--channels", "hidden width"),
             ("kernel", "--kernel", "kernel size"),
             ("size", "--size", "image side"),
         ):
-            unrolled = _MEMORY_DEFAULTS["unrolled"].get(name, "not used")
+            unrolled = _ARCH_DEFAULTS["unrolled"].get(name, "not used")
             parser.add_argument(
                 flag,
                 type=int,
-                default=defaults[name],
-                help=f"{text} (default {_CNN_DEFAULTS[name]}{note.format(unrolled)})",
+                help=f"{text} (default {_CNN_DEFAULTS[name]}; --arch unrolled: {unrolled})",
             )
+        parser.add_argument(
+            "--arch",
+            choices=("cnn", "unrolled"),
+            default="cnn",
+            help="cnn (the paper's network, default) or unrolled: against the iterations T "
+            "(--iterations)",
+        )
+        parser.add_argument(
+            "--iterations",
+            type=int,
+            nargs="+",
+            help="unrolled: the values of T measured (default: memory 1 2 5 10 20, speed 1 2 4 8)",
+        )
+        parser.add_argument("--coils", type=int, help="unrolled: receive coils (default 8)")
+        parser.add_argument(
+            "--dc",
+            choices=("gradient", "cg"),
+            help="unrolled: data consistency (default gradient)",
+        )
         parser.add_argument(
             "--method", action="append", choices=METHODS, help="repeatable (default: all)"
         )
@@ -936,41 +951,30 @@ def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
         "--trial-timeout", type=_number, default=3600.0, help="seconds per trial (3600)"
     )
     memory.add_argument("--out", type=Path, help="folder (default runs/benchmark-memory-<time>)")
-    memory.add_argument(
-        "--arch",
-        choices=("cnn", "unrolled"),
-        default="cnn",
-        help="cnn (the paper's network, default) or unrolled: peak memory against the "
-        "iterations T (--iterations; the options of the batch search, depth and chunk "
-        "sweeps are the CNN's)",
-    )
-    memory.add_argument(
-        "--iterations",
-        type=int,
-        nargs="+",
-        help="unrolled: the values of T measured (default 1 2 5 10 20)",
-    )
-    memory.add_argument("--coils", type=int, help="unrolled: receive coils (default 8)")
-    memory.add_argument(
-        "--dc", choices=("gradient", "cg"), help="unrolled: data consistency (default gradient)"
-    )
     speed.add_argument("--batch", type=int, default=1, help="images per step (default 1)")
     speed.add_argument("--repeats", type=int, default=3, help="timed steps (default 3)")
-    speed.add_argument("--epochs", type=int, default=40, help="epochs per stage (default 40)")
-    speed.add_argument("--images", type=int, default=1000, help="training images (1000)")
+    speed.add_argument(
+        "--epochs",
+        type=int,
+        help="epochs per stage (default 40; --arch unrolled: 30, per greedy iteration)",
+    )
+    speed.add_argument(
+        "--images", type=int, help="training images (default 1000; --arch unrolled: 18)"
+    )
     speed.add_argument("--out", type=Path, help="folder (default runs/benchmark-speed-<time>)")
 
 
 _CNN_DEFAULTS = {"layers": 5, "channels": 256, "kernel": 7, "size": 320}
-_MEMORY_DEFAULTS = {"cnn": _CNN_DEFAULTS, "unrolled": {"channels": 16, "kernel": 5, "size": 128}}
-# Options of `cvxmri benchmark memory` that only one architecture takes (None unless given).
+_ARCH_DEFAULTS = {"cnn": _CNN_DEFAULTS, "unrolled": {"channels": 16, "kernel": 5, "size": 128}}
+_SPEED_DEFAULTS = {"cnn": {"epochs": 40, "images": 1000}, "unrolled": {"epochs": 30, "images": 18}}
+# Options of `cvxmri benchmark` that only one architecture takes (None unless given).
 _UNROLLED_ONLY = ("iterations", "coils", "dc")
 _CNN_ONLY = ("layers", "stage_inputs")
 
 
-def _memory_architecture(args: argparse.Namespace) -> None:
-    """Fill the memory benchmark's architecture defaults of ``args.arch`` in place; refuse
-    an option the other architecture takes."""
+def _benchmark_architecture(args: argparse.Namespace) -> None:
+    """Fill the benchmark's architecture defaults of ``args.arch`` in place; refuse an
+    option the other architecture takes."""
     refused = _CNN_ONLY if args.arch == "unrolled" else _UNROLLED_ONLY
     for name in refused:
         if getattr(args, name) is not None:
@@ -978,7 +982,10 @@ def _memory_architecture(args: argparse.Namespace) -> None:
             raise CvxmriError(f"{flag} does not apply to --arch {args.arch}")
     if args.arch == "unrolled" and "bf16" in (args.precision or []):
         raise CvxmriError("unrolled training has no bf16 autocast: --precision fp32 only")
-    for name, value in _MEMORY_DEFAULTS[args.arch].items():
+    defaults = dict(_ARCH_DEFAULTS[args.arch])
+    if args.benchmark_command == "speed":
+        defaults |= _SPEED_DEFAULTS[args.arch]
+    for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
 
@@ -1005,7 +1012,7 @@ def _cmd_benchmark_memory(args: argparse.Namespace) -> None:
     from cvxmri.benchmark.memory import MemoryBenchConfig, format_tables, run_memory_benchmark
     from cvxmri.runs import default_run_dir, run_folder
 
-    _memory_architecture(args)
+    _benchmark_architecture(args)
     if args.arch == "unrolled":
         _unrolled_benchmark_memory(args)
         return
@@ -1070,6 +1077,10 @@ def _cmd_benchmark_speed(args: argparse.Namespace) -> None:
     from cvxmri.benchmark.speed import SpeedBenchConfig, format_tables, run_speed_benchmark
     from cvxmri.runs import default_run_dir, run_folder
 
+    _benchmark_architecture(args)
+    if args.arch == "unrolled":
+        _unrolled_benchmark_speed(args)
+        return
     config = SpeedBenchConfig(
         **_benchmark_common(args),  # type: ignore[arg-type]
         batch=args.batch,
@@ -1082,6 +1093,43 @@ def _cmd_benchmark_speed(args: argparse.Namespace) -> None:
     with run_folder(out, config, overwrite=args.force) as folder:
         result = run_speed_benchmark(config, folder)
     print(format_tables(result))
+    print(f"results: {out}")
+
+
+def _unrolled_benchmark_speed(args: argparse.Namespace) -> None:
+    """`cvxmri benchmark speed --arch unrolled`: training time against T."""
+    from cvxmri.benchmark.speed_unrolled import (
+        UnrolledSpeedConfig,
+        format_unrolled_speed,
+        run_unrolled_speed_benchmark,
+    )
+    from cvxmri.benchmark.workload import METHODS
+    from cvxmri.runs import default_run_dir, run_folder
+    from cvxmri.training.trainer import resolve_device
+
+    config = UnrolledSpeedConfig(
+        channels=args.channels,
+        kernel_size=args.kernel,
+        size=args.size,
+        methods=list(dict.fromkeys(args.method or METHODS)),
+        batch=args.batch,
+        repeats=args.repeats,
+        epochs=args.epochs,
+        images=args.images,
+        device=str(resolve_device(args.device)),
+        seed=args.seed,
+    )
+    if args.iterations is not None:
+        config.iterations = list(dict.fromkeys(args.iterations))
+    if args.coils is not None:
+        config.coils = args.coils
+    if args.dc is not None:
+        config.dc = args.dc
+    config.validate()
+    out = args.out or default_run_dir("benchmark-speed")
+    with run_folder(out, config, overwrite=args.force) as folder:
+        result = run_unrolled_speed_benchmark(config, folder)
+    print(format_unrolled_speed(result))
     print(f"results: {out}")
 
 

@@ -13,7 +13,14 @@ from cvxmri.benchmark.memory import linear_fit, max_batch_size
 from cvxmri.benchmark.memory_unrolled import UnrolledMemoryConfig
 from cvxmri.benchmark.memory_unrolled import targets as unrolled_targets
 from cvxmri.benchmark.unrolled import random_batch
-from cvxmri.benchmark.workload import Workload, prepare, stage_pass_flops, step_flops
+from cvxmri.benchmark.workload import (
+    LAYERWISE,
+    METHODS,
+    Workload,
+    prepare,
+    stage_pass_flops,
+    step_flops,
+)
 from cvxmri.cli import main
 from cvxmri.models.dc import DCConfig
 from cvxmri.models.unrolled import UnrolledNet
@@ -157,6 +164,42 @@ def test_memory_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         assert (out / name).is_file(), name
     for name in ("memory_max_batch.png", "memory_batch.png", "memory_depth.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_unrolled_speed_command_projects_training_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "speed-unrolled"
+    args = ["benchmark", "speed", "--arch", "unrolled", "--iterations", "1", "3"]
+    args += ["--channels", "4", "--kernel", "3", "--size", "16", "--coils", "2"]
+    args += ["--repeats", "1", "--epochs", "2", "--images", "4", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "speed.json").read_text())
+    assert result["schema"] == "cvxmri.benchmark.speed-unrolled/1"
+    rows = {(r["method"], r["iterations"]): r for r in result["rows"]}
+    assert set(rows) == {(m, t) for m in METHODS for t in (1, 3)}
+    # The projection of the module docstring, from the measured rows.
+    for total in result["totals"]:
+        row = rows[(total["method"], total["iterations"])]
+        step, t = row["seconds_per_step"], total["iterations"]
+        expected = {
+            "end-to-end": 2 * 4 * step,
+            "end-to-end-checkpointing": 2 * 4 * step,
+            "layerwise-nonconvex": t * 4 * (2 * step + row.get("pass_seconds", 0.0)),
+            "layerwise-convex": t * 4 * (step + row.get("pass_seconds", 0.0)),
+        }[total["method"]]
+        assert total["seconds"] == pytest.approx(expected)
+        if total["method"] == "end-to-end":
+            assert total["vs_end_to_end"] == 1.0
+    assert all("pass_seconds" in rows[(m, 3)] for m in LAYERWISE)
+    assert "| layerwise-convex | 3 |" in capsys.readouterr().out
+    for wrong, message in (
+        (["--layers", "3"], "--layers does not apply to --arch unrolled"),
+        (["--precision", "bf16"], "--precision fp32 only"),
+    ):
+        assert main([*args[:4], *wrong, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_speed_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
