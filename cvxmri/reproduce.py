@@ -141,8 +141,8 @@ class UnrolledComparison:
     Attributes:
         methods: the training methods compared (empty: no unrolled comparison).
         network: the unrolled network (T_max, width, kernel, data consistency).
-        end_to_end_iterations: T of the end-to-end networks, each its own run (empty:
-            T_max only).
+        end_to_end_iterations: T of end-to-end networks besides T_max, each its own run
+            (the end-to-end curve; empty: T_max only).
         max_train_slices: training slices (0: all); the first ones of the split.
         epochs: epochs of end-to-end training and of every non-convex greedy iteration.
         memory_iterations: T at which peak training memory is measured, each method in
@@ -180,8 +180,8 @@ class UnrolledComparison:
                 raise CvxmriError(f"{name}: impossible value {getattr(self, name.split('.')[1])!r}")
 
     def end_to_end(self) -> list[int]:
-        """T of every end-to-end network, ascending."""
-        return sorted(set(self.end_to_end_iterations or [self.network.iterations]))
+        """T of every end-to-end network, ascending (T_max always among them)."""
+        return sorted({*self.end_to_end_iterations, self.network.iterations})
 
 
 @dataclass
