@@ -61,6 +61,17 @@ def _split_ratio(text: str) -> tuple[int, int, int]:
     return train, val, test
 
 
+def _matrix(text: str) -> tuple[int, ...]:
+    """``N`` (a square matrix in 2D, a cube in 3D) or ``XxYxZ`` (3D: readout, ky, kz)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 3) or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected N or XxYxZ such as 80x96x80, got {text!r}")
+    values = tuple(int(part) for part in parts)
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"matrix sizes must be >= 1, got {text!r}")
+    return values
+
+
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -161,26 +172,37 @@ def build_parser() -> argparse.ArgumentParser:
         type=_nonnegative_int,
         help="the frame (0, 1, ...) of 4D --nifti volumes to simulate from",
     )
-    simulate.add_argument("--matrix", type=_positive_int, default=128, help="recon matrix")
+    simulate.add_argument(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="2: multi-slice fastMRI files; 3: 3D volumes, kspace (coils, kx, ky, kz), one "
+        "slab along the readout per file (default 2)",
+    )
+    simulate.add_argument(
+        "--matrix",
+        type=_matrix,
+        help="recon matrix: N (2D, default 128) or XxYxZ, readout first (3D, default 80x96x80)",
+    )
     simulate.add_argument("--coils", type=_positive_int, default=8, help="number of coils")
     simulate.add_argument("--snr", type=_number, default=30.0, help="SNR of the combined image")
     simulate.add_argument(
-        "--readout-oversampling", type=_positive_int, default=1, help="fastMRI knee: 2"
+        "--readout-oversampling", type=_positive_int, help="2D: default 1 (fastMRI knee: 2)"
     )
     simulate.add_argument(
-        "--slice-step", type=_positive_int, default=2, help="use every n-th slice"
+        "--slice-step", type=_positive_int, help="2D: use every n-th slice (default 2)"
     )
     simulate.add_argument(
         "--slab-slices",
         type=_positive_int,
         help="slices per file (slab) (default 6, fewer when the volumes are too small for "
-        "every split to get one)",
+        "every split to get one); 3D: readout positions per file (default 12)",
     )
     simulate.add_argument(
         "--guard-slices",
         type=_nonnegative_int,
-        default=2,
-        help="slices dropped between neighbouring slabs (default 2)",
+        help="slices (3D: readout positions) dropped between neighbouring slabs (default 2; 3D: 4)",
     )
     simulate.add_argument(
         "--split-ratio",
@@ -471,16 +493,23 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         raise CvxmriError(
             "--nifti needs --out DIR: the default data/default is the default dataset's"
         )
+    if args.dims == 3:
+        _simulate3d(args, sources or default_sources(dims=3))
+        return
+    if args.matrix is not None and len(args.matrix) != 1:
+        raise CvxmriError(f"--matrix {args.matrix}: 2D data take one size N (--dims 3 for XxYxZ)")
     out = args.out or Path("data/default")
     config = SimulationConfig(
-        matrix=args.matrix,
+        matrix=args.matrix[0] if args.matrix else SimulationConfig.matrix,
         coils=args.coils,
         snr=args.snr,
-        readout_oversampling=args.readout_oversampling,
-        slice_step=args.slice_step,
+        readout_oversampling=args.readout_oversampling or SimulationConfig.readout_oversampling,
+        slice_step=args.slice_step or SimulationConfig.slice_step,
         seed=args.seed,
         slab_slices=args.slab_slices or SimulationConfig.slab_slices,
-        guard_slices=args.guard_slices,
+        guard_slices=(
+            SimulationConfig.guard_slices if args.guard_slices is None else args.guard_slices
+        ),
         split_ratio=args.split_ratio,
     )
     config.validate()
@@ -497,6 +526,34 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         f"wrote {len(manifest['files'])} files to {out} "  # type: ignore[arg-type]
         f"(slices: train {counts['train']}, val {counts['val']}, test {counts['test']}; "  # type: ignore[index]
         f"slabs of {slab}); manifest: {out / 'manifest.json'}"
+    )
+
+
+def _simulate3d(args: argparse.Namespace, sources: list) -> None:
+    """``data simulate --dims 3``: 3D volumes (`cvxmri.data.simulate3d`)."""
+    from cvxmri.data.simulate3d import Simulation3DConfig, simulate_dataset3d
+
+    defaults = Simulation3DConfig()
+    if args.readout_oversampling is not None or args.slice_step is not None:
+        raise CvxmriError("--readout-oversampling and --slice-step apply to 2D data only")
+    matrix = args.matrix or defaults.matrix
+    config = Simulation3DConfig(
+        matrix=matrix * 3 if len(matrix) == 1 else matrix,
+        coils=args.coils,
+        snr=args.snr,
+        slab=args.slab_slices or defaults.slab,
+        guard=defaults.guard if args.guard_slices is None else args.guard_slices,
+        split_ratio=args.split_ratio,
+        seed=args.seed,
+    )
+    out = args.out or Path("data/default3d")
+    manifest = simulate_dataset3d(sources, out, config, overwrite=args.force)
+    counts = manifest["counts"]
+    print(
+        f"wrote {len(manifest['files'])} 3D files to {out} "  # type: ignore[arg-type]
+        f"(volumes: train {counts['train']}, val {counts['val']}, test {counts['test']}; "  # type: ignore[index]
+        f"slabs of {config.slab} readout positions, matrix {'x'.join(map(str, config.matrix))}); "
+        f"manifest: {out / 'manifest.json'}"
     )
 
 
