@@ -255,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", choices=("sense", "rss"), help="reference image (default sense)"
     )
     evaluate.add_argument(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        help="refuse data that are not 2D multi-slice (2) or 3D volume (3) files "
+        "(default: what the files are)",
+    )
+    evaluate.add_argument(
         "--device", help="where the networks run: cpu, cuda or auto (default cpu)"
     )
     _add_classical_options(evaluate)
@@ -494,10 +501,13 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
             "--nifti needs --out DIR: the default data/default is the default dataset's"
         )
     if args.dims == 3:
+        if args.readout_oversampling is not None or args.slice_step is not None:
+            raise CvxmriError("--readout-oversampling and --slice-step apply to 2D data only")
         _simulate3d(args, sources or default_sources(dims=3))
         return
     if args.matrix is not None and len(args.matrix) != 1:
-        raise CvxmriError(f"--matrix {args.matrix}: 2D data take one size N (--dims 3 for XxYxZ)")
+        given = "x".join(map(str, args.matrix))
+        raise CvxmriError(f"--matrix {given}: 2D data take one size N (--dims 3 for XxYxZ)")
     out = args.out or Path("data/default")
     config = SimulationConfig(
         matrix=args.matrix[0] if args.matrix else SimulationConfig.matrix,
@@ -534,8 +544,6 @@ def _simulate3d(args: argparse.Namespace, sources: list) -> None:
     from cvxmri.data.simulate3d import Simulation3DConfig, simulate_dataset3d
 
     defaults = Simulation3DConfig()
-    if args.readout_oversampling is not None or args.slice_step is not None:
-        raise CvxmriError("--readout-oversampling and --slice-step apply to 2D data only")
     matrix = args.matrix or defaults.matrix
     config = Simulation3DConfig(
         matrix=matrix * 3 if len(matrix) == 1 else matrix,
@@ -574,11 +582,21 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 def _cmd_info(args: argparse.Namespace) -> None:
     from cvxmri.data.fastmri_h5 import read_volume
     from cvxmri.data.prepare import check_data_file
+    from cvxmri.data.volume3d import file_dims, read_volume3d
 
     if args.file.is_dir():
         raise CvxmriError(f"{args.file}: a folder; 'data info' takes one .h5 file")
     if args.file.is_file():
         check_data_file(args.file)
+    if file_dims(args.file) == 3:
+        volume3d = read_volume3d(args.file)
+        coils, *grid = volume3d.kspace.shape
+        print(f"{args.file}: 3D multi-coil volume, {coils} coils")
+        print(f"  kspace (kx x ky x kz): {' x '.join(map(str, grid))}, kx the readout")
+        target = "none" if volume3d.target is None else f"{volume3d.target.shape}"
+        print(f"  target (reconstruction_rss): {target}")
+        print(f"  attributes: {volume3d.attrs}")
+        return
     volume = read_volume(args.file)
     kind = "multi-coil" if volume.multicoil else "single-coil"
     enc = volume.encoding
@@ -605,6 +623,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         "split": args.split,
         "target": args.target,
         "device": args.device,
+        "dims": args.dims,
         "methods": args.method,
         "models": None if args.model is None else [str(p) for p in args.model],
     }

@@ -86,6 +86,8 @@ class EvaluateConfig:
             (`cvxmri.data.prepare.default_cache_dir`).
         device: where the networks run: cpu, cuda (``cuda:N``) or auto (cuda when
             available); the classical methods run on the CPU.
+        dims: 2 (fastMRI multi-slice files) or 3 (3D volume files) expected, or 0: what
+            the files are.
     """
 
     data: str = "data/default"
@@ -101,6 +103,7 @@ class EvaluateConfig:
     espirit: EspiritConfig = field(default_factory=EspiritConfig)
     cache: str = ""
     device: str = "cpu"
+    dims: int = 0
 
     def validate(self) -> None:
         """Raise `CvxmriError` for impossible settings."""
@@ -113,6 +116,8 @@ class EvaluateConfig:
                 )
         for mask in self.masks:
             mask.validate()
+        if self.dims not in (0, 2, 3):
+            raise CvxmriError(f"dims must be 2, 3 or 0 (detect), got {self.dims}")
         if self.target not in ("sense", "rss"):
             raise CvxmriError(f"unknown target {self.target!r} (choose sense or rss)")
         if not (self.cs.lamda > 0 and math.isfinite(self.cs.lamda)):
@@ -213,13 +218,15 @@ def volume3d_sample(
 
 
 def check_dims(files: list[Path], config: EvaluateConfig) -> int:
-    """The number of spatial axes of the data (2: fastMRI multi-slice files, 3: 3D volume
-    files), after refusing a mix of both and, for 3D, masks that cannot sample (ky, kz)
-    and networks (the 3D evaluation runs the classical methods)."""
-    dims = {file_dims(path) for path in files}
-    if len(dims) > 1:
+    """The number of spatial axes of the data: ``config.dims``, or when 0 what the files
+    are (2: fastMRI multi-slice files, 3: 3D volume files; a mix is refused). For 3D, masks
+    that cannot sample (ky, kz) and networks are refused (the 3D evaluation runs the
+    classical methods). A file of the other kind is refused by its reader."""
+    found = {file_dims(path) for path in files}
+    if not config.dims and len(found) > 1:
         raise CvxmriError(f"{config.data}: mixes 2D multi-slice and 3D volume files")
-    if dims != {3}:
+    dims = config.dims or found.pop()
+    if dims == 2:
         return 2
     for spec in config.masks:
         if spec.kind == "file":

@@ -234,7 +234,8 @@ def _slab_splits(
             f"{len(used)} slab position(s) of {config.slab} readout positions with "
             f"{config.guard} dropped between them and {config.min_foreground:.0%} foreground "
             f"in a {config.matrix[0]}-position readout, but the splits {'/'.join(wanted)} need "
-            "one each: use a smaller --slab or --guard, or a --split-ratio with fewer splits"
+            "one each: use thinner slabs (--slab-slices), fewer dropped positions (--guard-slices) "
+            "or a --split-ratio with fewer splits"
         )
     pattern = split_pattern(config.split_ratio)
     offset = int(rng.integers(len(pattern)))
