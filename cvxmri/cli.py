@@ -336,6 +336,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="validation data, in the same forms (default: the val split of --data)",
     )
+    train.add_argument(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="3: train on 3D volume files (--data default data/default3d); needs --decoupled",
+    )
+    train.add_argument(
+        "--decoupled",
+        action="store_true",
+        help="with --dims 3: inverse-FFT the readout and train on every readout position's "
+        "(ky, kz) plane as a 2D sample (the data's decoupled view, <data>/decoupled)",
+    )
     train.add_argument("--device", help="cpu, cuda or auto")
     train.add_argument("--amp", action="store_true", help="bf16 autocast")
     train.add_argument("--seed", type=int, help="random seed")
@@ -823,7 +836,11 @@ def _merge(base: dict, overlay: object, where: str) -> dict:
 def _cmd_train(args: argparse.Namespace) -> None:
     from cvxmri.training.run import train
 
+    if args.dims == 3 or args.decoupled:
+        _decoupled_data(args)
     config = _train_config(args)
+    if args.dims == 3:
+        config.mask.validate(ndim=3)  # type: ignore[attr-defined]
     out = args.out or default_train_dir(config)
     metrics = train(
         config, out, resume=args.resume, force=args.force, progress=_epoch_progress(args)
@@ -840,6 +857,25 @@ def _cmd_train(args: argparse.Namespace) -> None:
         f"({metrics['train_seconds']:.0f} s)"
     )
     print(f"model: {out / 'model.pt'}")
+
+
+def _decoupled_data(args: argparse.Namespace) -> None:
+    """``train --dims 3 --decoupled``: ``--data`` (and ``--val-data``) replaced by the
+    decoupled 2D view of the 3D dataset (`cvxmri.data.decoupled.decouple_dataset`)."""
+    from cvxmri.data.decoupled import decouple_dataset
+
+    if args.dims != 3:
+        raise CvxmriError("--decoupled applies to 3D data: add --dims 3")
+    if not args.decoupled:
+        raise CvxmriError(
+            "--dims 3 trains in the decoupled mode only: add --decoupled (every readout "
+            "position's (ky, kz) plane is a 2D sample)"
+        )
+    if args.resume and args.data is None:
+        return  # the run's config.yaml names its decoupled data
+    args.data = decouple_dataset(args.data or Path("data/default3d"))
+    if args.val_data is not None:
+        args.val_data = decouple_dataset(args.val_data)
 
 
 def _epoch_progress(args: argparse.Namespace) -> Callable[[dict], None] | None:

@@ -233,7 +233,11 @@ def check_dims(files: list[Path], config: EvaluateConfig) -> int:
             raise CvxmriError("mask 'file': 3D volume files store no mask; use poisson or random")
         spec.validate(ndim=3)
     if config.models:
-        raise CvxmriError(f"{config.data}: 3D volumes are evaluated with the classical methods")
+        raise CvxmriError(
+            f"{config.data}: 3D volumes are evaluated here with the classical methods; a "
+            "network trained with --dims 3 --decoupled is evaluated on the decoupled view "
+            f"(--data {Path(config.data) / 'decoupled'})"
+        )
     return 3
 
 

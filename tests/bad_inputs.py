@@ -67,15 +67,16 @@ def _kspace(value: complex | None = None, index: tuple[int, ...] = (0, 0, 3, 3))
     return kspace
 
 
-def _evaluate(data: Path, work: Path, *extra: str) -> list[str]:
+def _evaluate(
+    data: Path, work: Path, *extra: str, mask: tuple[str, ...] = ("--mask", "cartesian")
+) -> list[str]:
     return [
         "evaluate",
         "--data",
         str(data),
         "--method",
         "zero-filled",
-        "--mask",
-        "cartesian",
+        *mask,
         "--out",
         str(work / "out"),
         *extra,
@@ -228,20 +229,7 @@ def _volume3d(folder: Path, **datasets: object) -> Path:
 
 
 def _evaluate3d(data: Path, work: Path, *extra: str) -> list[str]:
-    return [
-        "evaluate",
-        "--data",
-        str(data),
-        "--method",
-        "zero-filled",
-        "--mask",
-        "poisson",
-        "--calib-size",
-        "4",
-        "--out",
-        str(work / "out"),
-        *extra,
-    ]
+    return _evaluate(data, work, *extra, mask=("--mask", "poisson", "--calib-size", "4"))
 
 
 def _datasets3d(**datasets: object) -> Callable[[Path, Path], list[str]]:

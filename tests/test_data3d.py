@@ -1,11 +1,13 @@
 """3D volumes: the simulator (`cvxmri.data.simulate3d`), the 3D file reader
-(`cvxmri.data.volume3d`), decoupled ESPIRiT, the 3D SENSE operator of a `Sample`, and the
-classical baselines and evaluation in 3D."""
+(`cvxmri.data.volume3d`), decoupled ESPIRiT, the 3D SENSE operator of a `Sample`, the
+classical baselines and evaluation in 3D, and the decoupled 2D view and training
+(`cvxmri.data.decoupled`)."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -15,15 +17,17 @@ import torch
 from conftest import phantom_nifti
 
 from cvxmri.cli import main
+from cvxmri.data.decoupled import decouple_dataset, decoupled_volume
 from cvxmri.data.espirit import espirit, espirit_decoupled
 from cvxmri.data.fastmri_h5 import read_volume
-from cvxmri.data.prepare import evaluation_mask
+from cvxmri.data.prepare import evaluation_mask, prepare_volume
 from cvxmri.data.sample import Sample, make_sample
 from cvxmri.data.simulate import birdcage_maps, load_nifti
 from cvxmri.data.simulate3d import Simulation3DConfig, simulate_dataset3d
 from cvxmri.data.volume3d import (
     Volume3D,
     file_dims,
+    prepare_volume3d,
     read_volume3d,
     rss_volume,
     write_volume3d,
@@ -308,3 +312,61 @@ def test_cli_simulates_and_evaluates_3d(tmp_path: Path, capsys: pytest.CaptureFi
     assert all(np.isfinite(m["volume"]["psnr"]["mean"]) for m in methods.values())
     assert main([*evaluate, "--dims", "2", "--out", str(tmp_path / "e2")]) == 2
     assert "a 3D volume file" in capsys.readouterr().err
+
+
+def test_decoupled_view_has_one_slice_per_readout_position(data3d: Path) -> None:
+    path = next(data3d.glob("multicoil_test/*.h5"))
+    volume3d = read_volume3d(path)
+    plane = decoupled_volume(path)
+    assert plane.kspace.shape == (volume3d.kspace.shape[1], 4, 16, 16)
+    images = ifftnc(torch.from_numpy(plane.kspace), ndim=2)
+    expected = ifftnc(torch.from_numpy(volume3d.kspace), ndim=3).movedim(1, 0)
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=1e-4)
+    np.testing.assert_array_equal(plane.target, volume3d.target)
+
+
+def test_decoupled_planes_get_the_3d_maps_and_masks(data3d: Path, tmp_path: Path) -> None:
+    """The 2D pipeline on the decoupled view sees what a 3D evaluation of the same file
+    does: the decoupled ESPIRiT maps and the file's (ky, kz) evaluation mask."""
+    view = decouple_dataset(data3d, tmp_path / "view")
+    path = next(data3d.glob("multicoil_test/*.h5"))
+    prepared = prepare_volume(view / path.relative_to(data3d), tmp_path / "cache")
+    maps3d = prepare_volume3d(path).maps
+    np.testing.assert_allclose(prepared.maps, np.moveaxis(maps3d, 1, 0), atol=1e-5)
+    spec = MaskSpec("poisson", 3.0, calib_size=(4, 4))
+    np.testing.assert_array_equal(
+        evaluation_mask(spec, path.name, (16, 16), prepared.padding),
+        evaluation_mask(spec, path.name, (16, 16), None, ndim=3),
+    )
+
+
+def test_decoupled_view_is_written_once(data3d: Path, tmp_path: Path) -> None:
+    view = decouple_dataset(data3d, tmp_path / "view")
+    manifest = view / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert decouple_dataset(data3d, view) == view
+    assert manifest.stat().st_mtime_ns == stamp
+    assert sorted(p.relative_to(view) for p in view.glob("multicoil_*/*.h5")) == sorted(
+        p.relative_to(data3d) for p in data3d.glob("multicoil_*/*.h5")
+    )
+
+
+def test_cli_trains_decoupled_and_evaluates(
+    data3d: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(data3d, data)
+    run = tmp_path / "run"
+    train = ["train", "--dims", "3", "--decoupled", "--preset", "tiny", "--data", str(data)]
+    assert main([*train, "--out", str(run)]) == 0
+    assert "val PSNR" in capsys.readouterr().out
+    assert (data / "decoupled" / "manifest.json").is_file()
+    out = tmp_path / "eval"
+    evaluate = ["evaluate", "--model", str(run), "--mask", "poisson", "--calib-size", "6"]
+    assert main([*evaluate, "--data", str(data / "decoupled"), "--out", str(out)]) == 0
+    methods = {e["method"] for e in json.loads((out / "summary.json").read_text())["results"]}
+    assert "run" in methods
+    assert main([*evaluate, "--data", str(data), "--out", str(tmp_path / "e3")]) == 2
+    assert "evaluated on the decoupled view" in capsys.readouterr().err
+    assert main([*train[:2], "3", *train[4:], "--out", str(tmp_path / "r2")]) == 2
+    assert "add --decoupled" in capsys.readouterr().err

@@ -173,16 +173,17 @@ class PreparedVolume3D:
 
 def prepare_volume3d(path: str | Path, config: EspiritConfig | None = None) -> PreparedVolume3D:
     """Read a 3D file and attach decoupled ESPIRiT coil maps (computed, not cached: one 2D
-    ESPIRiT per readout position) and the SENSE and RSS targets."""
+    ESPIRiT per readout position; the calibration square at most the (ky, kz) grid, as in
+    2D) and the SENSE and RSS targets."""
     path = Path(path)
     config = config or EspiritConfig()
     if config.backend != "torch":
         raise CvxmriError(f"3D coil maps use the torch ESPIRiT backend, not {config.backend!r}")
     volume = read_volume3d(path)
     kspace = torch.from_numpy(volume.kspace)
-    maps = espirit_decoupled(
-        kspace, config.calib_width, config.thresh, config.kernel_width, config.crop
-    )
+    # As in 2D (`cvxmri.data.prepare.load_maps`): the calibration fits in the (ky, kz) grid.
+    calib = min(config.calib_width, *volume.kspace.shape[-2:])
+    maps = espirit_decoupled(kspace, calib, config.thresh, config.kernel_width, config.crop)
     target = Sense(maps, ndim=3).H(kspace)
     if volume.target is not None:
         rss, source = volume.target, STORED_RSS
