@@ -76,10 +76,13 @@ def agreement_row(name: str, maps: np.ndarray, ours: np.ndarray, inside: np.ndar
     """How BART's ``maps`` (C, X, Y, Z) agree with ``ours`` on the object's voxels
     ``inside``: the projection difference and the fraction where exactly one is zero."""
     support = (np.abs(maps).sum(axis=0) > 0) != (np.abs(ours).sum(axis=0) > 0)
+    zero = not np.any(maps * inside)
     return {
         "maps": name,
         "reference": "decoupled (torch)",
-        "projection_difference": projection_difference(maps * inside, ours * inside),
+        "projection_difference": None
+        if zero
+        else projection_difference(maps * inside, ours * inside),
         "support_mismatch": float(support[inside].mean()),
         "nonzero": float((np.abs(maps).sum(axis=0) > 0).mean()),
     }
@@ -242,13 +245,20 @@ def markdown(results: dict[str, object]) -> str:
         "(object) | non-zero voxels |",
         "|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['maps']} | {r['reference']} | {r['size']} | "
-        f"{float(r['projection_difference']):.2e} | "  # type: ignore[arg-type]
-        f"{100 * float(r['support_mismatch']):.2f}% | "  # type: ignore[arg-type]
-        f"{100 * float(r['nonzero']):.1f}% |"  # type: ignore[arg-type]
-        for r in results["agreement"]  # type: ignore[attr-defined]
-    ] or ["| (bart not installed) | | | | | |"]
+    lines += (
+        [
+            f"| {r['maps']} | {r['reference']} | {r['size']} | "
+            + (
+                "(all zero)"
+                if r["projection_difference"] is None
+                else f"{float(r['projection_difference']):.2e}"  # type: ignore[arg-type]
+            )
+            + f" | {100 * float(r['support_mismatch']):.2f}% | "  # type: ignore[arg-type]
+            f"{100 * float(r['nonzero']):.1f}% |"  # type: ignore[arg-type]
+            for r in results["agreement"]  # type: ignore[attr-defined]
+        ]
+        or ["| (bart not installed) | | | | | |"]
+    )
     lines += ["", "| mask | realised acceleration, test files (min to max) |", "|---|---|"]
     lines += [
         f"| {r['mask']} | {float(r['min']):.3f} to {float(r['max']):.3f} |"  # type: ignore[arg-type]

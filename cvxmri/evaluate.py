@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,6 +218,25 @@ def volume3d_sample(
     )
 
 
+def prepare_file(
+    path: Path, name: str, dims: int, config: EvaluateConfig, cache: Path
+) -> tuple[np.ndarray, str, Callable[[MaskSpec], Sample]]:
+    """The reference magnitude of a file ((S, h, w) slices, or a (X, Y, Z) volume when
+    ``dims`` is 3), where it comes from, and the function giving its `Sample` under a mask
+    (`volume_sample` or `volume3d_sample`); ``name`` is its volume id."""
+    if dims == 3:
+        volume3d = prepare_volume3d(path, config.espirit)
+        target, source = (
+            (np.abs(volume3d.target), SENSE_TARGET)
+            if config.target == "sense"
+            else (volume3d.rss, volume3d.rss_source)
+        )
+        return target, source, lambda spec: volume3d_sample(volume3d, spec, name, target)
+    volume = prepare_volume(path, cache, config.espirit)
+    target, source = reference_image(volume, config.target)
+    return target, source, lambda spec: volume_sample(volume, spec, name, reference=target)
+
+
 def check_dims(files: list[Path], config: EvaluateConfig) -> int:
     """The number of spatial axes of the data: ``config.dims``, or when 0 what the files
     are (2: fastMRI multi-slice files, 3: 3D volume files; a mix is refused). For 3D, masks
@@ -274,28 +294,16 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
     sources: list[str] = []
     for path in tqdm(files, desc=f"evaluate {config.split}", unit="file", disable=None):
         name = volume_id(path, config.data)
-        if dims == 3:
-            volume3d = prepare_volume3d(path, config.espirit)
-            target, source = (
-                (np.abs(volume3d.target), SENSE_TARGET)
-                if config.target == "sense"
-                else (volume3d.rss, volume3d.rss_source)
-            )
-        else:
-            volume = prepare_volume(path, cache, config.espirit)
-            target, source = reference_image(volume, config.target)
+        target, source, sample_of = prepare_file(path, name, dims, config, cache)
         sources.append(source)
         for spec in config.masks:
-            if dims == 3:
-                sample = volume3d_sample(volume3d, spec, name, reference=target)
-            else:
-                sample = volume_sample(volume, spec, name, reference=target)
+            sample = sample_of(spec)
             for method, reconstruct in reconstructors.items():
                 start = time.perf_counter()
                 image = reconstruct(sample)
                 seconds[(method, spec.describe())] += time.perf_counter() - start
-                # A volume's metrics: SSIM over its readout planes (axis 0).
-                pred = magnitude(image, sample)[0] if dims == 3 else magnitude(image, sample)
+                # A 3D volume is a batch of one: its metrics cut it along the readout.
+                pred = magnitude(image, sample).reshape(target.shape)
                 key = {"method": method, "mask": spec.describe(), "file": name}
                 per_volume = volume_metrics(target, pred)
                 volume_rows.append({**key, **per_volume})

@@ -921,6 +921,18 @@ CASES = [
         "mixes 2D multi-slice and 3D volume files",
     ),
     Case(
+        "train-3d-not-decoupled",
+        "train --dims 3 without --decoupled (true 3D training does not exist yet)",
+        _args("train", "--dims", "3", "--data", "{good}", "--out", "{work}/out"),
+        "--dims 3 trains in the decoupled mode only",
+    ),
+    Case(
+        "train-3d-on-2d-data",
+        "train --dims 3 --decoupled on 2D multi-slice data",
+        _args("train", "--dims", "3", "--decoupled", "--data", "{good}", "--out", "{work}/out"),
+        "not a 3D volume file; --dims 3 takes 3D data",
+    ),
+    Case(
         "simulate-3d-2d-option",
         "data simulate --dims 3 with the 2D option --slice-step",
         _args("data", "simulate", "--dims", "3", "--slice-step", "3", "--out", "{work}/out"),

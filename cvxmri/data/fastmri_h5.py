@@ -183,8 +183,14 @@ def read_encoding(path: str | Path) -> tuple[EncodingInfo, tuple[int, ...], bool
         return _encoding(hf, path, kspace.shape), kspace.shape, kspace.ndim == 4
 
 
+def is_volume3d(hf: h5py.File) -> bool:
+    """Whether an open HDF5 file is a 3D volume file (`cvxmri.data.volume3d`: attribute
+    ``dims`` = 3) rather than a fastMRI multi-slice file."""
+    return plain_attribute(hf.attrs.get("dims")) == 3
+
+
 def _kspace_dataset(hf: h5py.File, path: Path) -> h5py.Dataset:
-    if plain_attribute(hf.attrs.get("dims")) == 3:
+    if is_volume3d(hf):
         raise CvxmriError(
             f"{path}: a 3D volume file (attribute dims=3, kspace (coils, kx, ky, kz)), where "
             "2D multi-slice data are expected"

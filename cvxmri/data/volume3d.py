@@ -30,12 +30,11 @@ import numpy as np
 import torch
 
 from cvxmri.data.espirit import espirit_decoupled
-from cvxmri.data.fastmri_h5 import open_hdf5, plain_attribute
+from cvxmri.data.fastmri_h5 import is_volume3d, open_hdf5, plain_attribute
 from cvxmri.data.prepare import COMPUTED_RSS, STORED_RSS, EspiritConfig
 from cvxmri.errors import CvxmriError
 from cvxmri.physics import Sense, ifftnc
 
-DIMS_ATTRIBUTE = "dims"
 TARGET_KEY = "reconstruction_rss"
 
 
@@ -58,11 +57,6 @@ class Volume3D:
         """(kx, ky, kz), the k-space grid and the image matrix."""
         _, x, y, z = self.kspace.shape
         return x, y, z
-
-
-def is_volume3d(hf: h5py.File) -> bool:
-    """Whether an open HDF5 file is a 3D volume file (attribute ``dims`` = 3)."""
-    return plain_attribute(hf.attrs.get(DIMS_ATTRIBUTE)) == 3
 
 
 def file_dims(path: str | Path) -> int:
@@ -134,7 +128,7 @@ def write_volume3d(path: str | Path, volume: Volume3D) -> None:
                 hf.create_dataset(TARGET_KEY, data=volume.target.astype(np.float32))
                 attrs["max"] = float(volume.target.max())
                 attrs["norm"] = float(np.linalg.norm(volume.target))
-            attrs[DIMS_ATTRIBUTE] = 3
+            attrs["dims"] = 3
             for key, value in attrs.items():
                 hf.attrs[key] = value
         os.replace(tmp, path)
