@@ -61,6 +61,17 @@ def _split_ratio(text: str) -> tuple[int, int, int]:
     return train, val, test
 
 
+def _matrix(text: str) -> tuple[int, ...]:
+    """``N`` (a square matrix in 2D, a cube in 3D) or ``XxYxZ`` (3D: readout, ky, kz)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 3) or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected N or XxYxZ such as 80x96x80, got {text!r}")
+    values = tuple(int(part) for part in parts)
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"matrix sizes must be >= 1, got {text!r}")
+    return values
+
+
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -161,26 +172,37 @@ def build_parser() -> argparse.ArgumentParser:
         type=_nonnegative_int,
         help="the frame (0, 1, ...) of 4D --nifti volumes to simulate from",
     )
-    simulate.add_argument("--matrix", type=_positive_int, default=128, help="recon matrix")
+    simulate.add_argument(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="2: multi-slice fastMRI files; 3: 3D volumes, kspace (coils, kx, ky, kz), one "
+        "slab along the readout per file (default 2)",
+    )
+    simulate.add_argument(
+        "--matrix",
+        type=_matrix,
+        help="recon matrix: N (2D, default 128) or XxYxZ, readout first (3D, default 80x96x80)",
+    )
     simulate.add_argument("--coils", type=_positive_int, default=8, help="number of coils")
     simulate.add_argument("--snr", type=_number, default=30.0, help="SNR of the combined image")
     simulate.add_argument(
-        "--readout-oversampling", type=_positive_int, default=1, help="fastMRI knee: 2"
+        "--readout-oversampling", type=_positive_int, help="2D: default 1 (fastMRI knee: 2)"
     )
     simulate.add_argument(
-        "--slice-step", type=_positive_int, default=2, help="use every n-th slice"
+        "--slice-step", type=_positive_int, help="2D: use every n-th slice (default 2)"
     )
     simulate.add_argument(
         "--slab-slices",
         type=_positive_int,
         help="slices per file (slab) (default 6, fewer when the volumes are too small for "
-        "every split to get one)",
+        "every split to get one); 3D: readout positions per file (default 12)",
     )
     simulate.add_argument(
         "--guard-slices",
         type=_nonnegative_int,
-        default=2,
-        help="slices dropped between neighbouring slabs (default 2)",
+        help="slices (3D: readout positions) dropped between neighbouring slabs (default 2; 3D: 4)",
     )
     simulate.add_argument(
         "--split-ratio",
@@ -231,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--target", choices=("sense", "rss"), help="reference image (default sense)"
+    )
+    evaluate.add_argument(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        help="refuse data that are not 2D multi-slice (2) or 3D volume (3) files "
+        "(default: what the files are)",
     )
     evaluate.add_argument(
         "--device", help="where the networks run: cpu, cuda or auto (default cpu)"
@@ -306,6 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-data",
         type=Path,
         help="validation data, in the same forms (default: the val split of --data)",
+    )
+    train.add_argument(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="3: train on 3D volume files (--data default data/default3d); needs --decoupled",
+    )
+    train.add_argument(
+        "--decoupled",
+        action="store_true",
+        help="with --dims 3: inverse-FFT the readout and train on every readout position's "
+        "(ky, kz) plane as a 2D sample (the data's decoupled view, <data>/decoupled)",
     )
     train.add_argument("--device", help="cpu, cuda or auto")
     train.add_argument("--amp", action="store_true", help="bf16 autocast")
@@ -482,16 +524,26 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         raise CvxmriError(
             "--nifti needs --out DIR: the default data/default is the default dataset's"
         )
+    if args.dims == 3:
+        if args.readout_oversampling is not None or args.slice_step is not None:
+            raise CvxmriError("--readout-oversampling and --slice-step apply to 2D data only")
+        _simulate3d(args, sources or default_sources(dims=3))
+        return
+    if args.matrix is not None and len(args.matrix) != 1:
+        given = "x".join(map(str, args.matrix))
+        raise CvxmriError(f"--matrix {given}: 2D data take one size N (--dims 3 for XxYxZ)")
     out = args.out or Path("data/default")
     config = SimulationConfig(
-        matrix=args.matrix,
+        matrix=args.matrix[0] if args.matrix else SimulationConfig.matrix,
         coils=args.coils,
         snr=args.snr,
-        readout_oversampling=args.readout_oversampling,
-        slice_step=args.slice_step,
+        readout_oversampling=args.readout_oversampling or SimulationConfig.readout_oversampling,
+        slice_step=args.slice_step or SimulationConfig.slice_step,
         seed=args.seed,
         slab_slices=args.slab_slices or SimulationConfig.slab_slices,
-        guard_slices=args.guard_slices,
+        guard_slices=(
+            SimulationConfig.guard_slices if args.guard_slices is None else args.guard_slices
+        ),
         split_ratio=args.split_ratio,
     )
     config.validate()
@@ -508,6 +560,32 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         f"wrote {len(manifest['files'])} files to {out} "  # type: ignore[arg-type]
         f"(slices: train {counts['train']}, val {counts['val']}, test {counts['test']}; "  # type: ignore[index]
         f"slabs of {slab}); manifest: {out / 'manifest.json'}"
+    )
+
+
+def _simulate3d(args: argparse.Namespace, sources: list) -> None:
+    """``data simulate --dims 3``: 3D volumes (`cvxmri.data.simulate3d`)."""
+    from cvxmri.data.simulate3d import Simulation3DConfig, simulate_dataset3d
+
+    defaults = Simulation3DConfig()
+    matrix = args.matrix or defaults.matrix
+    config = Simulation3DConfig(
+        matrix=matrix * 3 if len(matrix) == 1 else matrix,
+        coils=args.coils,
+        snr=args.snr,
+        slab=args.slab_slices or defaults.slab,
+        guard=defaults.guard if args.guard_slices is None else args.guard_slices,
+        split_ratio=args.split_ratio,
+        seed=args.seed,
+    )
+    out = args.out or Path("data/default3d")
+    manifest = simulate_dataset3d(sources, out, config, overwrite=args.force)
+    counts = manifest["counts"]
+    print(
+        f"wrote {len(manifest['files'])} 3D files to {out} "  # type: ignore[arg-type]
+        f"(volumes: train {counts['train']}, val {counts['val']}, test {counts['test']}; "  # type: ignore[index]
+        f"slabs of {config.slab} readout positions, matrix {'x'.join(map(str, config.matrix))}); "
+        f"manifest: {out / 'manifest.json'}"
     )
 
 
@@ -528,11 +606,21 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 def _cmd_info(args: argparse.Namespace) -> None:
     from cvxmri.data.fastmri_h5 import read_volume
     from cvxmri.data.prepare import check_data_file
+    from cvxmri.data.volume3d import file_dims, read_volume3d
 
     if args.file.is_dir():
         raise CvxmriError(f"{args.file}: a folder; 'data info' takes one .h5 file")
     if args.file.is_file():
         check_data_file(args.file)
+    if file_dims(args.file) == 3:
+        volume3d = read_volume3d(args.file)
+        coils, *grid = volume3d.kspace.shape
+        print(f"{args.file}: 3D multi-coil volume, {coils} coils")
+        print(f"  kspace (kx x ky x kz): {' x '.join(map(str, grid))}, kx the readout")
+        target = "none" if volume3d.target is None else f"{volume3d.target.shape}"
+        print(f"  target (reconstruction_rss): {target}")
+        print(f"  attributes: {volume3d.attrs}")
+        return
     volume = read_volume(args.file)
     kind = "multi-coil" if volume.multicoil else "single-coil"
     enc = volume.encoding
@@ -559,6 +647,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         "split": args.split,
         "target": args.target,
         "device": args.device,
+        "dims": args.dims,
         "methods": args.method,
         "models": None if args.model is None else [str(p) for p in args.model],
     }
@@ -758,7 +847,11 @@ def _merge(base: dict, overlay: object, where: str) -> dict:
 def _cmd_train(args: argparse.Namespace) -> None:
     from cvxmri.training.run import train
 
+    if args.dims == 3 or args.decoupled:
+        _decoupled_data(args)
     config = _train_config(args)
+    if args.dims == 3:
+        config.mask.validate(ndim=3)  # type: ignore[attr-defined]
     out = args.out or default_train_dir(config)
     metrics = train(
         config, out, resume=args.resume, force=args.force, progress=_epoch_progress(args)
@@ -775,6 +868,25 @@ def _cmd_train(args: argparse.Namespace) -> None:
         f"({metrics['train_seconds']:.0f} s)"
     )
     print(f"model: {out / 'model.pt'}")
+
+
+def _decoupled_data(args: argparse.Namespace) -> None:
+    """``train --dims 3 --decoupled``: ``--data`` (and ``--val-data``) replaced by the
+    decoupled 2D view of the 3D dataset (`cvxmri.data.decoupled.decouple_dataset`)."""
+    from cvxmri.data.decoupled import decouple_dataset
+
+    if args.dims != 3:
+        raise CvxmriError("--decoupled applies to 3D data: add --dims 3")
+    if not args.decoupled:
+        raise CvxmriError(
+            "--dims 3 trains in the decoupled mode only: add --decoupled (every readout "
+            "position's (ky, kz) plane is a 2D sample)"
+        )
+    if args.resume and args.data is None:
+        return  # the run's config.yaml names its decoupled data
+    args.data = decouple_dataset(args.data or Path("data/default3d"))
+    if args.val_data is not None:
+        args.val_data = decouple_dataset(args.val_data)
 
 
 def _epoch_progress(args: argparse.Namespace) -> Callable[[dict], None] | None:

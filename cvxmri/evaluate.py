@@ -8,6 +8,11 @@ reconstructs on the recon matrix. Metrics follow fastMRI: per volume, PSNR and S
 variants (``data_range`` = the slice's maximum) that the paper reports. Rows name each
 volume by its path relative to the data root (`cvxmri.data.prepare.volume_id`).
 
+3D volume files (`cvxmri.data.volume3d`; a folder holds either kind, not both) are
+evaluated the same way, one `Sample` per volume and (ky, kz) mask, by the classical
+methods in 3D: PSNR with the volume's maximum over the whole volume, SSIM averaged over
+the readout planes (axis 0: (ky, kz) planes), and the slice rows are those planes.
+
 Targets: ``sense``, the magnitude of the SENSE-combined fully sampled image; ``rss``,
 fastMRI's root-sum-of-squares image: the file's stored ``reconstruction_rss`` when it has
 one (the reference of every fastMRI number), computed from the k-space otherwise. The
@@ -21,6 +26,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +44,7 @@ from cvxmri.data.prepare import (
     volume_id,
 )
 from cvxmri.data.sample import Sample, make_sample
+from cvxmri.data.volume3d import PreparedVolume3D, file_dims, prepare_volume3d
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec
 from cvxmri.metrics import slice_metrics, volume_metrics
@@ -80,6 +87,8 @@ class EvaluateConfig:
             (`cvxmri.data.prepare.default_cache_dir`).
         device: where the networks run: cpu, cuda (``cuda:N``) or auto (cuda when
             available); the classical methods run on the CPU.
+        dims: 2 (fastMRI multi-slice files) or 3 (3D volume files) expected, or 0: what
+            the files are.
     """
 
     data: str = "data/default"
@@ -95,6 +104,7 @@ class EvaluateConfig:
     espirit: EspiritConfig = field(default_factory=EspiritConfig)
     cache: str = ""
     device: str = "cpu"
+    dims: int = 0
 
     def validate(self) -> None:
         """Raise `CvxmriError` for impossible settings."""
@@ -107,6 +117,8 @@ class EvaluateConfig:
                 )
         for mask in self.masks:
             mask.validate()
+        if self.dims not in (0, 2, 3):
+            raise CvxmriError(f"dims must be 2, 3 or 0 (detect), got {self.dims}")
         if self.target not in ("sense", "rss"):
             raise CvxmriError(f"unknown target {self.target!r} (choose sense or rss)")
         if not (self.cs.lamda > 0 and math.isfinite(self.cs.lamda)):
@@ -180,10 +192,73 @@ def volume_sample(
 
 
 def magnitude(image: torch.Tensor, sample: Sample) -> np.ndarray:
-    """A reconstruction (complex (B, h, w), in the sample's normalised units) as float32
-    magnitude images in the data's own units: what the metrics compare against the
-    reference, and what `cvxmri.predict` writes."""
-    return (image.abs() * sample.scale[:, None, None]).numpy()
+    """A reconstruction (complex (B, h, w), or (B, x, y, z) for volumes, in the sample's
+    normalised units) as float32 magnitude images in the data's own units: what the
+    metrics compare against the reference, and what `cvxmri.predict` writes."""
+    return (image.abs() * sample.scale.view(-1, *[1] * sample.ndim)).numpy()
+
+
+def volume3d_sample(
+    volume: PreparedVolume3D, spec: MaskSpec, name: str, reference: np.ndarray
+) -> Sample:
+    """The `Sample` (batch of one volume) of a 3D file under its evaluation mask: the
+    (ky, kz) pattern seeded from the file name (`evaluation_mask` with ``ndim=3``), with
+    the SENSE target; ``name`` is the volume id it carries and ``reference`` (X, Y, Z) the
+    magnitude the metrics compare against."""
+    grid = volume.kspace.shape[-2:]
+    mask = evaluation_mask(spec, volume.name, grid, None, ndim=3)
+    return make_sample(
+        torch.from_numpy(volume.kspace)[None],
+        torch.from_numpy(mask.astype(np.float32)),
+        torch.from_numpy(volume.maps)[None],
+        tuple(volume.kspace.shape[1:]),
+        target=torch.from_numpy(volume.target)[None],
+        reference=torch.from_numpy(reference)[None],
+        volume=name,
+    )
+
+
+def prepare_file(
+    path: Path, name: str, dims: int, config: EvaluateConfig, cache: Path
+) -> tuple[np.ndarray, str, Callable[[MaskSpec], Sample]]:
+    """The reference magnitude of a file ((S, h, w) slices, or a (X, Y, Z) volume when
+    ``dims`` is 3), where it comes from, and the function giving its `Sample` under a mask
+    (`volume_sample` or `volume3d_sample`); ``name`` is its volume id."""
+    if dims == 3:
+        volume3d = prepare_volume3d(path, config.espirit)
+        target, source = (
+            (np.abs(volume3d.target), SENSE_TARGET)
+            if config.target == "sense"
+            else (volume3d.rss, volume3d.rss_source)
+        )
+        return target, source, lambda spec: volume3d_sample(volume3d, spec, name, target)
+    volume = prepare_volume(path, cache, config.espirit)
+    target, source = reference_image(volume, config.target)
+    return target, source, lambda spec: volume_sample(volume, spec, name, reference=target)
+
+
+def check_dims(files: list[Path], config: EvaluateConfig) -> int:
+    """The number of spatial axes of the data: ``config.dims``, or when 0 what the files
+    are (2: fastMRI multi-slice files, 3: 3D volume files; a mix is refused). For 3D, masks
+    that cannot sample (ky, kz) and networks are refused (the 3D evaluation runs the
+    classical methods). A file of the other kind is refused by its reader."""
+    found = {file_dims(path) for path in files}
+    if not config.dims and len(found) > 1:
+        raise CvxmriError(f"{config.data}: mixes 2D multi-slice and 3D volume files")
+    dims = config.dims or found.pop()
+    if dims == 2:
+        return 2
+    for spec in config.masks:
+        if spec.kind == "file":
+            raise CvxmriError("mask 'file': 3D volume files store no mask; use poisson or random")
+        spec.validate(ndim=3)
+    if config.models:
+        raise CvxmriError(
+            f"{config.data}: 3D volumes are evaluated here with the classical methods; a "
+            "network trained with --dims 3 --decoupled is evaluated on the decoupled view "
+            f"(--data {Path(config.data) / 'decoupled'})"
+        )
+    return 3
 
 
 def model_file(path: Path) -> Path:
@@ -204,6 +279,7 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
     config.validate()
     device = resolve_device(config.device)
     files = find_files(config.data, config.split)
+    dims = check_dims(files, config)
     cache = Path(config.cache) if config.cache else default_cache_dir(config.data)
     reconstructors = {
         m: classical_reconstructor(m, config.cs, config.cg_sense) for m in config.methods
@@ -217,17 +293,17 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
     seconds = {(m, s.describe()): 0.0 for m in reconstructors for s in config.masks}
     sources: list[str] = []
     for path in tqdm(files, desc=f"evaluate {config.split}", unit="file", disable=None):
-        volume = prepare_volume(path, cache, config.espirit)
-        target, source = reference_image(volume, config.target)
-        sources.append(source)
         name = volume_id(path, config.data)
+        target, source, sample_of = prepare_file(path, name, dims, config, cache)
+        sources.append(source)
         for spec in config.masks:
-            sample = volume_sample(volume, spec, name, reference=target)
+            sample = sample_of(spec)
             for method, reconstruct in reconstructors.items():
                 start = time.perf_counter()
                 image = reconstruct(sample)
                 seconds[(method, spec.describe())] += time.perf_counter() - start
-                pred = magnitude(image, sample)
+                # A 3D volume is a batch of one: its metrics cut it along the readout.
+                pred = magnitude(image, sample).reshape(target.shape)
                 key = {"method": method, "mask": spec.describe(), "file": name}
                 per_volume = volume_metrics(target, pred)
                 volume_rows.append({**key, **per_volume})

@@ -67,15 +67,16 @@ def _kspace(value: complex | None = None, index: tuple[int, ...] = (0, 0, 3, 3))
     return kspace
 
 
-def _evaluate(data: Path, work: Path, *extra: str) -> list[str]:
+def _evaluate(
+    data: Path, work: Path, *extra: str, mask: tuple[str, ...] = ("--mask", "cartesian")
+) -> list[str]:
     return [
         "evaluate",
         "--data",
         str(data),
         "--method",
         "zero-filled",
-        "--mask",
-        "cartesian",
+        *mask,
         "--out",
         str(work / "out"),
         *extra,
@@ -207,6 +208,64 @@ def _datasets(*extra: str, **datasets: object) -> Callable[[Path, Path], list[st
         return _evaluate(_file_dataset(work, **datasets), work, *extra)
 
     return setup
+
+
+def _volume3d(folder: Path, **datasets: object) -> Path:
+    """A 3D volume file (attribute dims=3) in ``folder`` with these datasets, or a valid
+    small one when none are given."""
+    from cvxmri.data.volume3d import Volume3D, rss_volume, write_volume3d
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "bad3d.h5"
+    if not datasets:
+        kspace = _kspace().reshape(3, 4, 16, 32)
+        write_volume3d(path, Volume3D(kspace, rss_volume(kspace)))
+        return path
+    with h5py.File(path, "w") as hf:
+        for key, value in datasets.items():
+            hf.create_dataset(key, data=value)
+        hf.attrs["dims"] = 3
+    return path
+
+
+def _evaluate3d(data: Path, work: Path, *extra: str) -> list[str]:
+    return _evaluate(data, work, *extra, mask=("--mask", "poisson", "--calib-size", "4"))
+
+
+def _datasets3d(**datasets: object) -> Callable[[Path, Path], list[str]]:
+    def setup(work: Path, good: Path) -> list[str]:
+        _volume3d(work / "data" / "multicoil_test", **datasets)
+        return _evaluate3d(work / "data", work)
+
+    return setup
+
+
+def _kspace3d(value: complex | None = None) -> np.ndarray:
+    kspace = _kspace().reshape(3, 4, 16, 32)
+    if value is not None:
+        kspace[0, 1, 2, 3] = value
+    return kspace
+
+
+def _2d_where_3d_expected(work: Path, good: Path) -> list[str]:
+    return _evaluate3d(_copy_good(work, good), work, "--dims", "3")
+
+
+def _3d_where_2d_expected(work: Path, good: Path) -> list[str]:
+    for split in ("train", "val"):
+        _volume3d(work / "data" / f"multicoil_{split}")
+    return _tiny_train(work / "data", work / "out")
+
+
+def _3d_line_mask(work: Path, good: Path) -> list[str]:
+    _volume3d(work / "data" / "multicoil_test")
+    return _evaluate(work / "data", work)
+
+
+def _mixed_2d_3d(work: Path, good: Path) -> list[str]:
+    data = _copy_good(work, good)
+    _volume3d(data / "multicoil_test")
+    return _evaluate3d(data, work)
 
 
 def _empty_folder(work: Path, good: Path) -> list[str]:
@@ -812,6 +871,78 @@ CASES = [
             "{work}/out",
         ),
         "predict takes one --mask",
+    ),
+    Case(
+        "3d-no-kspace",
+        "a 3D volume file (dims=3) without a kspace dataset",
+        _datasets3d(reconstruction_rss=np.ones((4, 16, 32), np.float32)),
+        "no 'kspace' dataset",
+    ),
+    Case(
+        "3d-kspace-rank",
+        "a 3D volume file whose k-space has 3 axes, not (coils, kx, ky, kz)",
+        _datasets3d(kspace=np.ones((4, 16, 32), np.complex64)),
+        "3D kspace must be (coils, kx, ky, kz)",
+    ),
+    Case(
+        "3d-kspace-nan",
+        "NaN in the k-space of a 3D volume file",
+        _datasets3d(kspace=_kspace3d(np.nan)),
+        "kspace contains NaN or Inf values",
+    ),
+    Case(
+        "3d-target-shape",
+        "a 3D volume file whose reconstruction_rss is not the k-space grid",
+        _datasets3d(kspace=_kspace3d(), reconstruction_rss=np.ones((4, 16, 30), np.float32)),
+        "reconstruction_rss has shape (4, 16, 30), expected (4, 16, 32)",
+    ),
+    Case(
+        "2d-file-3d-expected",
+        "evaluate --dims 3 on 2D multi-slice files",
+        _2d_where_3d_expected,
+        "not a 3D volume file (no attribute dims=3)",
+    ),
+    Case(
+        "3d-file-2d-expected",
+        "2D training on 3D volume files",
+        _3d_where_2d_expected,
+        "a 3D volume file (attribute dims=3",
+    ),
+    Case(
+        "3d-line-mask",
+        "a 1D (cartesian) mask on 3D volumes",
+        _3d_line_mask,
+        "3D masks are drawn over (ky, kz)",
+    ),
+    Case(
+        "3d-mixed-folder",
+        "a split holding both 2D multi-slice and 3D volume files",
+        _mixed_2d_3d,
+        "mixes 2D multi-slice and 3D volume files",
+    ),
+    Case(
+        "train-3d-not-decoupled",
+        "train --dims 3 without --decoupled (true 3D training does not exist yet)",
+        _args("train", "--dims", "3", "--data", "{good}", "--out", "{work}/out"),
+        "--dims 3 trains in the decoupled mode only",
+    ),
+    Case(
+        "train-3d-on-2d-data",
+        "train --dims 3 --decoupled on 2D multi-slice data",
+        _args("train", "--dims", "3", "--decoupled", "--data", "{good}", "--out", "{work}/out"),
+        "not a 3D volume file; --dims 3 takes 3D data",
+    ),
+    Case(
+        "simulate-3d-2d-option",
+        "data simulate --dims 3 with the 2D option --slice-step",
+        _args("data", "simulate", "--dims", "3", "--slice-step", "3", "--out", "{work}/out"),
+        "apply to 2D data only",
+    ),
+    Case(
+        "simulate-2d-3d-matrix",
+        "data simulate (2D) with a 3D matrix XxYxZ",
+        _args("data", "simulate", "--matrix", "24x16x16", "--out", "{work}/out"),
+        "2D data take one size N",
     ),
 ]
 

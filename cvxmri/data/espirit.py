@@ -39,6 +39,8 @@ import math
 
 import torch
 
+from cvxmri.physics.fft import ifft_readout
+
 EIGEN_STEP = 4
 """Spacing in pixels of the coarse grid where eigenvectors are computed exactly."""
 POWER_ITERATIONS = 2
@@ -225,3 +227,30 @@ def espirit(
     correlations = kernel_correlations(kernels)
     shape = (kspace.shape[-2], kspace.shape[-1])
     return eigen_maps(correlations, shape, crop, chunk_pixels=chunk_pixels).to(kspace.dtype)
+
+
+def espirit_decoupled(
+    kspace: torch.Tensor,
+    calib_width: int = 24,
+    thresh: float = 0.02,
+    kernel_width: int = 6,
+    crop: float = 0.95,
+    planes_per_call: int = 16,
+) -> torch.Tensor:
+    """Coil maps (C, X, Y, Z) of fully sampled 3D k-space (C, kx, ky, kz) by the decoupled
+    approach (as BART's ``ecaltwo``): inverse FFT along the fully sampled readout, then 2D
+    ESPIRiT (`espirit`, same parameters) of every readout position's (ky, kz) plane, the
+    planes batched ``planes_per_call`` at a time.
+
+    Why not 3D ESPIRiT: its calibration matrix has ``C kernel_width**3`` columns and its
+    kernels must be evaluated over the whole volume, for maps that differ little from the
+    per-plane ones when coil sensitivities vary slowly along the readout; the decoupled maps
+    cost one 2D ESPIRiT per readout position, and they are the maps the decoupled 2D
+    reconstruction of each (ky, kz) plane uses. Phases are referred to coil 0 at every
+    voxel, so they agree from plane to plane."""
+    hybrid = ifft_readout(kspace.to(torch.complex64)).movedim(-3, 0)  # (X, C, ky, kz)
+    maps = [
+        espirit(hybrid[first : first + planes_per_call], calib_width, thresh, kernel_width, crop)
+        for first in range(0, hybrid.shape[0], planes_per_call)
+    ]
+    return torch.cat(maps).movedim(0, -3).to(kspace.dtype)

@@ -160,7 +160,9 @@ def make_ismrmrd_header(encoding: EncodingInfo) -> bytes:
     return ET.tostring(root, xml_declaration=True, encoding="utf-8")
 
 
-def _open(path: Path) -> h5py.File:
+def open_hdf5(path: Path) -> h5py.File:
+    """``path`` opened read-only, or a one-line `CvxmriError` if it is missing, a folder or
+    not HDF5."""
     if not path.exists():
         raise CvxmriError(f"{path}: no such file")
     if not path.is_file():
@@ -176,12 +178,23 @@ def _open(path: Path) -> h5py.File:
 def read_encoding(path: str | Path) -> tuple[EncodingInfo, tuple[int, ...], bool]:
     """The encoding, the on-disk k-space shape and whether the file is multi-coil, cheaply."""
     path = Path(path)
-    with _open(path) as hf:
+    with open_hdf5(path) as hf:
         kspace = _kspace_dataset(hf, path)
         return _encoding(hf, path, kspace.shape), kspace.shape, kspace.ndim == 4
 
 
+def is_volume3d(hf: h5py.File) -> bool:
+    """Whether an open HDF5 file is a 3D volume file (`cvxmri.data.volume3d`: attribute
+    ``dims`` = 3) rather than a fastMRI multi-slice file."""
+    return plain_attribute(hf.attrs.get("dims")) == 3
+
+
 def _kspace_dataset(hf: h5py.File, path: Path) -> h5py.Dataset:
+    if is_volume3d(hf):
+        raise CvxmriError(
+            f"{path}: a 3D volume file (attribute dims=3, kspace (coils, kx, ky, kz)), where "
+            "2D multi-slice data are expected"
+        )
     if "kspace" not in hf:
         raise CvxmriError(f"{path}: no 'kspace' dataset (keys: {', '.join(hf.keys()) or 'none'})")
     kspace = hf["kspace"]
@@ -235,7 +248,7 @@ def read_volume(path: str | Path, slices: slice | None = None, check_finite: boo
         check_finite: reject NaN or Inf k-space (costs one pass over the data).
     """
     path = Path(path)
-    with _open(path) as hf:
+    with open_hdf5(path) as hf:
         dataset = _kspace_dataset(hf, path)
         multicoil = dataset.ndim == 4
         encoding = _encoding(hf, path, dataset.shape)
@@ -247,7 +260,7 @@ def read_volume(path: str | Path, slices: slice | None = None, check_finite: boo
             mask = _read_mask(hf, path, dataset.shape[-2:]) if "mask" in hf else None
         except OSError as err:
             raise CvxmriError(f"{path}: cannot read data, the file is damaged ({err})") from None
-        attrs = {key: _plain(value) for key, value in hf.attrs.items()}
+        attrs = {key: plain_attribute(value) for key, value in hf.attrs.items()}
     if not multicoil:
         kspace = kspace[:, None]
     if check_finite and not np.isfinite(kspace).all():
@@ -282,7 +295,7 @@ def _read_mask(hf: h5py.File, path: Path, grid: tuple[int, int]) -> np.ndarray:
     return np.broadcast_to(values.astype(bool), (height, width)).copy()
 
 
-def _plain(value: object) -> object:
+def plain_attribute(value: object) -> object:
     """HDF5 attribute values as plain Python objects (for JSON manifests)."""
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")

@@ -332,9 +332,10 @@ def prepare_volume(
     )
 
 
-def normalisation_scale(x0: torch.Tensor, recon_shape: tuple[int, int]) -> torch.Tensor:
+def normalisation_scale(x0: torch.Tensor, recon_shape: tuple[int, ...]) -> torch.Tensor:
     """Per-slice scale: the 99th percentile of the zero-filled magnitude over the recon
-    matrix. ``x0`` is (B, H, W) complex; returns (B,)."""
+    matrix. ``x0`` is (B, H, W) complex (3D: (B, X, Y, Z), one scale per volume); returns
+    (B,)."""
     magnitude = center_crop(x0, recon_shape).abs().flatten(1)
     scale = torch.quantile(magnitude.float(), NORM_PERCENTILE / 100, dim=1)
     if not torch.all(scale > 0):
@@ -346,11 +347,13 @@ def evaluation_mask(
     spec: MaskSpec,
     name: str,
     shape: tuple[int, int],
-    padding: tuple[int, int],
+    padding: tuple[int, int] | None,
     stored: np.ndarray | None = None,
+    ndim: int = 2,
 ) -> np.ndarray:
     """The fixed evaluation mask of one file: seeded from its name, or for the ``file`` kind
-    the file's own ``stored`` mask.
+    the file's own ``stored`` mask. With ``ndim=3`` (``padding`` None), the (ky, kz) mask
+    of a 3D volume whose (ky, kz) grid is ``shape``.
 
     ``name`` is the file NAME (``path.name``), not its volume id (the path relative to the
     data root): seeding by name is fastMRI's convention, and it keeps every number reported
@@ -362,13 +365,14 @@ def evaluation_mask(
         if stored is None:
             raise CvxmriError(f"{name}: mask 'file' asked for, but the file has no 'mask' dataset")
         return stored
-    return spec.sample(shape, np.random.default_rng(seed_from_name(name)), padding)
+    return spec.sample(shape, np.random.default_rng(seed_from_name(name)), padding, ndim)
 
 
-def coil_support(maps: torch.Tensor) -> torch.Tensor:
-    """Where any coil is sensitive: (B, H, W) 0/1. Outside it the SENSE model has no data
-    and the SENSE target is zero, so every method's image is restricted to it."""
-    return (maps.abs().sum(dim=-3) > 0).to(maps.real.dtype)
+def coil_support(maps: torch.Tensor, ndim: int = 2) -> torch.Tensor:
+    """Where any coil is sensitive: (B, H, W) 0/1 of maps (B, C, H, W), or (B, X, Y, Z) of
+    3D maps with ``ndim=3``. Outside it the SENSE model has no data and the SENSE target is
+    zero, so every method's image is restricted to it."""
+    return (maps.abs().sum(dim=-(ndim + 1)) > 0).to(maps.real.dtype)
 
 
 def _is_split_folder(folder: Path) -> bool:

@@ -1,5 +1,8 @@
 """One sample pipeline: (k-space, mask, coil maps) -> what every reconstructor takes.
 
+The same for 2D slices (B, C, H, W) and 3D volumes (B, C, X, Y, Z): the number of spatial
+axes is ``len(recon_shape)``.
+
 `make_sample` is the only place that masks k-space, forms the zero-filled image, finds the
 normalisation scale and crops to the reconstruction matrix; training
 (`cvxmri.training.data`), evaluation (`cvxmri.evaluate`), reproduce and the lazy
@@ -31,7 +34,10 @@ from cvxmri.physics import Sense, center_crop
 
 @dataclass
 class Sample:
-    """A batch of B slices ready for reconstruction (every tensor has a leading batch axis).
+    """A batch of B slices (or 3D volumes) ready for reconstruction (every tensor has a
+    leading batch axis). Shapes are those of slices; a volume has three spatial axes where
+    a slice has two: ``y`` (B, C, X, Y, Z), ``mask`` (B, 1, 1, ky, kz) or
+    (B, 1, X, ky, kz), ``x0`` (B, 2, x, y, z), ``reference`` (B, x, y, z).
 
     Attributes:
         y: complex (B, C, H, W) measured k-space ``M k / scale`` on the full k-space grid.
@@ -47,7 +53,7 @@ class Sample:
         scale: (B,) normalisation scale of each slice.
         support: real 0/1 (B, 1, h, w): where any coil is sensitive. Reconstructions are
             restricted to it (outside it the SENSE model has no data).
-        recon_shape: (h, w), the reconstruction matrix.
+        recon_shape: (h, w), the reconstruction matrix ((x, y, z) for volumes).
         volume: (B,) volume id of each slice (its path relative to the data root).
         slice_index: (B,) index of each slice in its volume.
     """
@@ -60,16 +66,21 @@ class Sample:
     reference: Tensor | None
     scale: Tensor
     support: Tensor
-    recon_shape: tuple[int, int]
+    recon_shape: tuple[int, ...]
     volume: list[str]
     slice_index: list[int]
 
     def __len__(self) -> int:
         return self.x0.shape[0]
 
+    @property
+    def ndim(self) -> int:
+        """Number of spatial axes: 2 for slices, 3 for volumes."""
+        return len(self.recon_shape)
+
     def sense(self) -> Sense:
         """The SENSE operator ``A = M F S`` of this batch (``A^H y`` is on the full grid)."""
-        return Sense(self.maps, self.mask)
+        return Sense(self.maps, self.mask, self.ndim)
 
     def to(self, device: torch.device | str) -> Sample:
         """The same sample with every tensor on ``device``."""
@@ -81,8 +92,18 @@ class Sample:
         return replace(self, **moved)
 
 
-def _batch_mask(mask: Tensor, batch: int) -> Tensor:
-    """A mask given as (H, W), (B, H, W) or (B, 1, H, W), as (B, 1, H, W)."""
+def _batch_mask(mask: Tensor, batch: int, ndim: int = 2) -> Tensor:
+    """A mask given as (H, W), (B, H, W) or (B, 1, H, W), as (B, 1, H, W); in 3D one given
+    as (ky, kz) (shared by the batch and the readout), as (B, 1, 1, ky, kz), and one given
+    as (B, 1, X or 1, ky, kz) as it is."""
+    if ndim == 3:
+        if mask.ndim == 2:
+            return mask.expand(batch, *mask.shape)[:, None, None]
+        if mask.ndim == 5 and mask.shape[1] == 1:
+            return mask
+        raise CvxmriError(
+            f"3D mask must be (ky, kz) or (B, 1, X or 1, ky, kz), got {tuple(mask.shape)}"
+        )
     if mask.ndim == 2:
         return mask.expand(batch, *mask.shape)[:, None]
     if mask.ndim == 3:
@@ -96,7 +117,7 @@ def make_sample(
     kspace: Tensor,
     mask: Tensor,
     maps: Tensor,
-    recon_shape: tuple[int, int],
+    recon_shape: tuple[int, ...],
     target: Tensor | None = None,
     reference: Tensor | None = None,
     volume: str | Sequence[str] = "",
@@ -105,11 +126,12 @@ def make_sample(
     """Mask, combine, normalise and crop a batch of slices into a `Sample`.
 
     Args:
-        kspace: complex (B, C, H, W) k-space (fully sampled, or zero where not measured).
+        kspace: complex (B, C, H, W) k-space (fully sampled, or zero where not measured);
+            3D: (B, C, X, Y, Z).
         mask: real 0/1 sampling mask, (H, W) shared by the batch, (B, H, W) or
-            (B, 1, H, W).
-        maps: complex (B, C, H, W) coil sensitivities.
-        recon_shape: (h, w) reconstruction matrix (image-space centre crop).
+            (B, 1, H, W); 3D: (ky, kz) shared by the batch, or (B, 1, X or 1, ky, kz).
+        maps: complex (B, C, H, W) coil sensitivities; 3D: (B, C, X, Y, Z).
+        recon_shape: (h, w) reconstruction matrix (image-space centre crop); 3D: (x, y, z).
         target: complex (B, h, w) fully sampled SENSE image in the data's units; stored
             normalised as 2 channels.
         reference: real (B, h, w) magnitude reference for the metrics, kept as given.
@@ -119,24 +141,25 @@ def make_sample(
     ``A^H (M k)`` is computed once; ``x0 = crop(A^H (M k)) / scale``, ``y = M k / scale``,
     ``target = crop(x*) / scale``, each in exactly the operation order training uses.
     """
-    batch = kspace.shape[0]
-    mask = _batch_mask(mask, batch)
+    batch, ndim = kspace.shape[0], len(recon_shape)
+    mask = _batch_mask(mask, batch, ndim)
     measured = kspace * mask
-    zero_filled = Sense(maps, mask).H(measured)
+    zero_filled = Sense(maps, mask, ndim).H(measured)
     scale = normalisation_scale(zero_filled, recon_shape)
+    per_image = scale.view(-1, *[1] * ndim)
     volumes = [volume] * batch if isinstance(volume, str) else list(volume)
     indices = list(range(batch)) if slice_index is None else list(slice_index)
     if len(volumes) != batch or len(indices) != batch:
         raise CvxmriError(f"{batch} slices but {len(volumes)} volume ids, {len(indices)} indices")
     return Sample(
-        y=measured / scale[:, None, None, None],
+        y=measured / per_image[:, None],
         mask=mask,
         maps=maps,
-        x0=to_channels(center_crop(zero_filled, recon_shape) / scale[:, None, None]),
-        target=None if target is None else to_channels(target / scale[:, None, None]),
+        x0=to_channels(center_crop(zero_filled, recon_shape) / per_image, ndim),
+        target=None if target is None else to_channels(target / per_image, ndim),
         reference=reference,
         scale=scale,
-        support=center_crop(coil_support(maps), recon_shape)[:, None],
+        support=center_crop(coil_support(maps, ndim), recon_shape)[:, None],
         recon_shape=recon_shape,
         volume=volumes,
         slice_index=indices,

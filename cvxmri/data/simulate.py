@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from cvxmri.physics import center_crop, fft2c, ifft2c
 log = logging.getLogger(__name__)
 
 COLIN27_PATH = Path("/usr/share/mricron/templates/ch2.nii.gz")
+COLIN27_BETTER_PATH = Path("/usr/share/mricron/templates/ch2better.nii.gz")
 SPLITS = ("train", "val", "test")
 # Slabs cycle through this pattern (60% train, 20% val, 20% test), so every split sees
 # anatomy from the whole head; the cycle starts at a per-volume offset. It is
@@ -186,13 +187,18 @@ def load_nifti(path: str | Path, frame: int | None = None) -> Source:
     return Source(name=name, image=image, origin=origin, frame=frame)
 
 
-def default_sources() -> list[Source]:
+def default_sources(dims: int = 2) -> list[Source]:
     """The real anatomy that installs offline: Colin27 (Debian mricron-data) and MNI152
-    2009 (shipped inside nilearn). Whichever is installed is used."""
+    2009 (shipped inside nilearn); for 3D data (``dims=3``) also Colin27's 0.5 mm
+    ``ch2better``. Whichever is installed is used."""
     sources = []
-    if COLIN27_PATH.is_file():
-        source = load_nifti(COLIN27_PATH)
-        sources.append(Source("colin27", source.image, f"Colin27 T1, {source.origin}"))
+    colin = [("colin27", COLIN27_PATH, "Colin27 T1")]
+    if dims == 3:
+        colin.append(("colin27better", COLIN27_BETTER_PATH, "Colin27 T1, 0.5 mm"))
+    for name, path, label in colin:
+        if path.is_file():
+            source = load_nifti(path)
+            sources.append(Source(name, source.image, f"{label}, {source.origin}"))
     try:
         from nilearn.datasets import load_mni152_template
     except ImportError:
@@ -217,12 +223,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def axial_slices(image: nib.Nifti1Image, matrix: int) -> tuple[np.ndarray, np.ndarray]:
-    """Axial slices resampled to a square ``matrix`` grid that holds the whole in-plane FOV.
-
-    Returns the slices (n, matrix, matrix), anterior up, scaled so the volume's 99.9th
-    percentile is 1, and the indices of the slices in the canonical (RAS) volume.
-    """
+def normalised_volume(image: nib.Nifti1Image) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """The 3D data of ``image`` in its closest canonical (RAS) orientation, negative values
+    clipped and scaled so that the 99.9th percentile is 1, and that canonical image (whose
+    affine the data follow). One-line `CvxmriError` for a 4D, non-finite or empty volume."""
     canonical = nib.as_closest_canonical(image)
     data = np.asarray(canonical.get_fdata(dtype=np.float32))
     if data.ndim == 4 and data.shape[3] == 1:
@@ -236,6 +240,16 @@ def axial_slices(image: nib.Nifti1Image, matrix: int) -> tuple[np.ndarray, np.nd
     if scale <= 0:
         raise CvxmriError("the volume is empty (all values <= 0)")
     data /= scale
+    return data, canonical
+
+
+def axial_slices(image: nib.Nifti1Image, matrix: int) -> tuple[np.ndarray, np.ndarray]:
+    """Axial slices resampled to a square ``matrix`` grid that holds the whole in-plane FOV.
+
+    Returns the slices (n, matrix, matrix), anterior up, scaled so the volume's 99.9th
+    percentile is 1, and the indices of the slices in the canonical (RAS) volume.
+    """
+    data, canonical = normalised_volume(image)
     dx, dy = (float(z) for z in canonical.header.get_zooms()[:2])
     fov = max(data.shape[0] * dx, data.shape[1] * dy)
     pixel = fov / matrix
@@ -256,24 +270,26 @@ def foreground_fraction(image: np.ndarray, level: float = 0.1) -> float:
     return float((image > level).mean())
 
 
-def smooth_phase(shape: tuple[int, int], strength: float, rng: np.random.Generator) -> np.ndarray:
-    """A smooth random phase map: a random low-frequency field, scaled to ``strength``
-    radians peak to peak."""
+def smooth_phase(shape: tuple[int, ...], strength: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random phase map over a 2D or 3D grid: a random low-frequency field (5
+    frequencies per axis), scaled to ``strength`` radians peak to peak."""
     coeffs = np.zeros(shape, dtype=np.complex128)
-    ch, cw = shape[0] // 2, shape[1] // 2
-    coeffs[ch - 2 : ch + 3, cw - 2 : cw + 3] = rng.normal(size=(5, 5)) + 1j * rng.normal(
-        size=(5, 5)
-    )
-    field = np.real(np.fft.ifft2(np.fft.ifftshift(coeffs)))
+    band = tuple(slice(n // 2 - 2, n // 2 + 3) for n in shape)
+    size = (5,) * len(shape)
+    coeffs[band] = rng.normal(size=size) + 1j * rng.normal(size=size)
+    field = np.real(np.fft.ifftn(np.fft.ifftshift(coeffs)))
     span = field.max() - field.min()
     return (field - field.min()) / span * strength if span > 0 else np.zeros(shape)
 
 
-def birdcage_maps(coils: int, shape: tuple[int, int]) -> np.ndarray:
-    """Birdcage coil sensitivities (sigpy) normalised to unit root-sum-of-squares."""
+def birdcage_maps(coils: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Birdcage coil sensitivities (sigpy) over a 2D or 3D grid, normalised to unit
+    root-sum-of-squares. In 3D the coils sit on two rings along the first axis (the readout
+    of `cvxmri.data.simulate3d`, head to foot), ``ceil(coils / 2)`` per ring."""
     import sigpy.mri
 
-    maps = sigpy.mri.birdcage_maps((coils, *shape), r=1.5, nzz=coils)
+    rings = {"nzz": coils} if len(shape) == 2 else {"nzz": max(1, -(-coils // 2))}
+    maps = sigpy.mri.birdcage_maps((coils, *shape), r=1.5, **rings)
     return (maps / np.sqrt((np.abs(maps) ** 2).sum(axis=0, keepdims=True))).astype(np.complex64)
 
 
@@ -329,23 +345,41 @@ def simulate_dataset(
     with ``overwrite``.
     """
     config.validate()
+    check_out_dir(out_dir, overwrite)
+    volumes = [_load_slices(source, config) for source in sources]
+    config, note = _fit_slabs(volumes, config, fit_slabs)
+    return write_dataset(
+        out_dir, overwrite, lambda folder: _simulate_into(volumes, folder, config, note)
+    )
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` that exists and is not empty, unless ``overwrite``."""
     final = Path(out_dir)
     if final.exists() and any(final.iterdir()) and not overwrite:
         raise CvxmriError(f"{final}: already exists and is not empty (use --force to replace it)")
-    volumes = [_load_slices(source, config) for source in sources]
-    config, note = _fit_slabs(volumes, config, fit_slabs)
+
+
+def write_dataset(
+    out_dir: str | Path, overwrite: bool, build: Callable[[Path], dict[str, object]]
+) -> dict[str, object]:
+    """Run ``build(folder)`` on an empty sibling folder of ``out_dir`` and move it into place
+    when it returns (its manifest), so that an interrupted run leaves no half-written
+    dataset. An existing ``out_dir`` is replaced only with ``overwrite``."""
+    check_out_dir(out_dir, overwrite)
+    final = Path(out_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
-    out_dir = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir()
+    folder = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
     try:
-        manifest = _simulate_into(volumes, out_dir, config, note)
+        manifest = build(folder)
     except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         raise
     if final.exists():
         shutil.rmtree(final)
-    out_dir.rename(final)
+    folder.rename(final)
     return manifest
 
 

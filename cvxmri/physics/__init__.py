@@ -1,7 +1,7 @@
 """MRI physics: the centred FFT and the linear operators of the forward model, in 2D or 3D."""
 
 from cvxmri.physics.cg import conjugate_gradient
-from cvxmri.physics.fft import fft2c, fftnc, ifft2c, ifftnc, spatial_dims
+from cvxmri.physics.fft import fft2c, fftnc, ifft2c, ifft_readout, ifftnc, spatial_dims
 from cvxmri.physics.operators import (
     FFT,
     FFT2,
@@ -25,6 +25,7 @@ __all__ = [
     "fft2c",
     "fftnc",
     "ifft2c",
+    "ifft_readout",
     "ifftnc",
     "recon_sense",
     "spatial_dims",

@@ -63,3 +63,10 @@ def fft2c(image: torch.Tensor) -> torch.Tensor:
 def ifft2c(kspace: torch.Tensor) -> torch.Tensor:
     """Centred orthonormal inverse 2D FFT over the last two axes: ``ifftnc(kspace, ndim=2)``."""
     return ifftnc(kspace, ndim=2)
+
+
+def ifft_readout(kspace: torch.Tensor) -> torch.Tensor:
+    """Centred orthonormal inverse FFT along the readout of 3D k-space (..., kx, ky, kz),
+    axis -3, only: the hybrid space (..., x, ky, kz) in which every readout position is a
+    2D (ky, kz) problem (the readout is fully sampled, so this is exact)."""
+    return ifftnc(kspace.movedim(-3, -1), ndim=1).movedim(-1, -3)

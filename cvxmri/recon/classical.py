@@ -1,12 +1,13 @@
 """Classical baselines on normalised, undersampled multi-coil k-space.
 
-`zero_filled`, `compressed_sensing` and `cg_sense` take a `Sample` and return complex
-images (B, h, w) on its reconstruction matrix, restricted to its coil support, in the
-sample's normalised units (multiply by ``sample.scale`` for the data's own). The full-grid
-CS solvers underneath take masked k-space (B, C, H, W), coil maps (B, C, H, W) and a mask
-broadcastable to the k-space, and return complex images (B, H, W) on the k-space grid:
-`cs_l1_wavelet_shifted` (FISTA with a randomly shifted wavelet at every iteration, the
-default) and `cs_l1_wavelet` (sigpy's `L1WaveletRecon`, no shifts).
+`zero_filled`, `compressed_sensing` and `cg_sense` take a `Sample` of slices or of 3D
+volumes and return complex images (B, h, w), or (B, x, y, z), on its reconstruction
+matrix, restricted to its coil support, in the sample's normalised units (multiply by
+``sample.scale`` for the data's own). The full-grid CS solvers underneath take masked
+k-space (B, C, H, W), coil maps (B, C, H, W) and a mask broadcastable to the k-space, and
+return complex images (B, H, W) on the k-space grid (3D, ``ndim=3``: (B, C, X, Y, Z) in,
+(B, X, Y, Z) out): `cs_l1_wavelet_shifted` (FISTA with a randomly shifted wavelet at
+every iteration, the default) and `cs_l1_wavelet` (sigpy's `L1WaveletRecon`, no shifts).
 """
 
 from __future__ import annotations
@@ -83,10 +84,15 @@ class CGSenseConfig:
 
 
 def cs_l1_wavelet(
-    kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor, config: CSConfig
+    kspace: torch.Tensor,
+    maps: torch.Tensor,
+    mask: torch.Tensor,
+    config: CSConfig,
+    ndim: int = 2,
 ) -> torch.Tensor:
     """Compressed sensing without shifts: ``argmin_x 1/2 ||M F S x - y||^2 + lamda ||W x||_1``
-    per slice by sigpy's `L1WaveletRecon` (FISTA, fixed wavelet; ``config.shifts`` and
+    per slice (or volume: sigpy's transforms are n-dimensional; ``ndim`` only names the
+    case) by sigpy's `L1WaveletRecon` (FISTA, fixed wavelet; ``config.shifts`` and
     ``config.seed`` are not used).
 
     sigpy picks the FISTA step from a power iteration started at a random vector drawn from
@@ -118,7 +124,7 @@ def cs_l1_wavelet(
     return torch.stack(images).to(kspace.device)
 
 
-def wavelet_levels(shape: tuple[int, int], wavelet: str) -> int:
+def wavelet_levels(shape: tuple[int, ...], wavelet: str) -> int:
     """The decomposition depth of the CS wavelet on an image of ``shape``: pywt's maximum
     for the filter length (sigpy's choice), at least 1."""
     import pywt
@@ -131,10 +137,11 @@ def wavelet_soft_threshold(
     threshold: torch.Tensor,
     wavelet: str,
     levels: int,
-    shift: tuple[int, int] = (0, 0),
+    shift: tuple[int, ...] = (0, 0),
 ) -> torch.Tensor:
-    """``S^-1 W^H soft(W S x, threshold)`` for complex images (B, H, W): circular shift by
-    ``shift``, orthogonal wavelet transform over the last two axes (periodic boundary,
+    """``S^-1 W^H soft(W S x, threshold)`` for complex images (B, H, W), or volumes
+    (B, X, Y, Z) with a 3-axis ``shift``: circular shift by ``shift``, orthogonal wavelet
+    transform over the last ``len(shift)`` axes (pywt's ``wavedecn``; periodic boundary,
     ``levels`` deep), complex soft threshold of every coefficient (the coarse band too) by
     the slice's ``threshold`` (B,), inverse transform, shift back. For axes divisible by
     ``2**levels`` the transform is orthonormal and this is the proximal operator of
@@ -143,25 +150,32 @@ def wavelet_soft_threshold(
     invertible, so pywt's warning about boundary effects is silenced."""
     import pywt
 
-    shifted = torch.roll(image, shift, dims=(-2, -1)).cpu().numpy()
+    dims = tuple(range(-len(shift), 0))
+    shifted = torch.roll(image, shift, dims=dims).cpu().numpy()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Level value of", category=UserWarning)
-        coeffs = pywt.wavedec2(shifted, wavelet, mode="periodization", level=levels, axes=(-2, -1))
-    tau = threshold.detach().cpu().numpy().astype(np.float32).reshape(-1, 1, 1)
+        coeffs = pywt.wavedecn(shifted, wavelet, mode="periodization", level=levels, axes=dims)
+    tau = threshold.detach().cpu().numpy().astype(np.float32).reshape(-1, *[1] * len(shift))
 
     def soft(c: np.ndarray) -> np.ndarray:
         size = np.abs(c)
         return c * (np.maximum(size - tau, 0.0) / np.maximum(size, 1e-30))
 
-    thresholded = [soft(coeffs[0])] + [tuple(soft(c) for c in band) for band in coeffs[1:]]
-    result = pywt.waverec2(thresholded, wavelet, mode="periodization", axes=(-2, -1))
-    result = result[..., : image.shape[-2], : image.shape[-1]].astype(np.complex64)
-    back = torch.from_numpy(np.ascontiguousarray(result)).to(image.device)
-    return torch.roll(back, (-shift[0], -shift[1]), dims=(-2, -1))
+    thresholded = [soft(coeffs[0])] + [
+        {key: soft(c) for key, c in band.items()} for band in coeffs[1:]
+    ]
+    result = pywt.waverecn(thresholded, wavelet, mode="periodization", axes=dims)
+    result = result[(..., *(slice(0, n) for n in image.shape[-len(shift) :]))]
+    back = torch.from_numpy(np.ascontiguousarray(result.astype(np.complex64))).to(image.device)
+    return torch.roll(back, tuple(-s for s in shift), dims=dims)
 
 
 def cs_l1_wavelet_shifted(
-    kspace: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor, config: CSConfig
+    kspace: torch.Tensor,
+    maps: torch.Tensor,
+    mask: torch.Tensor,
+    config: CSConfig,
+    ndim: int = 2,
 ) -> torch.Tensor:
     """Compressed sensing with random wavelet shifts (cycle spinning), all slices at once:
     FISTA on ``1/2 ||M F S x - y||^2 + lamda ||W x||_1`` whose proximal step thresholds
@@ -176,21 +190,23 @@ def cs_l1_wavelet_shifted(
     eigenvalue of ``A^H A`` (the FFT is unitary and the mask at most 1), so no random power
     iteration is needed (BART takes 0.95, assuming normalised maps). The shifts come from a
     `numpy.random.Generator` seeded with ``config.seed``: the same for every slice and every
-    call, and the global numpy and torch generators are not touched.
+    call, and the global numpy and torch generators are not touched. With ``ndim=3`` the
+    same runs on volumes (B, C, X, Y, Z) with the 3D wavelet and one shift per axis.
     """
-    normal = Sense(maps, mask).N
+    sense = Sense(maps, mask, ndim)
+    normal = sense.N
     lipschitz = (maps.abs() ** 2).sum(dim=1).flatten(1).amax(dim=1).clamp_min(1e-12)
-    step = (1.0 / lipschitz).view(-1, 1, 1)
-    levels = wavelet_levels(tuple(kspace.shape[-2:]), config.wavelet)
+    step = (1.0 / lipschitz).view(-1, *[1] * ndim)
+    levels = wavelet_levels(tuple(kspace.shape[-ndim:]), config.wavelet)
     block = 2**levels
     rng = np.random.default_rng(config.seed)
-    rhs = Sense(maps, mask).adjoint(kspace)
+    rhs = sense.adjoint(kspace)
     x = torch.zeros_like(rhs)
     z = x
     momentum = 1.0
     for _ in range(config.iterations):
         gradient = normal(z) - rhs
-        shift = tuple(int(s) for s in rng.integers(0, block, size=2))
+        shift = tuple(int(s) for s in rng.integers(0, block, size=ndim))
         previous = x
         x = wavelet_soft_threshold(
             z - step * gradient, config.lamda * step.flatten(), config.wavelet, levels, shift
@@ -204,7 +220,7 @@ def cs_l1_wavelet_shifted(
 def zero_filled(sample: Sample) -> torch.Tensor:
     """The zero-filled SENSE image ``x0 = crop(A^H (M k)) / scale`` of the sample,
     restricted to the coil support."""
-    return to_complex(sample.x0) * sample.support[:, 0]
+    return to_complex(sample.x0, sample.ndim) * sample.support[:, 0]
 
 
 def compressed_sensing(sample: Sample, config: CSConfig) -> torch.Tensor:
@@ -212,7 +228,7 @@ def compressed_sensing(sample: Sample, config: CSConfig) -> torch.Tensor:
     `cs_l1_wavelet` when ``config.shifts`` is off), solved on the full k-space grid, then
     cropped to the recon matrix and restricted to the coil support."""
     solver = cs_l1_wavelet_shifted if config.shifts else cs_l1_wavelet
-    image = solver(sample.y, sample.maps, sample.mask, config)
+    image = solver(sample.y, sample.maps, sample.mask, config, sample.ndim)
     return center_crop(image, sample.recon_shape) * sample.support[:, 0]
 
 
@@ -221,7 +237,7 @@ def cg_sense(sample: Sample, config: CGSenseConfig) -> torch.Tensor:
     with ``config.iterations`` iterations, ``A`` the SENSE operator of images on the recon
     matrix (`recon_sense`), ``y`` the sample's normalised k-space; restricted to the coil
     support."""
-    sense = recon_sense(sample.maps, sample.mask, sample.recon_shape)
+    sense = recon_sense(sample.maps, sample.mask, sample.recon_shape, sample.ndim)
     rhs = sense.adjoint(sample.y)
 
     def normal(x: torch.Tensor) -> torch.Tensor:
