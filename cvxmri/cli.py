@@ -745,6 +745,7 @@ def _merge(base: dict, overlay: object, where: str) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from cvxmri import distributed
     from cvxmri.training.run import train
 
     config = _train_config(args)
@@ -752,6 +753,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     metrics = train(
         config, out, resume=args.resume, force=args.force, progress=_epoch_progress(args)
     )
+    if not distributed.is_main():
+        return
     final = metrics["final"]
     size = (
         f"unrolled, {config.unrolled.iterations} iterations"
@@ -1088,8 +1091,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[console])
     sub = getattr(args, "data_command", None) or getattr(args, "benchmark_command", None)
     command = COMMANDS[(args.command, sub)]
+    from cvxmri import distributed
+
     try:
-        command(args)
+        if distributed.launched() and args.command != "train":
+            raise CvxmriError(
+                f"{args.command} runs on one process; only train runs under torchrun "
+                "(launch it with python -m cvxmri or cvxmri)"
+            )
+        with distributed.process_group():
+            command(args)
     except CvxmriError as err:
         if args.debug:
             raise

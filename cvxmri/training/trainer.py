@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from cvxmri import distributed
 from cvxmri.config import to_dict
 from cvxmri.errors import CvxmriError
 from cvxmri.metrics import slice_metrics, volume_metrics
@@ -215,9 +216,12 @@ class TrainingStopped(Exception):
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` means CUDA when available; a CUDA device that is not there is refused here,
-    before any work starts."""
+    before any work starts. Under torchrun ``cuda`` and ``auto`` mean this process's GPU,
+    ``cuda:LOCAL_RANK`` (`cvxmri.distributed.local_device`)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -230,7 +234,7 @@ def resolve_device(name: str) -> torch.device:
             raise CvxmriError(
                 f"device {name} requested but only {count} CUDA device(s) are available"
             )
-    return device
+    return distributed.local_device(device)
 
 
 class Trainer:
@@ -252,6 +256,11 @@ class Trainer:
             config.data, "train", config.mask, max_slices=config.max_train_slices
         )
         self.val_data = SliceData(config.val_data or config.data, "val", config.mask)
+        if len(self.train_data) < distributed.world_size():
+            raise CvxmriError(
+                f"{len(self.train_data)} training slices for {distributed.world_size()} "
+                "processes: every process needs at least one"
+            )
         images = len(self.train_data) + len(self.val_data)
         check_resources(config, images, self.train_data.recon_shape, out)
         check_step_fits(config, self.train_data.recon_shape, self.device)
@@ -320,6 +329,8 @@ class Trainer:
         interrupted run has the rows of its finished epochs), the log, TensorBoard and
         the ``progress`` callback."""
         self.history.append(row)
+        if not distributed.is_main():
+            return
         write_history(self.out / "history.csv", self.history)
         log.info("%s", row)
         if self.progress is not None:
@@ -342,12 +353,14 @@ class Trainer:
         ``transform`` (the frozen prefix, when stage inputs are not cached) runs on whole
         images before cropping, so cached and recomputed inputs are the same. ``gates``
         (packed sign patterns of the whole images, `pack_gates`) are cropped alongside;
-        None when not given."""
+        None when not given. Under torchrun each process gets its part of every global
+        batch (`cvxmri.distributed.batch_part`)."""
         cfg = self.config
         shape = (inputs.shape[-2], inputs.shape[-1])
         n = len(inputs) * cfg.crops_per_image
         corners = crop_windows(n, shape, cfg.crop, cfg.seed, stage, epoch)
-        for draw in epoch_batches(n, cfg.optim.batch_size, cfg.seed, stage, epoch):
+        for batch in epoch_batches(n, cfg.optim.batch_size, cfg.seed, stage, epoch):
+            draw = distributed.batch_part(batch)
             index = draw % len(inputs)
             corner = corners[draw]
             x = inputs[index].to(self.device)
@@ -368,7 +381,9 @@ class Trainer:
             depth_metrics=json.dumps(self.depth_metrics),
             config=json.dumps(to_dict(self.config)),
         )
-        save_checkpoint(self.out / "checkpoints" / "last.pt", state)
+        if distributed.is_main():
+            save_checkpoint(self.out / "checkpoints" / "last.pt", state)
+        distributed.barrier()
 
     def _load(self) -> dict[str, Any] | None:
         path = self.out / "checkpoints" / "last.pt"
@@ -392,7 +407,8 @@ class Trainer:
         """
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        if distributed.is_main():
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
         try:
             state = self._load()
             budget = [math.inf if stop_after is None else stop_after]
@@ -400,7 +416,8 @@ class Trainer:
                 return self._fit_end_to_end(state, budget)
             return self._fit_layerwise(state, budget)
         finally:
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
 
     # ------------------------------------------------------------------------ end-to-end
 
@@ -480,7 +497,7 @@ class Trainer:
         features = self._apply(layers, x, dtype=dtype)
         if self.config.stage_cache == "memory":
             return features
-        path = self.out / "cache" / f"stage{stage + 1}_{split}_inputs.pt"
+        path = self._cache_path(stage + 1, split)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(features, path)
         del features
@@ -516,8 +533,14 @@ class Trainer:
         if previous is not None:
             previous.cached = previous.val = previous.frozen = None
         for split in ("train", "val"):
-            (self.out / "cache" / f"stage{stage}_{split}_inputs.pt").unlink(missing_ok=True)
+            self._cache_path(stage, split).unlink(missing_ok=True)
         return inputs
+
+    def _cache_path(self, stage: int, split: str) -> Path:
+        """The file of stage ``stage``'s (1-based) cached inputs of ``split``; one per
+        process under torchrun (each process keeps its own)."""
+        part = f"_rank{distributed.rank()}" if distributed.world_size() > 1 else ""
+        return self.out / "cache" / f"stage{stage}_{split}_inputs{part}.pt"
 
     def _inputs_sample(self, inputs: StageInputs, n: int) -> Tensor:
         """The stage inputs of the first ``n`` training images (float32, on the CPU)."""
@@ -566,7 +589,8 @@ class Trainer:
         self, stage: Stage, x: Tensor, residual: Tensor, inputs: StageInputs
     ) -> dict[str, float] | None:
         """The duality gap on whole training images (the fixed convex problem); None for a
-        stage without a certificate."""
+        stage without a certificate. Each process passes its share of the images."""
+        x, residual = distributed.shard(x), distributed.shard(residual)
 
         def batches() -> Iterator[tuple[Tensor, Tensor]]:
             step = chunk_images(x.shape)
@@ -686,11 +710,12 @@ class Trainer:
         self, stage: Stage, program: ConvexStage, inputs: StageInputs, index: int
     ) -> None:
         """Solve the stage's convex program on whole images with FISTA, logging the
-        certificate every 10 iterations. A stage interrupted here restarts on resume."""
+        certificate every 10 iterations. A stage interrupted here restarts on resume. Each
+        process passes its share of the images (`cvxmri.distributed.shard`)."""
         cfg = self.config
         pairs = self._pairs(0)
-        x = inputs.cached if inputs.cached is not None else pairs.x0
-        residual = pairs.target - pairs.x0
+        x = distributed.shard(inputs.cached if inputs.cached is not None else pairs.x0)
+        residual = distributed.shard(pairs.target - pairs.x0)
         step = chunk_images(x.shape)
         batches = [
             (x[i : i + step].to(self.device).float(), residual[i : i + step].to(self.device))
@@ -723,11 +748,12 @@ class Trainer:
         (`CertifiedConfig`), every beta to the relative gap ``tol`` (`StageSolver`), and
         keep the beta with the best validation PSNR. Every beta adds a history row and a
         certificate (with its gap-against-time trace); the chosen one is marked
-        ``selected``. A stage interrupted here restarts on resume."""
+        ``selected``. A stage interrupted here restarts on resume. Each process passes its
+        share of the images (`cvxmri.distributed.shard`)."""
         cfg, settings = self.config, self.config.certified
         pairs = self._pairs(0)
-        x = inputs.cached if inputs.cached is not None else pairs.x0
-        residual = pairs.target - pairs.x0
+        x = distributed.shard(inputs.cached if inputs.cached is not None else pairs.x0)
+        residual = distributed.shard(pairs.target - pairs.x0)
         step = chunk_images(x.shape)
         data = []
         for i in range(0, len(x), step):
@@ -838,9 +864,10 @@ class Trainer:
         prefix = self._prefix(index, torch.device("cpu"))
         hidden = [*(prefix.hidden if prefix else []), copy.deepcopy(first).cpu()]
         depth = index + 2
-        ReconCNN(hidden, copy.deepcopy(last).cpu()).save(
-            self.out / f"model_depth{depth}.pt", {"layers": depth, "method": cfg.method}
-        )
+        if distributed.is_main():
+            ReconCNN(hidden, copy.deepcopy(last).cpu()).save(
+                self.out / f"model_depth{depth}.pt", {"layers": depth, "method": cfg.method}
+            )
         del prefix, hidden
         self.depth_metrics.append({"layers": depth, **self._validate_stage(stage, inputs)})
         inputs.frozen = first.to(self.device).eval()
@@ -932,7 +959,8 @@ def epoch_summary(row: dict[str, Any]) -> str:
 
 
 def write_outputs(trainer: Trainer, model: ReconCNN | UnrolledNet) -> dict[str, Any]:
-    """The exported network, history (CSV), certificates and metrics (JSON) of a run."""
+    """The exported network, history (CSV), certificates and metrics (JSON) of a run
+    (written by rank 0 alone under torchrun); returns the metrics."""
     out = trainer.out
     config = trainer.config
     size = (
@@ -940,12 +968,6 @@ def write_outputs(trainer: Trainer, model: ReconCNN | UnrolledNet) -> dict[str, 
         if isinstance(model, UnrolledNet)
         else {"layers": model.depth}
     )
-    model.save(
-        out / "model.pt",
-        {"method": config.method, "arch": config.arch, **size, "mask": config.mask.describe()},
-    )
-    write_history(out / "history.csv", trainer.history)
-    (out / "certificates.json").write_text(json.dumps(trainer.certificates, indent=2))
     metrics = {
         "method": config.method,
         "mask": config.mask.describe(),
@@ -953,5 +975,13 @@ def write_outputs(trainer: Trainer, model: ReconCNN | UnrolledNet) -> dict[str, 
         "by_depth": trainer.depth_metrics,
         "train_seconds": sum(float(r.get("seconds", 0.0)) for r in trainer.history),
     }
+    if not distributed.is_main():
+        return metrics
+    model.save(
+        out / "model.pt",
+        {"method": config.method, "arch": config.arch, **size, "mask": config.mask.describe()},
+    )
+    write_history(out / "history.csv", trainer.history)
+    (out / "certificates.json").write_text(json.dumps(trainer.certificates, indent=2))
     (out / "metrics_val.json").write_text(json.dumps(metrics, indent=2))
     return metrics

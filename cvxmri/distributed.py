@@ -1,0 +1,204 @@
+"""Data-parallel training on many processes (``torchrun``): the process group and the few
+collective operations the trainers use.
+
+``torchrun --nproc-per-node N -m cvxmri train ...`` starts N copies of the command with
+``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set. `process_group` initialises
+``torch.distributed`` from them (gloo for CPU tensors, NCCL for CUDA tensors when CUDA is
+there) and each process trains on its own device (``cuda:LOCAL_RANK``, `local_device`).
+Without torchrun (or with ``WORLD_SIZE`` 1) there is no process group and every helper
+here returns at once, leaving its arguments untouched: single-process runs compute exactly
+what they computed before.
+
+How the work is split (docs/method.md, "Many processes"):
+
+- a mini-batch is the global batch of `cvxmri.training.data.epoch_batches` (``batch_size``
+  is the global batch); rank r steps on its part `batch_part`, and `average_gradients`
+  makes every rank's gradient the global batch's before the optimiser steps, so all ranks
+  hold the same weights;
+- full-batch work (FISTA, the certificate, the certified solver's Gram system) runs on the
+  rank's images `shard` (r, r + N, r + 2N, ...) and its sums are added across ranks
+  (`all_reduce_`, `sum_floats`), so that it speaks of the whole training set;
+- one process writes files (`is_main`); the others wait for it at a `barrier`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from cvxmri.errors import CvxmriError
+
+# Fault injection for the distributed kill-and-resume test: "R:N" makes rank R kill itself
+# (SIGKILL) when it reaches its N-th barrier. Unset in normal use.
+FAULT_VARIABLE = "CVXMRI_TEST_KILL_RANK"
+_barriers = [0]
+
+T = TypeVar("T")
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    """Whether a process group of more than one process is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    """Whether this process writes the run's files (rank 0)."""
+    return rank() == 0
+
+
+def local_device(device: torch.device) -> torch.device:
+    """``device`` for this process: a CUDA device without an index becomes
+    ``cuda:LOCAL_RANK`` under torchrun (one GPU per process); anything else is kept."""
+    if device.type == "cuda" and device.index is None and launched():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+@contextmanager
+def process_group() -> Iterator[None]:
+    """The process group of a torchrun launch for the duration of the block (nothing
+    without torchrun). A collective that fails because another process died becomes a
+    one-line `CvxmriError`."""
+    if not launched():
+        yield
+        return
+    if not dist.is_available():
+        raise CvxmriError("this PyTorch build has no torch.distributed; run on one process")
+    backend = "gloo"
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    try:
+        yield
+    except dist.DistError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CvxmriError(
+            f"rank {dist.get_rank()}: lost contact with the other processes (one of them "
+            f"failed or was killed; resume with --resume): {first[:200]}"
+        ) from None
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every process gets here (a CPU all-reduce, so it works for any backend)."""
+    if not active():
+        return
+    _barriers[0] += 1
+    spec = os.environ.get(FAULT_VARIABLE, "")
+    if spec == f"{rank()}:{_barriers[0]}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.all_reduce(torch.zeros(1))
+
+
+def all_reduce_(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` across processes, in place; returns it."""
+    if active():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def sum_floats(*values: float) -> list[float]:
+    """The sums across processes of some Python numbers (float64)."""
+    if not active():
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def shard(items: Sequence[T] | Tensor) -> Sequence[T] | Tensor:
+    """This process's share of a training set: items r, r + N, r + 2N, ... (all of them
+    on one process)."""
+    if not active():
+        return items
+    return items[rank() :: world_size()]
+
+
+def local_indices(indices: Iterable[int]) -> list[int]:
+    """Of the training set's ``indices`` (positions in the whole set), those this process
+    holds (`shard`), as positions in its share."""
+    n, r = world_size(), rank()
+    return [(i - r) // n for i in indices if i % n == r]
+
+
+def batch_part(batch: Tensor) -> Tensor:
+    """This process's part of a global batch of indices: a contiguous piece (as even as
+    possible; empty when the batch has fewer items than there are processes)."""
+    if not active():
+        return batch
+    return batch.tensor_split(world_size())[rank()]
+
+
+def average_gradients(parameters: Iterable[nn.Parameter], count: int, loss: Tensor) -> float:
+    """Make every process's gradients those of the global batch and return its loss.
+
+    Each process holds the gradient of the mean loss over its ``count`` images (plus any
+    term that is the same everywhere, such as a penalty). The global batch's gradient is
+    ``sum_r count_r g_r / sum_r count_r``; the weights sum to 1, so the common terms keep
+    their value. A process with no images contributes nothing. One all-reduce carries the
+    gradients, the losses and the counts. On one process: ``float(loss)``, gradients
+    untouched.
+    """
+    if not active():
+        return float(loss.detach())
+    params = [p for p in parameters if p.requires_grad]
+    grads = []
+    for p in params:
+        grad = p.grad if p.grad is not None and count > 0 else torch.zeros_like(p)
+        grads.append(grad.detach().float().flatten())
+    value = (
+        loss.detach().float().reshape(1) if count > 0 else torch.zeros(1, device=grads[0].device)
+    )
+    flat = torch.cat([*grads, value, torch.ones(1, device=value.device)]) * count
+    dist.all_reduce(flat)
+    total = float(flat[-1])
+    flat = flat / total
+    start = 0
+    for p in params:
+        size = p.numel()
+        p.grad = flat[start : start + size].view_as(p).to(p.dtype)
+        start += size
+    return float(flat[-2])
+
+
+def idle_step(parameters: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer) -> float:
+    """The step of a process whose part of the global batch is empty: it takes part in
+    `average_gradients` with nothing and steps with the others' gradients."""
+    params = list(parameters)
+    optimizer.zero_grad(set_to_none=True)
+    loss = average_gradients(params, 0, torch.zeros(()))
+    optimizer.step()
+    return loss
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on any process: decisions taken from local measurements
+    (a time limit) are taken together, so every process follows the same path."""
+    if not active():
+        return flag
+    return sum_floats(float(flag))[0] > 0
