@@ -80,8 +80,7 @@ def local_device(device: torch.device) -> torch.device:
 @contextmanager
 def process_group() -> Iterator[None]:
     """The process group of a torchrun launch for the duration of the block (nothing
-    without torchrun). A collective that fails because another process died becomes a
-    one-line `CvxmriError`."""
+    without torchrun)."""
     if not launched():
         yield
         return
@@ -94,14 +93,21 @@ def process_group() -> Iterator[None]:
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     try:
         yield
-    except dist.DistError as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CvxmriError(
-            f"rank {dist.get_rank()}: lost contact with the other processes (one of them "
-            f"failed or was killed; resume with --resume): {first[:200]}"
-        ) from None
     finally:
         dist.destroy_process_group()
+
+
+def _all_reduce(tensor: Tensor) -> None:
+    """``dist.all_reduce`` (a sum), with a failure (another process died: its connection
+    closed, or the timeout passed) as a one-line `CvxmriError`."""
+    try:
+        dist.all_reduce(tensor)
+    except RuntimeError as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CvxmriError(
+            f"rank {rank()}: lost contact with the other processes ({reason[:160]}); one of "
+            "them failed or was killed: see its message, then continue the run with --resume"
+        ) from None
 
 
 def barrier() -> None:
@@ -112,13 +118,13 @@ def barrier() -> None:
     spec = os.environ.get(FAULT_VARIABLE, "")
     if spec == f"{rank()}:{_barriers[0]}":
         os.kill(os.getpid(), signal.SIGKILL)
-    dist.all_reduce(torch.zeros(1))
+    _all_reduce(torch.zeros(1))
 
 
 def all_reduce_(tensor: Tensor) -> Tensor:
     """Sum ``tensor`` across processes, in place; returns it."""
     if active():
-        dist.all_reduce(tensor)
+        _all_reduce(tensor)
     return tensor
 
 
@@ -127,7 +133,7 @@ def sum_floats(*values: float) -> list[float]:
     if not active():
         return list(values)
     total = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(total)
+    _all_reduce(total)
     return total.tolist()
 
 
@@ -175,7 +181,7 @@ def average_gradients(parameters: Iterable[nn.Parameter], count: int, loss: Tens
         loss.detach().float().reshape(1) if count > 0 else torch.zeros(1, device=grads[0].device)
     )
     flat = torch.cat([*grads, value, torch.ones(1, device=value.device)]) * count
-    dist.all_reduce(flat)
+    _all_reduce(flat)
     total = float(flat[-1])
     flat = flat / total
     start = 0
