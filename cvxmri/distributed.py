@@ -103,7 +103,7 @@ def _all_reduce(tensor: Tensor) -> None:
     try:
         dist.all_reduce(tensor)
     except RuntimeError as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
         raise CvxmriError(
             f"rank {rank()}: lost contact with the other processes ({reason[:160]}); one of "
             "them failed or was killed: see its message, then continue the run with --resume"
