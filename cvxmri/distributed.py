@@ -64,6 +64,12 @@ def rank() -> int:
     return dist.get_rank() if active() else 0
 
 
+def local_world_size() -> int:
+    """Number of processes on this machine (torchrun's ``LOCAL_WORLD_SIZE``; 1 without a
+    process group)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if active() else 1
+
+
 def is_main() -> bool:
     """Whether this process writes the run's files (rank 0)."""
     return rank() == 0

@@ -97,6 +97,8 @@ def check_resources(config: TrainConfig, images: int, shape: tuple[int, int], ou
     need = 2 * images * config.channels * shape[0] * shape[1] * (2 if config.amp else 4)
     gib = 1024**3
     if config.stage_cache == "memory":
+        # Every process on this machine keeps its own copy (torchrun).
+        need *= distributed.local_world_size()
         have = data_module.available_memory()
         where = "available memory"
     else:
@@ -142,13 +144,15 @@ def check_step_fits(config: TrainConfig, shape: tuple[int, int], device: torch.d
     else:
         have = data_module.available_memory()
         where = "available memory"
-    batch = config.optim.batch_size
+    # Under torchrun a process steps on its part of the global batch.
+    processes = distributed.world_size()
+    batch = math.ceil(config.optim.batch_size / processes)
     per_image, validation = step_memory(config, shape)
     need = max(batch * per_image, validation)
     limit = 0.9 * have
     if need <= limit:
         return
-    fits = int(limit // per_image) if validation <= limit else 0
+    fits = processes * int(limit // per_image) if validation <= limit else 0
     advice = (
         f"use optim.batch_size {fits} or less"
         if fits
@@ -156,7 +160,8 @@ def check_step_fits(config: TrainConfig, shape: tuple[int, int], device: torch.d
     )
     gib = 1024**3
     raise CvxmriError(
-        f"a training step at batch size {batch} needs about {need / gib:.1f} GiB but only "
+        f"a training step at batch size {config.optim.batch_size} needs about "
+        f"{need / gib:.1f} GiB but only "
         f"{have / gib:.1f} GiB of {where}: {advice}"
     )
 
@@ -440,7 +445,8 @@ class Trainer:
             batches = self._batches(pairs.x0, pairs.target, 0, epoch)
             steps = math.ceil(len(pairs) * cfg.crops_per_image / cfg.optim.batch_size)
             desc = f"end-to-end epoch {epoch + 1}/{cfg.optim.epochs}"
-            progress = tqdm(batches, total=steps, desc=desc, leave=False, disable=None)
+            quiet = None if distributed.is_main() else True
+            progress = tqdm(batches, total=steps, desc=desc, leave=False, disable=quiet)
             train_loss = end_to_end_epoch(
                 model,
                 ((x0, target) for x0, target, _ in progress),
@@ -668,7 +674,8 @@ class Trainer:
             batches = self._batches(x, residual, index + 1, epoch, inputs.transform, inputs.gates)
             steps = math.ceil(len(x) * cfg.crops_per_image / cfg.optim.batch_size)
             desc = f"{cfg.method} stage {index + 1}/{stages} epoch {epoch + 1}/{cfg.optim.epochs}"
-            progress = tqdm(batches, total=steps, desc=desc, leave=False, disable=None)
+            quiet = None if distributed.is_main() else True
+            progress = tqdm(batches, total=steps, desc=desc, leave=False, disable=quiet)
             unpacked = (
                 (x, r, None if packed is None else unpack_gates(packed, stage.patterns))
                 for x, r, packed in progress
