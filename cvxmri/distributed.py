@@ -26,9 +26,8 @@ from __future__ import annotations
 import datetime
 import os
 import signal
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -40,8 +39,6 @@ from cvxmri.errors import CvxmriError
 # (SIGKILL) when it reaches its N-th barrier. Unset in normal use.
 FAULT_VARIABLE = "CVXMRI_TEST_KILL_RANK"
 _barriers = [0]
-
-T = TypeVar("T")
 
 
 def launched() -> bool:
@@ -97,10 +94,10 @@ def process_group() -> Iterator[None]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+    yield
+    # Only after success: with another process gone or stuck, tearing the group down
+    # could wait for it; the process ends anyway.
+    dist.destroy_process_group()
 
 
 def _all_reduce(tensor: Tensor) -> None:
@@ -143,12 +140,12 @@ def sum_floats(*values: float) -> list[float]:
     return total.tolist()
 
 
-def shard(items: Sequence[T] | Tensor) -> Sequence[T] | Tensor:
-    """This process's share of a training set: items r, r + N, r + 2N, ... (all of them
-    on one process)."""
+def shard(images: Tensor) -> Tensor:
+    """This process's share of a training set's images (first axis): images r, r + N,
+    r + 2N, ... (all of them on one process)."""
     if not active():
-        return items
-    return items[rank() :: world_size()]
+        return images
+    return images[rank() :: world_size()]
 
 
 def local_indices(indices: Iterable[int]) -> list[int]:

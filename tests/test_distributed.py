@@ -41,6 +41,8 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, size: int, port: int, argv: list[str]) -> None:
+    # A forked child must not reuse the parent's OpenMP pool (as torch's DataLoader workers).
+    torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
