@@ -73,11 +73,17 @@ def is_main() -> bool:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """``device`` for this process: a CUDA device without an index becomes
-    ``cuda:LOCAL_RANK`` under torchrun (one GPU per process); anything else is kept."""
-    if device.type == "cuda" and device.index is None and launched():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+    """``device`` for this process: under torchrun a CUDA device becomes
+    ``cuda:LOCAL_RANK`` (one GPU per process), and a numbered one is refused (every
+    process would use it); anything else is kept."""
+    if device.type != "cuda" or not launched():
+        return device
+    if device.index is not None:
+        raise CvxmriError(
+            f"device {device} under torchrun: each process takes its own GPU "
+            "(cuda:LOCAL_RANK); give --device cuda or auto"
+        )
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 @contextmanager

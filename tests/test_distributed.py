@@ -27,8 +27,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import cvxmri
 from cvxmri.cli import main
-from cvxmri.distributed import FAULT_VARIABLE, average_gradients, batch_part, local_indices
+from cvxmri.distributed import (
+    FAULT_VARIABLE,
+    average_gradients,
+    batch_part,
+    local_device,
+    local_indices,
+)
+from cvxmri.errors import CvxmriError
 from cvxmri.models.unrolled import load_network
 
 COMMON = ["--preset", "tiny", "--calib-size", "6", "--device", "cpu"]
@@ -142,7 +150,7 @@ def test_killed_process_ends_the_job_and_resume_continues(tiny_data: Path, tmp_p
     assert done.returncode != 0
     # No traceback from cvxmri's processes (torchrun prints its own failure summary); rank
     # 0 says in one line what happened unless torchrun stopped it first.
-    assert "/cvxmri/" not in done.stderr
+    assert f'File "{Path(cvxmri.__file__).parent}' not in done.stderr
     assert [line for line in done.stderr.splitlines() if line.startswith("cvxmri:")] in (
         [],
         [next(line for line in done.stderr.splitlines() if "lost contact" in line)],
@@ -165,6 +173,15 @@ def test_other_commands_refuse_a_torchrun_launch(
     error = capsys.readouterr().err.strip()
     assert error.startswith("cvxmri: error: evaluate runs on one process")
     assert "\n" not in error
+
+
+def test_each_process_takes_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert local_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert local_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(CvxmriError, match="each process takes its own GPU"):
+        local_device(torch.device("cuda", 0))
 
 
 def test_single_process_helpers_leave_everything_as_it_is() -> None:

@@ -29,6 +29,10 @@ epoch). ``history.csv`` is rewritten with every history row, so an interrupted r
 its finished epochs' rows. An end-to-end run may resume with more ``optim.epochs`` than it
 was started with (`check_resumable`): it continues to the new count and ends as a run
 started with it would, the schedule depending on the epoch index only.
+
+Under torchrun (`cvxmri.distributed`) every process runs this trainer: each steps on its
+part of every global batch, the solvers and certificates sum over its share of the
+images, and rank 0 alone writes files (docs/method.md, "Many processes").
 """
 
 from __future__ import annotations
