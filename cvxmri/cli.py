@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -1091,15 +1092,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[console])
     sub = getattr(args, "data_command", None) or getattr(args, "benchmark_command", None)
     command = COMMANDS[(args.command, sub)]
-    from cvxmri import distributed
-
     try:
-        if distributed.launched() and args.command != "train":
-            raise CvxmriError(
-                f"{args.command} runs on one process; only train runs under torchrun "
-                "(launch it with python -m cvxmri or cvxmri)"
-            )
-        with distributed.process_group():
+        if args.command == "train":
+            from cvxmri import distributed
+
+            with distributed.process_group():
+                command(args)
+        else:
+            # As `cvxmri.distributed.launched`, without importing torch for every command.
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise CvxmriError(
+                    f"{args.command} runs on one process; only train runs under torchrun "
+                    "(run it without torchrun)"
+                )
             command(args)
     except CvxmriError as err:
         if args.debug:

@@ -11,13 +11,16 @@ what they computed before.
 
 How the work is split (docs/method.md, "Many processes"):
 
+- rank r holds the training images r, r + N, r + 2N, ... (`shard`), and their stage-input
+  caches and sign patterns;
 - a mini-batch is the global batch of `cvxmri.training.data.epoch_batches` (``batch_size``
-  is the global batch); rank r steps on its part `batch_part`, and `average_gradients`
-  makes every rank's gradient the global batch's before the optimiser steps, so all ranks
-  hold the same weights;
+  is the global batch); rank r steps on its part, the draws of its images (`owned`; the
+  unrolled trainer, which caches nothing, takes contiguous parts, `batch_part`), and
+  `average_gradients` makes every rank's gradient the global batch's before the optimiser
+  steps, so all ranks hold the same weights;
 - full-batch work (FISTA, the certificate, the certified solver's Gram system) runs on the
-  rank's images `shard` (r, r + N, r + 2N, ...) and its sums are added across ranks
-  (`all_reduce_`, `sum_floats`), so that it speaks of the whole training set;
+  rank's images and its sums are added across ranks (`all_reduce_`, `sum_floats`), so
+  that it speaks of the whole training set;
 - one process writes files (`is_main`); the others wait for it at a `barrier`.
 """
 
@@ -152,6 +155,35 @@ def shard(images: Tensor) -> Tensor:
     if not active():
         return images
     return images[rank() :: world_size()]
+
+
+def owned(batch: Tensor, images: int) -> Tensor:
+    """The draws of a global batch (indices whose image is ``draw % images``) that fall on
+    images this process holds (its `shard`): its part of the batch, uneven in general."""
+    if not active():
+        return batch
+    return batch[(batch % images) % world_size() == rank()]
+
+
+def share_positions(indices: Tensor) -> Tensor:
+    """Positions in this process's share (`shard`) of the images ``indices`` it holds."""
+    if not active():
+        return indices
+    return indices // world_size()
+
+
+def gather_first(share: Tensor, count: int) -> Tensor:
+    """The first ``count`` images (all, if fewer) of the whole training set (float32, on
+    the CPU), put together from every process's share (`shard`); exact: each image is
+    added to zeros."""
+    if not active():
+        return share[:count].float()
+    n, r = world_size(), rank()
+    count = min(count, int(sum_floats(len(share))[0]))
+    images = torch.zeros((count, *share.shape[1:]), dtype=torch.float32)
+    images[r::n] = share[: len(range(r, count, n))].float().cpu()
+    _all_reduce(images)
+    return images
 
 
 def local_indices(indices: Iterable[int]) -> list[int]:

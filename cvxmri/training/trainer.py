@@ -270,7 +270,10 @@ class Trainer:
                 f"{len(self.train_data)} training slices for {distributed.world_size()} "
                 "processes: every process needs at least one"
             )
-        images = len(self.train_data) + len(self.val_data)
+        # Each process caches the stage inputs of its share of the training images and of
+        # every validation image.
+        share = math.ceil(len(self.train_data) / distributed.world_size())
+        images = share + len(self.val_data)
         check_resources(config, images, self.train_data.recon_shape, out)
         check_step_fits(config, self.train_data.recon_shape, self.device)
         self.val_pairs = self.val_data.pairs(self.val_data.evaluation_masks())
@@ -362,15 +365,17 @@ class Trainer:
         ``transform`` (the frozen prefix, when stage inputs are not cached) runs on whole
         images before cropping, so cached and recomputed inputs are the same. ``gates``
         (packed sign patterns of the whole images, `pack_gates`) are cropped alongside;
-        None when not given. Under torchrun each process gets its part of every global
-        batch (`cvxmri.distributed.batch_part`)."""
+        None when not given. ``inputs``, ``targets`` and ``gates`` are of this process's
+        share of the training images (`cvxmri.distributed.shard`), and it gets the draws
+        of every global batch that fall on them (`cvxmri.distributed.owned`)."""
         cfg = self.config
         shape = (inputs.shape[-2], inputs.shape[-1])
-        n = len(inputs) * cfg.crops_per_image
+        images = len(self.train_data)
+        n = images * cfg.crops_per_image
         corners = crop_windows(n, shape, cfg.crop, cfg.seed, stage, epoch)
         for batch in epoch_batches(n, cfg.optim.batch_size, cfg.seed, stage, epoch):
-            draw = distributed.batch_part(batch)
-            index = draw % len(inputs)
+            draw = distributed.owned(batch, images)
+            index = distributed.share_positions(draw % images)
             corner = corners[draw]
             x = inputs[index].to(self.device)
             if transform is not None:
@@ -446,7 +451,9 @@ class Trainer:
                 raise TrainingStopped
             began = time.perf_counter()
             pairs = self._pairs(epoch)
-            batches = self._batches(pairs.x0, pairs.target, 0, epoch)
+            batches = self._batches(
+                distributed.shard(pairs.x0), distributed.shard(pairs.target), 0, epoch
+            )
             steps = math.ceil(len(pairs) * cfg.crops_per_image / cfg.optim.batch_size)
             desc = f"end-to-end epoch {epoch + 1}/{cfg.optim.epochs}"
             quiet = None if distributed.is_main() else True
@@ -521,7 +528,9 @@ class Trainer:
         depth; a resumed run computes them once through the whole prefix (the same numbers:
         cached values are exact). The prefix is then not resident while the stage trains
         (only the exported network file holds it), so a stage's memory does not grow with
-        depth. The previous stage's cache is released (its files deleted)."""
+        depth. The previous stage's cache is released (its files deleted). Each process
+        caches its share of the training images (`cvxmri.distributed.shard`) and every
+        validation image."""
         cfg = self.config
         if stage == 0:
             return StageInputs()
@@ -530,12 +539,13 @@ class Trainer:
         pairs = self._pairs(0)
         if previous is not None and previous.frozen is not None:
             layers: Callable[[Tensor], Tensor] = previous.frozen
-            train = pairs.x0 if previous.cached is None else previous.cached
+            train = distributed.shard(pairs.x0) if previous.cached is None else previous.cached
             val = self.val_pairs.x0 if previous.val is None else previous.val
         else:
             prefix = self._prefix(stage)
             assert prefix is not None
-            layers, train, val = prefix.last_hidden, pairs.x0, self.val_pairs.x0
+            layers, val = prefix.last_hidden, self.val_pairs.x0
+            train = distributed.shard(pairs.x0)
         inputs = StageInputs(
             cached=self._cache_inputs(layers, train, stage, "train"),
             val=self._cache_inputs(layers, val, stage, "val"),
@@ -552,18 +562,26 @@ class Trainer:
         part = f"_rank{distributed.rank()}" if distributed.world_size() > 1 else ""
         return self.out / "cache" / f"stage{stage}_{split}_inputs{part}.pt"
 
+    def _training_share(self, inputs: StageInputs, pairs: PairSet) -> tuple[Tensor, Tensor]:
+        """The stage inputs (cached, or the zero-filled images) and residuals ``x* - x0``
+        of this process's share of the training images (`cvxmri.distributed.shard`)."""
+        x = inputs.cached if inputs.cached is not None else distributed.shard(pairs.x0)
+        return x, distributed.shard(pairs.target - pairs.x0)
+
     def _inputs_sample(self, inputs: StageInputs, n: int) -> Tensor:
-        """The stage inputs of the first ``n`` training images (float32, on the CPU)."""
+        """The stage inputs of the first ``n`` training images (float32, on the CPU), the
+        same on every process (`cvxmri.distributed.gather_first`)."""
         if inputs.cached is not None:
-            return inputs.cached[:n].float()
+            return distributed.gather_first(inputs.cached, n)
         x0 = self._pairs(0).x0[:n]
         return x0 if inputs.prefix is None else self._apply(inputs.prefix.last_hidden, x0)
 
     @torch.no_grad()
     def _gate_cache(self, stage: Stage, inputs: StageInputs) -> Tensor:
-        """The packed sign patterns (`pack_gates`) of every whole training image: fixed for
-        the stage, so computed once instead of in every step; crops take theirs from it."""
-        x = inputs.cached if inputs.cached is not None else self._pairs(0).x0
+        """The packed sign patterns (`pack_gates`) of every whole training image of this
+        process's share: fixed for the stage, so computed once instead of in every step;
+        crops take theirs from it."""
+        x, _ = self._training_share(inputs, self._pairs(0))
         packed = []
         step = chunk_images(x.shape)
         for start in range(0, len(x), step):
@@ -598,9 +616,8 @@ class Trainer:
     def _certificate(
         self, stage: Stage, x: Tensor, residual: Tensor, inputs: StageInputs
     ) -> dict[str, float] | None:
-        """The duality gap on whole training images (the fixed convex problem); None for a
-        stage without a certificate. Each process passes its share of the images."""
-        x, residual = distributed.shard(x), distributed.shard(residual)
+        """The duality gap on whole training images (the fixed convex problem; ``x`` and
+        ``residual`` of this process's share); None for a stage without a certificate."""
 
         def batches() -> Iterator[tuple[Tensor, Tensor]]:
             step = chunk_images(x.shape)
@@ -673,10 +690,9 @@ class Trainer:
                 raise TrainingStopped
             began = time.perf_counter()
             pairs = self._pairs(index * cfg.optim.epochs + epoch)
-            x = inputs.cached if inputs.cached is not None else pairs.x0
-            residual = pairs.target - pairs.x0
+            x, residual = self._training_share(inputs, pairs)
             batches = self._batches(x, residual, index + 1, epoch, inputs.transform, inputs.gates)
-            steps = math.ceil(len(x) * cfg.crops_per_image / cfg.optim.batch_size)
+            steps = math.ceil(len(pairs) * cfg.crops_per_image / cfg.optim.batch_size)
             desc = f"{cfg.method} stage {index + 1}/{stages} epoch {epoch + 1}/{cfg.optim.epochs}"
             quiet = None if distributed.is_main() else True
             progress = tqdm(batches, total=steps, desc=desc, leave=False, disable=quiet)
@@ -724,9 +740,7 @@ class Trainer:
         certificate every 10 iterations. A stage interrupted here restarts on resume. Each
         process passes its share of the images (`cvxmri.distributed.shard`)."""
         cfg = self.config
-        pairs = self._pairs(0)
-        x = distributed.shard(inputs.cached if inputs.cached is not None else pairs.x0)
-        residual = distributed.shard(pairs.target - pairs.x0)
+        x, residual = self._training_share(inputs, self._pairs(0))
         step = chunk_images(x.shape)
         batches = [
             (x[i : i + step].to(self.device).float(), residual[i : i + step].to(self.device))
@@ -762,9 +776,7 @@ class Trainer:
         ``selected``. A stage interrupted here restarts on resume. Each process passes its
         share of the images (`cvxmri.distributed.shard`)."""
         cfg, settings = self.config, self.config.certified
-        pairs = self._pairs(0)
-        x = distributed.shard(inputs.cached if inputs.cached is not None else pairs.x0)
-        residual = distributed.shard(pairs.target - pairs.x0)
+        x, residual = self._training_share(inputs, self._pairs(0))
         step = chunk_images(x.shape)
         data = []
         for i in range(0, len(x), step):
