@@ -106,14 +106,15 @@ def files(run: Path) -> set[str]:
     }
 
 
+EPOCHS_2 = ["--epochs", "2", "--batch-size", "3"]
 UNROLLED = ["--arch", "unrolled", "--iterations", "2", "--channels", "4", "--dc", "cg"]
 CASES = {
-    "convex-adam": ["--method", "layerwise-convex", "--epochs", "2", "--stage-cache", "disk"],
-    "convex-certified": ["--method", "layerwise-convex", "--solver", "certified"],
     # A global batch of 3 over 4 images: batches of 3 and 1, so one process has an empty
     # part of the last batch (it takes an idle step).
-    "nonconvex": ["--method", "layerwise-nonconvex", "--epochs", "2", "--batch-size", "3"],
-    "end-to-end": ["--method", "end-to-end", "--epochs", "2", "--batch-size", "3"],
+    "convex-adam": [*EPOCHS_2, "--method", "layerwise-convex", "--stage-cache", "disk"],
+    "convex-certified": ["--method", "layerwise-convex", "--solver", "certified"],
+    "nonconvex": [*EPOCHS_2, "--method", "layerwise-nonconvex"],
+    "end-to-end": [*EPOCHS_2, "--method", "end-to-end"],
     "unrolled-convex": [*UNROLLED, "--method", "layerwise-convex"],
     "unrolled-end-to-end": [*UNROLLED, "--method", "end-to-end", "--batch-size", "3"],
 }

@@ -153,15 +153,16 @@ def pack_gates(gates: Tensor) -> Tensor:
     padded = torch.zeros(b, -(-p // 8) * 8, *spatial, dtype=torch.uint8, device=gates.device)
     padded[:, :p] = gates
     bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=gates.device)
-    return (padded.view(b, -1, 8, *spatial) * bits.view(1, 1, 8, *ones)).sum(2, dtype=torch.uint8)
+    groups = padded.view(b, padded.shape[1] // 8, 8, *spatial)
+    return (groups * bits.view(1, 1, 8, *ones)).sum(2, dtype=torch.uint8)
 
 
 def unpack_gates(packed: Tensor, patterns: int) -> Tensor:
     """The inverse of `pack_gates`: bool ``(B, patterns, *spatial)``."""
-    b, _, *spatial = packed.shape
+    spatial = packed.shape[2:]
     bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=packed.device)
     unpacked = (packed.unsqueeze(2) & bits.view(1, 1, 8, *([1] * len(spatial)))) != 0
-    return unpacked.view(b, -1, *spatial)[:, :patterns]
+    return unpacked.flatten(1, 2)[:, :patterns]
 
 
 class _ReluUnits(NamedTuple):
