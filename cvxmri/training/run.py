@@ -43,7 +43,8 @@ def train(
     ``progress`` is called with every history row (`Trainer`).
 
     Under torchrun every process runs this with the same arguments; the checks are made by
-    all of them before the folder changes, and only rank 0 writes (`cvxmri.distributed`).
+    all of them before the folder changes, and only rank 0 writes (`cvxmri.distributed`)
+    and returns the metrics (the others an empty dict).
     """
     config.validate()
     resolve_device(config.device)
@@ -81,7 +82,7 @@ def train(
             else Trainer(config, out, progress)
         )
         model = trainer.fit()
-        metrics = write_outputs(trainer, model)
+        metrics = write_outputs(trainer, model) if main else {}
         distributed.barrier()
         return metrics
     except BaseException:

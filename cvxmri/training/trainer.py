@@ -982,8 +982,7 @@ def epoch_summary(row: dict[str, Any]) -> str:
 
 
 def write_outputs(trainer: Trainer, model: ReconCNN | UnrolledNet) -> dict[str, Any]:
-    """The exported network, history (CSV), certificates and metrics (JSON) of a run
-    (written by rank 0 alone under torchrun); returns the metrics."""
+    """The exported network, history (CSV), certificates and metrics (JSON) of a run."""
     out = trainer.out
     config = trainer.config
     size = (
@@ -991,6 +990,12 @@ def write_outputs(trainer: Trainer, model: ReconCNN | UnrolledNet) -> dict[str, 
         if isinstance(model, UnrolledNet)
         else {"layers": model.depth}
     )
+    model.save(
+        out / "model.pt",
+        {"method": config.method, "arch": config.arch, **size, "mask": config.mask.describe()},
+    )
+    write_history(out / "history.csv", trainer.history)
+    (out / "certificates.json").write_text(json.dumps(trainer.certificates, indent=2))
     metrics = {
         "method": config.method,
         "mask": config.mask.describe(),
@@ -998,13 +1003,5 @@ def write_outputs(trainer: Trainer, model: ReconCNN | UnrolledNet) -> dict[str, 
         "by_depth": trainer.depth_metrics,
         "train_seconds": sum(float(r.get("seconds", 0.0)) for r in trainer.history),
     }
-    if not distributed.is_main():
-        return metrics
-    model.save(
-        out / "model.pt",
-        {"method": config.method, "arch": config.arch, **size, "mask": config.mask.describe()},
-    )
-    write_history(out / "history.csv", trainer.history)
-    (out / "certificates.json").write_text(json.dumps(trainer.certificates, indent=2))
     (out / "metrics_val.json").write_text(json.dumps(metrics, indent=2))
     return metrics
