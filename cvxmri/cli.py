@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -845,6 +846,7 @@ def _merge(base: dict, overlay: object, where: str) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from cvxmri import distributed
     from cvxmri.training.run import train
 
     if args.dims == 3 or args.decoupled:
@@ -856,6 +858,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     metrics = train(
         config, out, resume=args.resume, force=args.force, progress=_epoch_progress(args)
     )
+    if not distributed.is_main():
+        return
     final = metrics["final"]
     size = (
         f"unrolled, {config.unrolled.iterations} iterations"
@@ -1270,7 +1274,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = getattr(args, "data_command", None) or getattr(args, "benchmark_command", None)
     command = COMMANDS[(args.command, sub)]
     try:
-        command(args)
+        if args.command == "train":
+            from cvxmri import distributed
+
+            with distributed.process_group():
+                command(args)
+        else:
+            # As `cvxmri.distributed.launched`, without importing torch for every command.
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise CvxmriError(
+                    f"{args.command} runs on one process; only train runs under torchrun "
+                    "(run it without torchrun)"
+                )
+            command(args)
     except CvxmriError as err:
         if args.debug:
             raise

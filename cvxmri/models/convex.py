@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cvxmri import distributed
 from cvxmri.errors import CvxmriError
 from cvxmri.models.conv import conv_ops
 
@@ -152,15 +153,16 @@ def pack_gates(gates: Tensor) -> Tensor:
     padded = torch.zeros(b, -(-p // 8) * 8, *spatial, dtype=torch.uint8, device=gates.device)
     padded[:, :p] = gates
     bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=gates.device)
-    return (padded.view(b, -1, 8, *spatial) * bits.view(1, 1, 8, *ones)).sum(2, dtype=torch.uint8)
+    groups = padded.view(b, padded.shape[1] // 8, 8, *spatial)
+    return (groups * bits.view(1, 1, 8, *ones)).sum(2, dtype=torch.uint8)
 
 
 def unpack_gates(packed: Tensor, patterns: int) -> Tensor:
     """The inverse of `pack_gates`: bool ``(B, patterns, *spatial)``."""
-    b, _, *spatial = packed.shape
+    spatial = packed.shape[2:]
     bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=packed.device)
     unpacked = (packed.unsqueeze(2) & bits.view(1, 1, 8, *([1] * len(spatial)))) != 0
-    return unpacked.view(b, -1, *spatial)[:, :patterns]
+    return unpacked.flatten(1, 2)[:, :patterns]
 
 
 class _ReluUnits(NamedTuple):
@@ -676,7 +678,8 @@ def residual_statistics(
     mean-scaled data term and the residual's inner products, in float64 (near the optimum
     the gradient's group norms are close to ``beta``, and float32 rounding over a training
     set exceeds a small ``beta``). Solvers pass cached gates and the predictions they
-    already have to save a convolution."""
+    already have to save a convolution. Under torchrun each process passes its share of
+    the training set and the sums are over all processes (`cvxmri.distributed`)."""
     weight = stage.effective_weight().detach()
     wide = weight.double()
     grad = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
@@ -694,6 +697,9 @@ def residual_statistics(
             if stage.config.program == "cone":
                 violation += float(stage.cone_violation(x, d)) * x.shape[0]
             count += x.shape[0]
+    distributed.all_reduce_(grad)
+    re, ee, violation, total = distributed.sum_floats(re, ee, violation, count)
+    count = int(total)
     if count == 0:
         raise CvxmriError("duality_gap needs at least one sample")
     return ResidualStatistics(grad / count, re / count, ee / count, violation / count, count)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
+from cvxmri import distributed
 from cvxmri.errors import CvxmriError
 from cvxmri.models.cnn import GatedConv, ReluConv, zero_conv1x1
 from cvxmri.models.conv import conv_ops
@@ -141,7 +142,13 @@ def convex_stage_step(
     in bf16. ``pattern_chunk`` bounds the patterns processed at once (0: all). ``gates``:
     the batch's sign patterns (bool ``(B, P, H, W)``) when precomputed, which saves the gate
     convolution of every step.
+
+    Under torchrun ``x`` is this process's part of the global batch and the gradient,
+    the hand-computed part included, is averaged across processes before the step
+    (`cvxmri.distributed.average_gradients`); an empty part takes an idle step.
     """
+    if x.shape[0] == 0:
+        return distributed.idle_step(module.parameters(), optimizer)
     optimizer.zero_grad(set_to_none=True)
     if module.config.program == "gated":
         dtype = torch.bfloat16 if amp else None
@@ -149,9 +156,13 @@ def convex_stage_step(
         penalty = module.penalty()
         penalty.backward()
         assert module.v.grad is not None
+        # Added by hand, after the penalty's backward pass: averaged across processes
+        # below with the rest of the gradient (a DDP hook would not see it).
         module.v.grad.add_(grad, alpha=area_ratio)
+        loss = area_ratio * value + penalty.detach()
+        result = distributed.average_gradients(module.parameters(), x.shape[0], loss)
         optimizer.step()
-        return float(area_ratio * value + penalty.detach())
+        return result
     gates = module.gates(x.float()) if gates is None else gates.float()
     with _autocast(x, amp):
         pixels = module.data_term(x, r, gates=gates).float()
@@ -159,8 +170,9 @@ def convex_stage_step(
         pixels = pixels + module.config.cone_penalty * violation
     loss = area_ratio * pixels + module.penalty()
     loss.backward()
+    result = distributed.average_gradients(module.parameters(), x.shape[0], loss)
     optimizer.step()
-    return float(loss.detach())
+    return result
 
 
 def two_layer_stage_step(
@@ -171,14 +183,18 @@ def two_layer_stage_step(
     *,
     amp: bool = False,
 ) -> float:
-    """One backpropagation step of a non-convex stage on ``0.5 ||stage(x) - r||^2 / B``."""
+    """One backpropagation step of a non-convex stage on ``0.5 ||stage(x) - r||^2 / B``
+    (gradients averaged across processes, `cvxmri.distributed.average_gradients`)."""
+    if x.shape[0] == 0:
+        return distributed.idle_step(module.parameters(), optimizer)
     optimizer.zero_grad(set_to_none=True)
     with _autocast(x, amp):
         pred = module(x)
     loss = 0.5 * (pred.float() - r).pow(2).sum() / x.shape[0]
     loss.backward()
+    result = distributed.average_gradients(module.parameters(), x.shape[0], loss)
     optimizer.step()
-    return float(loss.detach())
+    return result
 
 
 # --------------------------------------------------------------------- spec and factory

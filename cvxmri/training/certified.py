@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cvxmri import distributed
 from cvxmri.errors import CvxmriError
 from cvxmri.models.convex import (
     ConvexStage,
@@ -152,7 +153,8 @@ def gram_system(
     fewer codes than pixels (spatially smooth gates: 5.5 thousand codes on 885 thousand
     pixels of the default data's stage 1). So each code's patch Gram ``S_c = U_c^T U_c`` is
     summed once, and ``G = sum_c (d_c d_c^T) (x) S_c`` is one matrix product over the codes
-    (and the pattern pairs).
+    (and the pattern pairs). Under torchrun each process passes its share of the training
+    set (`cvxmri.distributed.shard`) and the system is summed over all of them.
     """
     began = time.perf_counter()
     p = stage.config.patterns
@@ -179,6 +181,11 @@ def gram_system(
         count += x.shape[0]
     if rhs is None or count == 0:
         raise CvxmriError("the training set is empty: no (x, r) batches")
+    # Under torchrun: the sums over every process's share of the training set.
+    distributed.all_reduce_(sums)
+    distributed.all_reduce_(rhs)
+    rr, total = distributed.sum_floats(rr, count)
+    count = int(total)
     pair_p = _pair_index(p, device)
     gram = sums.view(-1, m, m)[pair_p].permute(0, 2, 1, 3).reshape(p * m, p * m)
     return GramSystem(
@@ -480,7 +487,9 @@ class StageSolver:
       that metric (`BlockMetric`); certified by a float64 pass every ``check_every``
       iterations.
 
-    Either stops at ``tol`` or after ``max_seconds`` per ``beta``.
+    Either stops at ``tol`` or after ``max_seconds`` per ``beta``. Under torchrun each
+    process passes its share of the training set (`cvxmri.distributed.shard`); every sum is
+    over all processes, so they all take the same steps.
     """
 
     def __init__(
@@ -505,7 +514,7 @@ class StageSolver:
         self.tol, self.max_seconds = tol, max_seconds
         self.max_rounds, self.check_every = max_rounds, check_every
         self.max_iterations = max_iterations
-        self.count = sum(x.shape[0] for x, _, _ in data)
+        self.count = int(distributed.sum_floats(sum(x.shape[0] for x, _, _ in data))[0])
         began = time.perf_counter()
         p = stage.config.patterns
         self.unknowns = p * stage.in_channels * stage.config.kernel_size**stage.ndim
@@ -521,8 +530,11 @@ class StageSolver:
             shape = (p, stage.out_channels, self.system.block)
             self.lipschitz = metric_lipschitz(hessian, self.metric, shape, 100)
         else:
+            # Four images spread over the whole training set (under torchrun, each process
+            # holds those of the four in its share).
             images = _images(data)
-            subset = images[:: max(1, len(images) // 4)][:4]
+            chosen = range(self.count)[:: max(1, self.count // 4)][:4]
+            subset = [images[i] for i in distributed.local_indices(chosen)]
             self.metric = _patch_metric(stage, data, subset)
             self.lipschitz = _operator_lipschitz(stage, subset, self.metric, 20)
         self.setup_seconds = time.perf_counter() - began
@@ -561,7 +573,7 @@ class StageSolver:
             if (
                 cert["relative_gap"] <= self.tol
                 or passes > self.max_rounds
-                or seconds > self.max_seconds
+                or distributed.any_process(seconds > self.max_seconds)
             ):
                 break
             v, inner = solve_gram(
@@ -596,9 +608,11 @@ class StageSolver:
             return [stage.apply_weight(x, w, d) for x, _, d in data]
 
         def value(weight: Tensor, preds: list[Tensor]) -> float:
-            misfit = sum(
-                float((p - r).double().square().sum())
-                for p, (_, r, _) in zip(preds, data, strict=True)
+            (misfit,) = distributed.sum_floats(
+                sum(
+                    float((p - r).double().square().sum())
+                    for p, (_, r, _) in zip(preds, data, strict=True)
+                )
             )
             norms = group_norms_of(weight.reshape(shape), stage.config.output_groups)
             return 0.5 * misfit / n + beta * float(norms.sum())
@@ -618,9 +632,11 @@ class StageSolver:
                 callback(time.perf_counter() - began, cert)
             while cert["relative_gap"] > self.tol and iterations < self.max_iterations:
                 grad = (
-                    sum(
-                        stage.apply_adjoint(x, p - r, d).double()
-                        for (x, r, d), p in zip(data, extra_preds, strict=True)
+                    distributed.all_reduce_(
+                        sum(
+                            stage.apply_adjoint(x, p - r, d).double()
+                            for (x, r, d), p in zip(data, extra_preds, strict=True)
+                        )
                     )
                     / n
                 )
@@ -652,7 +668,7 @@ class StageSolver:
                     seconds = time.perf_counter() - began
                     if callback is not None:
                         callback(seconds, cert)
-                    if seconds > self.max_seconds:
+                    if distributed.any_process(seconds > self.max_seconds):
                         break
             _set_weight(stage, current.to(stage.v.dtype))
             if iterations % self.check_every:
@@ -683,15 +699,18 @@ def _patch_metric(stage: ConvexStage, data: _Data, subset: _Data) -> BlockMetric
     for _, _, d in data:
         active += d.transpose(0, 1).reshape(p, -1).sum(dim=1, dtype=torch.float64).cpu()
         pixels += d[:, 0].numel()
+    distributed.all_reduce_(active)
+    pixels = int(distributed.sum_floats(pixels)[0])
     fractions = (active / max(pixels, 1)).to(stage.gate_weight.device)
-    patch_gram: Tensor | None = None
+    m = stage.in_channels * stage.config.kernel_size**stage.ndim
+    patch_gram = torch.zeros(m, m, dtype=torch.float64, device=stage.gate_weight.device)
     images = 0
     for x, _, _ in subset:
         u = _patches(stage, x.float())
-        part = (u.T @ u).double()
-        patch_gram = part if patch_gram is None else patch_gram + part
+        patch_gram += (u.T @ u).double()
         images += x.shape[0]
-    assert patch_gram is not None
+    distributed.all_reduce_(patch_gram)
+    images = int(distributed.sum_floats(images)[0])
     blocks = fractions[:, None, None] * (patch_gram / images)[None]
     return BlockMetric(blocks, stage.config.output_groups)
 
@@ -702,12 +721,14 @@ def _operator_lipschitz(
 ) -> float:
     """`metric_lipschitz` of the Hessian ``A^T A / N`` of the ``subset`` images."""
     shape = stage.v.shape
-    count = sum(x.shape[0] for x, _, _ in subset)
+    count = int(distributed.sum_floats(sum(x.shape[0] for x, _, _ in subset))[0])
 
     def hessian(u: Tensor) -> Tensor:
         w = u.reshape(shape).to(stage.v.dtype)
-        h = sum(stage.apply_adjoint(x, stage.apply_weight(x, w, d), d) for x, _, d in subset)
-        return (h / count).double().reshape(u.shape)
+        h = torch.zeros(shape, dtype=stage.v.dtype, device=stage.v.device)
+        for x, _, d in subset:
+            h += stage.apply_adjoint(x, stage.apply_weight(x, w, d), d)
+        return (distributed.all_reduce_(h) / count).double().reshape(u.shape)
 
     per_shape = (shape[0], shape[1], math.prod(shape[2:]))
     return 1.05 * metric_lipschitz(hessian, metric, per_shape, iterations)

@@ -247,6 +247,8 @@ def take_crops(images: Tensor, corners: Tensor, crop: int) -> Tensor:
     """Crop each image (B, C, H, W) at its corner; whole images when crop is 0."""
     if crop == 0 or crop >= min(images.shape[-2:]):
         return images
+    if images.shape[0] == 0:
+        return images[..., :crop, :crop]
     return torch.stack(
         [
             img[:, top : top + crop, left : left + crop]

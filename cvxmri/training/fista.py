@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from cvxmri import distributed
 from cvxmri.errors import CvxmriError
 from cvxmri.models.convex import (
     ConvexStage,
@@ -43,9 +44,14 @@ def _prepare(
     return [(x, r, stage.gates(x).bool() if cache_gates else None) for x, r in batches]
 
 
+def _count(data: list[_Batch]) -> int:
+    """The number of images in ``data``, on every process together."""
+    return int(distributed.sum_floats(sum(x.shape[0] for x, _, _ in data))[0])
+
+
 def _lipschitz(stage: ConvexStage, data: list[_Batch], iterations: int) -> float:
     weight = stage.effective_weight().detach()
-    count = sum(x.shape[0] for x, _, _ in data)
+    count = _count(data)
     gen = torch.Generator().manual_seed(0)
     u = torch.randn(weight.shape, generator=gen, dtype=torch.float64).to(weight)
     u /= torch.linalg.vector_norm(u)
@@ -54,7 +60,7 @@ def _lipschitz(stage: ConvexStage, data: list[_Batch], iterations: int) -> float
         for _ in range(max(1, iterations)):
             # H u = (1/N) A^T A u = grad L(u) - grad L(0): the Hessian of the data term.
             hu = sum(stage.apply_adjoint(x, stage.apply_weight(x, u, d), d) for x, _, d in data)
-            hu = hu / count
+            hu = distributed.all_reduce_(hu) / count
             estimate = float((u * hu).sum())  # Rayleigh quotient, ||u|| = 1
             norm = torch.linalg.vector_norm(hu)
             if float(norm) == 0:
@@ -100,6 +106,10 @@ def fista(
     iterations `duality_gap` is evaluated, passed to ``callback(iteration, certificate)``, and
     the run stops once ``relative_gap <= tol``. The result is written to ``stage.v``.
 
+    Under torchrun each process passes its share of the training set
+    (`cvxmri.distributed.shard`); the gradients, objective values and certificate are sums
+    over all processes, so every process takes the same steps.
+
     Returns the last certificate plus ``iterations`` (iterations run), ``lipschitz`` (the
     constant used) and ``restarts``.
     """
@@ -114,7 +124,7 @@ def fista(
     if not math.isfinite(tol) or tol < 0:
         raise CvxmriError(f"tol must be a finite number >= 0, got {tol}")
     data = _prepare(stage, batches, cache_gates)
-    count = sum(x.shape[0] for x, _, _ in data)
+    count = _count(data)
     beta = stage.config.beta
     groups = stage.config.output_groups
     lipschitz = _lipschitz(stage, data, 30)
@@ -145,7 +155,7 @@ def fista(
                 stage.apply_adjoint(x, p - r, d)
                 for (x, r, d), p in zip(data, extrapolated_preds, strict=True)
             )
-            grad = grad / count
+            grad = distributed.all_reduce_(grad) / count
             candidate = group_soft_threshold(
                 extrapolated - grad / lipschitz, beta / lipschitz, groups
             )
@@ -194,8 +204,10 @@ def _objective(
     stage: ConvexStage, weight: Tensor, preds: list[Tensor], data: list[_Batch], count: int
 ) -> float:
     """``L(weight) + beta * sum of group norms`` from the predictions ``A weight``."""
-    misfit = sum(
-        float((p - r).double().square().sum()) for p, (_, r, _) in zip(preds, data, strict=True)
+    (misfit,) = distributed.sum_floats(
+        sum(
+            float((p - r).double().square().sum()) for p, (_, r, _) in zip(preds, data, strict=True)
+        )
     )
     norms = group_norms_of(weight, stage.config.output_groups)
     return 0.5 * misfit / count + stage.config.beta * float(norms.double().sum())

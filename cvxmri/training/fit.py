@@ -13,6 +13,11 @@
 The `Trainer` (`cvxmri.training.trainer`) runs the same stages, steps and epochs
 (`make_optimizer`, `stage_seed`, `stage_epoch`, `end_to_end_epoch`) and adds the data
 pipeline, crops, checkpoints, resume, stage-input caches, validation and the run folder.
+
+In a process group (torchrun) the steps average their gradients across processes
+(`cvxmri.distributed.average_gradients`), so each process passes its part of every batch;
+`fit_layerwise` takes a convex stage's gates from each process's own first batches, so
+those must be the same batches everywhere (``cvxmri train`` arranges all of this).
 """
 
 from __future__ import annotations

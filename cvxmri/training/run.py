@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from cvxmri import distributed
 from cvxmri.config import save_yaml, to_dict
 from cvxmri.errors import CvxmriError
 from cvxmri.runs import environment, first_missing
@@ -40,39 +41,52 @@ def train(
     before its first checkpoint (after that, the run is resumable and kept).
 
     ``progress`` is called with every history row (`Trainer`).
+
+    Under torchrun every process runs this with the same arguments; the checks are made by
+    all of them before the folder changes, and only rank 0 writes (`cvxmri.distributed`)
+    and returns the metrics (the others an empty dict).
     """
     config.validate()
     resolve_device(config.device)
-    if out.exists() and not resume:
-        if not force:
-            raise CvxmriError(f"{out}: run folder already exists (use --resume or --force)")
-        shutil.rmtree(out)
+    if out.exists() and not resume and not force:
+        raise CvxmriError(f"{out}: run folder already exists (use --resume or --force)")
     if resume:
         saved = out / "config.yaml"
         if not saved.is_file():
             raise CvxmriError(f"{out}: nothing to resume (no config.yaml)")
         check_resumable(yaml.safe_load(saved.read_text()), to_dict(config), out)
+    distributed.barrier()
+    main = distributed.is_main()
+    if main and out.exists() and not resume:
+        shutil.rmtree(out)
     created = first_missing(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CvxmriError(f"{out}: cannot create the run folder ({err.strerror})") from None
     handler = None
     try:
-        save_yaml(config, out / "config.yaml")
-        handler = logging.FileHandler(out / "log.txt")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(handler)
-        log.info("environment: %s", environment())
+        if main:
+            save_yaml(config, out / "config.yaml")
+            handler = logging.FileHandler(out / "log.txt")
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+            )
+            logging.getLogger().addHandler(handler)
+            log.info("environment: %s", environment())
+        distributed.barrier()
         trainer = (
             UnrolledTrainer(config, out, progress)
             if config.arch == "unrolled"
             else Trainer(config, out, progress)
         )
         model = trainer.fit()
-        return write_outputs(trainer, model)
+        metrics = write_outputs(trainer, model) if main else {}
+        distributed.barrier()
+        return metrics
     except BaseException:
-        if created is not None and not (out / "checkpoints" / "last.pt").exists():
+        if main and created is not None and not (out / "checkpoints" / "last.pt").exists():
             _close(handler)
             handler = None
             shutil.rmtree(created, ignore_errors=True)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from cvxmri import distributed
 from cvxmri.models.cnn import ReconCNN
 
 
@@ -29,7 +30,11 @@ def end_to_end_step(
 
     ``checkpointing`` keeps only each hidden layer's input and recomputes the layer in the
     backward pass (`torch.utils.checkpoint`): less memory for one more forward pass.
+    Under torchrun the gradients are averaged across processes before the step
+    (`cvxmri.distributed.average_gradients`; an empty part of the batch takes an idle step).
     """
+    if x0.shape[0] == 0:
+        return distributed.idle_step(model.parameters(), optimizer)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=amp):
         if checkpointing:
@@ -41,5 +46,6 @@ def end_to_end_step(
             pred = model(x0)
     loss = 0.5 * (pred.float() - target).pow(2).sum() / x0.shape[0]
     loss.backward()
+    result = distributed.average_gradients(model.parameters(), x0.shape[0], loss)
     optimizer.step()
-    return float(loss.detach())
+    return result

@@ -29,6 +29,10 @@ epoch). ``history.csv`` is rewritten with every history row, so an interrupted r
 its finished epochs' rows. An end-to-end run may resume with more ``optim.epochs`` than it
 was started with (`check_resumable`): it continues to the new count and ends as a run
 started with it would, the schedule depending on the epoch index only.
+
+Under torchrun (`cvxmri.distributed`) every process runs this trainer: each steps on its
+part of every global batch, the solvers and certificates sum over its share of the
+images, and rank 0 alone writes files (docs/method.md, "Many processes").
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from cvxmri import distributed
 from cvxmri.config import to_dict
 from cvxmri.errors import CvxmriError
 from cvxmri.metrics import slice_metrics, volume_metrics
@@ -96,6 +101,8 @@ def check_resources(config: TrainConfig, images: int, shape: tuple[int, int], ou
     need = 2 * images * config.channels * shape[0] * shape[1] * (2 if config.amp else 4)
     gib = 1024**3
     if config.stage_cache == "memory":
+        # Every process on this machine keeps its own copy (torchrun).
+        need *= distributed.local_world_size()
         have = data_module.available_memory()
         where = "available memory"
     else:
@@ -141,13 +148,15 @@ def check_step_fits(config: TrainConfig, shape: tuple[int, int], device: torch.d
     else:
         have = data_module.available_memory()
         where = "available memory"
-    batch = config.optim.batch_size
+    # Under torchrun a process steps on its part of the global batch.
+    processes = distributed.world_size()
+    batch = math.ceil(config.optim.batch_size / processes)
     per_image, validation = step_memory(config, shape)
     need = max(batch * per_image, validation)
     limit = 0.9 * have
     if need <= limit:
         return
-    fits = int(limit // per_image) if validation <= limit else 0
+    fits = processes * int(limit // per_image) if validation <= limit else 0
     advice = (
         f"use optim.batch_size {fits} or less"
         if fits
@@ -155,7 +164,8 @@ def check_step_fits(config: TrainConfig, shape: tuple[int, int], device: torch.d
     )
     gib = 1024**3
     raise CvxmriError(
-        f"a training step at batch size {batch} needs about {need / gib:.1f} GiB but only "
+        f"a training step at batch size {config.optim.batch_size} needs about "
+        f"{need / gib:.1f} GiB but only "
         f"{have / gib:.1f} GiB of {where}: {advice}"
     )
 
@@ -215,9 +225,12 @@ class TrainingStopped(Exception):
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` means CUDA when available; a CUDA device that is not there is refused here,
-    before any work starts."""
+    before any work starts. Under torchrun ``cuda`` and ``auto`` mean this process's GPU,
+    ``cuda:LOCAL_RANK`` (`cvxmri.distributed.local_device`)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -230,7 +243,7 @@ def resolve_device(name: str) -> torch.device:
             raise CvxmriError(
                 f"device {name} requested but only {count} CUDA device(s) are available"
             )
-    return device
+    return distributed.local_device(device)
 
 
 class Trainer:
@@ -252,7 +265,15 @@ class Trainer:
             config.data, "train", config.mask, max_slices=config.max_train_slices
         )
         self.val_data = SliceData(config.val_data or config.data, "val", config.mask)
-        images = len(self.train_data) + len(self.val_data)
+        if len(self.train_data) < distributed.world_size():
+            raise CvxmriError(
+                f"{len(self.train_data)} training slices for {distributed.world_size()} "
+                "processes: every process needs at least one"
+            )
+        # Each process caches the stage inputs of its share of the training images and of
+        # every validation image.
+        share = math.ceil(len(self.train_data) / distributed.world_size())
+        images = share + len(self.val_data)
         check_resources(config, images, self.train_data.recon_shape, out)
         check_step_fits(config, self.train_data.recon_shape, self.device)
         self.val_pairs = self.val_data.pairs(self.val_data.evaluation_masks())
@@ -320,6 +341,8 @@ class Trainer:
         interrupted run has the rows of its finished epochs), the log, TensorBoard and
         the ``progress`` callback."""
         self.history.append(row)
+        if not distributed.is_main():
+            return
         write_history(self.out / "history.csv", self.history)
         log.info("%s", row)
         if self.progress is not None:
@@ -342,13 +365,17 @@ class Trainer:
         ``transform`` (the frozen prefix, when stage inputs are not cached) runs on whole
         images before cropping, so cached and recomputed inputs are the same. ``gates``
         (packed sign patterns of the whole images, `pack_gates`) are cropped alongside;
-        None when not given."""
+        None when not given. ``inputs``, ``targets`` and ``gates`` are of this process's
+        share of the training images (`cvxmri.distributed.shard`), and it gets the draws
+        of every global batch that fall on them (`cvxmri.distributed.owned`)."""
         cfg = self.config
         shape = (inputs.shape[-2], inputs.shape[-1])
-        n = len(inputs) * cfg.crops_per_image
+        images = len(self.train_data)
+        n = images * cfg.crops_per_image
         corners = crop_windows(n, shape, cfg.crop, cfg.seed, stage, epoch)
-        for draw in epoch_batches(n, cfg.optim.batch_size, cfg.seed, stage, epoch):
-            index = draw % len(inputs)
+        for batch in epoch_batches(n, cfg.optim.batch_size, cfg.seed, stage, epoch):
+            draw = distributed.owned(batch, images)
+            index = distributed.share_positions(draw % images)
             corner = corners[draw]
             x = inputs[index].to(self.device)
             if transform is not None:
@@ -368,7 +395,9 @@ class Trainer:
             depth_metrics=json.dumps(self.depth_metrics),
             config=json.dumps(to_dict(self.config)),
         )
-        save_checkpoint(self.out / "checkpoints" / "last.pt", state)
+        if distributed.is_main():
+            save_checkpoint(self.out / "checkpoints" / "last.pt", state)
+        distributed.barrier()
 
     def _load(self) -> dict[str, Any] | None:
         path = self.out / "checkpoints" / "last.pt"
@@ -392,7 +421,8 @@ class Trainer:
         """
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        if distributed.is_main():
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
         try:
             state = self._load()
             budget = [math.inf if stop_after is None else stop_after]
@@ -400,7 +430,8 @@ class Trainer:
                 return self._fit_end_to_end(state, budget)
             return self._fit_layerwise(state, budget)
         finally:
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
 
     # ------------------------------------------------------------------------ end-to-end
 
@@ -420,10 +451,13 @@ class Trainer:
                 raise TrainingStopped
             began = time.perf_counter()
             pairs = self._pairs(epoch)
-            batches = self._batches(pairs.x0, pairs.target, 0, epoch)
+            batches = self._batches(
+                distributed.shard(pairs.x0), distributed.shard(pairs.target), 0, epoch
+            )
             steps = math.ceil(len(pairs) * cfg.crops_per_image / cfg.optim.batch_size)
             desc = f"end-to-end epoch {epoch + 1}/{cfg.optim.epochs}"
-            progress = tqdm(batches, total=steps, desc=desc, leave=False, disable=None)
+            quiet = None if distributed.is_main() else True
+            progress = tqdm(batches, total=steps, desc=desc, leave=False, disable=quiet)
             train_loss = end_to_end_epoch(
                 model,
                 ((x0, target) for x0, target, _ in progress),
@@ -480,7 +514,7 @@ class Trainer:
         features = self._apply(layers, x, dtype=dtype)
         if self.config.stage_cache == "memory":
             return features
-        path = self.out / "cache" / f"stage{stage + 1}_{split}_inputs.pt"
+        path = self._cache_path(stage + 1, split)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(features, path)
         del features
@@ -494,7 +528,9 @@ class Trainer:
         depth; a resumed run computes them once through the whole prefix (the same numbers:
         cached values are exact). The prefix is then not resident while the stage trains
         (only the exported network file holds it), so a stage's memory does not grow with
-        depth. The previous stage's cache is released (its files deleted)."""
+        depth. The previous stage's cache is released (its files deleted). Each process
+        caches its share of the training images (`cvxmri.distributed.shard`) and every
+        validation image."""
         cfg = self.config
         if stage == 0:
             return StageInputs()
@@ -503,12 +539,13 @@ class Trainer:
         pairs = self._pairs(0)
         if previous is not None and previous.frozen is not None:
             layers: Callable[[Tensor], Tensor] = previous.frozen
-            train = pairs.x0 if previous.cached is None else previous.cached
+            train = distributed.shard(pairs.x0) if previous.cached is None else previous.cached
             val = self.val_pairs.x0 if previous.val is None else previous.val
         else:
             prefix = self._prefix(stage)
             assert prefix is not None
-            layers, train, val = prefix.last_hidden, pairs.x0, self.val_pairs.x0
+            layers, val = prefix.last_hidden, self.val_pairs.x0
+            train = distributed.shard(pairs.x0)
         inputs = StageInputs(
             cached=self._cache_inputs(layers, train, stage, "train"),
             val=self._cache_inputs(layers, val, stage, "val"),
@@ -516,21 +553,35 @@ class Trainer:
         if previous is not None:
             previous.cached = previous.val = previous.frozen = None
         for split in ("train", "val"):
-            (self.out / "cache" / f"stage{stage}_{split}_inputs.pt").unlink(missing_ok=True)
+            self._cache_path(stage, split).unlink(missing_ok=True)
         return inputs
 
+    def _cache_path(self, stage: int, split: str) -> Path:
+        """The file of stage ``stage``'s (1-based) cached inputs of ``split``; one per
+        process under torchrun (each process keeps its own)."""
+        part = f"_rank{distributed.rank()}" if distributed.world_size() > 1 else ""
+        return self.out / "cache" / f"stage{stage}_{split}_inputs{part}.pt"
+
+    def _training_share(self, inputs: StageInputs, pairs: PairSet) -> tuple[Tensor, Tensor]:
+        """The stage inputs (cached, or the zero-filled images) and residuals ``x* - x0``
+        of this process's share of the training images (`cvxmri.distributed.shard`)."""
+        x = inputs.cached if inputs.cached is not None else distributed.shard(pairs.x0)
+        return x, distributed.shard(pairs.target - pairs.x0)
+
     def _inputs_sample(self, inputs: StageInputs, n: int) -> Tensor:
-        """The stage inputs of the first ``n`` training images (float32, on the CPU)."""
+        """The stage inputs of the first ``n`` training images (float32, on the CPU), the
+        same on every process (`cvxmri.distributed.gather_first`)."""
         if inputs.cached is not None:
-            return inputs.cached[:n].float()
+            return distributed.gather_first(inputs.cached, n)
         x0 = self._pairs(0).x0[:n]
         return x0 if inputs.prefix is None else self._apply(inputs.prefix.last_hidden, x0)
 
     @torch.no_grad()
     def _gate_cache(self, stage: Stage, inputs: StageInputs) -> Tensor:
-        """The packed sign patterns (`pack_gates`) of every whole training image: fixed for
-        the stage, so computed once instead of in every step; crops take theirs from it."""
-        x = inputs.cached if inputs.cached is not None else self._pairs(0).x0
+        """The packed sign patterns (`pack_gates`) of every whole training image of this
+        process's share: fixed for the stage, so computed once instead of in every step;
+        crops take theirs from it."""
+        x, _ = self._training_share(inputs, self._pairs(0))
         packed = []
         step = chunk_images(x.shape)
         for start in range(0, len(x), step):
@@ -565,8 +616,8 @@ class Trainer:
     def _certificate(
         self, stage: Stage, x: Tensor, residual: Tensor, inputs: StageInputs
     ) -> dict[str, float] | None:
-        """The duality gap on whole training images (the fixed convex problem); None for a
-        stage without a certificate."""
+        """The duality gap on whole training images (the fixed convex problem; ``x`` and
+        ``residual`` of this process's share); None for a stage without a certificate."""
 
         def batches() -> Iterator[tuple[Tensor, Tensor]]:
             step = chunk_images(x.shape)
@@ -639,12 +690,12 @@ class Trainer:
                 raise TrainingStopped
             began = time.perf_counter()
             pairs = self._pairs(index * cfg.optim.epochs + epoch)
-            x = inputs.cached if inputs.cached is not None else pairs.x0
-            residual = pairs.target - pairs.x0
+            x, residual = self._training_share(inputs, pairs)
             batches = self._batches(x, residual, index + 1, epoch, inputs.transform, inputs.gates)
-            steps = math.ceil(len(x) * cfg.crops_per_image / cfg.optim.batch_size)
+            steps = math.ceil(len(pairs) * cfg.crops_per_image / cfg.optim.batch_size)
             desc = f"{cfg.method} stage {index + 1}/{stages} epoch {epoch + 1}/{cfg.optim.epochs}"
-            progress = tqdm(batches, total=steps, desc=desc, leave=False, disable=None)
+            quiet = None if distributed.is_main() else True
+            progress = tqdm(batches, total=steps, desc=desc, leave=False, disable=quiet)
             unpacked = (
                 (x, r, None if packed is None else unpack_gates(packed, stage.patterns))
                 for x, r, packed in progress
@@ -686,11 +737,10 @@ class Trainer:
         self, stage: Stage, program: ConvexStage, inputs: StageInputs, index: int
     ) -> None:
         """Solve the stage's convex program on whole images with FISTA, logging the
-        certificate every 10 iterations. A stage interrupted here restarts on resume."""
+        certificate every 10 iterations. A stage interrupted here restarts on resume. Each
+        process passes its share of the images (`cvxmri.distributed.shard`)."""
         cfg = self.config
-        pairs = self._pairs(0)
-        x = inputs.cached if inputs.cached is not None else pairs.x0
-        residual = pairs.target - pairs.x0
+        x, residual = self._training_share(inputs, self._pairs(0))
         step = chunk_images(x.shape)
         batches = [
             (x[i : i + step].to(self.device).float(), residual[i : i + step].to(self.device))
@@ -723,11 +773,10 @@ class Trainer:
         (`CertifiedConfig`), every beta to the relative gap ``tol`` (`StageSolver`), and
         keep the beta with the best validation PSNR. Every beta adds a history row and a
         certificate (with its gap-against-time trace); the chosen one is marked
-        ``selected``. A stage interrupted here restarts on resume."""
+        ``selected``. A stage interrupted here restarts on resume. Each process passes its
+        share of the images (`cvxmri.distributed.shard`)."""
         cfg, settings = self.config, self.config.certified
-        pairs = self._pairs(0)
-        x = inputs.cached if inputs.cached is not None else pairs.x0
-        residual = pairs.target - pairs.x0
+        x, residual = self._training_share(inputs, self._pairs(0))
         step = chunk_images(x.shape)
         data = []
         for i in range(0, len(x), step):
@@ -838,9 +887,10 @@ class Trainer:
         prefix = self._prefix(index, torch.device("cpu"))
         hidden = [*(prefix.hidden if prefix else []), copy.deepcopy(first).cpu()]
         depth = index + 2
-        ReconCNN(hidden, copy.deepcopy(last).cpu()).save(
-            self.out / f"model_depth{depth}.pt", {"layers": depth, "method": cfg.method}
-        )
+        if distributed.is_main():
+            ReconCNN(hidden, copy.deepcopy(last).cpu()).save(
+                self.out / f"model_depth{depth}.pt", {"layers": depth, "method": cfg.method}
+            )
         del prefix, hidden
         self.depth_metrics.append({"layers": depth, **self._validate_stage(stage, inputs)})
         inputs.frozen = first.to(self.device).eval()

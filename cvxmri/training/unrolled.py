@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from cvxmri import distributed
 from cvxmri.data.sample import Sample
 from cvxmri.errors import CvxmriError
 from cvxmri.models.cnn import ReconCNN, to_channels
@@ -150,6 +151,10 @@ def dc_gram_system(
             rhs += torch.cat([br @ r[0] + bi @ r[1], br @ r[1] - bi @ r[0]])
             rr += float(r.square().sum())
             count += 1
+    distributed.all_reduce_(gram)
+    distributed.all_reduce_(rhs)
+    rr, total = distributed.sum_floats(rr, count)
+    count = int(total)
     if count == 0:
         raise CvxmriError("the training set is empty: no images")
     order = torch.tensor(
@@ -192,6 +197,8 @@ def exact_certificate(
         back = to_channels(dc.linear(_complex(e), op))
         gradient -= stage.apply_adjoint(x, back, gates)
         count += x.shape[0]
+    distributed.all_reduce_(gradient)
+    ee, re, count = distributed.sum_floats(ee, re, count)
     ee, re, gradient = ee / count, re / count, gradient / count
     norms = _group_norms(w)
     primal = 0.5 * ee + beta * float(norms.sum())
@@ -263,7 +270,7 @@ class IterationSolver:
             if (
                 cert["relative_gap"] <= self.tol
                 or passes > MAX_ROUNDS
-                or seconds > self.max_seconds
+                or distributed.any_process(seconds > self.max_seconds)
             ):
                 break
             v, inner = solve_gram(
@@ -348,7 +355,8 @@ class UnrolledTrainer(Trainer):
         """
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        if distributed.is_main():
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
         try:
             state = self._load()
             budget = [math.inf if stop_after is None else stop_after]
@@ -356,7 +364,8 @@ class UnrolledTrainer(Trainer):
                 return self._fit_unrolled_end_to_end(state, budget)
             return self._fit_greedy(state, budget)
         finally:
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
 
     # ------------------------------------------------------------------------ end-to-end
 
@@ -388,6 +397,10 @@ class UnrolledTrainer(Trainer):
             model.train()
             losses = []
             for index in epoch_batches(len(samples), cfg.optim.batch_size, cfg.seed, 0, epoch):
+                index = distributed.batch_part(index)
+                if len(index) == 0:
+                    losses.append(distributed.idle_step(model.parameters(), optimizer))
+                    continue
                 batch = _take(samples, index, self.device)
                 assert batch.target is not None
                 losses.append(_step(optimizer, self._forward(model, batch), batch.target))
@@ -505,6 +518,10 @@ class UnrolledTrainer(Trainer):
             block.train()
             losses = []
             for index in epoch_batches(len(train), cfg.optim.batch_size, cfg.seed, t + 1, epoch):
+                index = distributed.batch_part(index)
+                if len(index) == 0:
+                    losses.append(distributed.idle_step(block.parameters(), optimizer))
+                    continue
                 batch = _take(train, index, self.device)
                 assert batch.target is not None
                 op = recon_sense(batch.maps, batch.mask, tuple(batch.x0.shape[-2:]))
@@ -541,17 +558,21 @@ class UnrolledTrainer(Trainer):
         stage = ConvexStage(2, 2, stage_config).to(self.device)
         stage.init_gates(x_train[:16].to(self.device))
         residual = self._residual(dc, x_train, train)
+        # Each process sums over its share of the images (`cvxmri.distributed.shard`).
+        xs, rs, maps, masks = (
+            distributed.shard(t) for t in (x_train, residual, train.maps, train.mask)
+        )
         data = []
-        for start in range(0, len(x_train), IMAGE_CHUNK):
+        for start in range(0, len(xs), IMAGE_CHUNK):
             part = slice(start, start + IMAGE_CHUNK)
-            x = x_train[part].to(self.device)
+            x = xs[part].to(self.device)
             data.append(
                 IterationData(
                     x,
-                    residual[part].to(self.device),
+                    rs[part].to(self.device),
                     stage.pattern_gates(x),
-                    train.maps[part].to(self.device),
-                    train.mask[part].to(self.device),
+                    maps[part].to(self.device),
+                    masks[part].to(self.device),
                 )
             )
         began = time.perf_counter()
@@ -650,12 +671,15 @@ def unrolled_forward(
 
 def _step(optimizer: torch.optim.Optimizer, pred: Tensor, target: Tensor) -> float:
     """One optimiser step on ``0.5 ||pred - x*||^2 / B`` (the loss of `end_to_end_step`)
-    for a prediction computed with autograd; the loss."""
+    for a prediction computed with autograd, gradients averaged across processes
+    (`cvxmri.distributed.average_gradients`); the loss."""
     optimizer.zero_grad(set_to_none=True)
     loss = 0.5 * (pred - target).pow(2).sum() / len(pred)
     loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    result = distributed.average_gradients(params, len(pred), loss)
     optimizer.step()
-    return float(loss.detach())
+    return result
 
 
 def _take(samples: Sample, index: Tensor, device: torch.device) -> Sample:
