@@ -658,6 +658,22 @@ CASES = [
         "shared weights need method end-to-end",
     ),
     Case(
+        "unrolled-convex-cg",
+        "greedy convex training of an unrolled network with CG data consistency (not linear)",
+        _args(
+            "train",
+            "--arch",
+            "unrolled",
+            "--dc",
+            "cg",
+            "--method",
+            "layerwise-convex",
+            "--data",
+            "{good}",
+        ),
+        "needs a linear data consistency",
+    ),
+    Case(
         "unrolled-eta",
         "a gradient data-consistency step of length 2.5 (diverges beyond 2)",
         _yaml("arch: unrolled\nunrolled:\n  dc:\n    eta: 2.5\n"),

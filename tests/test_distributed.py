@@ -107,7 +107,7 @@ def files(run: Path) -> set[str]:
 
 
 EPOCHS_2 = ["--epochs", "2", "--batch-size", "3"]
-UNROLLED = ["--arch", "unrolled", "--iterations", "2", "--channels", "4", "--dc", "cg"]
+UNROLLED = ["--arch", "unrolled", "--iterations", "2", "--channels", "4"]
 CASES = {
     # A global batch of 3 over 4 images: batches of 3 and 1, so one process has an empty
     # part of the last batch (it takes an idle step).

@@ -120,6 +120,15 @@ class UnrolledConfig:
                     + (" (shared weights need method end-to-end)" if name == "shared" else "")
                 )
         self.dc.validate()
+        if method == "layerwise-convex" and self.dc.kind == "cg":
+            # A fixed number of CG steps is not linear in its right-hand side (its step
+            # lengths depend on it), so the iteration would not be the group lasso that the
+            # solver certifies.
+            raise CvxmriError(
+                "greedy convex training needs a linear data consistency: --dc cg is not "
+                "exactly linear (CG's step lengths depend on the image), so its certificate "
+                "would bound nothing; use --dc gradient"
+            )
 
 
 @dataclass
