@@ -447,7 +447,7 @@ def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
         "--preset",
         choices=("quick", "paper", "tiny"),
         default="quick",
-        help="quick (2 CPU cores, about 30 min), paper (GPU) or tiny (tests)",
+        help="quick (2 CPU cores, an estimated 35 min), paper (GPU) or tiny (tests)",
     )
     reproduce.add_argument(
         "--data",

@@ -1437,16 +1437,25 @@ def default_folder(preset_name: str) -> Path:
     return Path("runs") / f"reproduce-{preset_name}"
 
 
+def _result_line(mask: str, name: str, volume: dict[str, Any]) -> str:
+    psnr, ssim = volume["psnr"], volume["ssim"]
+    return (
+        f"{mask:<14} {name:<30} {psnr['mean']:>7.2f} ± {psnr['std']:<5.2f} "
+        f"{ssim['mean']:>8.4f} ± {ssim['std']:<6.4f}"
+    )
+
+
 def format_results(results: dict[str, Any]) -> str:
-    """The full-depth test metrics as a fixed-width table (volume PSNR and SSIM)."""
-    lines = [f"{'mask':<14} {'method':<19} {'PSNR dB':>15} {'SSIM':>17}"]
+    """The full-depth test metrics as a fixed-width table (volume PSNR and SSIM), then the
+    unrolled networks at T_max."""
+    lines = [f"{'mask':<14} {'method':<30} {'PSNR dB':>15} {'SSIM':>17}"]
     layers = results["config"]["layers"]
     for entry in results["metrics"]:
-        if entry["layers"] not in (None, layers):
-            continue
-        psnr, ssim = entry["volume"]["psnr"], entry["volume"]["ssim"]
-        lines.append(
-            f"{entry['mask']:<14} {entry['method']:<19} "
-            f"{psnr['mean']:>7.2f} ± {psnr['std']:<5.2f} {ssim['mean']:>8.4f} ± {ssim['std']:<6.4f}"
-        )
+        if entry["layers"] in (None, layers):
+            lines.append(_result_line(entry["mask"], entry["method"], entry["volume"]))
+    unrolled = results.get("unrolled")
+    for entry in unrolled["metrics"] if unrolled else []:
+        if entry["iterations"] == unrolled["iterations"]:
+            name = f"unrolled {entry['method']}"
+            lines.append(_result_line(entry["mask"], name, entry["volume"]))
     return "\n".join(lines)
