@@ -467,7 +467,8 @@ def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
     reproduce.add_argument(
         "--dc",
         choices=("gradient", "cg"),
-        help="data consistency of the unrolled networks (default gradient)",
+        help="data consistency of the unrolled networks (default gradient; cg leaves out "
+        "greedy convex training, which needs a linear one)",
     )
     _benchmark_json_options(reproduce)
     reproduce.add_argument(
@@ -932,6 +933,16 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     if args.dc is not None:
         network = replace(unrolled.network, dc=replace(unrolled.network.dc, kind=args.dc))
         unrolled = replace(unrolled, network=network)
+    if args.dc == "cg" and "layerwise-convex" in unrolled.methods:
+        # A fixed number of CG steps is not linear: no certified convex iteration on it.
+        unrolled = replace(
+            unrolled, methods=[m for m in unrolled.methods if m != "layerwise-convex"]
+        )
+        print(
+            "reproduce: --dc cg is not linear, so the unrolled comparison runs without greedy "
+            "convex training (non-convex and end-to-end only)",
+            file=sys.stderr,
+        )
     config = replace(config, unrolled=unrolled)
     out = args.out or default_folder(args.preset)
     report = reproduce(config, out, force=args.force, benchmarks=_benchmark_jsons(args))

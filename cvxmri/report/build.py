@@ -412,18 +412,24 @@ def _unrolled(results: dict[str, Any], folder: Path, images: list[Image]) -> Sec
         else f"CG-SENSE ({dc['cg_iterations']} CG iterations, lambda {dc['lamda']:g})"
     )
     slices = unrolled["max_train_slices"] or "all"
+    epochs = unrolled["epochs"]
+    ways = {
+        "layerwise-convex": "greedy convex (every iteration a group lasso solved along a beta "
+        "path and certified, beta chosen on validation)",
+        "layerwise-nonconvex": "greedy non-convex (each iteration by Adam on the fixed "
+        f"previous iterate, {epochs} epochs)",
+        "end-to-end": f"end-to-end ({epochs} epochs through all iterations)",
+    }
     blocks: list[str | list[str] | Table | Image | Code] = [
         f"Unrolled networks with data consistency, T = {unrolled['iterations']} "
         "iterations: each iteration adds a learned regulariser's output to the previous "
         f"iterate and applies DC, {step}. Each regulariser is a "
         f"{network['kernel_size']}x{network['kernel_size']} convolution of "
         f"{network['channels']} channels, a ReLU (or gates) and a 1x1 convolution. Trained "
-        f"on whole images, the first {slices} training slices, three ways: greedy convex "
-        "(every iteration a group lasso solved along a beta path and certified, beta chosen "
-        "on validation), greedy non-convex (each iteration by Adam on the fixed previous "
-        f"iterate, {unrolled['epochs']} epochs), and end-to-end ({unrolled['epochs']} "
-        "epochs through all iterations). The greedy curves are one network each, tested "
-        "after every iteration; each end-to-end point is its own network."
+        f"on whole images, the first {slices} training slices: "
+        + "; ".join(ways[m] for m in results["config"]["unrolled"]["methods"])
+        + ". The greedy curves are one network each, tested after every iteration; each "
+        "end-to-end point is its own network."
     ]
     figure = Image(
         "unrolled.png",
