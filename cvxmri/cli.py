@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from cvxmri.errors import CvxmriError
 
@@ -1163,29 +1163,23 @@ def _cmd_benchmark_memory(args: argparse.Namespace) -> None:
     print(f"results: {out}")
 
 
-def _unrolled_benchmark_memory(args: argparse.Namespace) -> None:
-    """`cvxmri benchmark memory --arch unrolled`: peak memory against T."""
-    from cvxmri.benchmark.memory_unrolled import (
-        UnrolledMemoryConfig,
-        format_unrolled_tables,
-        run_unrolled_memory_benchmark,
-    )
+def _unrolled_common(args: argparse.Namespace) -> dict[str, object]:
+    """The settings both unrolled benchmarks take from the command line."""
     from cvxmri.benchmark.workload import METHODS
-    from cvxmri.runs import default_run_dir, run_folder
     from cvxmri.training.trainer import resolve_device
 
-    config = UnrolledMemoryConfig(
-        channels=args.channels,
-        kernel_size=args.kernel,
-        size=args.size,
-        methods=list(dict.fromkeys(args.method or METHODS)),
-        budget_gb=args.budget_gb,
-        steps=args.steps,
-        batch=args.depth_batch,
-        device=str(resolve_device(args.device)),
-        trial_timeout=args.trial_timeout,
-        seed=args.seed,
-    )
+    return {
+        "channels": args.channels,
+        "kernel_size": args.kernel,
+        "size": args.size,
+        "methods": list(dict.fromkeys(args.method or METHODS)),
+        "device": str(resolve_device(args.device)),
+        "seed": args.seed,
+    }
+
+
+def _unrolled_options(args: argparse.Namespace, config: Any) -> None:
+    """Apply ``--iterations``, ``--coils`` and ``--dc`` where given, then validate."""
     if args.iterations is not None:
         config.iterations = list(dict.fromkeys(args.iterations))
     if args.coils is not None:
@@ -1193,6 +1187,25 @@ def _unrolled_benchmark_memory(args: argparse.Namespace) -> None:
     if args.dc is not None:
         config.dc = args.dc
     config.validate()
+
+
+def _unrolled_benchmark_memory(args: argparse.Namespace) -> None:
+    """`cvxmri benchmark memory --arch unrolled`: peak memory against T."""
+    from cvxmri.benchmark.memory_unrolled import (
+        UnrolledMemoryConfig,
+        format_unrolled_tables,
+        run_unrolled_memory_benchmark,
+    )
+    from cvxmri.runs import default_run_dir, run_folder
+
+    config = UnrolledMemoryConfig(
+        **_unrolled_common(args),  # type: ignore[arg-type]
+        budget_gb=args.budget_gb,
+        steps=args.steps,
+        batch=args.depth_batch,
+        trial_timeout=args.trial_timeout,
+    )
+    _unrolled_options(args, config)
     out = args.out or default_run_dir("benchmark-memory")
     with run_folder(out, config, overwrite=args.force) as folder:
         result = run_unrolled_memory_benchmark(config, folder)
@@ -1230,29 +1243,16 @@ def _unrolled_benchmark_speed(args: argparse.Namespace) -> None:
         format_unrolled_speed,
         run_unrolled_speed_benchmark,
     )
-    from cvxmri.benchmark.workload import METHODS
     from cvxmri.runs import default_run_dir, run_folder
-    from cvxmri.training.trainer import resolve_device
 
     config = UnrolledSpeedConfig(
-        channels=args.channels,
-        kernel_size=args.kernel,
-        size=args.size,
-        methods=list(dict.fromkeys(args.method or METHODS)),
+        **_unrolled_common(args),  # type: ignore[arg-type]
         batch=args.batch,
         repeats=args.repeats,
         epochs=args.epochs,
         images=args.images,
-        device=str(resolve_device(args.device)),
-        seed=args.seed,
     )
-    if args.iterations is not None:
-        config.iterations = list(dict.fromkeys(args.iterations))
-    if args.coils is not None:
-        config.coils = args.coils
-    if args.dc is not None:
-        config.dc = args.dc
-    config.validate()
+    _unrolled_options(args, config)
     out = args.out or default_run_dir("benchmark-speed")
     with run_folder(out, config, overwrite=args.force) as folder:
         result = run_unrolled_speed_benchmark(config, folder)
