@@ -13,6 +13,7 @@ import torch
 from test_convex import explicit_operator, group_slices, make_stage, smooth_data, with_beta
 
 from cvxmri.models.convex import duality_gap
+from cvxmri.training import certified
 from cvxmri.training.certified import BlockMetric, StageSolver, gram_system
 from cvxmri.training.config import CertifiedConfig, TrainConfig, preset
 from cvxmri.training.trainer import Trainer
@@ -20,10 +21,16 @@ from cvxmri.training.trainer import Trainer
 F64 = torch.float64
 
 
-@pytest.mark.parametrize("groups", ["separate", "frobenius"])
-def test_gram_system_is_the_explicit_normal_matrix(groups: str) -> None:
+@pytest.mark.parametrize(
+    ("groups", "code_bytes"), [("separate", certified.CODE_BYTES), ("frobenius", 1)]
+)
+def test_gram_system_is_the_explicit_normal_matrix(
+    groups: str, code_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """G = A_c^T A_c / N and b = A_c^T r_c / N for every output c (the outputs share the
-    design), ||r||^2 / N, whatever the batches."""
+    design), ||r||^2 / N, whatever the batches, and whatever the number of gate codes summed
+    at a time (one, with ``CODE_BYTES`` 1)."""
+    monkeypatch.setattr(certified, "CODE_BYTES", code_bytes)
     x, r = smooth_data(3, 2, 7, seed=21)
     stage, _ = make_stage(x, patterns=3, kernel_size=3, output_groups=groups)
     a = explicit_operator(stage, x)

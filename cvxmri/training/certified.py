@@ -48,6 +48,8 @@ METRIC_FLOOR = 1e-10
 MAX_STEP_GROWTH = 1024
 # Safeguarded Newton steps on the prox's scalar equation (see BlockMetric.prox).
 PROX_NEWTON_STEPS = 50
+# Bytes of the per-code patches and patch Grams `_code_sums` holds at a time.
+CODE_BYTES = 1 << 28
 
 
 @dataclass
@@ -219,18 +221,20 @@ def _code_sums(u: Tensor, d: Tensor, upper_p: Tensor) -> Tensor:
     order = torch.argsort(inverse, stable=True)
     u_sorted, d_sorted = u[order], d[order]
     starts = counts.cumsum(0) - counts
-    codes = d_sorted[starts].double()
+    codes = d_sorted[starts].to(u.dtype)
     code_pairs = codes[:, upper_p[0]] * codes[:, upper_p[1]]  # (codes, pairs)
     sums = torch.zeros(upper_p.shape[1], m * m, dtype=torch.float64, device=u.device)
     lengths = torch.ceil(torch.log2(counts.double())).long()
     for length in lengths.unique().tolist():
-        chosen = torch.nonzero(lengths == length).squeeze(1)
         offsets = torch.arange(1 << length, device=u.device)
-        rows = starts[chosen, None] + offsets
-        valid = offsets < counts[chosen, None]
-        gathered = u_sorted[rows.clamp(max=u.shape[0] - 1)] * valid[..., None]
-        blocks = gathered.transpose(1, 2) @ gathered  # (codes, m, m)
-        sums += code_pairs[chosen].T @ blocks.reshape(-1, m * m)
+        # Codes at a time: their gathered patches and patch Grams stay within CODE_BYTES.
+        step = max(1, CODE_BYTES // (8 * m * (m + (1 << length))))
+        for chosen in torch.nonzero(lengths == length).squeeze(1).split(step):
+            rows = starts[chosen, None] + offsets
+            valid = offsets < counts[chosen, None]
+            gathered = u_sorted[rows.clamp(max=u.shape[0] - 1)] * valid[..., None]
+            blocks = gathered.transpose(1, 2) @ gathered  # (codes, m, m)
+            sums += (code_pairs[chosen].T @ blocks.reshape(-1, m * m)).double()
     return sums
 
 
