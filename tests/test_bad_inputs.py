@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from bad_inputs import CASES, ROOT, Case, run_case
+from bad_inputs import CASES, FRESH_PROCESS, ROOT, Case, run_case
 
 
 @pytest.fixture
@@ -20,9 +20,22 @@ def test_corpus_is_large_and_unique() -> None:
     assert len(set(names)) == len(names)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_bad_input_fails_cleanly(case: Case, good: Path, tmp_path: Path) -> None:
-    outcome = run_case(case, tmp_path, good)
+def test_fresh_process_cases_exist() -> None:
+    assert set(FRESH_PROCESS) <= {case.name for case in CASES}
+
+
+RUNS = [(case, False) for case in CASES] + [
+    (case, True) for case in CASES if case.name in FRESH_PROCESS
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "fresh"),
+    RUNS,
+    ids=[case.name + ("-fresh-process" if fresh else "") for case, fresh in RUNS],
+)
+def test_bad_input_fails_cleanly(case: Case, fresh: bool, good: Path, tmp_path: Path) -> None:
+    outcome = run_case(case, tmp_path, good, fresh)
     lines = outcome.stderr.strip().splitlines()
     assert outcome.returncode == 2, outcome.stderr
     assert len(lines) == 1, outcome.stderr
