@@ -72,7 +72,7 @@ from cvxmri.models.cnn import ReconCNN
 from cvxmri.models.unrolled import load_network
 from cvxmri.recon import CLASSICAL_METHODS, CGSenseConfig, CSConfig, network_reconstructor
 from cvxmri.report import interpret
-from cvxmri.runs import environment, run_folder
+from cvxmri.runs import certificate_traces, environment, run_folder
 from cvxmri.training.config import PRESETS, TrainConfig, UnrolledConfig, preset
 from cvxmri.training.data import SliceData
 from cvxmri.training.run import train
@@ -1153,6 +1153,7 @@ def collect(out: Path) -> dict[str, Any]:
     metrics: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     certificates: list[dict[str, Any]] = []
+    traces: list[dict[str, Any]] = []
     examples, inspections = [], []
     for part in parts:
         folder = out / part.folder
@@ -1202,6 +1203,8 @@ def collect(out: Path) -> dict[str, Any]:
             if part.method == "layerwise-convex":
                 raw = _read_json(folder / "certificates.json")
                 certificates += _final_certificates(key, raw, run_config["convex"]["beta"])
+                tol = run_config["certified"]["tol"]
+                traces += [{"mask": key, "tol": tol, **t} for t in certificate_traces(folder)]
         elif part.kind == "examples":
             examples.append(_read_json(folder / "examples.json"))
         elif part.kind == "inspect":
@@ -1223,6 +1226,7 @@ def collect(out: Path) -> dict[str, Any]:
         "metrics": metrics,
         "runs": runs,
         "certificates": certificates,
+        "gap_traces": traces,
         "examples": examples,
         "inspect": inspections,
         "parts": [
@@ -1262,7 +1266,8 @@ def collect_unrolled(
     metrics: list[dict[str, Any]],
 ) -> dict[str, Any] | None:
     """The unrolled comparison's results (None when it did not run): test metrics against
-    T, training runs, the selected certificate of every convex iteration, the memory
+    T, training runs, the selected certificate of every convex iteration and the gap
+    against time of all of them (`certificate_traces`), the memory
     measurement and, per mask, the answers at T_max (``metrics``: the classical rows)."""
     unrolled = config.unrolled
     if not unrolled.methods:
@@ -1270,6 +1275,7 @@ def collect_unrolled(
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     certificates: list[dict[str, Any]] = []
+    traces: list[dict[str, Any]] = []
     for part in parts:
         if not part.iterations:
             continue
@@ -1291,6 +1297,8 @@ def collect_unrolled(
             }
         )
         if part.method == "layerwise-convex":
+            tol = yaml.safe_load((folder / "config.yaml").read_text())["certified"]["tol"]
+            traces += [{"mask": key, "tol": tol, **t} for t in certificate_traces(folder)]
             certificates += [
                 {"mask": key, "iteration": int(c["stage"])}
                 | {k: c[k] for k in ("beta", "beta_fraction", "relative_gap", "certified")}
@@ -1321,6 +1329,7 @@ def collect_unrolled(
         "metrics": rows,
         "runs": runs,
         "certificates": certificates,
+        "gap_traces": traces,
         "memory": memory,
         "answers": _unrolled_answers(out, config, rows, runs, certificates, metrics),
     }

@@ -3,6 +3,8 @@ its metrics into one folder, and the folder appears only when the run succeeded.
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import os
 import platform
@@ -142,3 +144,42 @@ def staged_files(
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
+
+
+def certificate_traces(folder: Path) -> list[dict[str, Any]]:
+    """The relative duality gap of every convex stage (or greedy unrolled iteration) of a
+    training run against the seconds spent on it, from the run's files: per stage
+    ``{"stage", "seconds": [...], "relative_gap": [...]}``, ascending in time.
+
+    A certified stage's beta path (``certificates.json`` entries with a ``trace``) is laid
+    end to end: each beta's trace starts where the previous betas' solves ended (the
+    solver's set-up, such as building a Gram matrix, is not counted). An Adam stage's points
+    are its epochs with a certificate (``history.csv``), at the stage's summed epoch times
+    (training, validation and certificates). A run without convex stages has none."""
+    certificates = folder / "certificates.json"
+    entries = json.loads(certificates.read_text()) if certificates.is_file() else []
+    traces: dict[int, dict[str, Any]] = {}
+    spent: dict[int, float] = {}
+    for entry in entries:
+        if "trace" not in entry:
+            continue
+        stage = int(entry["stage"])
+        trace = traces.setdefault(stage, {"stage": stage, "seconds": [], "relative_gap": []})
+        offset = spent.get(stage, 0.0)
+        for seconds, gap in entry["trace"]:
+            trace["seconds"].append(offset + float(seconds))
+            trace["relative_gap"].append(float(gap))
+        spent[stage] = offset + float(entry["seconds"])
+    history = folder / "history.csv"
+    if not traces and history.is_file():
+        with history.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                stage = int(row["stage"])
+                spent[stage] = spent.get(stage, 0.0) + float(row["seconds"])
+                if row.get("cert_relative_gap"):
+                    trace = traces.setdefault(
+                        stage, {"stage": stage, "seconds": [], "relative_gap": []}
+                    )
+                    trace["seconds"].append(spent[stage])
+                    trace["relative_gap"].append(float(row["cert_relative_gap"]))
+    return [traces[stage] for stage in sorted(traces)]

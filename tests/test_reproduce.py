@@ -28,6 +28,7 @@ from cvxmri.models.cnn import GatedConv, ReconCNN
 from cvxmri.models.unrolled import load_network
 from cvxmri.report import interpret
 from cvxmri.reproduce import ReproduceConfig, collect, plan, reproduce, reproduce_preset
+from cvxmri.runs import certificate_traces
 from cvxmri.training.trainer import Trainer, TrainingStopped
 
 SECTIONS = [
@@ -215,6 +216,12 @@ def test_results_come_from_the_runs_own_files(reproduced: dict[str, Any]) -> Non
         (m, s) for m in ("poisson-4x", "cartesian-4x") for s in range(1, config.layers)
     ]
     assert all(0 <= c["relative_gap"] <= 1 + 1e-9 for c in results["certificates"])
+    # The gap against time of every stage ends at the stage's final certificate.
+    traces = {(t["mask"], t["stage"]): t for t in results["gap_traces"]}
+    for c in results["certificates"]:
+        trace = traces[(c["mask"], c["stage"])]
+        assert trace["relative_gap"][-1] == pytest.approx(c["relative_gap"], rel=1e-9)
+        assert trace["seconds"] == sorted(trace["seconds"]) and trace["seconds"][0] > 0
     inspected = results["inspect"][0]
     assert inspected["units"] == [len(n) for n in inspected["group_norms"]]
     assert len(inspected["pixels"]) == 3
@@ -247,6 +254,16 @@ def test_unrolled_comparison_results(reproduced: dict[str, Any]) -> None:
         (m, t) for m in ("poisson-4x", "cartesian-4x") for t in range(1, t_max + 1)
     ]
     assert all(c["certified"] and c["relative_gap"] <= 1e-3 for c in unrolled["certificates"])
+    # Every iteration's gap against time, its whole beta path: one point per exact
+    # certificate, each beta's solve after the previous ones.
+    run_certificates = json.loads((run / "certificates.json").read_text())
+    for trace in (t for t in unrolled["gap_traces"] if t["mask"] == "cartesian-4x"):
+        path = [c for c in run_certificates if c["stage"] == trace["stage"]]
+        assert len(trace["seconds"]) == sum(len(c["trace"]) for c in path)
+        assert trace["relative_gap"][-1] == path[-1]["relative_gap"]
+        assert trace["seconds"][-1] <= sum(c["seconds"] for c in path) + 1e-9
+        assert trace["seconds"] == sorted(trace["seconds"])
+    assert sorted({t["stage"] for t in unrolled["gap_traces"]}) == list(range(1, t_max + 1))
     end_to_end = [m for m in unrolled["metrics"] if m["method"] == "end-to-end"]
     assert {(m["mask"], m["iterations"]) for m in end_to_end} == {
         ("poisson-4x", t_max),
@@ -284,6 +301,7 @@ def test_report_sections_and_numbers(reproduced: dict[str, Any]) -> None:
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
     assert len(sources) == len(pngs) >= 8
     assert all((out / "report" / name).is_file() for name in pngs)
+    assert {"gaps.png", "gaps-unrolled.png"} <= set(pngs)
     # Every number of the report is a number of results.json (or written in its strings).
     known = json_numbers(results)
     unexplained = sorted({n for n in NUMBER.findall(markdown) if n not in known})
@@ -410,3 +428,31 @@ def test_pattern_clusters_find_the_regions() -> None:
     assert interpret.distinct_patterns(pattern) == 2
     norms = np.array([2.0, 1.0, 0.01])
     assert interpret.surviving_units(norms) == 2
+
+
+def test_certificate_traces_lay_a_beta_path_end_to_end(tmp_path: Path) -> None:
+    """A certified stage's betas follow one another in time; an Adam stage's points are
+    its certificate epochs at the summed epoch times; a run without either has none."""
+    certified = tmp_path / "certified"
+    certified.mkdir()
+    path = [
+        {"stage": 1, "seconds": 3.0, "relative_gap": 1e-4, "trace": [[1.0, 0.5], [2.5, 1e-4]]},
+        {"stage": 1, "seconds": 2.0, "relative_gap": 2e-4, "trace": [[0.5, 0.3], [1.5, 2e-4]]},
+        {"stage": 2, "seconds": 4.0, "relative_gap": 5e-4, "trace": [[4.0, 5e-4]]},
+    ]
+    (certified / "certificates.json").write_text(json.dumps(path))
+    assert certificate_traces(certified) == [
+        {"stage": 1, "seconds": [1.0, 2.5, 3.5, 4.5], "relative_gap": [0.5, 1e-4, 0.3, 2e-4]},
+        {"stage": 2, "seconds": [4.0], "relative_gap": [5e-4]},
+    ]
+    adam = tmp_path / "adam"
+    adam.mkdir()
+    rows = [("1", "1", "2.0", ""), ("1", "2", "3.0", "0.9"), ("2", "1", "1.5", "0.99")]
+    (adam / "history.csv").write_text(
+        "stage,epoch,seconds,cert_relative_gap\n" + "".join(",".join(r) + "\n" for r in rows)
+    )
+    assert certificate_traces(adam) == [
+        {"stage": 1, "seconds": [5.0], "relative_gap": [0.9]},
+        {"stage": 2, "seconds": [1.5], "relative_gap": [0.99]},
+    ]
+    assert certificate_traces(tmp_path) == []

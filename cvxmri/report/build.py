@@ -268,7 +268,7 @@ def _examples(results: dict[str, Any], folder: Path, images: list[Image]) -> Sec
     return Section("Representative test slices (the paper's Fig. 3)", blocks)
 
 
-def _certificates(results: dict[str, Any]) -> Section:
+def _certificates(results: dict[str, Any], images: list[Image]) -> Section:
     labels = {m["key"]: m["label"] for m in results["masks"]}
     rows = [
         [
@@ -305,7 +305,44 @@ def _certificates(results: dict[str, Any]) -> Section:
         "beta",
         "ReLU mapping violation",
     ]
-    return Section("Optimality certificates of the convex stages", [text, Table(header, rows)])
+    blocks: list[str | list[str] | Table | Image | Code] = [text, Table(header, rows)]
+    figure = _gap_figure(
+        images,
+        results["masks"],
+        results.get("gap_traces", []),
+        "layer-wise convex CNN",
+        "gaps.png",
+        "Relative duality gap of every convex stage against the seconds spent on it: for "
+        "Adam, at its certificate epochs; for the certified solver, along its beta path "
+        "(set-up not counted). Below the dashed line a stage is certified.",
+    )
+    if figure is not None:
+        blocks.append(figure)
+    return Section("Optimality certificates of the convex stages", blocks)
+
+
+def _gap_figure(
+    images: list[Image],
+    masks: list[dict[str, Any]],
+    traces: list[dict[str, Any]],
+    network: str,
+    name: str,
+    caption: str,
+    unit: str = "stage",
+) -> Image | None:
+    """The gap-against-time figure (`figures.gap_traces`) of ``traces``, a panel per mask
+    that has any, added to ``images``; None when no mask has any."""
+    panels = [
+        (f"{network}, {mask['label']}", chosen)
+        for mask in masks
+        if (chosen := [t for t in traces if t["mask"] == mask["key"]])
+    ]
+    if not panels:
+        return None
+    tol = panels[0][1][0]["tol"]
+    figure = Image(name, figures.png(figures.gap_traces(panels, tol, unit)), caption)
+    images.append(figure)
+    return figure
 
 
 def _memory(results: dict[str, Any]) -> Section:
@@ -496,6 +533,20 @@ def _unrolled(results: dict[str, Any], folder: Path, images: list[Image]) -> Sec
                 ],
             ),
         ]
+    figure = _gap_figure(
+        images,
+        results["masks"],
+        unrolled.get("gap_traces", []),
+        "greedy convex unrolled",
+        "gaps-unrolled.png",
+        "Relative duality gap of every greedy convex iteration against the seconds its "
+        "solver spent, along the beta path (the Gram matrix's build not counted; each "
+        "smaller beta starts from the previous solution, above the line). Below the dashed "
+        "line an iteration is certified.",
+        "iteration",
+    )
+    if figure is not None:
+        blocks.append(figure)
     memory = unrolled["memory"]
     if memory is not None:
         config = memory["config"]
@@ -660,7 +711,7 @@ def sections(results: dict[str, Any], folder: Path) -> tuple[list[Section], list
         _examples(results, folder, images),
         *([_unrolled(results, folder, images)] if results.get("unrolled") else []),
         _timing(results),
-        _certificates(results),
+        _certificates(results, images),
         _memory(results),
         _inspect(results, folder, images),
         _provenance(results),

@@ -129,6 +129,29 @@ def unrolled_curves(results: dict[str, Any]) -> Figure:
     return figure
 
 
+def gap_traces(
+    panels: list[tuple[str, list[dict[str, Any]]]], tol: float, unit: str = "stage"
+) -> Figure:
+    """The relative duality gap of every convex stage against the seconds spent on it
+    (`cvxmri.runs.certificate_traces`), log scale, one panel per ``(title, traces)``, one
+    line per stage (named ``unit``: an unrolled network's stages are its iterations), and
+    ``tol`` (the certified level) as a dashed line."""
+    figure = Figure(figsize=(5.2 * len(panels), 3.8), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, traces) in zip(axes, panels, strict=True):
+        for trace in traces:
+            gaps = np.maximum(np.asarray(trace["relative_gap"], dtype=float), 1e-12)
+            ax.plot(trace["seconds"], gaps, marker=".", label=f"{unit} {trace['stage']}")
+        ax.axhline(tol, color="black", linestyle="--", linewidth=1, label=f"certified ({tol:g})")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"seconds spent on the {unit}")
+        ax.set_ylabel("relative duality gap")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return figure
+
+
 def _zoom_window(target: np.ndarray, zero_filled: np.ndarray) -> tuple[int, int, int]:
     """(top, left, size) of a square around the largest smoothed zero-filled error."""
     size = max(8, target.shape[0] // 4)
