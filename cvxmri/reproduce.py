@@ -1099,6 +1099,14 @@ def _answers(
             if r["mask"] == key and r["layers"] == config.layers
         }
         gaps = [c["relative_gap"] for c in certificates if c["mask"] == key and "relative_gap" in c]
+        tol = next(
+            (
+                r["config"]["certified"]["tol"]
+                for r in runs
+                if r["mask"] == key and r["method"] == "layerwise-convex"
+            ),
+            None,
+        )
         answers.append(
             {
                 "mask": key,
@@ -1113,6 +1121,9 @@ def _answers(
                 "convex_minus_zero_filled": _difference(final, "layerwise-convex", "zero-filled"),
                 "convex_minus_cs": _difference(final, "layerwise-convex", "cs"),
                 "relative_gap_range": [min(gaps), max(gaps)] if gaps else None,
+                "largest_gap": max(gaps) if gaps else None,
+                "tol": tol,
+                "certified": max(gaps) <= tol if gaps and tol is not None else None,
                 "train_seconds": seconds,
             }
         )
@@ -1331,7 +1342,7 @@ def collect_unrolled(
         "certificates": certificates,
         "gap_traces": traces,
         "memory": memory,
-        "answers": _unrolled_answers(out, config, rows, runs, certificates, metrics),
+        "answers": _unrolled_answers(out, config, rows, runs, certificates, traces, metrics),
     }
 
 
@@ -1341,10 +1352,12 @@ def _unrolled_answers(
     rows: list[dict[str, Any]],
     runs: list[dict[str, Any]],
     certificates: list[dict[str, Any]],
+    traces: list[dict[str, Any]],
     metrics: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """Per mask, the volume PSNR and SSIM of every unrolled method at T_max and of the
-    classical methods, and the differences the issue's targets speak of."""
+    classical methods, the certificates' largest gap against the runs' ``tol`` (from the
+    ``traces``), and the differences the issue's targets speak of."""
     t_max = config.unrolled.network.iterations
     answers = []
     for mask in config.masks:
@@ -1359,6 +1372,7 @@ def _unrolled_answers(
             "psnr": {m: _mean(final, m, "psnr") for m in final},
             "ssim": {m: _mean(final, m, "ssim") for m in final},
             "largest_gap": max(gaps) if gaps else None,
+            "tol": next((t["tol"] for t in traces if t["mask"] == key), None),
             "certified": all(c["certified"] for c in certificates if c["mask"] == key)
             if gaps
             else None,
@@ -1455,16 +1469,26 @@ def _result_line(mask: str, name: str, volume: dict[str, Any]) -> str:
 
 
 def format_results(results: dict[str, Any]) -> str:
-    """The full-depth test metrics as a fixed-width table (volume PSNR and SSIM), then the
-    unrolled networks at T_max."""
-    lines = [f"{'mask':<14} {'method':<30} {'PSNR dB':>15} {'SSIM':>17}"]
+    """The full-depth test metrics as a fixed-width table (volume PSNR and SSIM, and the
+    certificates of the convex networks), then the unrolled networks at T_max."""
+    from cvxmri.report.build import certification
+
+    lines = [f"{'mask':<14} {'method':<30} {'PSNR dB':>15} {'SSIM':>17}  certificate"]
     layers = results["config"]["layers"]
+    cnn = {a["mask"]: certification(a) for a in results["answers"]}
     for entry in results["metrics"]:
         if entry["layers"] in (None, layers):
-            lines.append(_result_line(entry["mask"], entry["method"], entry["volume"]))
+            line = _result_line(entry["mask"], entry["method"], entry["volume"])
+            if entry["method"] == "layerwise-convex":
+                line += f"  {cnn[entry['mask']]}"
+            lines.append(line)
     unrolled = results.get("unrolled")
+    greedy = {a["mask"]: certification(a) for a in unrolled["answers"]} if unrolled else {}
     for entry in unrolled["metrics"] if unrolled else []:
         if entry["iterations"] == unrolled["iterations"]:
             name = f"unrolled {entry['method']}"
-            lines.append(_result_line(entry["mask"], name, entry["volume"]))
+            line = _result_line(entry["mask"], name, entry["volume"])
+            if entry["method"] == "layerwise-convex":
+                line += f"  {greedy[entry['mask']]}"
+            lines.append(line)
     return "\n".join(lines)

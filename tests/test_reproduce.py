@@ -27,7 +27,14 @@ from cvxmri.evaluate import EvaluateConfig, evaluate
 from cvxmri.models.cnn import GatedConv, ReconCNN
 from cvxmri.models.unrolled import load_network
 from cvxmri.report import interpret
-from cvxmri.reproduce import ReproduceConfig, collect, plan, reproduce, reproduce_preset
+from cvxmri.reproduce import (
+    ReproduceConfig,
+    collect,
+    format_results,
+    plan,
+    reproduce,
+    reproduce_preset,
+)
 from cvxmri.runs import certificate_traces
 from cvxmri.training.trainer import Trainer, TrainingStopped
 
@@ -264,6 +271,22 @@ def test_unrolled_comparison_results(reproduced: dict[str, Any]) -> None:
         assert trace["seconds"][-1] <= sum(c["seconds"] for c in path) + 1e-9
         assert trace["seconds"] == sorted(trace["seconds"])
     assert sorted({t["stage"] for t in unrolled["gap_traces"]}) == list(range(1, t_max + 1))
+    # The results table says so: certified to the runs' tol, or the largest gap reached.
+    results = json.loads((out / "results.json").read_text())
+    table, convex = format_results(results).splitlines(), "layerwise-convex"
+    for answer in unrolled["answers"]:
+        assert answer["tol"] == 1e-3
+        (line,) = [t for t in table if t.split()[:3] == [answer["mask"], "unrolled", convex]]
+        assert line.endswith("  certified to 0.001")
+    for answer in results["answers"]:
+        (line,) = [t for t in table if t.split()[:2] == [answer["mask"], convex]]
+        expected = (
+            "certified to 0.001"
+            if answer["largest_gap"] <= 1e-3
+            else f"largest gap {answer['largest_gap']:.2e}"
+        )
+        assert answer["certified"] == (answer["largest_gap"] <= 1e-3)
+        assert line.endswith(f"  {expected}")
     end_to_end = [m for m in unrolled["metrics"] if m["method"] == "end-to-end"]
     assert {(m["mask"], m["iterations"]) for m in end_to_end} == {
         ("poisson-4x", t_max),
