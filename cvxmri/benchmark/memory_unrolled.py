@@ -36,9 +36,9 @@ from tqdm import tqdm
 
 from cvxmri.benchmark.measure import CUDA_METHOD, UNROLLED_CPU_METHOD, result_header
 from cvxmri.benchmark.memory import GIB, MIB, Runner, format_targets
-from cvxmri.benchmark.workload import LAYERWISE, METHODS, Workload
+from cvxmri.benchmark.unrolled import UnrolledBenchSettings
+from cvxmri.benchmark.workload import LAYERWISE
 from cvxmri.errors import CvxmriError
-from cvxmri.models.dc import DC_KINDS
 
 SCHEMA = "cvxmri.benchmark.memory-unrolled/1"
 # The parts each method's trainer runs, by `Workload.part`.
@@ -54,83 +54,35 @@ TARGET_RATIO = 1.1
 
 
 @dataclass
-class UnrolledMemoryConfig:
-    """Settings of `run_unrolled_memory_benchmark`; saved as ``config.yaml``.
+class UnrolledMemoryConfig(UnrolledBenchSettings):
+    """Settings of `run_unrolled_memory_benchmark`; saved as ``config.yaml``. The workload
+    settings are `UnrolledBenchSettings`'s (T from 1 to 20 by default); and:
 
     Attributes:
-        iterations: the values of T measured.
-        channels: hidden width of every regulariser (the quick preset's 16).
-        kernel_size: KxK of the regularisers' hidden layer (5).
-        size: images are ``size x size`` (128).
-        coils: receive coils of the random data (8).
-        dc: data consistency, ``gradient`` or ``cg`` (`DCConfig.kind`).
-        batch: images per step (the convex Gram build: images of the batch, one at a time).
-        methods: among end-to-end, end-to-end-checkpointing, layerwise-convex,
-            layerwise-nonconvex.
         budget_gb: memory limit of a measurement in GiB (`cvxmri.benchmark.measure`).
         steps: measured runs per point (after the warm-up on a small image).
-        device: ``cpu``, ``cuda`` or ``auto``.
         trial_timeout: seconds before one measurement is abandoned.
-        seed: of the random weights and data.
     """
 
     iterations: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20])
-    channels: int = 16
-    kernel_size: int = 5
-    size: int = 128
-    coils: int = 8
-    dc: str = "gradient"
-    batch: int = 1
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
     budget_gb: float = 12.0
     steps: int = 1
-    device: str = "auto"
     trial_timeout: float = 3600.0
-    seed: int = 0
 
     def validate(self) -> None:
         """Raise `CvxmriError` naming the first impossible setting."""
-        if not self.iterations:
-            raise CvxmriError("no iterations selected")
-        if min(self.iterations) < 1:
-            raise CvxmriError(f"iterations must be >= 1, got {self.iterations}")
-        if not self.methods:
-            raise CvxmriError("no method selected")
-        for method in self.methods:
-            if method not in METHODS:
-                raise CvxmriError(f"unknown method {method!r} (choose from {METHODS})")
-        if self.dc not in DC_KINDS:
-            raise CvxmriError(f"unknown data consistency {self.dc!r} (choose from {DC_KINDS})")
         if not self.budget_gb > 0 or not math.isfinite(self.budget_gb):
             raise CvxmriError(f"budget must be a positive number of GiB, got {self.budget_gb}")
         if self.steps < 1:
             raise CvxmriError(f"steps must be >= 1, got {self.steps}")
         if not self.trial_timeout > 0:
             raise CvxmriError(f"trial timeout must be > 0, got {self.trial_timeout}")
-        for method in self.methods:
-            self.workload(method, min(self.iterations)).validate()
+        self.validate_workloads()
 
     @property
     def budget_bytes(self) -> int:
         """The budget in bytes (GiB = 2^30 bytes)."""
         return int(self.budget_gb * GIB)
-
-    def workload(self, method: str, iterations: int, part: str = "step") -> Workload:
-        """The unrolled workload of ``method`` at T = ``iterations``."""
-        return Workload(
-            method,
-            batch=self.batch,
-            channels=self.channels,
-            kernel_size=self.kernel_size,
-            size=self.size,
-            device=self.device,
-            seed=self.seed,
-            part=part,
-            arch="unrolled",
-            iterations=iterations,
-            coils=self.coils,
-            dc=self.dc,
-        )
 
 
 def iteration_sweep(runner: Runner, cfg: UnrolledMemoryConfig) -> list[dict[str, Any]]:

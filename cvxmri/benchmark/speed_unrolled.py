@@ -37,7 +37,7 @@ import gc
 import json
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,9 @@ from tqdm import tqdm
 
 from cvxmri.benchmark.measure import result_header
 from cvxmri.benchmark.speed import timed
-from cvxmri.benchmark.workload import LAYERWISE, METHODS, Workload, prepare
+from cvxmri.benchmark.unrolled import UnrolledBenchSettings
+from cvxmri.benchmark.workload import LAYERWISE, Workload, prepare
 from cvxmri.errors import CvxmriError
-from cvxmri.models.dc import DC_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -56,73 +56,27 @@ SCHEMA = "cvxmri.benchmark.speed-unrolled/1"
 
 
 @dataclass
-class UnrolledSpeedConfig:
-    """Settings of `run_unrolled_speed_benchmark`; saved as ``config.yaml``.
+class UnrolledSpeedConfig(UnrolledBenchSettings):
+    """Settings of `run_unrolled_speed_benchmark`; saved as ``config.yaml``. The workload
+    settings are `UnrolledBenchSettings`'s; and:
 
     Attributes:
-        iterations: the values of T measured.
-        channels: hidden width of every regulariser (the quick preset's 16).
-        kernel_size: KxK of the regularisers' hidden layer (5).
-        size: images are ``size x size`` (128).
-        coils: receive coils of the random data (8).
-        dc: data consistency, ``gradient`` or ``cg`` (`DCConfig.kind`).
-        batch: images per step.
-        methods: among end-to-end, end-to-end-checkpointing, layerwise-convex,
-            layerwise-nonconvex.
         repeats: timed runs per point (the median is reported).
         epochs: epochs of the projected training time (per greedy iteration for the
             non-convex method; the convex one has no epochs).
         images: training images of the projected training time.
-        device: ``cpu``, ``cuda`` or ``auto``.
-        seed: of the random weights and data.
     """
 
-    iterations: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    channels: int = 16
-    kernel_size: int = 5
-    size: int = 128
-    coils: int = 8
-    dc: str = "gradient"
-    batch: int = 1
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
     repeats: int = 3
     epochs: int = 30
     images: int = 18
-    device: str = "auto"
-    seed: int = 0
 
     def validate(self) -> None:
         """Raise `CvxmriError` naming the first impossible setting."""
-        if not self.iterations or min(self.iterations) < 1:
-            raise CvxmriError(f"iterations must be a list of values >= 1, got {self.iterations}")
-        if not self.methods:
-            raise CvxmriError("no method selected")
-        for method in self.methods:
-            if method not in METHODS:
-                raise CvxmriError(f"unknown method {method!r} (choose from {METHODS})")
-        if self.dc not in DC_KINDS:
-            raise CvxmriError(f"unknown data consistency {self.dc!r} (choose from {DC_KINDS})")
-        for name in ("repeats", "epochs", "images", "batch"):
+        for name in ("repeats", "epochs", "images"):
             if getattr(self, name) < 1:
                 raise CvxmriError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for method in self.methods:
-            self.workload(method, min(self.iterations)).validate()
-
-    def workload(self, method: str, iterations: int) -> Workload:
-        """The unrolled workload of ``method`` at T = ``iterations``."""
-        return Workload(
-            method,
-            batch=self.batch,
-            channels=self.channels,
-            kernel_size=self.kernel_size,
-            size=self.size,
-            device=self.device,
-            seed=self.seed,
-            arch="unrolled",
-            iterations=iterations,
-            coils=self.coils,
-            dc=self.dc,
-        )
+        self.validate_workloads()
 
 
 def measure_unrolled_speed(w: Workload, repeats: int) -> dict[str, Any]:

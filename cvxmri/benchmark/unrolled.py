@@ -31,16 +31,17 @@ The memory of a greedy iteration does not depend on T; that of end-to-end traini
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from cvxmri.benchmark.workload import LR, WARMUP_SIZE, Prepared, Workload
+from cvxmri.benchmark.workload import LR, METHODS, WARMUP_SIZE, Prepared, Workload
+from cvxmri.errors import CvxmriError
 from cvxmri.models.cnn import ReconCNN, to_channels, to_complex
 from cvxmri.models.convex import ConvexStage, ConvexStageConfig
-from cvxmri.models.dc import DataConsistency, DCConfig
+from cvxmri.models.dc import DC_KINDS, DataConsistency, DCConfig
 from cvxmri.models.stages import gated_layers
 from cvxmri.models.unrolled import UnrolledNet
 from cvxmri.physics import recon_sense
@@ -59,6 +60,74 @@ SAMPLED_FRACTION = 0.25
 # Seconds after which a measured convex solve stops refining (its rounds repeat the same
 # exact pass and Gram solve: their number does not change its memory).
 SOLVE_SECONDS = 1.0
+
+
+@dataclass
+class UnrolledBenchSettings:
+    """The workload settings that the unrolled memory and speed benchmarks share
+    (`cvxmri.benchmark.memory_unrolled.UnrolledMemoryConfig`,
+    `cvxmri.benchmark.speed_unrolled.UnrolledSpeedConfig`).
+
+    Attributes:
+        iterations: the values of T measured.
+        channels: hidden width of every regulariser (the quick preset's 16).
+        kernel_size: KxK of the regularisers' hidden layer (5).
+        size: images are ``size x size`` (128).
+        coils: receive coils of the random data (8).
+        dc: data consistency, ``gradient`` or ``cg`` (`DCConfig.kind`).
+        batch: images per step (the convex Gram build: images of the batch, one at a time).
+        methods: among end-to-end, end-to-end-checkpointing, layerwise-convex,
+            layerwise-nonconvex.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        seed: of the random weights and data.
+    """
+
+    iterations: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    channels: int = 16
+    kernel_size: int = 5
+    size: int = 128
+    coils: int = 8
+    dc: str = "gradient"
+    batch: int = 1
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    device: str = "auto"
+    seed: int = 0
+
+    def validate_workloads(self) -> None:
+        """Raise `CvxmriError` naming the first impossible shared setting (the T values,
+        the methods, the data consistency, and each method's workload at the smallest T)."""
+        if not self.iterations:
+            raise CvxmriError("no iterations selected")
+        if min(self.iterations) < 1:
+            raise CvxmriError(f"iterations must be >= 1, got {self.iterations}")
+        if not self.methods:
+            raise CvxmriError("no method selected")
+        for method in self.methods:
+            if method not in METHODS:
+                raise CvxmriError(f"unknown method {method!r} (choose from {METHODS})")
+        if self.dc not in DC_KINDS:
+            raise CvxmriError(f"unknown data consistency {self.dc!r} (choose from {DC_KINDS})")
+        if self.batch < 1:
+            raise CvxmriError(f"batch must be >= 1, got {self.batch}")
+        for method in self.methods:
+            self.workload(method, min(self.iterations)).validate()
+
+    def workload(self, method: str, iterations: int, part: str = "step") -> Workload:
+        """The unrolled workload of ``method`` at T = ``iterations``."""
+        return Workload(
+            method,
+            batch=self.batch,
+            channels=self.channels,
+            kernel_size=self.kernel_size,
+            size=self.size,
+            device=self.device,
+            seed=self.seed,
+            part=part,
+            arch="unrolled",
+            iterations=iterations,
+            coils=self.coils,
+            dc=self.dc,
+        )
 
 
 @dataclass
