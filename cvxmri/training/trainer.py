@@ -201,7 +201,7 @@ def check_resumable(saved: Any, new: dict[str, Any], out: Path) -> None:
     if not isinstance(saved, dict):
         raise CvxmriError(f"{out}: the run's configuration is not a mapping; nothing to resume")
     # Runs started before 3D training have no ``dims``: they are 2D.
-    changes = config_differences({"dims": 2, **saved}, new)
+    changes = config_differences({"dims": 2, **saved} if "dims" in new else saved, new)
     if not changes:
         return
     if [c.split(":")[0] for c in changes] == ["optim.epochs"]:
