@@ -1064,6 +1064,28 @@ def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
         parser.add_argument("--force", action="store_true", help="replace an existing folder")
     memory.add_argument("--budget-gb", type=_number, default=12.0, help="GiB (default 12)")
     memory.add_argument(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="3: the largest cubic patch of 3D training per method (batch 1, fp32, kernel 3 "
+        "by default), within the budget and within 12 and 80 GiB (extrapolated)",
+    )
+    memory.add_argument(
+        "--fit-sides",
+        type=_int_list,
+        default=[16, 32],
+        help="--dims 3: patch sides measured first (16,32)",
+    )
+    memory.add_argument("--max-side", type=int, default=1024, help="--dims 3: search limit (1024)")
+    memory.add_argument(
+        "--direct-seconds",
+        type=_number,
+        default=60.0,
+        help="--dims 3, --search auto: search directly when a step at the predicted side "
+        "takes at most this long (60)",
+    )
+    memory.add_argument(
         "--search",
         choices=("auto", "direct", "fit"),
         default="auto",
@@ -1154,6 +1176,9 @@ def _cmd_benchmark_memory(args: argparse.Namespace) -> None:
     from cvxmri.benchmark.memory import MemoryBenchConfig, format_tables, run_memory_benchmark
     from cvxmri.runs import default_run_dir, run_folder
 
+    if args.dims == 3:
+        _benchmark_memory3d(args)
+        return
     _benchmark_architecture(args)
     if args.arch == "unrolled":
         _unrolled_benchmark_memory(args)
@@ -1175,6 +1200,53 @@ def _cmd_benchmark_memory(args: argparse.Namespace) -> None:
     with run_folder(out, config, overwrite=args.force) as folder:
         result = run_memory_benchmark(config, folder)
     print(format_tables(result))
+    print(f"results: {out}")
+
+
+def _benchmark_memory3d(args: argparse.Namespace) -> None:
+    """`cvxmri benchmark memory --dims 3`: the largest cubic patch per method."""
+    from cvxmri.benchmark.memory3d import (
+        Memory3DConfig,
+        format_tables3d,
+        run_memory3d_benchmark,
+    )
+    from cvxmri.runs import default_run_dir, run_folder
+    from cvxmri.training.trainer import resolve_device
+
+    for name, flag in (
+        ("size", "--size"),
+        ("iterations", "--iterations"),
+        ("coils", "--coils"),
+        ("dc", "--dc"),
+        ("stage_inputs", "--stage-inputs"),
+    ):
+        if getattr(args, name) is not None:
+            raise CvxmriError(f"{flag} does not apply to --dims 3 (the patch side is searched)")
+    if args.arch != "cnn" or (args.precision or ["fp32"]) != ["fp32"]:
+        raise CvxmriError("--dims 3 measures the CNN in fp32 (--arch cnn, --precision fp32)")
+    config = Memory3DConfig(
+        layers=args.layers or _CNN_DEFAULTS["layers"],
+        channels=args.channels or _CNN_DEFAULTS["channels"],
+        kernel_size=args.kernel or 3,
+        budget_gb=args.budget_gb,
+        methods=list(
+            dict.fromkeys(args.method or ["end-to-end", "layerwise-convex", "layerwise-nonconvex"])
+        ),
+        pattern_chunk=args.pattern_chunk,
+        search=args.search,
+        fit_sides=args.fit_sides,
+        max_side=args.max_side,
+        direct_seconds=args.direct_seconds,
+        steps=args.steps,
+        device=str(resolve_device(args.device)),
+        trial_timeout=args.trial_timeout,
+        seed=args.seed,
+    )
+    config.validate()
+    out = args.out or default_run_dir("benchmark-memory3d")
+    with run_folder(out, config, overwrite=args.force) as folder:
+        result = run_memory3d_benchmark(config, folder)
+    print(format_tables3d(result))
     print(f"results: {out}")
 
 
