@@ -36,7 +36,7 @@ def tiny3d(data: Path, method: str, **changes: object) -> TrainConfig:
 
 def test_3d_preset_has_cubic_kernels_and_patches() -> None:
     config = preset("quick", dims=3)
-    assert (config.dims, config.kernel_size, config.crop) == (3, 3, 12)
+    assert (config.dims, config.kernel_size, config.crop, config.pattern_chunk) == (3, 3, 12, 32)
     assert config.stage_spec().ndim == 3
     assert preset("quick").dims == 2 and preset("quick").kernel_size == 7
 

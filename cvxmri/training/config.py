@@ -9,7 +9,8 @@ validation split).
 
 With ``dims`` 3 (true 3D training on volume files, `cvxmri.training.data.VolumeData`) every
 preset uses 3x3x3 kernels, and its training crops are cubes: of side 12 (the default slab
-thickness of ``data/default3d``) for quick, 4 for tiny, and whole volumes for paper.
+thickness of ``data/default3d``) for quick, 4 for tiny, and whole volumes for paper; convex
+stages take the memory-lean step (``pattern_chunk`` 32), as in the 3D memory benchmark.
 """
 
 from __future__ import annotations
@@ -325,7 +326,9 @@ def preset(name: str, mask_kind: str = "poisson", dims: int = 2) -> TrainConfig:
     config = _preset2d(name, mask_kind)
     if dims == 3:
         crop = {"quick": 12, "tiny": 4, "paper": 0}[name]
-        return replace(config, dims=3, kernel_size=3, crop=crop)
+        # Pattern chunks: the convex step's memory-lean path, whose working memory does
+        # not grow with the patch (`ConvexStage.data_term_and_gradient`).
+        return replace(config, dims=3, kernel_size=3, crop=crop, pattern_chunk=32)
     return config
 
 
