@@ -338,11 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="validation data, in the same forms (default: the val split of --data)",
     )
     train.add_argument(
+        "--kernel",
+        type=_positive_int,
+        help="KxK kernels (3D: KxKxK; default: the preset's, 3 in 3D)",
+    )
+    train.add_argument(
+        "--crop",
+        type=_nonnegative_int,
+        help="side of the random training crops, a cube's in 3D (0: whole images or volumes)",
+    )
+    train.add_argument(
         "--dims",
         type=int,
         choices=(2, 3),
-        default=2,
-        help="3: train on 3D volume files (--data default data/default3d); needs --decoupled",
+        help="3: train on 3D volume files (--data default data/default3d) with 3D "
+        "convolutions on cubic patches, or with --decoupled on their (ky, kz) planes",
     )
     train.add_argument(
         "--decoupled",
@@ -768,8 +778,14 @@ def _train_config(args: argparse.Namespace) -> object:
     kind = args.mask[0] if args.mask else None
     if kind is None and isinstance(yaml_mask, dict) and isinstance(yaml_mask.get("kind"), str):
         kind = yaml_mask["kind"]
-    base = _merge(to_dict(preset(args.preset, kind or "poisson")), overlay, str(args.config))
+    # True 3D training (3x3x3 kernels, cubic crops) unless the 3D data are decoupled into
+    # 2D planes; a --config file (a 3D run's config.yaml) may say so too.
+    yaml_dims = overlay.get("dims") if isinstance(overlay, dict) else None
+    dims = 2 if args.decoupled else args.dims or (yaml_dims if yaml_dims in (2, 3) else 2)
+    base = _merge(to_dict(preset(args.preset, kind or "poisson", dims)), overlay, str(args.config))
     config = from_dict(TrainConfig, base, str(args.config or "preset"))
+    if dims == 3 and args.data is None and not (isinstance(overlay, dict) and "data" in overlay):
+        config = replace(config, data="data/default3d")
     mask = replace(config.mask, **_mask_overrides(args))
     if args.mask:
         mask = replace(mask, kind=args.mask[0])
@@ -802,6 +818,10 @@ def _train_config(args: argparse.Namespace) -> object:
         "arch": args.arch,
         "layers": args.layers,
         "channels": args.channels if arch == "cnn" else None,
+        "kernel_size": args.kernel,
+        "crop": args.crop,
+        "crops_per_image": 1 if args.crop == 0 else None,
+        "dims": None if args.dims is None else dims,
         "stage_cache": args.stage_cache,
         "solver": args.solver,
         "device": args.device,
@@ -850,10 +870,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from cvxmri import distributed
     from cvxmri.training.run import train
 
-    if args.dims == 3 or args.decoupled:
+    if args.decoupled:
         _decoupled_data(args)
     config = _train_config(args)
-    if args.dims == 3:
+    if args.decoupled:
         config.mask.validate(ndim=3)  # type: ignore[attr-defined]
     out = args.out or default_train_dir(config)
     metrics = train(
@@ -882,11 +902,6 @@ def _decoupled_data(args: argparse.Namespace) -> None:
 
     if args.dims != 3:
         raise CvxmriError("--decoupled applies to 3D data: add --dims 3")
-    if not args.decoupled:
-        raise CvxmriError(
-            "--dims 3 trains in the decoupled mode only: add --decoupled (every readout "
-            "position's (ky, kz) plane is a 2D sample)"
-        )
     if args.resume and args.data is None:
         return  # the run's config.yaml names its decoupled data
     args.data = decouple_dataset(args.data or Path("data/default3d"))
@@ -1049,6 +1064,28 @@ def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
         parser.add_argument("--force", action="store_true", help="replace an existing folder")
     memory.add_argument("--budget-gb", type=_number, default=12.0, help="GiB (default 12)")
     memory.add_argument(
+        "--dims",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="3: the largest cubic patch of 3D training per method (batch 1, fp32, kernel 3 "
+        "by default), within the budget and within 12 and 80 GiB (extrapolated)",
+    )
+    memory.add_argument(
+        "--fit-sides",
+        type=_int_list,
+        default=[16, 32],
+        help="--dims 3: patch sides measured first (16,32)",
+    )
+    memory.add_argument("--max-side", type=int, default=1024, help="--dims 3: search limit (1024)")
+    memory.add_argument(
+        "--direct-seconds",
+        type=_number,
+        default=60.0,
+        help="--dims 3, --search auto: search directly when a step at the predicted side "
+        "takes at most this long (60)",
+    )
+    memory.add_argument(
         "--search",
         choices=("auto", "direct", "fit"),
         default="auto",
@@ -1139,6 +1176,9 @@ def _cmd_benchmark_memory(args: argparse.Namespace) -> None:
     from cvxmri.benchmark.memory import MemoryBenchConfig, format_tables, run_memory_benchmark
     from cvxmri.runs import default_run_dir, run_folder
 
+    if args.dims == 3:
+        _benchmark_memory3d(args)
+        return
     _benchmark_architecture(args)
     if args.arch == "unrolled":
         _unrolled_benchmark_memory(args)
@@ -1160,6 +1200,53 @@ def _cmd_benchmark_memory(args: argparse.Namespace) -> None:
     with run_folder(out, config, overwrite=args.force) as folder:
         result = run_memory_benchmark(config, folder)
     print(format_tables(result))
+    print(f"results: {out}")
+
+
+def _benchmark_memory3d(args: argparse.Namespace) -> None:
+    """`cvxmri benchmark memory --dims 3`: the largest cubic patch per method."""
+    from cvxmri.benchmark.memory3d import (
+        Memory3DConfig,
+        format_tables3d,
+        run_memory3d_benchmark,
+    )
+    from cvxmri.runs import default_run_dir, run_folder
+    from cvxmri.training.trainer import resolve_device
+
+    for name, flag in (
+        ("size", "--size"),
+        ("iterations", "--iterations"),
+        ("coils", "--coils"),
+        ("dc", "--dc"),
+        ("stage_inputs", "--stage-inputs"),
+    ):
+        if getattr(args, name) is not None:
+            raise CvxmriError(f"{flag} does not apply to --dims 3 (the patch side is searched)")
+    if args.arch != "cnn" or (args.precision or ["fp32"]) != ["fp32"]:
+        raise CvxmriError("--dims 3 measures the CNN in fp32 (--arch cnn, --precision fp32)")
+    config = Memory3DConfig(
+        layers=args.layers or _CNN_DEFAULTS["layers"],
+        channels=args.channels or _CNN_DEFAULTS["channels"],
+        kernel_size=args.kernel or 3,
+        budget_gb=args.budget_gb,
+        methods=list(
+            dict.fromkeys(args.method or ["end-to-end", "layerwise-convex", "layerwise-nonconvex"])
+        ),
+        pattern_chunk=args.pattern_chunk,
+        search=args.search,
+        fit_sides=args.fit_sides,
+        max_side=args.max_side,
+        direct_seconds=args.direct_seconds,
+        steps=args.steps,
+        device=str(resolve_device(args.device)),
+        trial_timeout=args.trial_timeout,
+        seed=args.seed,
+    )
+    config.validate()
+    out = args.out or default_run_dir("benchmark-memory3d")
+    with run_folder(out, config, overwrite=args.force) as folder:
+        result = run_memory3d_benchmark(config, folder)
+    print(format_tables3d(result))
     print(f"results: {out}")
 
 

@@ -10,8 +10,9 @@ volume by its path relative to the data root (`cvxmri.data.prepare.volume_id`).
 
 3D volume files (`cvxmri.data.volume3d`; a folder holds either kind, not both) are
 evaluated the same way, one `Sample` per volume and (ky, kz) mask, by the classical
-methods in 3D: PSNR with the volume's maximum over the whole volume, SSIM averaged over
-the readout planes (axis 0: (ky, kz) planes), and the slice rows are those planes.
+methods in 3D and by 3D networks (``cvxmri train --dims 3``) on the whole volume: PSNR
+with the volume's maximum over the whole volume, SSIM averaged over the readout planes
+(axis 0: (ky, kz) planes), and the slice rows are those planes.
 
 Targets: ``sense``, the magnitude of the SENSE-combined fully sampled image; ``rss``,
 fastMRI's root-sum-of-squares image: the file's stored ``reconstruction_rss`` when it has
@@ -237,27 +238,38 @@ def prepare_file(
     return target, source, lambda spec: volume_sample(volume, spec, name, reference=target)
 
 
-def check_dims(files: list[Path], config: EvaluateConfig) -> int:
+def check_dims(
+    files: list[Path], config: EvaluateConfig, networks: dict[Path, int] | None = None
+) -> int:
     """The number of spatial axes of the data: ``config.dims``, or when 0 what the files
     are (2: fastMRI multi-slice files, 3: 3D volume files; a mix is refused). For 3D, masks
-    that cannot sample (ky, kz) and networks are refused (the 3D evaluation runs the
-    classical methods). A file of the other kind is refused by its reader."""
+    that cannot sample (ky, kz) are refused. ``networks`` (model file -> its convolutions'
+    spatial axes) must match the data: a 2D network on 3D volumes (one trained with
+    ``--dims 3 --decoupled`` belongs on the decoupled view) and a 3D one on slices are
+    refused. A file of the other kind is refused by its reader."""
     found = {file_dims(path) for path in files}
     if not config.dims and len(found) > 1:
         raise CvxmriError(f"{config.data}: mixes 2D multi-slice and 3D volume files")
     dims = config.dims or found.pop()
+    for path, ndim in (networks or {}).items():
+        if ndim == dims:
+            continue
+        if dims == 3:
+            raise CvxmriError(
+                f"{path}: a 2D network on 3D volumes; a network trained with --dims 3 "
+                f"--decoupled is evaluated on the decoupled view (--data "
+                f"{Path(config.data) / 'decoupled'})"
+            )
+        raise CvxmriError(
+            f"{path}: a 3D network (trained with --dims 3) on 2D slices; evaluate it on 3D "
+            "volume files"
+        )
     if dims == 2:
         return 2
     for spec in config.masks:
         if spec.kind == "file":
             raise CvxmriError("mask 'file': 3D volume files store no mask; use poisson or random")
         spec.validate(ndim=3)
-    if config.models:
-        raise CvxmriError(
-            f"{config.data}: 3D volumes are evaluated here with the classical methods; a "
-            "network trained with --dims 3 --decoupled is evaluated on the decoupled view "
-            f"(--data {Path(config.data) / 'decoupled'})"
-        )
     return 3
 
 
@@ -279,14 +291,14 @@ def evaluate(config: EvaluateConfig, out: Path) -> dict[str, object]:
     config.validate()
     device = resolve_device(config.device)
     files = find_files(config.data, config.split)
-    dims = check_dims(files, config)
+    paths = [model_file(Path(p)) for p in config.models]
+    networks = {path: load_network(path, map_location=device).eval() for path in paths}
+    dims = check_dims(files, config, {path: model.ndim for path, model in networks.items()})
     cache = Path(config.cache) if config.cache else default_cache_dir(config.data)
     reconstructors = {
         m: classical_reconstructor(m, config.cs, config.cg_sense) for m in config.methods
     }
-    paths = [model_file(Path(p)) for p in config.models]
-    for path in paths:
-        model = load_network(path, map_location=device).eval()
+    for path, model in networks.items():
         reconstructors[model_label(path)] = network_reconstructor(model)
     slice_rows: list[dict[str, object]] = []
     volume_rows: list[dict[str, object]] = []

@@ -266,6 +266,19 @@ def _3d_where_2d_expected(work: Path, good: Path) -> list[str]:
     return _tiny_train(work / "data", work / "out")
 
 
+def _train3d(*extra: str) -> Callable[[Path, Path], list[str]]:
+    """True 3D training on a dataset root of small valid 3D volumes (train and val)."""
+
+    def setup(work: Path, good: Path) -> list[str]:
+        for split in ("train", "val"):
+            _volume3d(work / "data" / f"multicoil_{split}")
+        data, mask = str(work / "data"), ["--mask", "poisson", "--calib-size", "4"]
+        out = ["--out", str(work / "out")]
+        return ["train", "--dims", "3", "--preset", "tiny", *mask, "--data", data, *out, *extra]
+
+    return setup
+
+
 def _3d_line_mask(work: Path, good: Path) -> list[str]:
     _volume3d(work / "data" / "multicoil_test")
     return _evaluate(work / "data", work)
@@ -946,10 +959,22 @@ CASES = [
         "mixes 2D multi-slice and 3D volume files",
     ),
     Case(
-        "train-3d-not-decoupled",
-        "train --dims 3 without --decoupled (true 3D training does not exist yet)",
+        "train-3d-true-on-2d-data",
+        "true 3D training (train --dims 3) on 2D multi-slice data",
         _args("train", "--dims", "3", "--data", "{good}", "--out", "{work}/out"),
-        "--dims 3 trains in the decoupled mode only",
+        "not a 3D volume file (no attribute dims=3)",
+    ),
+    Case(
+        "train-3d-patch-too-large",
+        "train --dims 3 with a patch side larger than the volumes (4x16x32)",
+        _train3d("--crop", "5"),
+        "crop 5: a 5x5x5 patch does not fit in the 4x16x32 volumes",
+    ),
+    Case(
+        "train-3d-unrolled",
+        "true 3D training of the unrolled network",
+        _train3d("--arch", "unrolled"),
+        "true 3D training (dims 3) trains the CNN (arch cnn)",
     ),
     Case(
         "train-3d-on-2d-data",

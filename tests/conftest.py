@@ -131,3 +131,20 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = load_nifti(phantom_nifti(root / "head.nii.gz", depth=120))
     simulate_dataset([source], root / "data", SimulationConfig(matrix=24, coils=3, slab_slices=2))
     return root / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_data3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two 'subjects' (the phantom at two depths) simulated as 3D volumes: slabs of
+    4x16x16 voxels, 4 coils, 2 files per split."""
+    from cvxmri.data.simulate import load_nifti
+    from cvxmri.data.simulate3d import Simulation3DConfig, simulate_dataset3d
+
+    root = tmp_path_factory.mktemp("tiny_data3d")
+    sources = [
+        load_nifti(phantom_nifti(root / f"{name}.nii.gz", depth=depth))
+        for name, depth in (("a", 64), ("b", 56))
+    ]
+    config = Simulation3DConfig(matrix=(24, 16, 16), coils=4, slab=4, guard=2)
+    simulate_dataset3d(sources, root / "data", config)
+    return root / "data"

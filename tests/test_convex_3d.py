@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cvxmri.errors import CvxmriError
+from cvxmri.models import convex as convex_module
 from cvxmri.models.cnn import GatedConv, ReconCNN, ReluConv, to_channels, to_complex
 from cvxmri.models.conv import conv_ops
 from cvxmri.models.convex import (
@@ -136,6 +137,28 @@ def test_objective_and_gradient_match_the_explicit_matrix() -> None:
     gates = unpack_gates(pack_gates(stage.pattern_gates(x)), P)
     value, grad = stage.data_term_and_gradient(x, r, 0, gates=gates)
     torch.testing.assert_close(grad, expected.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("thickness", [1, 2, 3])
+def test_slabs_of_a_large_patch_give_the_exact_gradient(
+    thickness: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A patch of more than `SLAB_POSITIONS` positions is worked through in slabs (with the
+    K // 2 positions around each): the same data term and gradient, ``A^T (A v - r) / B``
+    of the explicit matrix."""
+    x, r = volume_data()
+    stage = make_stage(x, beta=0.07)
+    with torch.no_grad():
+        stage.v.copy_(torch.randn(stage.v.shape, generator=torch.Generator().manual_seed(2)))
+    a = explicit_operator(stage, x)
+    misfit = (a @ stage.v.detach().reshape(-1)).reshape(r.shape) - r
+    expected = (a.T @ misfit.reshape(-1) / 2).reshape(stage.v.shape)
+    # 5x5 positions across the first axis: slabs of `thickness` positions.
+    monkeypatch.setattr(convex_module, "SLAB_POSITIONS", 25 * thickness)
+    for chunk in (1, 2):
+        value, grad = stage.data_term_and_gradient(x, r, chunk)
+        assert value.item() == pytest.approx(float(0.5 * misfit.square().sum() / 2), rel=1e-6)
+        torch.testing.assert_close(grad, expected.float(), rtol=1e-5, atol=1e-6)
 
 
 def test_certificate_matches_the_explicit_group_lasso() -> None:

@@ -368,5 +368,7 @@ def test_cli_trains_decoupled_and_evaluates(
     assert "run" in methods
     assert main([*evaluate, "--data", str(data), "--out", str(tmp_path / "e3")]) == 2
     assert "evaluated on the decoupled view" in capsys.readouterr().err
-    assert main([*train[:2], "3", *train[4:], "--out", str(tmp_path / "r2")]) == 2
-    assert "add --decoupled" in capsys.readouterr().err
+    # Without --decoupled, --dims 3 trains in 3D: the decoupled view (2D files) is refused.
+    true3d = [*train[:3], *train[4:-1], str(data / "decoupled"), "--out", str(tmp_path / "r2")]
+    assert main(true3d) == 2
+    assert "not a 3D volume file" in capsys.readouterr().err

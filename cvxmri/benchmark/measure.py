@@ -20,9 +20,10 @@
    (the step's state stays resident, so this over-counts the pass by it), one with
    ``part="solve"`` a convex solve (`Prepared.part`).
 
-An unrolled workload's child runs with glibc's mmap threshold fixed (`UNROLLED_CPU_ENV`),
-so that on the CPU freed tensors leave the resident set and its small peaks do not depend on
-the allocation history.
+An unrolled or 3D workload's child runs with glibc's mmap threshold fixed
+(`UNROLLED_CPU_ENV`), so that on the CPU freed tensors leave the resident set and its peaks
+do not depend on the allocation history (a 3D search compares peaks of patches a few
+voxels apart).
 
 The budget: on CUDA the process's allocator is capped at the budget
 (``torch.cuda.set_per_process_memory_fraction``), so a configuration that does not fit
@@ -238,7 +239,7 @@ def run_trial(
 ) -> dict[str, Any]:
     """Measure ``w`` in a fresh Python process and return its result (`measure_here`);
     a child killed by the system (out of memory) counts as out of memory. An unrolled
-    workload's child runs with `UNROLLED_CPU_ENV` (it changes nothing on CUDA)."""
+    or 3D workload's child runs with `UNROLLED_CPU_ENV` (it changes nothing on CUDA)."""
     command = [
         sys.executable,
         "-m",
@@ -247,7 +248,8 @@ def run_trial(
         str(steps),
         str(budget_bytes),
     ]
-    env = {**os.environ, **UNROLLED_CPU_ENV} if w.arch == "unrolled" else None
+    fixed_threshold = w.arch == "unrolled" or w.ndim == 3
+    env = {**os.environ, **UNROLLED_CPU_ENV} if fixed_threshold else None
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout, check=False, env=env

@@ -25,7 +25,9 @@ method names mean the unrolled trainer's methods, built by
 `cvxmri.benchmark.unrolled.prepare_unrolled` (see its docstring).
 
 Images are random (memory and speed do not depend on the values of these dense
-computations). `step_flops` counts the step's convolution FLOPs analytically.
+computations). `step_flops` counts the step's convolution FLOPs analytically. With
+``ndim=3`` the images are cubic patches ``size x size x size`` and every convolution is 3D,
+as in true 3D training (`cvxmri train --dims 3`).
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ class Workload:
         stage_inputs: layer-wise: ``cached`` (the stage input batch is given) or
             ``recomputed`` (the frozen prefix runs in the step). Stage 1 has no prefix.
         channels: hidden width (convex stages: ``channels // 2`` patterns x 2 outputs).
-        kernel_size: KxK of the hidden layers.
-        size: images are ``size x size``.
+        kernel_size: KxK of the hidden layers (KxKxK in 3D).
+        size: images are ``size x size`` (3D: patches ``size x size x size``).
         amp: bf16 autocast (convex stages: bf16 convolutions, gates in float32).
         pattern_chunk: convex stages: gate patterns processed at once (0: all).
         device: ``cpu`` or ``cuda[:n]``.
@@ -88,6 +90,7 @@ class Workload:
             iteration being trained (after T - 1 frozen ones).
         coils: unrolled: receive coils of the random multi-coil data.
         dc: unrolled: the data-consistency step, ``gradient`` or ``cg`` (`DCConfig.kind`).
+        ndim: spatial dimensions, 2 (images) or 3 (cubic patches; the CNN only).
     """
 
     method: str
@@ -107,6 +110,7 @@ class Workload:
     iterations: int = 1
     coils: int = 8
     dc: str = "gradient"
+    ndim: int = 2
 
     def validate(self) -> None:
         """Raise `CvxmriError` naming the first impossible setting."""
@@ -124,6 +128,8 @@ class Workload:
             )
         if self.batch < 1:
             raise CvxmriError(f"batch size must be >= 1, got {self.batch}")
+        if self.ndim not in (2, 3) or (self.ndim == 3 and self.arch != "cnn"):
+            raise CvxmriError(f"ndim must be 2, or 3 for the CNN, got {self.ndim}")
         if self.arch == "unrolled":
             self._validate_unrolled()
             return
@@ -180,6 +186,7 @@ class Workload:
             if self.stage >= 2:
                 text += f" ({self.stage_inputs})"
         text += ", bf16" if self.amp else ", fp32"
+        text += ", 3D" if self.ndim == 3 else ""
         return text + (", stage pass" if self.part == "stage_pass" else "")
 
     def stage_spec(self) -> StageSpec:
@@ -191,6 +198,7 @@ class Workload:
             kernel_size=self.kernel_size,
             amp=self.amp,
             pattern_chunk=self.pattern_chunk,
+            ndim=self.ndim,
         )
 
     @property
@@ -232,10 +240,11 @@ def _check_cnn(w: Workload) -> None:
         raise CvxmriError(f"FLOPs are counted for the CNN's workloads only, not {w.describe()}")
 
 
-def conv_flops(c_in: int, c_out: int, kernel: int, pixels: int) -> int:
-    """Multiply-adds x 2 of one 'same' convolution over ``pixels`` output pixels. The
-    backward pass costs as much again for the weight gradient and for the input gradient."""
-    return 2 * c_in * c_out * kernel * kernel * pixels
+def conv_flops(c_in: int, c_out: int, kernel: int, pixels: int, ndim: int = 2) -> int:
+    """Multiply-adds x 2 of one 'same' convolution (``kernel**ndim`` taps) over ``pixels``
+    output pixels (voxels). The backward pass costs as much again for the weight gradient
+    and for the input gradient."""
+    return 2 * c_in * c_out * kernel**ndim * pixels
 
 
 def _prefix_flops(w: Workload, pixels: int) -> int:
@@ -243,9 +252,9 @@ def _prefix_flops(w: Workload, pixels: int) -> int:
     total = 0
     for i in range(w.stage - 1):
         c_in = IMAGE_CHANNELS if i == 0 else w.channels
-        total += conv_flops(c_in, w.channels, w.kernel_size, pixels)
+        total += conv_flops(c_in, w.channels, w.kernel_size, pixels, w.ndim)
         if w.method == "layerwise-convex":  # the gated layer's gate convolution
-            total += conv_flops(c_in, w.patterns, w.kernel_size, pixels)
+            total += conv_flops(c_in, w.patterns, w.kernel_size, pixels, w.ndim)
     return total
 
 
@@ -264,25 +273,25 @@ def step_flops(w: Workload) -> int:
     The paper's CNN only (``arch="cnn"``).
     """
     _check_cnn(w)
-    pixels = w.size * w.size
+    pixels, d = w.size**w.ndim, w.ndim
     c, k, io = w.channels, w.kernel_size, IMAGE_CHANNELS
     total = 0
     if not w.layerwise:
         forward = 0
         for i in range(w.layers - 1):
             c_in = io if i == 0 else c
-            layer = conv_flops(c_in, c, k, pixels)
+            layer = conv_flops(c_in, c, k, pixels, d)
             forward += layer
             total += 2 * layer if i == 0 else 3 * layer
-        total += 3 * conv_flops(c, io, 1, pixels)
+        total += 3 * conv_flops(c, io, 1, pixels, d)
         if w.method == "end-to-end-checkpointing":
             total += forward
         return w.batch * total
     c_in = io if w.stage == 1 else c
     if w.method == "layerwise-convex":
-        total += 2 * conv_flops(c_in, w.patterns * io, k, pixels)
+        total += 2 * conv_flops(c_in, w.patterns * io, k, pixels, d)
     else:
-        total += 2 * conv_flops(c_in, c, k, pixels) + 3 * conv_flops(c, io, 1, pixels)
+        total += 2 * conv_flops(c_in, c, k, pixels, d) + 3 * conv_flops(c, io, 1, pixels, d)
     if w.recomputes_prefix:
         total += _prefix_flops(w, pixels)
     return w.batch * total
@@ -293,13 +302,13 @@ def stage_pass_flops(w: Workload) -> int:
     (cached inputs: of its last layer only, applied to the previous stage's inputs) and, for
     a convex stage, the gate convolution (``C_in -> P``). The paper's CNN only."""
     _check_cnn(w)
-    pixels = w.size * w.size
+    pixels = w.size**w.ndim
     total = _prefix_flops(w, pixels)
     if w.stage >= 2 and not w.recomputes_prefix:
         total -= _prefix_flops(replace(w, stage=w.stage - 1), pixels)
     if w.method == "layerwise-convex":
         c_in = IMAGE_CHANNELS if w.stage == 1 else w.channels
-        total += conv_flops(c_in, w.patterns, w.kernel_size, pixels)
+        total += conv_flops(c_in, w.patterns, w.kernel_size, pixels, w.ndim)
     return w.batch * total
 
 
@@ -346,7 +355,7 @@ def _gated_prefix(w: Workload, gen: torch.Generator, start: int = 0) -> list[nn.
     ``w.stage``: each a convex stage built by `build_stage` (gates initialised on a small
     sample) with random weights, frozen (`Stage.freeze`) into a gated layer."""
     layers: list[nn.Module] = []
-    size = (2, IMAGE_CHANNELS, GATE_SAMPLE_SIZE, GATE_SAMPLE_SIZE)
+    size = (2, IMAGE_CHANNELS, *_cube(GATE_SAMPLE_SIZE, w))
     sample = torch.randn(size, generator=gen)
     if start > 0:  # a later layer's input: non-negative features
         sample = torch.rand((2, w.channels, *size[2:]), generator=gen)
@@ -355,7 +364,7 @@ def _gated_prefix(w: Workload, gen: torch.Generator, start: int = 0) -> list[nn.
         assert stage.convex_program is not None
         with torch.no_grad():
             stage.convex_program.v.normal_(
-                0.0, (sample.shape[1] * w.kernel_size**2) ** -0.5, generator=gen
+                0.0, (sample.shape[1] * w.kernel_size**w.ndim) ** -0.5, generator=gen
             )
         first, _ = stage.freeze()
         with torch.no_grad():
@@ -367,8 +376,14 @@ def _gated_prefix(w: Workload, gen: torch.Generator, start: int = 0) -> list[nn.
 def _relu_prefix(w: Workload, start: int = 0) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for i in range(start, w.stage - 1):
-        layers.append(ReluConv(IMAGE_CHANNELS if i == 0 else w.channels, w.channels, w.kernel_size))
+        c_in = IMAGE_CHANNELS if i == 0 else w.channels
+        layers.append(ReluConv(c_in, w.channels, w.kernel_size, w.ndim))
     return layers
+
+
+def _cube(side: int, w: Workload) -> tuple[int, ...]:
+    """The spatial shape of an image (``side x side``) or a 3D patch of the workload."""
+    return (side,) * w.ndim
 
 
 def _autocast(device: torch.device, amp: bool) -> torch.autocast:
@@ -386,10 +401,11 @@ def prepare(w: Workload) -> Prepared:
     gen = torch.Generator().manual_seed(w.seed)
     batch_gen = torch.Generator(device=device).manual_seed(w.seed)
     torch.manual_seed(w.seed)
-    shape = (w.batch, IMAGE_CHANNELS, w.size, w.size)
-    small = (1, IMAGE_CHANNELS, WARMUP_SIZE, WARMUP_SIZE)
+    shape = (w.batch, IMAGE_CHANNELS, *_cube(w.size, w))
+    small = (1, IMAGE_CHANNELS, *_cube(WARMUP_SIZE, w))
     if not w.layerwise:
-        model = ReconCNN.relu(w.layers, w.channels, w.kernel_size, IMAGE_CHANNELS).to(device)
+        model = ReconCNN.relu(w.layers, w.channels, w.kernel_size, IMAGE_CHANNELS, w.ndim)
+        model = model.to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=LR)
         checkpointing = w.method == "end-to-end-checkpointing"
         x0, target = _randn(shape, batch_gen, device), _randn(shape, batch_gen, device)
@@ -416,7 +432,7 @@ def prepare(w: Workload) -> Prepared:
     # drops it while the stage trains.
     resident = build_prefix() if w.recomputes_prefix else None
 
-    sample = torch.rand(2, in_channels, GATE_SAMPLE_SIZE, GATE_SAMPLE_SIZE, generator=gen)
+    sample = torch.rand(2, in_channels, *_cube(GATE_SAMPLE_SIZE, w), generator=gen)
     if w.stage == 1:
         sample = sample - 0.5
     stage = build_stage(
@@ -457,10 +473,10 @@ def prepare(w: Workload) -> Prepared:
         )
     # Cached stage inputs: non-negative like post-ReLU features (stage 1: the zero-filled
     # image itself), in the cache's dtype.
-    x_shape = (w.batch, in_channels, w.size, w.size)
+    x_shape = (w.batch, in_channels, *_cube(w.size, w))
     x = torch.rand(x_shape, generator=batch_gen, device=device).to(cached_dtype)
     x_small = torch.rand(
-        (1, in_channels, WARMUP_SIZE, WARMUP_SIZE), generator=batch_gen, device=device
+        (1, in_channels, *_cube(WARMUP_SIZE, w)), generator=batch_gen, device=device
     ).to(cached_dtype)
     if w.stage == 1:
         x, x_small = x - 0.5, x_small - 0.5
@@ -479,7 +495,7 @@ def prepare(w: Workload) -> Prepared:
             last = build_prefix(w.stage - 2)
             c_prev = IMAGE_CHANNELS if w.stage == 2 else w.channels
             h_prev = torch.rand(
-                (w.batch, c_prev, w.size, w.size), generator=batch_gen, device=device
+                (w.batch, c_prev, *_cube(w.size, w)), generator=batch_gen, device=device
             )
             held.extend([last, h_prev.to(cached_dtype)])
         h = stage_input(held[0], held[1]).to(cached_dtype)

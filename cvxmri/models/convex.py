@@ -49,6 +49,10 @@ DUPLICATE_AGREEMENT = 0.99
 GATE_REDRAW_ROUNDS = 20
 # A group whose norm is at most this fraction of the largest is dropped by to_relu.
 ZERO_GROUP_RELATIVE = 1e-12
+# The memory-lean step (`ConvexStage.data_term_and_gradient` with a pattern chunk) works
+# through an image in slabs of at most this many positions along its first spatial axis
+# (one slab for images up to 2^17 pixels, e.g. every 320x320 slice; 3D patches in slabs).
+SLAB_POSITIONS = 2**17
 
 
 @dataclass(frozen=True)
@@ -449,7 +453,11 @@ class ConvexStage(torch.nn.Module):
         memory: one image and ``chunk`` patterns at a time, so that beyond the input batch
         the step holds one image's channels-last copy, its bool gates and one chunk's
         responses ``(1, chunk * out, H, W)``, whatever the batch size; autograd would keep
-        the responses, gated products and their gradients of all patterns and images.
+        the responses, gated products and their gradients of all patterns and images. An
+        image of more than `SLAB_POSITIONS` positions (a large 3D patch) is also worked
+        through in slabs along its first spatial axis, each read with the ``K // 2``
+        positions around it, so that the working memory does not grow with the patch
+        either; the data term and gradient are sums over positions, so this is exact.
         ``compute_dtype`` (e.g. bf16) is the dtype of the convolutions; the sums are
         accumulated in float32. An input already in ``torch.channels_last`` format (and in
         ``compute_dtype``) is used without a copy. ``gates``: the input's `pattern_gates`,
@@ -468,6 +476,8 @@ class ConvexStage(torch.nn.Module):
         )
         step = p if chunk <= 0 else chunk
         images = batch if chunk <= 0 else 1
+        across = math.prod(spatial[1:])
+        thickness = spatial[0] if chunk <= 0 else max(1, SLAB_POSITIONS // across)
         dtype = compute_dtype or x.dtype
         # Axis orders moving the channel axis last ((0, 2, 3, 1) in 2D) and back.
         last_channel = (0, *range(2, 2 + self.ndim), 1)
@@ -478,30 +488,44 @@ class ConvexStage(torch.nn.Module):
         for first in range(0, batch, images):
             last = min(batch, first + images)
             n = last - first
-            d = self.pattern_gates(x[first:last], chunk) if gates is None else gates[first:last]
-            xc = x[first:last].to(dtype=dtype, memory_format=self.ops.channels_last)
-            pred = torch.zeros(n, out, *spatial, dtype=torch.float32, device=x.device)
-            for lo in range(0, p, step):
-                hi = min(p, lo + step)
-                y = self._responses(xc, weight[lo:hi].to(dtype))
-                y.mul_(d[:, lo:hi, None])
-                pred += y.sum(dim=1, dtype=torch.float32)
-                del y
-            residual = pred.sub_(r[first:last].float())
-            value += 0.5 * residual.square().sum()
-            # (n, H, W, 1, out): the gradient of the responses is built channels-last.
-            residual = residual.to(dtype).permute(*last_channel).unsqueeze(1 + self.ndim)
-            for lo in range(0, p, step):
-                hi = min(p, lo + step)
-                grad_y = torch.empty(n, *spatial, hi - lo, out, dtype=dtype, device=x.device)
-                gates_last = d[:, lo:hi].permute(*last_channel).unsqueeze(2 + self.ndim)
-                torch.mul(gates_last, residual, out=grad_y)
-                grad_y = grad_y.view(n, *spatial, (hi - lo) * out).permute(*first_channel)
-                shape = ((hi - lo) * out, c_in, *self._kernel)
-                part = self.ops.conv_weight(xc, shape, grad_y, padding=k // 2)
-                grad[lo:hi] += part.view(hi - lo, out, c_in, *self._kernel)
-                del grad_y, part
-            del xc, d, pred, residual
+            d_all = self.pattern_gates(x[first:last], chunk) if gates is None else gates[first:last]
+            for top in range(0, spatial[0], thickness):
+                # The slab's own positions [top, bottom) and the K // 2 positions around
+                # them that their convolutions read: the sums over the slabs are exact.
+                bottom = min(spatial[0], top + thickness)
+                lo_x, hi_x = max(0, top - k // 2), min(spatial[0], bottom + k // 2)
+                own = slice(top - lo_x, bottom - lo_x)
+                extent = (hi_x - lo_x, *spatial[1:])
+                xc = x[first:last, :, lo_x:hi_x].to(
+                    dtype=dtype, memory_format=self.ops.channels_last
+                )
+                d = d_all[:, :, top:bottom]
+                pred = torch.zeros(
+                    n, out, bottom - top, *spatial[1:], dtype=torch.float32, device=x.device
+                )
+                for lo in range(0, p, step):
+                    hi = min(p, lo + step)
+                    y = self._responses(xc, weight[lo:hi].to(dtype))[:, :, :, own]
+                    y.mul_(d[:, lo:hi, None])
+                    pred += y.sum(dim=1, dtype=torch.float32)
+                    del y
+                residual = pred.sub_(r[first:last, :, top:bottom].float())
+                value += 0.5 * residual.square().sum()
+                # (n, X, ..., 1, out): the gradient of the responses is built channels-last.
+                residual = residual.to(dtype).permute(*last_channel).unsqueeze(1 + self.ndim)
+                # Halo positions are other slabs' outputs: their gradient is zero here.
+                make = torch.empty if extent[0] == bottom - top else torch.zeros
+                for lo in range(0, p, step):
+                    hi = min(p, lo + step)
+                    grad_y = make(n, *extent, hi - lo, out, dtype=dtype, device=x.device)
+                    gates_last = d[:, lo:hi].permute(*last_channel).unsqueeze(2 + self.ndim)
+                    torch.mul(gates_last, residual, out=grad_y[:, own])
+                    grad_y = grad_y.view(n, *extent, (hi - lo) * out).permute(*first_channel)
+                    shape = ((hi - lo) * out, c_in, *self._kernel)
+                    part = self.ops.conv_weight(xc, shape, grad_y, padding=k // 2)
+                    grad[lo:hi] += part.view(hi - lo, out, c_in, *self._kernel)
+                    del grad_y, part
+                del xc, d, pred, residual
         return value / batch, grad / batch
 
     def forward(self, x: Tensor, gates: Tensor | None = None) -> Tensor:

@@ -2,7 +2,10 @@
 
 A split is loaded once (k-space, cached ESPIRiT maps, targets). For given masks, every slice
 becomes a pair ``(x0, x*)`` of (2, h, w) real tensors (real and imaginary channels) on the
-recon matrix, divided by the slice's normalisation scale (`cvxmri.data.prepare`).
+recon matrix, divided by the slice's normalisation scale (`cvxmri.data.prepare`). For true
+3D training (`VolumeData`) every item is a whole 3D volume instead: its pair is
+(2, x, y, z), from decoupled ESPIRiT maps and a (ky, kz) mask; the rest (masks per item,
+`make_sample`, crops) is the same code.
 
 Masks: evaluation splits use the fixed per-file masks of `cvxmri.evaluate`; training uses
 one fixed mask per slice (``fixed_masks``) or a fresh mask per epoch. Every random choice is
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cvxmri.data.fastmri_h5 import read_encoding
+from cvxmri.data.fastmri_h5 import open_hdf5, read_encoding
 from cvxmri.data.prepare import (
     EspiritConfig,
     default_cache_dir,
@@ -31,6 +34,7 @@ from cvxmri.data.prepare import (
     volume_id,
 )
 from cvxmri.data.sample import Sample, collate_samples, make_sample
+from cvxmri.data.volume3d import prepare_volume3d
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec, seed_from_name
 
@@ -40,7 +44,7 @@ class PairSet:
     """Normalised network inputs and targets of a set of slices.
 
     Attributes:
-        x0: (N, 2, h, w) zero-filled SENSE images.
+        x0: (N, 2, h, w) zero-filled SENSE images ((N, 2, x, y, z) volumes in 3D).
         target: (N, 2, h, w) SENSE-combined fully sampled images.
         support: (N, 1, h, w) coil support (0/1).
         scale: (N,) normalisation scale of each slice.
@@ -114,6 +118,10 @@ class SliceData:
     a file name (``names``), which seeds its masks as in `cvxmri.evaluate`.
     """
 
+    # Spatial axes of an item, and items per `make_sample` call in `pairs` and `samples`.
+    ndim = 2
+    batch = 16
+
     def __init__(
         self,
         root: str | Path,
@@ -153,28 +161,40 @@ class SliceData:
     def __len__(self) -> int:
         return len(self.files)
 
+    def _mask_grid(self) -> tuple[int, int]:
+        """The grid a mask is drawn on: (H, W) of a slice, (ky, kz) of a volume."""
+        return tuple(self.kspace.shape[-2:])  # type: ignore[return-value]
+
+    def _batched(self, masks: list[np.ndarray]) -> Tensor:
+        """Masks, one per item, as `make_sample` takes them: (N, H, W) for slices,
+        (N, 1, 1, ky, kz) for volumes (shared by the readout)."""
+        stacked = torch.from_numpy(np.stack(masks).astype(np.float32))
+        return stacked if self.ndim == 2 else stacked[:, None, None]
+
     def evaluation_masks(self) -> Tensor:
         """The fixed per-file evaluation masks (as `cvxmri evaluate` draws them)."""
-        shape = tuple(self.kspace.shape[-2:])
+        shape = self._mask_grid()
         cache: dict[str, np.ndarray] = {}
         for name in self.names:
             if name not in cache:
-                cache[name] = evaluation_mask(self.mask, name, shape, self.padding)
-        return torch.from_numpy(np.stack([cache[n] for n in self.names]).astype(np.float32))
+                cache[name] = evaluation_mask(self.mask, name, shape, self.padding, ndim=self.ndim)
+        return self._batched([cache[n] for n in self.names])
 
     def training_masks(self, seed: int, epoch: int | None) -> Tensor:
-        """One mask per slice: fixed for the run (``epoch=None``) or fresh for an epoch."""
-        shape = tuple(self.kspace.shape[-2:])
+        """One mask per item: fixed for the run (``epoch=None``) or fresh for an epoch."""
+        shape = self._mask_grid()
         masks = []
         for name, index in zip(self.names, self.slices, strict=True):
             key = [seed, seed_from_name(f"{name}:{index}")] + ([] if epoch is None else [epoch])
-            masks.append(self.mask.sample(shape, np.random.default_rng(key), self.padding))
-        return torch.from_numpy(np.stack(masks).astype(np.float32))
+            rng = np.random.default_rng(key)
+            masks.append(self.mask.sample(shape, rng, self.padding, self.ndim))
+        return self._batched(masks)
 
-    def samples(self, masks: Tensor, batch: int = 16) -> Sample:
+    def samples(self, masks: Tensor, batch: int = 0) -> Sample:
         """Every slice as one `Sample` for these masks (`make_sample`, ``batch`` slices at
-        a time): k-space, masks and maps included, for networks that apply the SENSE
-        operator themselves (data consistency)."""
+        a time, 0: the class's ``batch``): k-space, masks and maps included, for networks
+        that apply the SENSE operator themselves (data consistency)."""
+        batch = batch or self.batch
         return collate_samples(
             [
                 make_sample(
@@ -190,9 +210,11 @@ class SliceData:
             ]
         )
 
-    def pairs(self, masks: Tensor, batch: int = 16) -> PairSet:
+    def pairs(self, masks: Tensor, batch: int = 0) -> PairSet:
         """Normalised ``(x0, x*)`` pairs for these masks (`make_sample`, ``batch`` slices
-        at a time; only the images are kept, not each batch's k-space and maps)."""
+        at a time, 0: the class's ``batch``; only the images are kept, not each batch's
+        k-space and maps)."""
+        batch = batch or self.batch
         x0s, targets, supports, scales = [], [], [], []
         for start in range(0, len(self), batch):
             part = slice(start, start + batch)
@@ -219,6 +241,86 @@ class SliceData:
         )
 
 
+class VolumeData(SliceData):
+    """All 3D volumes of one split in memory, for true 3D training: each item is a whole
+    volume (`cvxmri.data.volume3d` files), with decoupled ESPIRiT maps
+    (`cvxmri.data.volume3d.prepare_volume3d`, computed here, not cached) and (ky, kz) masks
+    seeded as `cvxmri evaluate --dims 3` seeds them (evaluation) or from (seed, file name,
+    epoch) (training). The masks, pairs and samples are `SliceData`'s, with three spatial
+    axes. The volumes of a split must share one grid (they are batched together).
+
+    Args:
+        root: dataset root, flat folder of ``.h5`` files or one 3D file (`find_files`).
+        split: train, val or test.
+        mask: the (ky, kz) sampling pattern (poisson or random).
+        max_slices: keep only the first n volumes (0: all).
+        espirit: coil-map settings.
+    """
+
+    ndim = 3
+    batch = 1
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        mask: MaskSpec,
+        max_slices: int = 0,
+        espirit: EspiritConfig | None = None,
+    ) -> None:
+        mask.validate(ndim=3)
+        self.mask = mask
+        self.padding = None
+        paths = find_files(root, split)[: max_slices or None]
+        check_volumes_fit(paths)
+        kspace, maps, targets, self.files, self.names = [], [], [], [], []
+        for path in paths:
+            volume = prepare_volume3d(path, espirit)
+            if kspace and volume.kspace.shape != kspace[0].shape:
+                raise CvxmriError(
+                    f"{path}: k-space {volume.kspace.shape} differs from {paths[0].name}'s "
+                    f"{tuple(kspace[0].shape)}: true 3D training batches the volumes of a "
+                    "split, which must share one grid and coil count"
+                )
+            kspace.append(torch.from_numpy(volume.kspace))
+            maps.append(torch.from_numpy(volume.maps))
+            targets.append(torch.from_numpy(volume.target))
+            self.files.append(volume_id(path, root))
+            self.names.append(volume.name)
+        self.kspace = torch.stack(kspace)
+        self.maps = torch.stack(maps)
+        self.targets = torch.stack(targets)
+        self.slices = [0] * len(self.files)
+        self.recon_shape = tuple(self.kspace.shape[2:])
+
+
+def check_volumes_fit(files: list[Path]) -> None:
+    """Refuse up front 3D volumes whose k-space, coil maps and targets (complex64) would
+    not fit in available memory, from the files' k-space shapes."""
+    need = 0
+    for path in files:
+        with open_hdf5(path) as hf:
+            shape = hf["kspace"].shape if "kspace" in hf else ()
+        need += int(np.prod(shape)) * 8 * 2 + (int(np.prod(shape[1:])) * 8 if shape else 0)
+    have = available_memory()
+    if need > 0.8 * have:
+        raise CvxmriError(
+            f"{files[0].parent}: the 3D volumes need {need / 1024**3:.1f} GiB in memory but "
+            f"only {have / 1024**3:.1f} GiB is available: use max_train_slices (volumes) or "
+            "fewer files"
+        )
+
+
+def split_data(
+    root: str | Path, split: str, mask: MaskSpec, ndim: int = 2, max_slices: int = 0
+) -> SliceData:
+    """One split for training or validation: `SliceData` (2D slices, ``ndim`` 2) or
+    `VolumeData` (whole 3D volumes, ``ndim`` 3)."""
+    if ndim == 3:
+        return VolumeData(root, split, mask, max_slices=max_slices)
+    return SliceData(root, split, mask, max_slices=max_slices)
+
+
 def derived_seed(*keys: int) -> int:
     """A 31-bit seed from integers, the same in every process (unlike ``hash``)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0] & 0x7FFFFFFF)
@@ -231,27 +333,46 @@ def epoch_batches(n: int, batch_size: int, seed: int, stage: int, epoch: int) ->
     return list(order.split(batch_size))
 
 
+def crops_apply(shape: tuple[int, ...], crop: int) -> bool:
+    """Whether training crops of side ``crop`` are cut from items of spatial ``shape``:
+    not for 0, nor when the side exceeds an axis (whole items then; 3D training refuses
+    such a patch up front, `check_patch`)."""
+    return 0 < crop <= min(shape)
+
+
+def check_patch(shape: tuple[int, ...], crop: int) -> None:
+    """Refuse a 3D patch side larger than the volumes (``shape`` (x, y, z))."""
+    if crop > min(shape):
+        grid = "x".join(str(n) for n in shape)
+        raise CvxmriError(
+            f"crop {crop}: a {crop}x{crop}x{crop} patch does not fit in the {grid} volumes; "
+            f"use a side of at most {min(shape)} (--crop; 0: whole volumes)"
+        )
+
+
 def crop_windows(
-    n: int, shape: tuple[int, int], crop: int, seed: int, stage: int, epoch: int
+    n: int, shape: tuple[int, ...], crop: int, seed: int, stage: int, epoch: int
 ) -> Tensor:
-    """(n, 2) top-left corners of this epoch's random crops (all zero when crop is 0)."""
-    if crop == 0 or crop >= min(shape):
-        return torch.zeros(n, 2, dtype=torch.long)
+    """(n, len(shape)) first corners of this epoch's random crops (cubes of side ``crop``
+    in 3D; all zero when no crops are cut, `crops_apply`)."""
+    if not crops_apply(shape, crop):
+        return torch.zeros(n, len(shape), dtype=torch.long)
     generator = torch.Generator().manual_seed(derived_seed(seed, stage, epoch, 1))
-    top = torch.randint(0, shape[0] - crop + 1, (n,), generator=generator)
-    left = torch.randint(0, shape[1] - crop + 1, (n,), generator=generator)
-    return torch.stack([top, left], dim=1)
+    corners = [torch.randint(0, side - crop + 1, (n,), generator=generator) for side in shape]
+    return torch.stack(corners, dim=1)
 
 
 def take_crops(images: Tensor, corners: Tensor, crop: int) -> Tensor:
-    """Crop each image (B, C, H, W) at its corner; whole images when crop is 0."""
-    if crop == 0 or crop >= min(images.shape[-2:]):
+    """Crop each image (B, C, H, W) (or volume (B, C, X, Y, Z)) at its corner; whole
+    images when no crops are cut (`crops_apply`)."""
+    spatial = images.shape[2:]
+    if not crops_apply(tuple(spatial), crop):
         return images
     if images.shape[0] == 0:
-        return images[..., :crop, :crop]
+        return images[(..., *[slice(0, crop)] * len(spatial))]
     return torch.stack(
         [
-            img[:, top : top + crop, left : left + crop]
-            for img, (top, left) in zip(images, corners.tolist(), strict=True)
+            img[(slice(None), *[slice(c, c + crop) for c in corner])]
+            for img, corner in zip(images, corners.tolist(), strict=True)
         ]
     )

@@ -67,10 +67,12 @@ from cvxmri.training.checkpoint import load_checkpoint, save_checkpoint
 from cvxmri.training.config import TrainConfig
 from cvxmri.training.data import (
     PairSet,
-    SliceData,
+    check_patch,
     crop_windows,
+    crops_apply,
     derived_seed,
     epoch_batches,
+    split_data,
     take_crops,
 )
 from cvxmri.training.fista import fista
@@ -84,12 +86,13 @@ log = logging.getLogger(__name__)
 CHUNK_PIXELS = 8 * 128 * 128
 
 
-def chunk_images(shape: tuple[int, ...]) -> int:
-    """Images per no-grad pass for images of ``shape`` (``(..., H, W)``)."""
-    return max(1, CHUNK_PIXELS // (shape[-2] * shape[-1]))
+def chunk_images(shape: tuple[int, ...], ndim: int = 2) -> int:
+    """Images per no-grad pass for images of ``shape`` (``(..., H, W)``; volumes
+    ``(..., X, Y, Z)`` with ``ndim`` 3)."""
+    return max(1, CHUNK_PIXELS // math.prod(shape[-ndim:]))
 
 
-def check_resources(config: TrainConfig, images: int, shape: tuple[int, int], out: Path) -> None:
+def check_resources(config: TrainConfig, images: int, shape: tuple[int, ...], out: Path) -> None:
     """Refuse up front a run whose cached stage inputs cannot fit, instead of failing
     midway: the widest stage input (``channels`` per pixel, float32 or bf16 under autocast,
     of every training and validation image, ``images`` in all, twice: the next stage's
@@ -98,7 +101,7 @@ def check_resources(config: TrainConfig, images: int, shape: tuple[int, int], ou
     if config.method == "end-to-end" or config.stage_cache == "none" or config.layers < 3:
         return
     # Every variant's hidden layers are ``channels`` wide (2 outputs x channels/2 patterns).
-    need = 2 * images * config.channels * shape[0] * shape[1] * (2 if config.amp else 4)
+    need = 2 * images * config.channels * math.prod(shape) * (2 if config.amp else 4)
     gib = 1024**3
     if config.stage_cache == "memory":
         # Every process on this machine keeps its own copy (torchrun).
@@ -117,7 +120,7 @@ def check_resources(config: TrainConfig, images: int, shape: tuple[int, int], ou
         )
 
 
-def step_memory(config: TrainConfig, shape: tuple[int, int]) -> tuple[int, int]:
+def step_memory(config: TrainConfig, shape: tuple[int, ...]) -> tuple[int, int]:
     """Estimated bytes per image of one training step (activations, gradients and the
     convolutions' work space) and bytes of a whole-image validation pass: an upper-side
     estimate for the up-front guard, not a measurement (``cvxmri benchmark memory`` measures).
@@ -126,20 +129,21 @@ def step_memory(config: TrainConfig, shape: tuple[int, int]) -> tuple[int, int]:
     convolution's output and the ReLU's; one with checkpointing) plus two in the backward
     pass; a layer-wise stage holds its input, the prefix's two while computing it, and about
     four (convex: responses, their gated product and gradient; non-convex: the hidden
-    activations and their gradients).
+    activations and their gradients). ``shape``: the recon matrix (h, w), or the volumes'
+    (x, y, z) in 3D (crops are cubes then).
     """
-    pixels = config.crop**2 if config.crop else shape[0] * shape[1]
+    pixels = config.crop ** len(shape) if config.crop else math.prod(shape)
     width = 2 if config.amp else 4
     channels, hidden = config.channels, config.layers - 1
     if config.method == "end-to-end":
         maps = (hidden if config.checkpointing else 2 * hidden) * channels + 2 * channels
     else:
         maps = 6 * channels
-    validation = chunk_images(shape) * shape[0] * shape[1] * 3 * channels * 4
+    validation = chunk_images(shape, len(shape)) * math.prod(shape) * 3 * channels * 4
     return pixels * (maps + 8) * width, validation
 
 
-def check_step_fits(config: TrainConfig, shape: tuple[int, int], device: torch.device) -> None:
+def check_step_fits(config: TrainConfig, shape: tuple[int, ...], device: torch.device) -> None:
     """Refuse up front a batch whose training step (`step_memory`) cannot fit in the
     device's free memory (CUDA) or the available memory (CPU)."""
     if device.type == "cuda":
@@ -196,7 +200,8 @@ def check_resumable(saved: Any, new: dict[str, Any], out: Path) -> None:
     keys that differ, unless they are the same or an end-to-end run gets more epochs."""
     if not isinstance(saved, dict):
         raise CvxmriError(f"{out}: the run's configuration is not a mapping; nothing to resume")
-    changes = config_differences(saved, new)
+    # Runs started before 3D training have no ``dims``: they are 2D.
+    changes = config_differences({"dims": 2, **saved} if "dims" in new else saved, new)
     if not changes:
         return
     if [c.split(":")[0] for c in changes] == ["optim.epochs"]:
@@ -261,10 +266,12 @@ class Trainer:
         self.progress = progress
         self.out = out
         self.device = resolve_device(config.device)
-        self.train_data = SliceData(
-            config.data, "train", config.mask, max_slices=config.max_train_slices
+        self.train_data = split_data(
+            config.data, "train", config.mask, config.dims, config.max_train_slices
         )
-        self.val_data = SliceData(config.val_data or config.data, "val", config.mask)
+        self.val_data = split_data(config.val_data or config.data, "val", config.mask, config.dims)
+        if config.dims == 3:
+            check_patch(self.train_data.recon_shape, config.crop)
         if len(self.train_data) < distributed.world_size():
             raise CvxmriError(
                 f"{len(self.train_data)} training slices for {distributed.world_size()} "
@@ -289,6 +296,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ shared helpers
 
+    def _chunk(self, shape: tuple[int, ...]) -> int:
+        """Images (volumes) per no-grad pass for a batch of ``shape`` (`chunk_images`)."""
+        return chunk_images(shape, self.config.dims)
+
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
 
@@ -308,7 +319,7 @@ class Trainer:
         """``module`` over ``images`` (one or more tensors, the module's arguments) in chunks
         of images, on the device, results in ``dtype`` on the CPU."""
         outputs = []
-        step = chunk_images(images[0].shape)
+        step = self._chunk(images[0].shape)
         for start in range(0, images[0].shape[0], step):
             chunks = [x[start : start + step].to(self.device) for x in images]
             with self._autocast():
@@ -369,7 +380,7 @@ class Trainer:
         share of the training images (`cvxmri.distributed.shard`), and it gets the draws
         of every global batch that fall on them (`cvxmri.distributed.owned`)."""
         cfg = self.config
-        shape = (inputs.shape[-2], inputs.shape[-1])
+        shape = tuple(inputs.shape[2:])
         images = len(self.train_data)
         n = images * cfg.crops_per_image
         corners = crop_windows(n, shape, cfg.crop, cfg.seed, stage, epoch)
@@ -438,7 +449,8 @@ class Trainer:
     def _fit_end_to_end(self, state: dict[str, Any] | None, budget: list[float]) -> ReconCNN:
         cfg = self.config
         torch.manual_seed(derived_seed(cfg.seed, 1000))
-        model = ReconCNN.relu(cfg.layers, cfg.channels, cfg.kernel_size).to(self.device)
+        model = ReconCNN.relu(cfg.layers, cfg.channels, cfg.kernel_size, ndim=cfg.dims)
+        model = model.to(self.device)
         optimizer, scheduler = make_optimizer(model.parameters(), cfg.optim)
         start = 0
         if state is not None:
@@ -583,7 +595,7 @@ class Trainer:
         crops take theirs from it."""
         x, _ = self._training_share(inputs, self._pairs(0))
         packed = []
-        step = chunk_images(x.shape)
+        step = self._chunk(x.shape)
         for start in range(0, len(x), step):
             chunk = x[start : start + step].to(self.device)
             if inputs.transform is not None:
@@ -620,7 +632,7 @@ class Trainer:
         ``residual`` of this process's share); None for a stage without a certificate."""
 
         def batches() -> Iterator[tuple[Tensor, Tensor]]:
-            step = chunk_images(x.shape)
+            step = self._chunk(x.shape)
             for i in range(0, len(x), step):
                 chunk = x[i : i + step].to(self.device)
                 if inputs.transform is not None:
@@ -641,10 +653,10 @@ class Trainer:
 
     def _area_ratio(self, x: Tensor) -> float:
         """Whole-image area over crop area (1 for whole images; see `convex_stage_step`)."""
-        crop = self.config.crop
-        if crop == 0 or crop >= min(x.shape[-2:]):
+        crop, spatial = self.config.crop, tuple(x.shape[2:])
+        if not crops_apply(spatial, crop):
             return 1.0
-        return x.shape[-2] * x.shape[-1] / crop**2
+        return math.prod(spatial) / crop ** len(spatial)
 
     def _fit_layerwise(self, state: dict[str, Any] | None, budget: list[float]) -> ReconCNN:
         cfg = self.config
@@ -741,7 +753,7 @@ class Trainer:
         process passes its share of the images (`cvxmri.distributed.shard`)."""
         cfg = self.config
         x, residual = self._training_share(inputs, self._pairs(0))
-        step = chunk_images(x.shape)
+        step = self._chunk(x.shape)
         batches = [
             (x[i : i + step].to(self.device).float(), residual[i : i + step].to(self.device))
             for i in range(0, len(x), step)
@@ -777,7 +789,7 @@ class Trainer:
         share of the images (`cvxmri.distributed.shard`)."""
         cfg, settings = self.config, self.config.certified
         x, residual = self._training_share(inputs, self._pairs(0))
-        step = chunk_images(x.shape)
+        step = self._chunk(x.shape)
         data = []
         for i in range(0, len(x), step):
             chunk = x[i : i + step].to(self.device).float()
@@ -861,7 +873,7 @@ class Trainer:
     ) -> tuple[Stage, torch.optim.Adam, torch.optim.lr_scheduler.StepLR, int]:
         """A new stage (gates from a sample of its inputs), or the one a checkpoint holds."""
         # 16 images of 128x128 (2 of 320x320): the gates' sample, bounded in memory.
-        sample = self._inputs_sample(inputs, 2 * chunk_images(self.val_pairs.x0.shape))
+        sample = self._inputs_sample(inputs, 2 * self._chunk(self.val_pairs.x0.shape))
         stage = self._new_stage(index, sample.to(self.device), inputs)
         optimizer, scheduler = make_optimizer(stage.module.parameters(), self.config.optim)
         if state is None or epoch == 0:
@@ -876,7 +888,7 @@ class Trainer:
         cfg = self.config
         program = stage.convex_program
         if program is not None:
-            sample = self._inputs_sample(inputs, chunk_images(self.val_pairs.x0.shape))
+            sample = self._inputs_sample(inputs, self._chunk(self.val_pairs.x0.shape))
             report = program.mapping_report(sample.to(self.device))
             self.certificates.append({"stage": index + 1, "mapping": report})
         first, last = stage.freeze()
@@ -931,15 +943,22 @@ def image_metrics(
     """Validation metrics of normalised 2-channel predictions (N, 2, h, w) against their
     targets: restricted to the coil ``support``, magnitudes back in the data's units
     (``scale``), volume metrics grouped by ``files`` and averaged (fastMRI's convention),
-    and per-slice means."""
+    and per-slice means. Whole volumes (N, 2, x, y, z) are scored as `cvxmri evaluate`
+    scores 3D files: each is its own volume, its slices the readout planes (axis 0)."""
     pred = pred * support
-    pred_mag = torch.linalg.vector_norm(pred, dim=1) * scale[:, None, None]
-    target_mag = torch.linalg.vector_norm(target, dim=1) * scale[:, None, None]
+    per_item = scale.view(-1, *[1] * (pred.dim() - 2))
+    planes = pred.shape[-2:]
+    pred_mag = torch.linalg.vector_norm(pred, dim=1) * per_item
+    target_mag = torch.linalg.vector_norm(target, dim=1) * per_item
     volumes = []
     for name in dict.fromkeys(files):
         index = [i for i, f in enumerate(files) if f == name]
-        volumes.append(volume_metrics(target_mag[index], pred_mag[index]))
-    per_slice = slice_metrics(target_mag, pred_mag)
+        volumes.append(
+            volume_metrics(
+                target_mag[index].reshape(-1, *planes), pred_mag[index].reshape(-1, *planes)
+            )
+        )
+    per_slice = slice_metrics(target_mag.reshape(-1, *planes), pred_mag.reshape(-1, *planes))
     return {
         "val_psnr": float(sum(v["psnr"] for v in volumes) / len(volumes)),
         "val_ssim": float(sum(v["ssim"] for v in volumes) / len(volumes)),
