@@ -455,15 +455,15 @@ def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
     )
     reproduce.add_argument(
         "--preset",
-        choices=("quick", "paper", "tiny"),
+        choices=("quick", "paper", "tiny", "quick3d"),
         default="quick",
-        help="quick (2 CPU cores, an estimated 35 min), paper (GPU) or tiny (tests)",
+        help="quick (2 CPU cores, an estimated 35 min), paper (GPU), tiny (tests) or quick3d "
+        "(the 3D comparison on 3D volumes, 2 CPU cores)",
     )
     reproduce.add_argument(
         "--data",
         type=Path,
-        default=Path("data/default"),
-        help="dataset root, simulated when missing (default data/default)",
+        help="dataset root, simulated when missing (default data/default; quick3d: data/default3d)",
     )
     reproduce.add_argument("--out", type=Path, help="folder (default runs/reproduce-<preset>)")
     reproduce.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -936,8 +936,14 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
 
     from cvxmri.reproduce import default_folder, reproduce, reproduce_preset
 
+    if args.preset == "quick3d":
+        _reproduce3d(args)
+        return
     config = replace(
-        reproduce_preset(args.preset), data=str(args.data), device=args.device, amp=args.amp
+        reproduce_preset(args.preset),
+        data=str(args.data or "data/default"),
+        device=args.device,
+        amp=args.amp,
     )
     unrolled = config.unrolled
     if args.iterations == 0:
@@ -964,9 +970,45 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     _print_report(out, report)
 
 
+def _reproduce3d(args: argparse.Namespace) -> None:
+    """``reproduce --preset quick3d`` (`cvxmri.reproduce3d`)."""
+    import json
+
+    from cvxmri.reproduce import default_folder
+    from cvxmri.reproduce3d import Reproduce3DConfig, format_results3d, reproduce3d
+
+    refused = [
+        name
+        for name, value in (
+            ("--amp", args.amp),
+            ("--iterations", args.iterations),
+            ("--dc", args.dc),
+            ("--memory-json", getattr(args, "memory_json", None)),
+            ("--speed-json", getattr(args, "speed_json", None)),
+        )
+        if value
+    ]
+    if refused:
+        raise CvxmriError(f"reproduce --preset quick3d does not take {refused[0]}")
+    config = Reproduce3DConfig(data=str(args.data or "data/default3d"), device=args.device)
+    out = args.out or default_folder(args.preset)
+    report = reproduce3d(config, out, force=args.force)
+    results = json.loads((out / "results.json").read_text())
+    print(f"{results['config']['split']} split, volume mean ± std:")
+    print(format_results3d(results))
+    print(f"report: {report} (Markdown: {report.with_suffix('.md')})")
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from cvxmri.reproduce import rebuild_report
+    from cvxmri.reproduce3d import is_folder3d, rebuild_report3d
 
+    if is_folder3d(args.folder):
+        if _benchmark_jsons(args):
+            raise CvxmriError("the report of a quick3d folder takes no benchmark JSONs")
+        report = rebuild_report3d(args.folder)
+        print(f"report: {report} (Markdown: {report.with_suffix('.md')})")
+        return
     _print_report(args.folder, rebuild_report(args.folder, _benchmark_jsons(args)))
 
 

@@ -576,7 +576,7 @@ def _run_data(config: ReproduceConfig, root: Path, part: Part) -> None:
         "file_counts": {split: len(names) for split, names in files.items()},
         "manifest": json.loads(manifest_path.read_text()) if manifest_path.is_file() else None,
     }
-    _write_json(root / part.folder / part.output, record)
+    write_json(root / part.folder / part.output, record)
 
 
 def _run_evaluation(config: ReproduceConfig, root: Path, part: Part) -> None:
@@ -683,7 +683,7 @@ def _run_examples(config: ReproduceConfig, root: Path, part: Part) -> None:
         "rule": f"the {config.split} slice whose layer-wise convex PSNR is closest to the median",
         "methods": methods,
     }
-    _write_json(folder / part.output, record)
+    write_json(folder / part.output, record)
 
 
 def _run_inspect(config: ReproduceConfig, root: Path, part: Part) -> None:
@@ -744,7 +744,7 @@ def _run_inspect(config: ReproduceConfig, root: Path, part: Part) -> None:
         "surviving_relative": interpret.SURVIVING_RELATIVE,
         "surviving": [interpret.surviving_units(n) for n in norms],
     }
-    _write_json(folder / part.output, record)
+    write_json(folder / part.output, record)
 
 
 def memory_config(config: ReproduceConfig, root: Path) -> MemoryBenchConfig:
@@ -883,7 +883,7 @@ class Progress:
 # -------------------------------------------------------------------------- entry points
 
 
-def _write_json(path: Path, data: object) -> None:
+def write_json(path: Path, data: object) -> None:
     """Write JSON atomically (the file's existence marks a finished part)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -891,7 +891,8 @@ def _write_json(path: Path, data: object) -> None:
     tmp.replace(path)
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file's contents."""
     return json.loads(path.read_text())
 
 
@@ -927,20 +928,20 @@ def _add_benchmarks(out: Path, benchmarks: dict[str, Path] | None) -> None:
         shutil.copyfile(path, out / BENCHMARK_FILES[kind])
 
 
-def _saved_config(path: Path) -> object:
-    """A folder's saved configuration with the defaults of settings added since it was
-    written (so a folder begun before a new setting, at its default, goes on); as read
-    when it is not a valid configuration."""
+def _saved_config(path: Path, kind: type) -> object:
+    """A folder's saved configuration (of class ``kind``) with the defaults of settings
+    added since it was written (so a folder begun before a new setting, at its default,
+    goes on); as read when it is not a valid configuration."""
     try:
-        return to_dict(load_yaml(ReproduceConfig, path))
+        return to_dict(load_yaml(kind, path))
     except CvxmriError:
         return yaml.safe_load(path.read_text())
 
 
-def _open_folder(config: ReproduceConfig, out: Path, force: bool) -> None:
+def _open_folder(config: Any, out: Path, force: bool) -> None:
     saved = out / "config.yaml"
     if saved.is_file() and not force:
-        if _saved_config(saved) != to_dict(config):
+        if _saved_config(saved, type(config)) != to_dict(config):
             raise CvxmriError(
                 f"{out}: started with another configuration (use --force to start again, "
                 "or another --out)"
@@ -993,23 +994,39 @@ def reproduce(
             see `read_benchmark_json`), copied into the folder (`BENCHMARK_FILES`).
     """
     config.validate()
-    resolve_device(config.device)  # a missing device is refused before the folder exists
     for kind, path in (benchmarks or {}).items():
         read_benchmark_json(path, kind)
+
+    def report(folder: Path) -> Path:
+        return rebuild_report(folder, benchmarks)
+
+    return run_plan(config, out, force, plan(config), RUNNERS, EXPECTED_SECONDS["report"], report)
+
+
+def run_plan(
+    config: Any,
+    out: Path,
+    force: bool,
+    parts: list[Part],
+    runners: dict[str, Any],
+    report_weight: float,
+    report: Any,
+) -> Path:
+    """Open the reproduce folder ``out`` for ``config`` (refusing one begun with another
+    configuration unless ``force``), run every unfinished part with its runner
+    (``runners[part.kind](config, out, part)``), recording wall times in ``parts.json``
+    and progress in ``log.txt``, then ``report(out)``; return what it returns."""
+    resolve_device(config.device)  # a missing device is refused before the folder exists
     _open_folder(config, out, force)
     handler = logging.FileHandler(out / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
-        _write_json(out / "environment.json", machine())
-        _add_benchmarks(out, benchmarks)
-        parts = plan(config)
+        write_json(out / "environment.json", machine())
         finished = [p.done(out) for p in parts]
-        progress = Progress(
-            [p.weight for p in parts] + [EXPECTED_SECONDS["report"]], [*finished, False]
-        )
+        progress = Progress([p.weight for p in parts] + [report_weight], [*finished, False])
         timings_path = out / "parts.json"
-        timings = _read_json(timings_path) if timings_path.is_file() else {}
+        timings = read_json(timings_path) if timings_path.is_file() else {}
         for index, (part, done) in enumerate(zip(parts, finished, strict=True), 1):
             if done:
                 progress.skip(index, part.title)
@@ -1017,16 +1034,16 @@ def reproduce(
             progress.start(index, part.title)
             resumed = (out / part.folder).exists()
             began = time.perf_counter()
-            RUNNERS[part.kind](config, out, part)
+            runners[part.kind](config, out, part)
             seconds = time.perf_counter() - began
             timings[part.folder] = {"seconds": seconds, "resumed": resumed}
-            _write_json(timings_path, timings)
+            write_json(timings_path, timings)
             progress.end(part.weight, seconds, part.kind == "train")
         progress.start(len(parts) + 1, "results and report")
         began = time.perf_counter()
-        report = rebuild_report(out)
-        progress.end(EXPECTED_SECONDS["report"], time.perf_counter() - began, False)
-        return report
+        path = report(out)
+        progress.end(report_weight, time.perf_counter() - began, False)
+        return path
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -1042,7 +1059,7 @@ def rebuild_report(out: Path, benchmarks: dict[str, Path] | None = None) -> Path
             raise CvxmriError(f"{out}: not a reproduce folder (no config.yaml)")
         _add_benchmarks(out, benchmarks)
     results = collect(out)
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     return build_report(out, results)
 
 
@@ -1160,7 +1177,7 @@ def collect(out: Path) -> dict[str, Any]:
             f"{out}: {len(missing)} part(s) not finished, first: {missing[0]} "
             "(run cvxmri reproduce again to finish them)"
         )
-    timings = _read_json(out / "parts.json") if (out / "parts.json").is_file() else {}
+    timings = read_json(out / "parts.json") if (out / "parts.json").is_file() else {}
     metrics: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     certificates: list[dict[str, Any]] = []
@@ -1172,7 +1189,7 @@ def collect(out: Path) -> dict[str, Any]:
         if part.iterations or part.kind == "memory-unrolled":
             continue  # `collect_unrolled`
         if part.kind in ("baselines", "test"):
-            summary = _read_json(folder / "summary.json")
+            summary = read_json(folder / "summary.json")
             layers = (
                 {model_label(out / path): depth for depth, path in tested_models(part)}
                 if part.kind == "test"
@@ -1193,7 +1210,7 @@ def collect(out: Path) -> dict[str, Any]:
                     }
                 )
         elif part.kind == "train":
-            val = _read_json(folder / "metrics_val.json")
+            val = read_json(folder / "metrics_val.json")
             run_config = yaml.safe_load((folder / "config.yaml").read_text())
             with (folder / "history.csv").open() as handle:
                 epochs = sum(1 for _ in csv.DictReader(handle))
@@ -1212,14 +1229,14 @@ def collect(out: Path) -> dict[str, Any]:
                 }
             )
             if part.method == "layerwise-convex":
-                raw = _read_json(folder / "certificates.json")
+                raw = read_json(folder / "certificates.json")
                 certificates += _final_certificates(key, raw, run_config["convex"]["beta"])
                 tol = run_config["certified"]["tol"]
                 traces += [{"mask": key, "tol": tol, **t} for t in certificate_traces(folder)]
         elif part.kind == "examples":
-            examples.append(_read_json(folder / "examples.json"))
+            examples.append(read_json(folder / "examples.json"))
         elif part.kind == "inspect":
-            inspections.append(_read_json(folder / "inspect.json"))
+            inspections.append(read_json(folder / "inspect.json"))
     benchmarks = {
         kind: read_benchmark_json(out / name, kind) if (out / name).is_file() else None
         for kind, name in BENCHMARK_FILES.items()
@@ -1230,8 +1247,8 @@ def collect(out: Path) -> dict[str, Any]:
         "collected": f"{datetime.now():%Y-%m-%d %H:%M}",
         "total_seconds": sum(t["seconds"] for t in timings.values()),
         "config": to_dict(config),
-        "environment": _read_json(out / "environment.json"),
-        "dataset": _read_json(out / "data" / "dataset.json"),
+        "environment": read_json(out / "environment.json"),
+        "dataset": read_json(out / "data" / "dataset.json"),
         "masks": [{"key": mask_key(m), "label": m.describe(), **to_dict(m)} for m in config.masks],
         "answers": _answers(config, metrics, runs, certificates),
         "metrics": metrics,
@@ -1243,7 +1260,7 @@ def collect(out: Path) -> dict[str, Any]:
         "parts": [
             {"title": p.title, "folder": p.folder, **timings.get(p.folder, {})} for p in parts
         ],
-        "memory_run": memory_summary(_read_json(out / "memory" / "memory.json")),
+        "memory_run": memory_summary(read_json(out / "memory" / "memory.json")),
         "unrolled": collect_unrolled(out, config, parts, timings, metrics),
         **benchmarks,
     }
@@ -1252,7 +1269,7 @@ def collect(out: Path) -> dict[str, Any]:
 def _metric_rows(out: Path, part: Part) -> list[dict[str, Any]]:
     """The test metrics of an unrolled network after each tested T."""
     assert part.mask is not None
-    summary = _read_json(out / part.folder / "summary.json")
+    summary = read_json(out / part.folder / "summary.json")
     iterations = {model_label(out / path): t for t, path in tested_models(part)}
     return [
         {
@@ -1295,7 +1312,7 @@ def collect_unrolled(
         if part.kind == "test":
             rows += _metric_rows(out, part)
             continue
-        val = _read_json(folder / "metrics_val.json")
+        val = read_json(folder / "metrics_val.json")
         runs.append(
             {
                 "method": part.method,
@@ -1314,13 +1331,13 @@ def collect_unrolled(
                 {"mask": key, "iteration": int(c["stage"])}
                 | {k: c[k] for k in ("beta", "beta_fraction", "relative_gap", "certified")}
                 | {k: c[k] for k in ("passes", "iterations", "seconds")}
-                for c in _read_json(folder / "certificates.json")
+                for c in read_json(folder / "certificates.json")
                 if c.get("selected")
             ]
     memory_path = out / "memory-unrolled" / "memory.json"
     memory = None
     if memory_path.is_file():
-        measured = _read_json(memory_path)
+        measured = read_json(memory_path)
         memory = {key: measured[key] for key in ("config", "device", "measurement", "targets")}
         memory["rows"] = [
             {
@@ -1387,13 +1404,16 @@ def _unrolled_answers(
                 if other in final:
                     name = f"convex_minus_{other.replace('-', '_')}"
                     answer[name] = _difference(final, "layerwise-convex", other)
-                    answer[name]["paired"] = _paired(out, final["layerwise-convex"], final[other])
+                    answer[name]["paired"] = paired_difference(
+                        out, final["layerwise-convex"], final[other]
+                    )
         answers.append(answer)
     return answers
 
 
 def _volume_psnr(out: Path, row: dict[str, Any]) -> dict[str, float]:
-    """Volume PSNR by file of one metrics row (its evaluation's ``per_volume.csv``)."""
+    """Volume PSNR by file of one metrics row (its evaluation's ``per_volume.csv``, the
+    method named ``label``)."""
     with (out / row["folder"] / "per_volume.csv").open() as handle:
         return {
             r["file"]: float(r["psnr"])
@@ -1402,7 +1422,9 @@ def _volume_psnr(out: Path, row: dict[str, Any]) -> dict[str, float]:
         }
 
 
-def _paired(out: Path, row: dict[str, Any], other: dict[str, Any]) -> dict[str, float | None]:
+def paired_difference(
+    out: Path, row: dict[str, Any], other: dict[str, Any]
+) -> dict[str, float | None]:
     """The volume-paired PSNR difference of two metrics rows: mean, standard deviation and
     standard error over the test volumes (``n``), which says whether a difference is
     resolved by this test split."""

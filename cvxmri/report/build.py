@@ -753,9 +753,9 @@ def _inline_html(text: str) -> str:
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
-def to_markdown(parts: list[Section]) -> str:
+def to_markdown(parts: list[Section], title: str = TITLE) -> str:
     """The report as Markdown; images are referenced by file name."""
-    lines = [f"# {TITLE}", ""]
+    lines = [f"# {title}", ""]
     for section in parts:
         lines += [f"## {section.title}", ""]
         for block in section.blocks:
@@ -802,13 +802,13 @@ code { background: #f2f2f2; padding: 0 .2em; }
 """
 
 
-def to_html(parts: list[Section]) -> str:
+def to_html(parts: list[Section], title: str = TITLE) -> str:
     """The report as one self-contained HTML page (images inlined as base64 PNGs)."""
     out = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(TITLE)}</title><style>{STYLE}</style></head><body>",
-        f"<h1>{html.escape(TITLE)}</h1>",
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
     ]
     for section in parts:
         out.append(f"<h2>{html.escape(section.title)}</h2>")
@@ -844,11 +844,17 @@ def build_report(folder: Path, results: dict[str, Any]) -> Path:
     """Write ``report.html``, ``report.md`` and the PNGs into ``<folder>/report/``; return the
     path of ``report.html``."""
     parts, images = sections(results, folder)
+    return write_report(folder, parts, images, TITLE)
+
+
+def write_report(folder: Path, parts: list[Section], images: list[Image], title: str) -> Path:
+    """Write ``report.html``, ``report.md`` and the PNGs of ``parts`` into
+    ``<folder>/report/``; return the path of ``report.html``."""
     out = folder / "report"
     out.mkdir(parents=True, exist_ok=True)
     for image in images:
         (out / image.name).write_bytes(image.data)
-    (out / "report.md").write_text(to_markdown(parts))
+    (out / "report.md").write_text(to_markdown(parts, title))
     path = out / "report.html"
-    path.write_text(to_html(parts))
+    path.write_text(to_html(parts, title))
     return path

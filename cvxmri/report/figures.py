@@ -310,3 +310,51 @@ def clusters(
             ax.set_xticks([])
             ax.set_yticks([])
     return figure
+
+
+def orthogonal_slices(
+    volumes: dict[str, np.ndarray], record: dict[str, Any], titles: dict[str, str]
+) -> Figure:
+    """The central readout, ky and kz planes of a test volume (rows) by every method
+    (columns: the reference, then ``titles``' order), each titled with its volume PSNR,
+    and a last row of the readout plane's error."""
+    target = volumes["target"]
+    names = list(titles)
+    metrics = {m["method"]: m for m in record["methods"]}
+    centre = [n // 2 for n in target.shape]
+
+    def planes(volume: np.ndarray) -> list[np.ndarray]:
+        return [volume[centre[0]], volume[:, centre[1]], volume[:, :, centre[2]]]
+
+    columns = ["target", *names]
+    vmax = float(np.percentile(target, 99.5))
+    error_max = max(
+        float(np.percentile(np.abs(volumes[f"recon_{n}"] - target), 99.5)) for n in names
+    )
+    x, y, _ = target.shape
+    figure = Figure(
+        figsize=(2.3 * len(columns), 2.0 + 4.0 * (2 * y + 2 * x) / (2 * y)), layout="constrained"
+    )
+    axes = figure.subplots(4, len(columns), gridspec_kw={"height_ratios": [y, x, x, y]})
+    plane_names = ("readout plane (ky, kz)", "ky plane (x, kz)", "kz plane (x, ky)")
+    for col, name in enumerate(columns):
+        volume = target if name == "target" else volumes[f"recon_{name}"]
+        for row, image in enumerate(planes(volume)):
+            axes[row, col].imshow(image, cmap="gray", vmin=0, vmax=vmax, aspect="equal")
+        title = "fully sampled" if name == "target" else titles[name]
+        if name in metrics:
+            title += f"\n{metrics[name]['psnr']:.2f} dB"
+        axes[0, col].set_title(title, fontsize=8)
+        if name == "target":
+            axes[3, col].axis("off")
+        else:
+            error = np.abs(volume - target)[centre[0]]
+            shown = axes[3, col].imshow(error, cmap="magma", vmin=0, vmax=error_max)
+        for row in range(4):
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+    for row, text in enumerate((*plane_names, "|error|, readout plane")):
+        axes[row, 0].set_ylabel(text, fontsize=8)
+    figure.colorbar(shown, ax=axes[3, :], shrink=0.8, label="|error|")
+    figure.suptitle(f"{record['file']} (central planes)")
+    return figure

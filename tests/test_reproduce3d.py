@@ -1,0 +1,203 @@
+"""`cvxmri reproduce --preset quick3d` (`cvxmri.reproduce3d`) at tiny sizes: every part, an
+interruption and its resumption, the memory budget's choice, and the report's numbers
+traced to the run's own files."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import shutil
+import statistics
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cvxmri import reproduce3d as r3d
+from cvxmri.cli import main
+from cvxmri.errors import CvxmriError
+from cvxmri.masks import MaskSpec
+
+SECTIONS = [
+    "Overview",
+    "At a glance",
+    "Results",
+    "Memory budget",
+    "Example volume",
+    "Configuration, data and machine",
+]
+
+
+def tiny_config(data: Path) -> r3d.Reproduce3DConfig:
+    """The comparison at the tiny training preset on the 4x16x16 volumes."""
+    return r3d.Reproduce3DConfig(
+        training="tiny",
+        data=str(data),
+        mask=MaskSpec("poisson", 3.0, calib_size=(4, 4)),
+        layers=3,
+        channels=8,
+        crops_per_image=2,
+        widths=[8, 4, 2],
+        device="cpu",
+    )
+
+
+def _quiet(run: Any) -> Any:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return run()
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory, tiny_data3d: Path) -> dict[str, Any]:
+    """A run stopped in its first 3D training part, then finished."""
+    root = tmp_path_factory.mktemp("reproduce3d")
+    data = root / "data"
+    shutil.copytree(tiny_data3d, data)
+    config, out = tiny_config(data), root / "out"
+    original = r3d.RUNNERS["train"]
+
+    def stop_in_3d(config: Any, root: Path, part: Any) -> None:
+        if part.folder.startswith("3d-"):
+            raise KeyboardInterrupt
+        original(config, root, part)
+
+    r3d.RUNNERS["train"] = stop_in_3d
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _quiet(lambda: r3d.reproduce3d(config, out))
+    finally:
+        r3d.RUNNERS["train"] = original
+    interrupted = json.loads((out / "parts.json").read_text())
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        report = r3d.reproduce3d(config, out)
+    results = json.loads((out / "results.json").read_text())
+    return {
+        "out": out,
+        "config": config,
+        "report": report,
+        "results": results,
+        "interrupted": interrupted,
+        "printed": buffer.getvalue(),
+    }
+
+
+def test_resumed_run_skips_finished_parts(reproduced: dict[str, Any]) -> None:
+    interrupted, printed = reproduced["interrupted"], reproduced["printed"]
+    assert "decoupled-layerwise-convex" in interrupted
+    assert not any(folder.startswith("3d-") for folder in interrupted)
+    parts = r3d.plan(reproduced["config"])
+    skipped = [p.title for p in parts if p.folder in interrupted]
+    assert all(f"{title}: finished before, skipped" in printed for title in skipped)
+    assert len(skipped) == len(interrupted)
+    assert reproduced["report"].is_file()
+
+
+def _per_volume(path: Path, method: str) -> dict[str, float]:
+    with path.open() as handle:
+        return {
+            r["file"]: float(r["psnr"]) for r in csv.DictReader(handle) if r["method"] == method
+        }
+
+
+def test_results_come_from_the_runs_own_files(reproduced: dict[str, Any]) -> None:
+    out, results = reproduced["out"], reproduced["results"]
+    rows = {r["name"]: r for r in results["rows"]}
+    assert list(rows) == [
+        "zero-filled",
+        "cs",
+        "cg-sense",
+        *(n.name for n in r3d.NETWORKS),
+    ]
+    for row in rows.values():
+        psnr = _per_volume(out / row["folder"] / "per_volume.csv", row["label"])
+        assert row["volume"]["psnr"]["mean"] == pytest.approx(statistics.fmean(psnr.values()))
+    convex = _per_volume(out / "test-3d-layerwise-convex" / "per_volume.csv", "3d-layerwise-convex")
+    budget = _per_volume(
+        out / "test-3d-end-to-end-budget" / "per_volume.csv", "3d-end-to-end-budget"
+    )
+    differences = [convex[f] - budget[f] for f in convex]
+    answer = results["answers"]["convex_minus_budget_end_to_end"]
+    assert answer["mean"] == pytest.approx(statistics.fmean(differences))
+    assert answer["n"] == len(differences) == 2
+    assert results["answers"]["one_db"] == (answer["mean"] >= 1.0)
+    # The networks were trained as configured: 3D at the run's width, decoupled in 2D.
+    assert rows["3d-layerwise-convex"]["channels"] == 8
+    assert rows["3d-end-to-end-budget"]["channels"] == results["memory"]["chosen_channels"]
+
+
+def test_budget_is_the_widest_end_to_end_within_the_convex_peak(
+    reproduced: dict[str, Any],
+) -> None:
+    memory = reproduced["results"]["memory"]
+    assert memory["budget_mib"] == max(s["peak_mib"] for s in memory["convex_stages"])
+    tried = memory["end_to_end"]
+    assert [w["channels"] for w in tried] == [8, 4, 2][: len(tried)]
+    assert all(not w["fits"] for w in tried[:-1]) and tried[-1]["fits"]
+    assert (
+        tried[-1]["peak_mib"]
+        <= memory["budget_mib"]
+        < min((w["peak_mib"] for w in tried[:-1]), default=float("inf"))
+    )
+    assert memory["chosen_channels"] == tried[-1]["channels"]
+
+
+def test_example_volume_matches_the_evaluation(reproduced: dict[str, Any]) -> None:
+    out, results = reproduced["out"], reproduced["results"]
+    record = results["examples"]
+    metrics = {m["method"]: m["psnr"] for m in record["methods"]}
+    baseline = _per_volume(out / "baselines" / "per_volume.csv", "cs")
+    assert metrics["cs"] == pytest.approx(baseline[record["file"]], abs=1e-4)
+    for network in r3d.NETWORKS:
+        psnr = _per_volume(out / f"test-{network.name}" / "per_volume.csv", network.name)
+        assert metrics[network.name] == pytest.approx(psnr[record["file"]], abs=1e-3)
+    convex = _per_volume(out / "test-3d-layerwise-convex" / "per_volume.csv", "3d-layerwise-convex")
+    assert record["median_psnr"] == pytest.approx(statistics.median(convex.values()))
+    with np.load(out / "examples" / "volumes.npz") as volumes:
+        assert volumes["target"].shape == (4, 16, 16)
+        assert {f"recon_{n.name}" for n in r3d.NETWORKS} <= set(volumes.files)
+
+
+def test_report_sections_and_numbers(reproduced: dict[str, Any]) -> None:
+    out, results = reproduced["out"], reproduced["results"]
+    markdown = (out / "report" / "report.md").read_text()
+    titles = [line[3:] for line in markdown.splitlines() if line.startswith("## ")]
+    assert titles == SECTIONS
+    assert (out / "report" / "volumes.png").is_file()
+    for row in results["rows"]:
+        psnr = row["volume"]["psnr"]
+        assert f"{psnr['mean']:.2f} ± {psnr['std']:.2f}" in markdown
+    answer = results["answers"]["convex_minus_budget_end_to_end"]
+    assert f"{answer['mean']:+.2f} dB" in markdown
+    assert f"{results['memory']['budget_mib']:.1f} MiB" in markdown
+
+
+def test_report_command_and_user_errors(
+    reproduced: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, config = reproduced["out"], reproduced["config"]
+    (out / "report" / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report" / "report.md").is_file()
+    with pytest.raises(CvxmriError, match="started with another configuration"):
+        r3d.reproduce3d(replace(config, seed=1), out)
+    with pytest.raises(CvxmriError, match="not finished, first: 3D dataset"):
+        half = tmp_path / "half"
+        half.mkdir()
+        (half / "config.yaml").write_text((out / "config.yaml").read_text())
+        r3d.collect3d(half)
+    a_file = tmp_path / "volume.h5"
+    a_file.write_bytes(b"")
+    with pytest.raises(CvxmriError, match="one file, not a 3D dataset root"):
+        r3d.reproduce3d(replace(config, data=str(a_file)), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(CvxmriError, match="widths must be even"):
+        replace(config, widths=[3]).validate()
+    capsys.readouterr()
+    assert main(["reproduce", "--preset", "quick3d", "--amp", "--out", str(tmp_path / "y")]) == 2
+    assert "does not take --amp" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
