@@ -28,9 +28,7 @@ from cvxmri.training.unrolled import (
 F64 = torch.float64
 
 
-def batch(
-    seed: int = 0, size: int = 3, grid: tuple[int, ...] = (10, 12), recon=(8, 8)
-):
+def batch(seed: int = 0, size: int = 3, grid: tuple[int, ...] = (10, 12), recon=(8, 8)):
     """A random multi-coil batch: (x0, y, mask, maps) with x0 = crop(A^H y); volumes when
     ``grid`` and ``recon`` have three axes (the mask then a (ky, kz) pattern)."""
     ndim = len(grid)

@@ -98,8 +98,9 @@ class UnrolledConfig:
     Attributes:
         iterations: T, the number of regulariser-plus-data-consistency iterations.
         channels: hidden width of each iteration's regulariser (``KxK conv -> ReLU ->
-            1x1``; ``KxKxK`` in 3D). A convex iteration has ``channels // 2`` gate patterns, each with a
-            complex output (real and imaginary channels, one group), the same width.
+            1x1``; ``KxKxK`` in 3D). A convex iteration has ``channels // 2`` gate
+            patterns, each with a complex output (real and imaginary channels, one group),
+            the same width.
         kernel_size: KxK (3D: KxKxK) of the regularisers' hidden layers.
         dc: the data-consistency step.
         shared: one regulariser for every iteration (end-to-end only; greedy training

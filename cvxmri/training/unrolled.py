@@ -15,10 +15,13 @@ The regulariser's output is complex, ``Phi w`` with complex coefficients ``w = a
 complex-linear, so the design is ``B = L Phi`` with complex columns ``L phi_j``. Its Gram
 matrix ``H = B^H B / N`` and ``B^H r / N`` are accumulated once over the training set
 (`dc_gram_system`: ``P * C_in * K^d`` applications of ``L`` per image, the cost of this
-route; ``d`` is 2 for images, 3 for whole volumes of true 3D training), in the real form ``[[Re H, -Im H], [Im H, Re H]]`` on ``(a, b)``; the certified
+route), in the real form ``[[Re H, -Im H], [Im H, Re H]]`` on ``(a, b)``; the certified
 solver's Gram route (`cvxmri.training.certified.solve_gram`) then solves every beta of the
 path, and an exact float64 pass through the real operators certifies each solution
 (refining it when the accumulated matrix's rounding matters).
+
+True 3D training (``dims`` 3) runs the same code on whole volumes: 3D regularisers
+(``KxKxK``, ``d = 3``) and the volumes' own SENSE operators.
 """
 
 from __future__ import annotations
