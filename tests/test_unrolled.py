@@ -234,11 +234,13 @@ def test_cli_trains_an_unrolled_network_that_predict_and_evaluate_use(
     run = tmp_path / "run"
     data = ["--data", str(tiny_data)]
     train = ["train", "--preset", "tiny", "--arch", "unrolled", "--method", "end-to-end"]
-    options = ["--iterations", "2", "--channels", "4", "--dc", "cg", "--epochs", "2"]
+    options = ["--iterations", "2", "--channels", "4", "--kernel", "3", "--dc", "cg"]
+    options += ["--epochs", "2"]
     assert main([*train, *options, *data, "--out", str(run)]) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["arch"] == "unrolled" and saved["crop"] == 0
     assert saved["unrolled"]["iterations"] == 2 and saved["unrolled"]["channels"] == 4
+    assert saved["unrolled"]["kernel_size"] == 3
     assert saved["unrolled"]["dc"]["kind"] == "cg"
     model = load_network(run)
     assert isinstance(model, UnrolledNet) and model.metadata["iterations"] == 2
