@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--kernel",
         type=_positive_int,
-        help="KxK kernels (3D: KxKxK; default: the preset's, 3 in 3D)",
+        help="KxK kernels (3D: KxKxK; unrolled: of each regulariser; default: the preset's, "
+        "3 in 3D; unrolled 2D: 5)",
     )
     train.add_argument(
         "--crop",
@@ -352,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         choices=(2, 3),
         help="3: train on 3D volume files (--data default data/default3d) with 3D "
-        "convolutions on cubic patches, or with --decoupled on their (ky, kz) planes",
+        "convolutions on cubic patches (unrolled: whole volumes), or with --decoupled on "
+        "their (ky, kz) planes",
     )
     train.add_argument(
         "--decoupled",
@@ -807,6 +809,7 @@ def _train_config(args: argparse.Namespace) -> object:
     for name, value in (
         ("iterations", args.iterations),
         ("channels", args.channels if arch == "unrolled" else None),
+        ("kernel_size", args.kernel if arch == "unrolled" else None),
         ("shared", args.shared_weights or None),
     ):
         if value is not None:
@@ -1111,7 +1114,14 @@ def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
         choices=(2, 3),
         default=2,
         help="3: the largest cubic patch of 3D training per method (batch 1, fp32, kernel 3 "
-        "by default), within the budget and within 12 and 80 GiB (extrapolated)",
+        "by default), within the budget and within 12 and 80 GiB (extrapolated); with --arch "
+        "unrolled: peak memory against T on whole volumes (--volume)",
+    )
+    memory.add_argument(
+        "--volume",
+        type=_matrix,
+        help="--dims 3 --arch unrolled: the volumes' shape XxYxZ, readout first (default "
+        "12x96x80, a slab of data/default3d)",
     )
     memory.add_argument(
         "--fit-sides",
@@ -1218,9 +1228,17 @@ def _cmd_benchmark_memory(args: argparse.Namespace) -> None:
     from cvxmri.benchmark.memory import MemoryBenchConfig, format_tables, run_memory_benchmark
     from cvxmri.runs import default_run_dir, run_folder
 
-    if args.dims == 3:
+    if args.volume is not None and (args.dims != 3 or args.arch != "unrolled"):
+        raise CvxmriError("--volume applies to --dims 3 --arch unrolled (the volumes measured)")
+    if args.dims == 3 and args.arch != "unrolled":
         _benchmark_memory3d(args)
         return
+    if args.dims == 3:
+        if args.size is not None:
+            raise CvxmriError(
+                "--size does not apply to --dims 3 --arch unrolled (whole volumes: --volume)"
+            )
+        args.kernel = args.kernel or 3
     _benchmark_architecture(args)
     if args.arch == "unrolled":
         _unrolled_benchmark_memory(args)
@@ -1264,8 +1282,8 @@ def _benchmark_memory3d(args: argparse.Namespace) -> None:
     ):
         if getattr(args, name) is not None:
             raise CvxmriError(f"{flag} does not apply to --dims 3 (the patch side is searched)")
-    if args.arch != "cnn" or (args.precision or ["fp32"]) != ["fp32"]:
-        raise CvxmriError("--dims 3 measures the CNN in fp32 (--arch cnn, --precision fp32)")
+    if (args.precision or ["fp32"]) != ["fp32"]:
+        raise CvxmriError("--dims 3 measures the CNN in fp32 (--precision fp32)")
     config = Memory3DConfig(
         layers=args.layers or _CNN_DEFAULTS["layers"],
         channels=args.channels or _CNN_DEFAULTS["channels"],
@@ -1319,7 +1337,8 @@ def _unrolled_options(args: argparse.Namespace, config: Any) -> None:
 
 
 def _unrolled_benchmark_memory(args: argparse.Namespace) -> None:
-    """`cvxmri benchmark memory --arch unrolled`: peak memory against T."""
+    """`cvxmri benchmark memory --arch unrolled`: peak memory against T (``--dims 3``: on
+    whole volumes of shape ``--volume``)."""
     from cvxmri.benchmark.memory_unrolled import (
         UnrolledMemoryConfig,
         format_unrolled_tables,
@@ -1333,7 +1352,12 @@ def _unrolled_benchmark_memory(args: argparse.Namespace) -> None:
         steps=args.steps,
         batch=args.depth_batch,
         trial_timeout=args.trial_timeout,
+        dims=args.dims,
     )
+    if args.dims == 3 and args.volume is not None:
+        if len(args.volume) == 1:
+            args.volume = args.volume * 3
+        config.volume = list(args.volume)
     _unrolled_options(args, config)
     out = args.out or default_run_dir("benchmark-memory")
     with run_folder(out, config, overwrite=args.force) as folder:

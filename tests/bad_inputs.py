@@ -971,10 +971,10 @@ CASES = [
         "crop 5: a 5x5x5 patch does not fit in the 4x16x32 volumes",
     ),
     Case(
-        "train-3d-unrolled",
-        "true 3D training of the unrolled network",
-        _train3d("--arch", "unrolled"),
-        "true 3D training (dims 3) trains the CNN (arch cnn)",
+        "train-3d-unrolled-convex-cg",
+        "true 3D greedy convex training of the unrolled network with CG data consistency",
+        _train3d("--arch", "unrolled", "--dc", "cg"),
+        "greedy convex training needs a linear data consistency",
     ),
     Case(
         "train-3d-on-2d-data",

@@ -165,8 +165,13 @@ def test_3d_training_refuses_bad_inputs(tiny_data: Path, tiny_data3d: Path, tmp_
         Trainer(tiny3d(tiny_data3d, "end-to-end", crop=5), tmp_path / "a")
     with pytest.raises(CvxmriError, match="not a 3D volume file"):
         Trainer(tiny3d(tiny_data, "end-to-end"), tmp_path / "b")
-    with pytest.raises(CvxmriError, match="trains the CNN"):
-        tiny3d(tiny_data3d, "end-to-end", arch="unrolled").validate()
+    # The unrolled network trains in 3D (tests/test_unrolled3d.py); greedy convex training
+    # still refuses CG data consistency, as in 2D.
+    unrolled = replace(tiny3d(tiny_data3d, "layerwise-convex", arch="unrolled"), crop=0)
+    unrolled.validate()
+    with pytest.raises(CvxmriError, match="needs a linear data consistency"):
+        bad = replace(unrolled.unrolled, dc=replace(unrolled.unrolled.dc, kind="cg"))
+        replace(unrolled, unrolled=bad).validate()
     with pytest.raises(CvxmriError, match="3D masks are drawn over"):
         tiny3d(tiny_data3d, "end-to-end", mask=MaskSpec("cartesian", 4.0)).validate()
 

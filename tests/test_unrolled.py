@@ -28,16 +28,19 @@ from cvxmri.training.unrolled import (
 F64 = torch.float64
 
 
-def batch(seed: int = 0, size: int = 3, grid: tuple[int, int] = (10, 12), recon=(8, 8)):
-    """A random multi-coil batch: (x0, y, mask, maps) with x0 = crop(A^H y)."""
+def batch(seed: int = 0, size: int = 3, grid: tuple[int, ...] = (10, 12), recon=(8, 8)):
+    """A random multi-coil batch: (x0, y, mask, maps) with x0 = crop(A^H y); volumes when
+    ``grid`` and ``recon`` have three axes (the mask then a (ky, kz) pattern)."""
+    ndim = len(grid)
     gen = torch.Generator().manual_seed(seed)
     maps = torch.randn(size, 3, *grid, dtype=torch.complex64, generator=gen)
     maps = maps / maps.abs().square().sum(dim=1, keepdim=True).sqrt()
-    mask = (torch.rand(size, 1, *grid, generator=gen) < 0.4).float()
+    mask_grid = (*[1] * (ndim - 2), *grid[-2:])
+    mask = (torch.rand(size, 1, *mask_grid, generator=gen) < 0.4).float()
     image = torch.randn(size, *recon, dtype=torch.complex64, generator=gen)
-    op = recon_sense(maps, mask, recon)
+    op = recon_sense(maps, mask, recon, ndim)
     y = op(image)
-    return to_channels(op.H(y)), y, mask, maps
+    return to_channels(op.H(y), ndim), y, mask, maps
 
 
 @pytest.mark.parametrize("kind", ["gradient", "cg"])
@@ -74,16 +77,18 @@ def test_saved_network_reloads_with_the_same_output(tmp_path: Path, shared: bool
         ReconCNN.load(tmp_path / "model.pt")
 
 
-def iteration_problem(kind: str, seed: int = 3):
-    """A small greedy convex iteration: its stage (3 patterns, 3x3), data and DC."""
-    x0, y, mask, maps = batch(seed, size=2)
+def iteration_problem(kind: str, seed: int = 3, ndim: int = 2):
+    """A small greedy convex iteration: its stage (3 patterns, 3x3; 3x3x3 on 4x5x6 volumes
+    with ``ndim`` 3), data and DC."""
+    grid, recon = ((10, 12), (8, 8)) if ndim == 2 else ((6, 6, 8), (4, 5, 6))
+    x0, y, mask, maps = batch(seed, size=2, grid=grid, recon=recon)
     gen = torch.Generator().manual_seed(seed + 1)
     target = torch.randn(x0.shape, generator=gen)
     dc = DCConfig(kind=kind, eta=1.2, lamda=0.2, cg_iterations=40).build()
-    op = recon_sense(maps, mask, (8, 8))
-    offset = to_channels(dc(to_complex(x0), op, op.H(y)))
+    op = recon_sense(maps, mask, recon, ndim)
+    offset = to_channels(dc(to_complex(x0, ndim), op, op.H(y)), ndim)
     stage = ConvexStage(
-        2, 2, ConvexStageConfig(patterns=3, kernel_size=3, output_groups="frobenius")
+        2, 2, ConvexStageConfig(patterns=3, kernel_size=3, output_groups="frobenius"), ndim
     )
     stage.init_gates(x0)
     data = [IterationData(x0, target - offset, stage.pattern_gates(x0), maps, mask)]
@@ -91,35 +96,39 @@ def iteration_problem(kind: str, seed: int = 3):
 
 
 def explicit_design(stage: ConvexStage, data, dc) -> torch.Tensor:
-    """The real design matrix (pixels * 2 * N, unknowns): the iteration's output for every
-    unit weight (one batch of columns) through the real operators in float64."""
+    """The real design matrix (voxels * 2 * N, unknowns): the iteration's output
+    ``L Phi e_j`` for every unit weight ``e_j`` (column j; all columns in one batch)
+    through the real operators in float64."""
     chunk = data[0]
     n, count = chunk.x.shape[0], stage.v.numel()
+    shape = tuple(chunk.x.shape[2:])
     units = torch.eye(count, dtype=F64).view(count, *stage.v.shape)
     x, gates = chunk.x.double(), chunk.gates.double()
-    preds = torch.stack([stage.apply_weight(x, w, gates) for w in units])  # (q, N, 2, h, w)
+    preds = torch.stack([stage.apply_weight(x, w, gates) for w in units])  # (q, N, 2, *shape)
     op = recon_sense(
-        chunk.maps.to(torch.complex128).repeat(count, 1, 1, 1),
-        chunk.mask.double().repeat(count, 1, 1, 1),
-        tuple(x.shape[-2:]),
+        chunk.maps.to(torch.complex128).repeat(count, *[1] * (chunk.maps.dim() - 1)),
+        chunk.mask.double().repeat(count, *[1] * (chunk.mask.dim() - 1)),
+        shape,
+        len(shape),
     )
     flat = preds.reshape(count * n, *preds.shape[2:])
     mapped = dc.linear(torch.complex(flat[:, 0], flat[:, 1]), op)
-    return to_channels(mapped).reshape(count, -1).T
+    return torch.stack([mapped.real, mapped.imag], dim=1).reshape(count, -1).T
 
 
-@pytest.mark.parametrize("kind", ["gradient", "cg"])
-def test_dc_gram_system_is_the_explicit_normal_matrix(kind: str) -> None:
-    stage, data, dc = iteration_problem(kind)
+@pytest.mark.parametrize(("kind", "ndim"), [("gradient", 2), ("cg", 2), ("gradient", 3)])
+def test_dc_gram_system_is_the_explicit_normal_matrix(kind: str, ndim: int) -> None:
+    """In 2D and on volumes (3x3x3 filters), against the design built column by column."""
+    stage, data, dc = iteration_problem(kind, ndim=ndim)
     system = dc_gram_system(stage, data, dc)
     a = explicit_design(stage, data, dc)
     r = data[0].r.double().reshape(-1)
     n = data[0].x.shape[0]
-    scale = float((a.T @ a).abs().max())
-    torch.testing.assert_close(system.gram, a.T @ a / n, rtol=0, atol=1e-5 * scale)
-    torch.testing.assert_close(system.rhs[:, 0], a.T @ r / n, rtol=0, atol=1e-5 * scale)
+    gram, rhs = a.T @ a / n, a.T @ r / n
+    torch.testing.assert_close(system.gram, gram, rtol=0, atol=1e-6 * float(gram.abs().max()))
+    torch.testing.assert_close(system.rhs[:, 0], rhs, rtol=0, atol=1e-6 * float(rhs.abs().max()))
     assert system.rr == pytest.approx(float(r.square().sum()) / n, rel=1e-6)
-    assert system.patterns == 3 and system.block == 2 * 2 * 9
+    assert system.patterns == 3 and system.block == 2 * 2 * 3**ndim
 
 
 def test_convex_iteration_optimum_matches_cvxpy() -> None:
@@ -225,11 +234,13 @@ def test_cli_trains_an_unrolled_network_that_predict_and_evaluate_use(
     run = tmp_path / "run"
     data = ["--data", str(tiny_data)]
     train = ["train", "--preset", "tiny", "--arch", "unrolled", "--method", "end-to-end"]
-    options = ["--iterations", "2", "--channels", "4", "--dc", "cg", "--epochs", "2"]
+    options = ["--iterations", "2", "--channels", "4", "--kernel", "3", "--dc", "cg"]
+    options += ["--epochs", "2"]
     assert main([*train, *options, *data, "--out", str(run)]) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["arch"] == "unrolled" and saved["crop"] == 0
     assert saved["unrolled"]["iterations"] == 2 and saved["unrolled"]["channels"] == 4
+    assert saved["unrolled"]["kernel_size"] == 3
     assert saved["unrolled"]["dc"]["kind"] == "cg"
     model = load_network(run)
     assert isinstance(model, UnrolledNet) and model.metadata["iterations"] == 2

@@ -130,7 +130,9 @@ def measure_here(w: Workload, steps: int, budget_bytes: int) -> dict[str, Any]:
     cuda = device.type == "cuda"
     # Load the code the step runs (libraries, kernels) before the baseline: one step of the
     # same workload on two small images (so that every thread has run), then free it.
-    small = prepare(replace(w, batch=2, size=max(w.kernel_size, WARMUP_SIZE)))
+    side = max(w.kernel_size, WARMUP_SIZE)
+    volume = tuple(min(n, side) for n in w.volume)
+    small = prepare(replace(w, batch=2, size=side, volume=volume))
     small.warmup()
     small.step()
     del small

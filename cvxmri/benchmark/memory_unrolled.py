@@ -11,7 +11,9 @@ benchmark's `Runner`:
 - ``layerwise-convex``: greedy iteration T's Gram build over the batch, one solve and its
   once-per-iteration pass.
 
-A method's peak at T is the largest of its parts (the trainer runs them all).
+A method's peak at T is the largest of its parts (the trainer runs them all). With
+``dims`` 3 every point is measured on whole volumes of shape ``volume`` (true 3D training,
+`cvxmri train --dims 3 --arch unrolled`; 3x3x3 regularisers by default).
 
 Output (``memory.json``, schema ``cvxmri.benchmark.memory-unrolled/1``): ``device``,
 ``command``, ``date``, ``environment``, ``measurement``, ``inputs``, ``config`` (the
@@ -36,7 +38,7 @@ from tqdm import tqdm
 
 from cvxmri.benchmark.measure import CUDA_METHOD, UNROLLED_CPU_METHOD, result_header
 from cvxmri.benchmark.memory import GIB, MIB, Runner, format_targets
-from cvxmri.benchmark.unrolled import UnrolledBenchSettings
+from cvxmri.benchmark.unrolled import UnrolledBenchSettings, describe_settings
 from cvxmri.benchmark.workload import LAYERWISE
 from cvxmri.errors import CvxmriError
 
@@ -127,10 +129,7 @@ def targets(rows: list[dict[str, Any]], cfg: UnrolledMemoryConfig) -> list[dict[
     one before)."""
     out = []
     low, high = TARGET_ITERATIONS
-    setting = (
-        f"{cfg.channels} channels, {cfg.kernel_size}x{cfg.kernel_size}, {cfg.size}x{cfg.size}, "
-        f"{cfg.coils} coils, {cfg.dc} DC, batch {cfg.batch}"
-    )
+    setting = cfg.describe()
     for method in LAYERWISE:
         peaks = _peaks(rows, method)
         if low in peaks and high in peaks:
@@ -181,10 +180,11 @@ def run_unrolled_memory_benchmark(cfg: UnrolledMemoryConfig, out: Path) -> dict[
     result = {
         **result_header(SCHEMA, device),
         "measurement": CUDA_METHOD if device.type == "cuda" else UNROLLED_CPU_METHOD,
-        "inputs": "random complex images, coil maps of unit root-sum-of-squares, random 0/1 "
-        "masks with a fully sampled centre; greedy iteration T runs on the previous iterate "
-        "through T - 1 frozen random ReLU blocks (resident); the convex step is the Gram "
-        "build of the batch, the solve one certified solve at the path's first beta",
+        "inputs": "random complex images (3D: volumes), coil maps of unit root-sum-of-squares, "
+        "random 0/1 masks (3D: over ky, kz) with a fully sampled centre; greedy iteration T "
+        "runs on the previous iterate through T - 1 frozen random ReLU blocks (resident); the "
+        "convex step is the Gram build of the batch, the solve one certified solve at the "
+        "path's first beta",
         "config": to_dict(cfg),
         "budget_bytes": cfg.budget_bytes,
         "rows": rows,
@@ -215,10 +215,8 @@ def format_unrolled_tables(result: dict[str, Any]) -> str:
     head = "| " + " | ".join(f"T={t}" for t in ts) + " |"
     rule = "---|" * len(ts)
     lines = [
-        f"Unrolled training memory, {result['device']}, {cfg['channels']} channels, "
-        f"{cfg['kernel_size']}x{cfg['kernel_size']}, {cfg['size']}x{cfg['size']}, "
-        f"{cfg['coils']} coils, {cfg['dc']} DC, batch {cfg['batch']}: peak MiB per method "
-        "(the largest of its parts).",
+        f"Unrolled training memory, {result['device']}, {describe_settings(cfg)}: peak MiB "
+        "per method (the largest of its parts).",
         "",
         "| method " + head,
         "|---|" + rule,

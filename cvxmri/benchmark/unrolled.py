@@ -14,7 +14,7 @@ w.iterations``, on random multi-coil data (`random_batch`), with Adam:
   - non-convex step: one Adam step of a new ReLU block on the detached ``x_{T-1}``,
     ``DC(block(x_{T-1}))`` against the target;
   - convex step: the Gram system of the iteration over the batch (`dc_gram_system`, one
-    image at a time, its ``P * 2 * K^2`` design columns through ``L`` in chunks of
+    image at a time, its ``P * 2 * K^d`` design columns through ``L`` in chunks of
     `COLUMN_CHUNK`), from the iteration's `IterationData` (the iterate, the residual
     ``x* - DC(x)`` and the sign patterns);
   - convex solve (``part="solve"``): one `IterationSolver.solve` at the first beta of the
@@ -26,11 +26,15 @@ w.iterations``, on random multi-coil data (`random_batch`), with Adam:
     with).
 
 The memory of a greedy iteration does not depend on T; that of end-to-end training does.
+
+With ``w.ndim`` 3 the images are whole volumes of shape ``w.volume`` (true 3D training of
+the unrolled network, `cvxmri train --dims 3 --arch unrolled`): 3D regularisers
+(``KxKxK``), k-space on the volume's grid, masks over (ky, kz) shared by the readout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,8 +75,8 @@ class UnrolledBenchSettings:
     Attributes:
         iterations: the values of T measured.
         channels: hidden width of every regulariser (the quick preset's 16).
-        kernel_size: KxK of the regularisers' hidden layer (5).
-        size: images are ``size x size`` (128).
+        kernel_size: KxK of the regularisers' hidden layer (5; KxKxK in 3D).
+        size: images are ``size x size`` (128; not used in 3D).
         coils: receive coils of the random data (8).
         dc: data consistency, ``gradient`` or ``cg`` (`DCConfig.kind`).
         batch: images per step (the convex Gram build: images of the batch, one at a time).
@@ -80,6 +84,9 @@ class UnrolledBenchSettings:
             layerwise-nonconvex.
         device: ``cpu``, ``cuda`` or ``auto``.
         seed: of the random weights and data.
+        dims: 2 (images) or 3 (whole volumes of shape ``volume``).
+        volume: with ``dims`` 3, the volumes' shape ``(x, y, z)``, readout first (the
+            default: a slab of ``data/default3d``, 12x96x80).
     """
 
     iterations: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
@@ -92,6 +99,8 @@ class UnrolledBenchSettings:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     device: str = "auto"
     seed: int = 0
+    dims: int = 2
+    volume: list[int] = field(default_factory=lambda: [12, 96, 80])
 
     def validate_workloads(self) -> None:
         """Raise `CvxmriError` naming the first impossible shared setting (the T values,
@@ -127,19 +136,41 @@ class UnrolledBenchSettings:
             iterations=iterations,
             coils=self.coils,
             dc=self.dc,
+            ndim=self.dims,
+            volume=tuple(self.volume) if self.dims == 3 else (),
         )
+
+    def describe(self) -> str:
+        """The measured architecture and data in words (`describe_settings`)."""
+        return describe_settings(vars(self))
+
+
+def describe_settings(cfg: Mapping[str, Any]) -> str:
+    """``16 channels, 5x5, 128x128, 8 coils, gradient DC, batch 1`` (3D: ``3x3x3,
+    12x96x80 volumes``) from `UnrolledBenchSettings`' fields (a results file's
+    ``config``; files written before 3D have no ``dims``: 2D)."""
+    k = cfg["kernel_size"]
+    if cfg.get("dims", 2) == 3:
+        grid = f"{k}x{k}x{k}, {'x'.join(map(str, cfg['volume']))} volumes"
+    else:
+        grid = f"{k}x{k}, {cfg['size']}x{cfg['size']}"
+    return (
+        f"{cfg['channels']} channels, {grid}, {cfg['coils']} coils, {cfg['dc']} DC, "
+        f"batch {cfg['batch']}"
+    )
 
 
 @dataclass
 class UnrolledBatch:
-    """Random multi-coil data of ``B`` images on a ``size x size`` grid.
+    """Random multi-coil data of ``B`` images on a grid (``size x size``; volumes
+    ``x, y, z``).
 
     Attributes:
-        x0: (B, 2, size, size) the zero-filled images ``A^H y``.
-        y: complex (B, C, size, size) the measured k-space.
-        mask: (B, 1, size, size) the 0/1 sampling masks.
-        maps: complex (B, C, size, size) coil maps of unit root-sum-of-squares.
-        target: (B, 2, size, size) the images.
+        x0: (B, 2, *grid) the zero-filled images ``A^H y``.
+        y: complex (B, C, *grid) the measured k-space.
+        mask: (B, 1, *grid) the 0/1 sampling masks (volumes: (B, 1, 1, y, z)).
+        maps: complex (B, C, *grid) coil maps of unit root-sum-of-squares.
+        target: (B, 2, *grid) the images.
     """
 
     x0: Tensor
@@ -149,22 +180,42 @@ class UnrolledBatch:
     target: Tensor
 
 
+def _centre(side: int) -> slice:
+    """The fully sampled calibration centre of a k-space axis: 1/8 of it."""
+    calib = max(1, side // 8)
+    return slice(side // 2 - calib // 2, side // 2 - calib // 2 + calib)
+
+
 def random_batch(
-    batch: int, coils: int, size: int, gen: torch.Generator, device: torch.device
+    batch: int,
+    coils: int,
+    grid: int | tuple[int, ...],
+    gen: torch.Generator,
+    device: torch.device,
 ) -> UnrolledBatch:
     """Random images, coil maps normalised to unit root-sum-of-squares, and random 0/1
-    masks with a fully sampled calibration centre; ``y = A x``, ``x0 = A^H y``."""
-    grid = (size, size)
+    masks with a fully sampled calibration centre; ``y = A x``, ``x0 = A^H y``. ``grid``:
+    a side (``size x size`` images) or the spatial shape (``(x, y, z)``: volumes, whose
+    masks are drawn over (y, z) and shared by the readout)."""
+    grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    ndim = len(grid)
     maps = torch.randn((batch, coils, *grid), generator=gen, device=device, dtype=torch.complex64)
     maps = maps / maps.abs().square().sum(dim=1, keepdim=True).sqrt()
-    mask = (torch.rand((batch, 1, *grid), generator=gen, device=device) < SAMPLED_FRACTION).float()
-    calib = max(1, size // 8)
-    centre = slice(size // 2 - calib // 2, size // 2 - calib // 2 + calib)
-    mask[..., centre, centre] = 1.0
+    drawn = grid if ndim == 2 else (1, *grid[1:])
+    mask = (torch.rand((batch, 1, *drawn), generator=gen, device=device) < SAMPLED_FRACTION).float()
+    mask[(..., *(_centre(side) for side in grid[-2:]))] = 1.0
     image = torch.randn((batch, *grid), generator=gen, device=device, dtype=torch.complex64)
-    op = recon_sense(maps, mask, grid)
+    op = recon_sense(maps, mask, grid, ndim)
     y = op(image)
-    return UnrolledBatch(to_channels(op.H(y)), y, mask, maps, to_channels(image))
+    return UnrolledBatch(to_channels(op.H(y), ndim), y, mask, maps, to_channels(image, ndim))
+
+
+def _grid(w: Workload, side: int | None = None) -> tuple[int, ...]:
+    """The spatial shape of the workload's images (at most ``side`` along every axis for
+    the warm-up's small ones)."""
+    if w.ndim == 2:
+        return (w.size if side is None else side,) * 2
+    return tuple(w.volume) if side is None else tuple(min(n, side) for n in w.volume)
 
 
 def _frozen_blocks(w: Workload, device: torch.device) -> list[ReconCNN]:
@@ -172,7 +223,7 @@ def _frozen_blocks(w: Workload, device: torch.device) -> list[ReconCNN]:
     (the output layer too, so that every iteration changes the image), frozen."""
     blocks = []
     for _ in range(w.iterations - 1):
-        block = ReconCNN.relu(2, w.channels, w.kernel_size).to(device).eval()
+        block = ReconCNN.relu(2, w.channels, w.kernel_size, ndim=w.ndim).to(device).eval()
         with torch.no_grad():
             block.final.weight.normal_(0.0, 0.1 / w.channels**0.5)
         block.requires_grad_(False)
@@ -185,11 +236,12 @@ def advance(block: nn.Module, dc: DataConsistency, x: Tensor, data: UnrolledBatc
     """``DC(block(x))`` for every image, in chunks of `IMAGE_CHUNK` without autograd, as
     the trainer advances its images once per greedy iteration."""
     out = []
+    ndim = x.dim() - 2
     for start in range(0, len(x), IMAGE_CHUNK):
         part = slice(start, start + IMAGE_CHUNK)
-        op = recon_sense(data.maps[part], data.mask[part], tuple(x.shape[-2:]))
-        z = to_complex(block(x[part]))
-        out.append(to_channels(dc(z, op, op.H(data.y[part]))))
+        op = recon_sense(data.maps[part], data.mask[part], tuple(x.shape[2:]), ndim)
+        z = to_complex(block(x[part]), ndim)
+        out.append(to_channels(dc(z, op, op.H(data.y[part])), ndim))
     return torch.cat(out)
 
 
@@ -220,10 +272,12 @@ class _Unrolled:
         self.stage: ConvexStage | None = None
         params: list[nn.Parameter] = []
         if not w.layerwise:
-            self.model = UnrolledNet.relu(w.iterations, w.channels, w.kernel_size, self.dc.config())
+            self.model = UnrolledNet.relu(
+                w.iterations, w.channels, w.kernel_size, self.dc.config(), ndim=w.ndim
+            )
             params = list(self.model.to(device).parameters())
         elif w.method == "layerwise-nonconvex":
-            self.block = ReconCNN.relu(2, w.channels, w.kernel_size).to(device)
+            self.block = ReconCNN.relu(2, w.channels, w.kernel_size, ndim=w.ndim).to(device)
             params = list(self.block.parameters())
         else:
             config = ConvexStageConfig(
@@ -232,13 +286,14 @@ class _Unrolled:
                 output_groups="frobenius",
                 gate_seed=w.seed,
             )
-            self.stage = ConvexStage(2, 2, config).to(device)
+            self.stage = ConvexStage(2, 2, config, w.ndim).to(device)
         self.optimizer = torch.optim.Adam(params, lr=LR) if params else None
 
-    def inputs(self, size: int, batch: int) -> _Inputs:
-        """A random batch and its previous iterate ``x_{T-1}`` (end-to-end: ``x0``)."""
-        gen = torch.Generator(device=self.device).manual_seed(self.w.seed + size)
-        data = random_batch(batch, self.w.coils, size, gen, self.device)
+    def inputs(self, grid: tuple[int, ...], batch: int) -> _Inputs:
+        """A random batch of images of shape ``grid`` and its previous iterate ``x_{T-1}``
+        (end-to-end: ``x0``)."""
+        gen = torch.Generator(device=self.device).manual_seed(self.w.seed + grid[-1])
+        data = random_batch(batch, self.w.coils, grid, gen, self.device)
         x = data.x0
         for block in self.frozen:
             x = advance(block, self.dc, x, data)
@@ -281,8 +336,10 @@ class _Unrolled:
         self.optimizer.zero_grad(set_to_none=True)
         d = inp.data
         if self.w.layerwise:
-            op = recon_sense(d.maps, d.mask, tuple(inp.x.shape[-2:]))
-            pred = to_channels(self.dc(to_complex(self.block(inp.x)), op, op.H(d.y)))
+            ndim = self.w.ndim
+            op = recon_sense(d.maps, d.mask, tuple(inp.x.shape[2:]), ndim)
+            z = to_complex(self.block(inp.x), ndim)
+            pred = to_channels(self.dc(z, op, op.H(d.y)), ndim)
         else:
             checkpointing = self.w.method == "end-to-end-checkpointing"
             pred = unrolled_forward(self.model, d.x0, d.y, d.mask, d.maps, checkpointing)
@@ -313,8 +370,8 @@ def prepare_unrolled(w: Workload) -> Prepared:
     device = torch.device(w.device)
     torch.manual_seed(w.seed)
     case = _Unrolled(w, device)
-    full = case.inputs(w.size, w.batch)
-    small = case.inputs(WARMUP_SIZE, 1)
+    full = case.inputs(_grid(w), w.batch)
+    small = case.inputs(_grid(w, WARMUP_SIZE), 1)
     if case.stage is not None:
         case.stage.init_gates(full.x[:16])
         case.prepare_convex(small)

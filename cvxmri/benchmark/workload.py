@@ -27,7 +27,8 @@ method names mean the unrolled trainer's methods, built by
 Images are random (memory and speed do not depend on the values of these dense
 computations). `step_flops` counts the step's convolution FLOPs analytically. With
 ``ndim=3`` the images are cubic patches ``size x size x size`` and every convolution is 3D,
-as in true 3D training (`cvxmri train --dims 3`).
+as in true 3D training (`cvxmri train --dims 3`); an unrolled network's are whole volumes
+of shape ``volume`` instead (its training uses whole volumes).
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ class Workload:
             iteration being trained (after T - 1 frozen ones).
         coils: unrolled: receive coils of the random multi-coil data.
         dc: unrolled: the data-consistency step, ``gradient`` or ``cg`` (`DCConfig.kind`).
-        ndim: spatial dimensions, 2 (images) or 3 (cubic patches; the CNN only).
+        ndim: spatial dimensions, 2 (images) or 3 (the CNN: cubic patches; unrolled:
+            whole volumes of shape ``volume``).
+        volume: unrolled with ``ndim`` 3: the volumes' shape ``(x, y, z)``, readout first
+            (``size`` is then not used); empty otherwise.
     """
 
     method: str
@@ -111,6 +115,7 @@ class Workload:
     coils: int = 8
     dc: str = "gradient"
     ndim: int = 2
+    volume: tuple[int, ...] = ()
 
     def validate(self) -> None:
         """Raise `CvxmriError` naming the first impossible setting."""
@@ -128,8 +133,17 @@ class Workload:
             )
         if self.batch < 1:
             raise CvxmriError(f"batch size must be >= 1, got {self.batch}")
-        if self.ndim not in (2, 3) or (self.ndim == 3 and self.arch != "cnn"):
-            raise CvxmriError(f"ndim must be 2, or 3 for the CNN, got {self.ndim}")
+        if self.ndim not in (2, 3):
+            raise CvxmriError(f"ndim must be 2 or 3, got {self.ndim}")
+        volumes = self.ndim == 3 and self.arch == "unrolled"
+        if volumes and (len(self.volume) != 3 or min(self.volume) < self.kernel_size):
+            shape = "x".join(map(str, self.volume)) or "none"
+            raise CvxmriError(
+                f"volume {shape}: a 3D unrolled workload needs a volume XxYxZ, each side at "
+                f"least the kernel size {self.kernel_size}"
+            )
+        if self.volume and not volumes:
+            raise CvxmriError("volume applies to a 3D unrolled workload (ndim 3)")
         if self.arch == "unrolled":
             self._validate_unrolled()
             return
@@ -179,6 +193,7 @@ class Workload:
         ``unrolled layerwise-convex T=5, solve``."""
         if self.arch == "unrolled":
             text = f"unrolled {self.method} T={self.iterations}"
+            text += f", 3D {'x'.join(map(str, self.volume))}" if self.ndim == 3 else ""
             return text + ("" if self.part == "step" else f", {self.part.replace('_', ' ')}")
         text = self.method
         if self.layerwise:
@@ -221,7 +236,8 @@ class Workload:
     @classmethod
     def from_json(cls, text: str) -> Workload:
         """Inverse of `to_json`."""
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        return cls(**{**fields, "volume": tuple(fields.get("volume", ()))})
 
 
 # The architecture settings that the memory and speed configurations share with a Workload.

@@ -8,9 +8,11 @@ per image and epoch, 30 epochs (per stage), and a larger learning rate, 1e-3 (ch
 validation split).
 
 With ``dims`` 3 (true 3D training on volume files, `cvxmri.training.data.VolumeData`) every
-preset uses 3x3x3 kernels, and its training crops are cubes: of side 12 (the default slab
-thickness of ``data/default3d``) for quick, 4 for tiny, and whole volumes for paper; convex
-stages take the memory-lean step (``pattern_chunk`` 32), as in the 3D memory benchmark.
+preset uses 3x3x3 kernels (the unrolled network's regularisers too), and its training crops
+are cubes: of side 12 (the default slab thickness of ``data/default3d``) for quick, 4 for
+tiny, and whole volumes for paper (the unrolled network always trains on whole volumes);
+convex stages take the memory-lean step (``pattern_chunk`` 32), as in the 3D memory
+benchmark.
 """
 
 from __future__ import annotations
@@ -96,9 +98,10 @@ class UnrolledConfig:
     Attributes:
         iterations: T, the number of regulariser-plus-data-consistency iterations.
         channels: hidden width of each iteration's regulariser (``KxK conv -> ReLU ->
-            1x1``). A convex iteration has ``channels // 2`` gate patterns, each with a
-            complex output (real and imaginary channels, one group), the same width.
-        kernel_size: KxK of the regularisers' hidden layers.
+            1x1``; ``KxKxK`` in 3D). A convex iteration has ``channels // 2`` gate
+            patterns, each with a complex output (real and imaginary channels, one group),
+            the same width.
+        kernel_size: KxK (3D: KxKxK) of the regularisers' hidden layers.
         dc: the data-consistency step.
         shared: one regulariser for every iteration (end-to-end only; greedy training
             trains one module per iteration).
@@ -189,8 +192,8 @@ class TrainConfig:
             (gradient checkpointing) instead of keeping its activations.
         device: cpu, cuda, or auto (cuda when available).
         dims: 2 (slices of fastMRI-layout files) or 3 (true 3D: whole volumes of 3D volume
-            files, `cvxmri.data.volume3d`, 3D convolutions; ``crop`` is then a cube's side,
-            at most the volumes' shortest axis).
+            files, `cvxmri.data.volume3d`, 3D convolutions, either arch; ``crop`` is then a
+            cube's side, at most the volumes' shortest axis).
         seed: every random choice (masks, crops, order, initialisation) derives from it.
         max_train_slices: use at most this many training slices (0: all).
     """
@@ -233,11 +236,6 @@ class TrainConfig:
             raise CvxmriError(f"unknown arch {self.arch!r} (choose from {', '.join(ARCHS)})")
         if self.dims not in (2, 3):
             raise CvxmriError(f"invalid training setting dims={self.dims!r} (2 or 3)")
-        if self.dims == 3 and self.arch != "cnn":
-            raise CvxmriError(
-                "true 3D training (dims 3) trains the CNN (arch cnn); the unrolled network "
-                "trains on 3D data through the decoupled view (--decoupled)"
-            )
         if self.arch == "unrolled":
             self.unrolled.validate(self.method)
             if self.method != "end-to-end" and not self.fixed_masks:
@@ -328,7 +326,10 @@ def preset(name: str, mask_kind: str = "poisson", dims: int = 2) -> TrainConfig:
         crop = {"quick": 12, "tiny": 4, "paper": 0}[name]
         # Pattern chunks: the convex step's memory-lean path, whose working memory does
         # not grow with the patch (`ConvexStage.data_term_and_gradient`).
-        return replace(config, dims=3, kernel_size=3, crop=crop, pattern_chunk=32)
+        unrolled = replace(config.unrolled, kernel_size=3)
+        return replace(
+            config, dims=3, kernel_size=3, crop=crop, pattern_chunk=32, unrolled=unrolled
+        )
     return config
 
 

@@ -19,6 +19,9 @@ route), in the real form ``[[Re H, -Im H], [Im H, Re H]]`` on ``(a, b)``; the ce
 solver's Gram route (`cvxmri.training.certified.solve_gram`) then solves every beta of the
 path, and an exact float64 pass through the real operators certifies each solution
 (refining it when the accumulated matrix's rounding matters).
+
+True 3D training (``dims`` 3) runs the same code on whole volumes: 3D regularisers
+(``KxKxK``, ``d = 3``) and the volumes' own SENSE operators.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from cvxmri import distributed
 from cvxmri.data.sample import Sample
 from cvxmri.errors import CvxmriError
-from cvxmri.models.cnn import ReconCNN, to_channels
+from cvxmri.models.cnn import ReconCNN
 from cvxmri.models.convex import ConvexStage, ConvexStageConfig, certificate_numbers
 from cvxmri.models.dc import DataConsistency
 from cvxmri.models.stages import gated_layers
@@ -69,20 +72,28 @@ MAX_ROUNDS = 20
 
 def _complex(channels: Tensor) -> Tensor:
     """Real (B, 2, ...) -> complex (B, ...) in the matching precision (float64 stays
-    double, unlike `cvxmri.models.cnn.to_complex`)."""
+    double, unlike `cvxmri.models.cnn.to_complex`); images or volumes alike."""
     return torch.complex(channels[:, 0], channels[:, 1])
+
+
+def _channels(image: Tensor) -> Tensor:
+    """Complex (B, ...) -> real (B, 2, ...), the inverse of `_complex`; images or volumes
+    alike."""
+    return torch.stack([image.real, image.imag], dim=1)
 
 
 @dataclass
 class IterationData:
-    """A chunk of training images of one greedy iteration, on the device.
+    """A chunk of training images of one greedy iteration, on the device. Volumes (true
+    3D training) have three spatial axes where images have two: ``(x, y, z)`` for
+    ``(h, w)``, the k-space grid ``(kx, ky, kz)`` for ``(H, W)``.
 
     Attributes:
         x: (b, 2, h, w) the previous iterate (the iteration's input).
         r: (b, 2, h, w) the residual ``x* - DC(x)`` the regulariser must explain.
         gates: bool (b, P, h, w) the iteration's sign patterns on ``x``.
         maps: complex (b, C, H, W) coil maps.
-        mask: (b, 1, H, W) sampling masks.
+        mask: (b, 1, H, W) sampling masks (volumes: (b, 1, 1, ky, kz)).
     """
 
     x: Tensor
@@ -94,13 +105,13 @@ class IterationData:
     def operator(self, dtype: torch.dtype = torch.complex64) -> LinearOperator:
         """``A`` of the chunk's images in complex ``dtype``."""
         real = dtype.to_real()
-        return recon_sense(
-            self.maps.to(dtype), self.mask.to(real), tuple(self.x.shape[-2:]), ndim=2
-        )
+        shape = tuple(self.x.shape[2:])
+        return recon_sense(self.maps.to(dtype), self.mask.to(real), shape, len(shape))
 
 
 def _group_norms(weight: Tensor) -> Tensor:
-    """Per-pattern norms of a weight (P, 2, C_in, K, K): one group per pattern."""
+    """Per-pattern norms of a weight (P, 2, C_in, K, K) (3D: (P, 2, C_in, K, K, K)): one
+    group per pattern."""
     return torch.linalg.vector_norm(weight.flatten(1), dim=1)
 
 
@@ -110,16 +121,17 @@ def dc_gram_system(
 ) -> GramSystem:
     """The `GramSystem` of a greedy convex iteration (see the module docstring), in the
     real form, one output column, unknowns ordered per pattern as ``(a_p, b_p)``, each the
-    pattern's ``C_in * K^2`` weights of one output channel (the layout of the stage's
-    weight ``(P, 2, C_in, K, K)`` flattened).
+    pattern's ``C_in * K^d`` weights of one output channel (the layout of the stage's
+    weight ``(P, 2, C_in, K, K)`` flattened; ``(P, 2, C_in, K, K, K)`` for a 3D stage on
+    volumes, ``d = stage.ndim``).
 
-    Per image, the ``m = P C_in K^2`` design columns (the gated patches) go through ``L``
+    Per image, the ``m = P C_in K^d`` design columns (the gated patches) go through ``L``
     in chunks of `COLUMN_CHUNK` (complex64, the operator's own precision), and their
     products are accumulated in float64.
     """
     began = time.perf_counter()
     p = stage.config.patterns
-    m0 = stage.in_channels * stage.config.kernel_size**2
+    m0 = stage.in_channels * stage.config.kernel_size**stage.ndim
     m = p * m0
     device = stage.gate_weight.device
     gram = torch.zeros(2 * m, 2 * m, dtype=torch.float64, device=device)
@@ -131,9 +143,11 @@ def dc_gram_system(
             u = _patches(stage, x)  # (pixels, m0)
             d = chunk.gates[i].reshape(p, -1).T.float()  # (pixels, P)
             columns = (d[:, :, None] * u[:, None, :]).reshape(u.shape[0], m).T
-            shape = x.shape[-2:]
+            shape = tuple(x.shape[2:])
             mapped = torch.empty(m, u.shape[0], dtype=torch.complex64, device=device)
-            single = recon_sense(chunk.maps[i : i + 1], chunk.mask[i : i + 1].float(), shape)
+            single = recon_sense(
+                chunk.maps[i : i + 1], chunk.mask[i : i + 1].float(), shape, stage.ndim
+            )
             for start in range(0, m, COLUMN_CHUNK):
                 part = columns[start : start + COLUMN_CHUNK].reshape(-1, *shape)
                 mapped[start : start + COLUMN_CHUNK] = dc.linear(
@@ -180,7 +194,7 @@ def exact_certificate(
     dc: DataConsistency,
     beta: float,
 ) -> tuple[dict[str, float], Tensor, float]:
-    """The certificate of ``weight`` (P, 2, C_in, K, K) at ``beta`` from one pass through
+    """The certificate of ``weight`` (P, 2, C_in, K...) at ``beta`` from one pass through
     the real operators in float64 (complex128), the exact gradient of the data term and
     its value ``||e||^2 / N``."""
     w = weight.double()
@@ -190,11 +204,11 @@ def exact_certificate(
     for chunk in data:
         op = chunk.operator(torch.complex128)
         x, gates = chunk.x.double(), chunk.gates.double()
-        pred = to_channels(dc.linear(_complex(stage.apply_weight(x, w, gates)), op))
+        pred = _channels(dc.linear(_complex(stage.apply_weight(x, w, gates)), op))
         e = chunk.r.double() - pred
         ee += float(e.square().sum())
         re += float((chunk.r.double() * e).sum())
-        back = to_channels(dc.linear(_complex(e), op))
+        back = _channels(dc.linear(_complex(e), op))
         gradient -= stage.apply_adjoint(x, back, gates)
         count += x.shape[0]
     distributed.all_reduce_(gradient)
@@ -299,11 +313,13 @@ class UnrolledTrainer(Trainer):
 
     Training uses whole images (data consistency needs the whole field of view) with the
     run's fixed masks (greedy) or fresh masks per epoch (end-to-end, ``fixed_masks:
-    false``)."""
+    false``); with ``dims`` 3, whole volumes (`cvxmri.training.data.VolumeData`), 3D
+    regularisers (``KxKxK``) and the 3D per-volume validation metrics."""
 
     def __init__(self, config: Any, out: Path, progress: Any = None) -> None:
         super().__init__(config, out, progress)
         self.settings = config.unrolled
+        self.ndim = config.dims
         self.val_samples = self.val_data.samples(self.val_data.evaluation_masks())
         self.fixed_samples = (
             self.train_data.samples(self.train_data.training_masks(config.seed, None))
@@ -334,10 +350,11 @@ class UnrolledTrainer(Trainer):
             op = recon_sense(
                 samples.maps[part].to(self.device),
                 samples.mask[part].to(self.device),
-                tuple(xs.shape[-2:]),
+                tuple(xs.shape[2:]),
+                self.ndim,
             )
             z = _complex(block(xs))
-            out.append(to_channels(dc(z, op, op.H(samples.y[part].to(self.device)))).cpu())
+            out.append(_channels(dc(z, op, op.H(samples.y[part].to(self.device)))).cpu())
         return torch.cat(out)
 
     def _network_metrics(self, model: UnrolledNet) -> dict[str, float]:
@@ -380,6 +397,7 @@ class UnrolledTrainer(Trainer):
             settings.kernel_size,
             settings.dc,
             settings.shared,
+            ndim=self.ndim,
         ).to(self.device)
         optimizer, scheduler = make_optimizer(model.parameters(), cfg.optim)
         start = 0
@@ -511,7 +529,8 @@ class UnrolledTrainer(Trainer):
         cfg, settings = self.config, self.settings
         assert train.target is not None
         torch.manual_seed(derived_seed(cfg.seed, t, 8))
-        block = ReconCNN.relu(2, settings.channels, settings.kernel_size).to(self.device)
+        block = ReconCNN.relu(2, settings.channels, settings.kernel_size, ndim=self.ndim)
+        block = block.to(self.device)
         optimizer, scheduler = make_optimizer(block.parameters(), cfg.optim)
         for epoch in range(cfg.optim.epochs):
             began = time.perf_counter()
@@ -524,9 +543,9 @@ class UnrolledTrainer(Trainer):
                     continue
                 batch = _take(train, index, self.device)
                 assert batch.target is not None
-                op = recon_sense(batch.maps, batch.mask, tuple(batch.x0.shape[-2:]))
+                op = recon_sense(batch.maps, batch.mask, tuple(batch.x0.shape[2:]), self.ndim)
                 z = _complex(block(x_train[index].to(self.device)))
-                pred = to_channels(dc(z, op, op.H(batch.y)))
+                pred = _channels(dc(z, op, op.H(batch.y)))
                 losses.append(_step(optimizer, pred, batch.target))
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
@@ -555,7 +574,7 @@ class UnrolledTrainer(Trainer):
             gate_seed=derived_seed(cfg.seed, t, 7),
             active_fraction=cfg.convex.active_fraction,
         )
-        stage = ConvexStage(2, 2, stage_config).to(self.device)
+        stage = ConvexStage(2, 2, stage_config, self.ndim).to(self.device)
         stage.init_gates(x_train[:16].to(self.device))
         residual = self._residual(dc, x_train, train)
         # Each process sums over its share of the images (`cvxmri.distributed.shard`).
@@ -662,7 +681,7 @@ def unrolled_forward(
     x = x0
 
     def iteration(block: ReconCNN, z: Tensor) -> Tensor:
-        return to_channels(model.dc(_complex(block(z)), op, aty))
+        return _channels(model.dc(_complex(block(z)), op, aty))
 
     for block in model.blocks:
         x = checkpoint(iteration, block, x, use_reentrant=False)
