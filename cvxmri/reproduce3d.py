@@ -40,6 +40,7 @@ from cvxmri.data.decoupled import decouple_dataset
 from cvxmri.data.prepare import default_cache_dir, find_files, volume_id
 from cvxmri.data.simulate import SPLITS, default_sources
 from cvxmri.data.simulate3d import Simulation3DConfig, simulate_dataset3d
+from cvxmri.data.volume3d import read_volume3d
 from cvxmri.errors import CvxmriError
 from cvxmri.evaluate import (
     EvaluateConfig,
@@ -54,7 +55,7 @@ from cvxmri.metrics import volume_metrics
 from cvxmri.models.unrolled import load_network
 from cvxmri.recon import CLASSICAL_METHODS, CGSenseConfig, CSConfig, network_reconstructor
 from cvxmri.reproduce import Part, paired_difference, read_json, run_plan, write_json
-from cvxmri.training.config import TrainConfig, preset
+from cvxmri.training.config import TrainConfig, UnrolledConfig, preset
 from cvxmri.training.run import train
 
 # Wall seconds of each kind of part on 2 CPU cores (the progress estimate's weights).
@@ -66,6 +67,8 @@ EXPECTED_SECONDS = {
     "train decoupled end-to-end": 100.0,
     "train 3d layerwise-convex": 300.0,
     "train 3d end-to-end": 120.0,
+    "train unrolled layerwise-convex": 600.0,
+    "train unrolled end-to-end": 150.0,
     "test": 10.0,
     "examples": 40.0,
     "report": 5.0,
@@ -85,17 +88,26 @@ class Network:
         method: the training method.
         budget: end-to-end whose width is the widest that fits the convex step's memory
             (the memory part decides it); otherwise the run's width.
+        arch: ``cnn`` or ``unrolled`` (3D only: `Reproduce3DConfig.iterations` iterations
+            of a 3x3x3 regulariser and gradient-step data consistency, on whole volumes).
     """
 
     name: str
     view: str
     method: str
     budget: bool = False
+    arch: str = "cnn"
 
     def title(self) -> str:
         """What tables call it."""
         view = "decoupled 2D" if self.view == "decoupled" else "3D"
-        return f"{self.method} ({view}{', at the convex memory' if self.budget else ''})"
+        arch = "unrolled, " if self.arch == "unrolled" else ""
+        return f"{arch}{self.method} ({view}{', at the convex memory' if self.budget else ''})"
+
+    @property
+    def kind(self) -> str:
+        """Its key in `EXPECTED_SECONDS` (after ``train ``)."""
+        return f"{'unrolled' if self.arch == 'unrolled' else self.view} {self.method}"
 
 
 NETWORKS = (
@@ -104,6 +116,8 @@ NETWORKS = (
     Network("3d-layerwise-convex", "3d", "layerwise-convex"),
     Network("3d-end-to-end", "3d", "end-to-end"),
     Network("3d-end-to-end-budget", "3d", "end-to-end", budget=True),
+    Network("3d-unrolled-layerwise-convex", "3d", "layerwise-convex", arch="unrolled"),
+    Network("3d-unrolled-end-to-end", "3d", "end-to-end", arch="unrolled"),
 )
 
 
@@ -126,6 +140,9 @@ class Reproduce3DConfig:
         channels: hidden width of every CNN but the one at the convex memory.
         crops_per_image: random cubic patches per training volume and epoch (3D CNNs).
         widths: end-to-end widths tried at the convex step's memory, widest first.
+        unrolled: the unrolled networks (T, regulariser width and kernel, data
+            consistency), trained greedily (convex, certified) and end-to-end (one whole
+            volume per step) on whole volumes.
         device: cpu, cuda or auto.
         seed: training seed.
     """
@@ -140,8 +157,11 @@ class Reproduce3DConfig:
     cg_sense: CGSenseConfig = field(default_factory=lambda: CGSenseConfig(iterations=6))
     layers: int = 5
     channels: int = 32
-    crops_per_image: int = 32
+    crops_per_image: int = 16
     widths: list[int] = field(default_factory=lambda: [32, 24, 16, 12, 8, 4])
+    unrolled: UnrolledConfig = field(
+        default_factory=lambda: UnrolledConfig(iterations=4, channels=16, kernel_size=3)
+    )
     device: str = "auto"
     seed: int = 0
 
@@ -171,8 +191,20 @@ def decoupled_root(config: Reproduce3DConfig) -> Path:
 def train_config(config: Reproduce3DConfig, network: Network, channels: int) -> TrainConfig:
     """The training configuration of ``network`` at width ``channels``: the training preset
     (decoupled: 2D on the decoupled view; 3D: 3x3x3 kernels, cubic patches, with the run's
-    patches per volume), the run's mask, depth, device and seed."""
-    if network.view == "decoupled":
+    patches per volume; unrolled: whole volumes, one per step, the run's `UnrolledConfig`),
+    the run's mask, depth, device and seed."""
+    if network.arch == "unrolled":
+        base = preset(config.training, config.mask.kind, dims=3)
+        base = replace(
+            base,
+            data=config.data,
+            arch="unrolled",
+            crop=0,
+            crops_per_image=1,
+            unrolled=config.unrolled,
+            optim=replace(base.optim, batch_size=1),
+        )
+    elif network.view == "decoupled":
         base = replace(preset(config.training, config.mask.kind), data=str(decoupled_root(config)))
     else:
         base = replace(
@@ -218,7 +250,7 @@ def plan(config: Reproduce3DConfig) -> list[Part]:
                 f"train {network.title()}",
                 network.name,
                 "metrics_val.json",
-                EXPECTED_SECONDS[f"train {network.view} {network.method}"],
+                EXPECTED_SECONDS[f"train {network.kind}"],
                 config.mask,
                 network.method,
                 config.layers,
@@ -357,11 +389,46 @@ def _run_memory(config: Reproduce3DConfig, root: Path, part: Part) -> None:
             "budget_mib": budget,
             "end_to_end": widths,
             "chosen_channels": chosen,
+            "unrolled": _unrolled_peaks(config, base.device),
             "device": base.device,
             "method": "peak resident memory of one training step beyond the process's "
             "baseline, fresh process per configuration (cvxmri.benchmark.measure)",
         },
     )
+
+
+def _unrolled_peaks(config: Reproduce3DConfig, device: str) -> list[dict[str, Any]]:
+    """Peaks of the unrolled networks' training on volumes of the data's shape: greedy
+    convex (its iteration's Gram build, ``step``, and one solve) and end-to-end at T."""
+    path = find_files(config.data, "train")[0]
+    coils, *volume = read_volume3d(path, check_finite=False).kspace.shape
+    settings = config.unrolled
+    base = Workload(
+        method="end-to-end",
+        arch="unrolled",
+        iterations=settings.iterations,
+        channels=settings.channels,
+        kernel_size=settings.kernel_size,
+        coils=coils,
+        dc=settings.dc.kind,
+        device=device,
+        seed=config.seed,
+        ndim=3,
+        volume=tuple(volume),
+    )
+    rows = []
+    for method, parts in (("layerwise-convex", ("step", "solve")), ("end-to-end", ("step",))):
+        points = {p: _peak(replace(base, method=method, part=p)) for p in parts}
+        rows.append(
+            {
+                "method": method,
+                "iterations": settings.iterations,
+                "volume": volume,
+                "parts": points,
+                "peak_mib": max(p["peak_mib"] for p in points.values()),
+            }
+        )
+    return rows
 
 
 def budget_channels(root: Path) -> int:
@@ -513,8 +580,11 @@ def collect3d(out: Path) -> dict[str, Any]:
         val = read_json(folder / "metrics_val.json")
         run = load_yaml(TrainConfig, folder / "config.yaml")
         row = _row(f"test-{network.name}", entry, network.name, network.view, network)
+        unrolled = network.arch == "unrolled"
         row.update(
-            channels=run.channels,
+            arch=network.arch,
+            channels=run.unrolled.channels if unrolled else run.channels,
+            depth=run.unrolled.iterations if unrolled else run.layers,
             train_seconds=val["train_seconds"],
             wall_seconds=timings.get(network.name, {}).get("seconds"),
             val=val["final"],
@@ -523,6 +593,10 @@ def collect3d(out: Path) -> dict[str, Any]:
     by_name = {r["name"]: r for r in rows}
     convex, budget = by_name["3d-layerwise-convex"], by_name["3d-end-to-end-budget"]
     difference = paired_difference(out, convex, budget)
+    unrolled = paired_difference(
+        out, by_name["3d-unrolled-layerwise-convex"], by_name["3d-unrolled-end-to-end"]
+    )
+    peaks = {r["method"]: r["peak_mib"] for r in memory["unrolled"]}
     total = sum(t["seconds"] for t in timings.values())
     return {
         "preset": config.preset,
@@ -540,6 +614,8 @@ def collect3d(out: Path) -> dict[str, Any]:
             "convex_minus_budget_end_to_end": difference,
             "one_db": difference["mean"] is not None and difference["mean"] >= 1.0,
             "budget_channels": memory["chosen_channels"],
+            "unrolled_convex_minus_end_to_end": unrolled,
+            "unrolled_memory_ratio": peaks["layerwise-convex"] / peaks["end-to-end"],
             "minutes": total / 60,
             "thirty_minutes": total <= 1800,
         },
@@ -571,6 +647,8 @@ def format_results3d(results: dict[str, Any]) -> str:
     for row in results["rows"]:
         psnr, ssim = row["volume"]["psnr"], row["volume"]["ssim"]
         name = row["title"] + (f", {row['channels']} ch" if "channels" in row else "")
+        if row.get("arch") == "unrolled":
+            name += f", T={row['depth']}"
         lines.append(
             f"{name:<52} {psnr['mean']:>7.2f} ± {psnr['std']:<5.2f} "
             f"{ssim['mean']:>8.4f} ± {ssim['std']:<6.4f}"

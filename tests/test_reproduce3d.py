@@ -21,6 +21,7 @@ from cvxmri import reproduce3d as r3d
 from cvxmri.cli import main
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec
+from cvxmri.training.config import UnrolledConfig
 
 SECTIONS = [
     "Overview",
@@ -42,6 +43,7 @@ def tiny_config(data: Path) -> r3d.Reproduce3DConfig:
         channels=8,
         crops_per_image=2,
         widths=[8, 4, 2],
+        unrolled=UnrolledConfig(iterations=2, channels=4, kernel_size=3),
         device="cpu",
     )
 
@@ -128,6 +130,24 @@ def test_results_come_from_the_runs_own_files(reproduced: dict[str, Any]) -> Non
     # The networks were trained as configured: 3D at the run's width, decoupled in 2D.
     assert rows["3d-layerwise-convex"]["channels"] == 8
     assert rows["3d-end-to-end-budget"]["channels"] == results["memory"]["chosen_channels"]
+    assert (
+        rows["3d-unrolled-layerwise-convex"]["depth"],
+        rows["3d-unrolled-end-to-end"]["channels"],
+    ) == (2, 4)
+    unrolled = results["answers"]["unrolled_convex_minus_end_to_end"]
+    convex = _per_volume(
+        out / "test-3d-unrolled-layerwise-convex" / "per_volume.csv", "3d-unrolled-layerwise-convex"
+    )
+    e2e = _per_volume(
+        out / "test-3d-unrolled-end-to-end" / "per_volume.csv", "3d-unrolled-end-to-end"
+    )
+    assert unrolled["mean"] == pytest.approx(statistics.fmean(convex[f] - e2e[f] for f in convex))
+    # Every greedy convex iteration's selected beta is certified.
+    certificates = json.loads(
+        (out / "3d-unrolled-layerwise-convex" / "certificates.json").read_text()
+    )
+    chosen = [c for c in certificates if c.get("selected")]
+    assert len(chosen) == 2 and all(c["certified"] for c in chosen)
 
 
 def test_budget_is_the_widest_end_to_end_within_the_convex_peak(

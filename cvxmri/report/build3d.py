@@ -20,6 +20,14 @@ def _title(row: dict[str, Any]) -> str:
     return CLASSICAL_TITLES.get(row["name"], row["title"])
 
 
+def _network(row: dict[str, Any]) -> str:
+    if "channels" not in row:
+        return "-"
+    if row["arch"] == "unrolled":
+        return f"unrolled, T={row['depth']}, {row['channels']} channels"
+    return f"CNN, {row['depth']} layers, {row['channels']} channels"
+
+
 def _pm(stat: dict[str, float], digits: int) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
@@ -56,6 +64,10 @@ def _glance(results: dict[str, Any]) -> Section:
         (r for r in results["rows"] if "channels" in r), key=lambda r: r["volume"]["psnr"]["mean"]
     )
     cs = rows["cs"]["volume"]["psnr"]["mean"]
+    unrolled = answers["unrolled_convex_minus_end_to_end"]
+    se = unrolled["standard_error"]
+    peaks = {r["method"]: r["peak_mib"] for r in memory["unrolled"]}
+    depth = rows["3d-unrolled-layerwise-convex"]["depth"]
     items = [
         f"**Layer-wise convex 3D against end-to-end 3D at the same memory: "
         f"{difference['mean']:+.2f} dB{se_text}** (target +1 dB: "
@@ -64,6 +76,12 @@ def _glance(results: dict[str, Any]) -> Section:
         f"batch {memory['batch']}; the widest end-to-end network that fits has "
         f"{answers['budget_channels']} channels (the convex one "
         f"{memory['convex_channels']}).",
+        f"Unrolled networks (T = {depth}, 3D): greedy convex against end-to-end at the same "
+        f"T: **{unrolled['mean']:+.2f} dB**"
+        + ("" if se is None else f" (standard error {se:.2f} dB)")
+        + f"; peak training memory {peaks['layerwise-convex']:.0f} MiB (greedy convex, its "
+        f"Gram build) against {peaks['end-to-end']:.0f} MiB (end-to-end), "
+        f"{answers['unrolled_memory_ratio']:.1f}x: not an equal-memory comparison.",
         f"**Wall time: {answers['minutes']:.1f} min** (target 30 min on 2 idle CPU cores: "
         f"{'met' if answers['thirty_minutes'] else 'missed'} on this machine, "
         f"{results['environment']['cpu_count']} CPUs).",
@@ -75,12 +93,12 @@ def _glance(results: dict[str, Any]) -> Section:
 
 def _results(results: dict[str, Any]) -> Section:
     table = Table(
-        ["method", "view", "width", "training s", "test PSNR (dB)", "test SSIM"],
+        ["method", "view", "network", "training s", "test PSNR (dB)", "test SSIM"],
         [
             [
                 _title(r),
                 "decoupled 2D" if r["view"] == "decoupled" else "3D",
-                str(r.get("channels", "-")),
+                _network(r),
                 "-" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}",
                 _pm(r["volume"]["psnr"], 2),
                 _pm(r["volume"]["ssim"], 4),
@@ -113,7 +131,28 @@ def _memory(results: dict[str, Any]) -> Section:
         "tried widest first; the first that fits is trained. The whole-volume passes "
         "without gradients (gates, stage inputs, validation) are not counted."
     )
-    return Section("Memory budget", [text, Table(["step", "width", "peak MiB", ""], rows)])
+    unrolled = Table(
+        ["unrolled network", "T", "volume", "peak MiB", "of which"],
+        [
+            [
+                r["method"],
+                str(r["iterations"]),
+                "x".join(map(str, r["volume"])),
+                f"{r['peak_mib']:.1f}",
+                ", ".join(f"{k} {v['peak_mib']:.1f}" for k, v in r["parts"].items()),
+            ]
+            for r in memory["unrolled"]
+        ],
+    )
+    note = (
+        "The unrolled networks train on whole volumes, batch 1: greedy convex's peak is its "
+        "iteration's Gram build (step) or a solve, end-to-end's one step through all T "
+        "iterations."
+    )
+    return Section(
+        "Memory budget",
+        [text, Table(["step", "width", "peak MiB", ""], rows), note, unrolled],
+    )
 
 
 def _examples(results: dict[str, Any], folder: Path, images: list[Image]) -> Section:
