@@ -69,6 +69,7 @@ EXPECTED_SECONDS = {
     "train 3d end-to-end": 120.0,
     "train unrolled layerwise-convex": 600.0,
     "train unrolled end-to-end": 150.0,
+    "train unrolled end-to-end budget": 500.0,
     "test": 10.0,
     "examples": 40.0,
     "report": 5.0,
@@ -86,8 +87,8 @@ class Network:
         name: its folder (``3d-layerwise-convex``, ...).
         view: ``decoupled`` (2D CNN on the (ky, kz) planes) or ``3d`` (3D convolutions).
         method: the training method.
-        budget: end-to-end whose width is the widest that fits the convex step's memory
-            (the memory part decides it); otherwise the run's width.
+        budget: end-to-end as large as fits the convex training's memory (the memory part
+            decides): the CNN as wide, the unrolled network as deep (T) as fits.
         arch: ``cnn`` or ``unrolled`` (3D only: `Reproduce3DConfig.iterations` iterations
             of a 3x3x3 regulariser and gradient-step data consistency, on whole volumes).
     """
@@ -107,7 +108,8 @@ class Network:
     @property
     def kind(self) -> str:
         """Its key in `EXPECTED_SECONDS` (after ``train ``)."""
-        return f"{'unrolled' if self.arch == 'unrolled' else self.view} {self.method}"
+        kind = f"{'unrolled' if self.arch == 'unrolled' else self.view} {self.method}"
+        return kind + (" budget" if self.budget and self.arch == "unrolled" else "")
 
 
 NETWORKS = (
@@ -118,6 +120,7 @@ NETWORKS = (
     Network("3d-end-to-end-budget", "3d", "end-to-end", budget=True),
     Network("3d-unrolled-layerwise-convex", "3d", "layerwise-convex", arch="unrolled"),
     Network("3d-unrolled-end-to-end", "3d", "end-to-end", arch="unrolled"),
+    Network("3d-unrolled-end-to-end-budget", "3d", "end-to-end", budget=True, arch="unrolled"),
 )
 
 
@@ -143,6 +146,8 @@ class Reproduce3DConfig:
         unrolled: the unrolled networks (T, regulariser width and kernel, data
             consistency), trained greedily (convex, certified) and end-to-end (one whole
             volume per step) on whole volumes.
+        depths: T of the end-to-end unrolled network tried at the greedy convex
+            training's memory, deepest first.
         device: cpu, cuda or auto.
         seed: training seed.
     """
@@ -162,6 +167,7 @@ class Reproduce3DConfig:
     unrolled: UnrolledConfig = field(
         default_factory=lambda: UnrolledConfig(iterations=4, channels=16, kernel_size=3)
     )
+    depths: list[int] = field(default_factory=lambda: [16, 12, 8, 4, 2, 1])
     device: str = "auto"
     seed: int = 0
 
@@ -172,6 +178,8 @@ class Reproduce3DConfig:
             raise CvxmriError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if not self.widths or any(w < 2 or w % 2 for w in self.widths):
             raise CvxmriError(f"widths must be even numbers >= 2, got {self.widths}")
+        if not self.depths or min(self.depths) < 1:
+            raise CvxmriError(f"depths must be iterations >= 1, got {self.depths}")
         data = Path(self.data)
         if data.is_file():
             raise CvxmriError(f"{data}: one file, not a 3D dataset root")
@@ -397,14 +405,16 @@ def _run_memory(config: Reproduce3DConfig, root: Path, part: Part) -> None:
     )
 
 
-def _unrolled_peaks(config: Reproduce3DConfig, device: str) -> list[dict[str, Any]]:
-    """Peaks of the unrolled networks' training on volumes of the data's shape: greedy
-    convex (its iteration's Gram build, ``step``, and one solve) and end-to-end at T."""
+def _unrolled_peaks(config: Reproduce3DConfig, device: str) -> dict[str, Any]:
+    """The unrolled networks' memory on volumes of the data's shape: greedy convex's peak
+    (its iteration's Gram build, ``step``, or one solve; it does not depend on T), then
+    end-to-end at each of `Reproduce3DConfig.depths`, deepest first, until one fits in it
+    (``chosen_iterations``), and end-to-end at the greedy network's T."""
     path = find_files(config.data, "train")[0]
     coils, *volume = read_volume3d(path, check_finite=False).kspace.shape
     settings = config.unrolled
     base = Workload(
-        method="end-to-end",
+        method="layerwise-convex",
         arch="unrolled",
         iterations=settings.iterations,
         channels=settings.channels,
@@ -416,29 +426,45 @@ def _unrolled_peaks(config: Reproduce3DConfig, device: str) -> list[dict[str, An
         ndim=3,
         volume=tuple(volume),
     )
-    rows = []
-    for method, parts in (("layerwise-convex", ("step", "solve")), ("end-to-end", ("step",))):
-        points = {p: _peak(replace(base, method=method, part=p)) for p in parts}
-        rows.append(
-            {
-                "method": method,
-                "iterations": settings.iterations,
-                "volume": volume,
-                "parts": points,
-                "peak_mib": max(p["peak_mib"] for p in points.values()),
-            }
+    parts = {p: _peak(replace(base, part=p)) for p in ("step", "solve")}
+    budget = max(p["peak_mib"] for p in parts.values())
+    rows, chosen = [], None
+    for iterations in sorted({*config.depths, settings.iterations}, reverse=True):
+        if chosen is not None and iterations != settings.iterations:
+            continue
+        row = {
+            "iterations": iterations,
+            **_peak(replace(base, method="end-to-end", iterations=iterations)),
+        }
+        row["fits"] = row["peak_mib"] <= budget
+        rows.append(row)
+        if row["fits"] and chosen is None and iterations in config.depths:
+            chosen = iterations
+    if chosen is None:
+        raise CvxmriError(
+            f"no end-to-end unrolled network of T in {config.depths} fits the greedy convex "
+            f"training's {budget:.1f} MiB: add smaller T"
         )
-    return rows
-
-
-def budget_channels(root: Path) -> int:
-    """The end-to-end width that fits the convex step's memory (the memory part's choice)."""
-    return int(read_json(root / "memory" / "memory.json")["chosen_channels"])
+    return {
+        "volume": volume,
+        "convex_iterations": settings.iterations,
+        "convex_parts": parts,
+        "budget_mib": budget,
+        "end_to_end": rows,
+        "chosen_iterations": chosen,
+    }
 
 
 def _run_train(config: Reproduce3DConfig, root: Path, part: Part) -> None:
     network = _network_of(part)
-    channels = budget_channels(root) if network.budget else config.channels
+    channels = config.channels
+    if network.budget:
+        memory = read_json(root / "memory" / "memory.json")
+        if network.arch == "unrolled":
+            iterations = memory["unrolled"]["chosen_iterations"]
+            config = replace(config, unrolled=replace(config.unrolled, iterations=iterations))
+        else:
+            channels = memory["chosen_channels"]
     out = root / part.folder
     resume = (out / "config.yaml").is_file()
     train(train_config(config, network, channels), out, resume=resume, force=True)
@@ -596,7 +622,12 @@ def collect3d(out: Path) -> dict[str, Any]:
     unrolled = paired_difference(
         out, by_name["3d-unrolled-layerwise-convex"], by_name["3d-unrolled-end-to-end"]
     )
-    peaks = {r["method"]: r["peak_mib"] for r in memory["unrolled"]}
+    unrolled_budget = paired_difference(
+        out, by_name["3d-unrolled-layerwise-convex"], by_name["3d-unrolled-end-to-end-budget"]
+    )
+    same_t = next(
+        r for r in memory["unrolled"]["end_to_end"] if r["iterations"] == config.unrolled.iterations
+    )
     total = sum(t["seconds"] for t in timings.values())
     return {
         "preset": config.preset,
@@ -615,7 +646,11 @@ def collect3d(out: Path) -> dict[str, Any]:
             "one_db": difference["mean"] is not None and difference["mean"] >= 1.0,
             "budget_channels": memory["chosen_channels"],
             "unrolled_convex_minus_end_to_end": unrolled,
-            "unrolled_memory_ratio": peaks["layerwise-convex"] / peaks["end-to-end"],
+            "unrolled_convex_minus_budget_end_to_end": unrolled_budget,
+            "unrolled_one_db": unrolled_budget["mean"] is not None
+            and unrolled_budget["mean"] >= 1.0,
+            "unrolled_budget_iterations": memory["unrolled"]["chosen_iterations"],
+            "unrolled_memory_ratio": memory["unrolled"]["budget_mib"] / same_t["peak_mib"],
             "minutes": total / 60,
             "thirty_minutes": total <= 1800,
         },

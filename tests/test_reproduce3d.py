@@ -44,6 +44,7 @@ def tiny_config(data: Path) -> r3d.Reproduce3DConfig:
         crops_per_image=2,
         widths=[8, 4, 2],
         unrolled=UnrolledConfig(iterations=2, channels=4, kernel_size=3),
+        depths=[3, 1],
         device="cpu",
     )
 
@@ -164,6 +165,16 @@ def test_budget_is_the_widest_end_to_end_within_the_convex_peak(
         < min((w["peak_mib"] for w in tried[:-1]), default=float("inf"))
     )
     assert memory["chosen_channels"] == tried[-1]["channels"]
+    # Unrolled: end-to-end T tried deepest first; the first within the greedy peak trains.
+    unrolled = memory["unrolled"]
+    assert unrolled["budget_mib"] == max(p["peak_mib"] for p in unrolled["convex_parts"].values())
+    tried = [r for r in unrolled["end_to_end"] if r["iterations"] in (3, 1)]
+    chosen = unrolled["chosen_iterations"]
+    assert tried[0]["iterations"] == 3
+    assert next(r for r in tried if r["fits"])["iterations"] == chosen
+    assert 2 in [r["iterations"] for r in unrolled["end_to_end"]]  # the greedy network's T
+    run = (reproduced["out"] / "3d-unrolled-end-to-end-budget" / "config.yaml").read_text()
+    assert f"iterations: {chosen}" in run
 
 
 def test_example_volume_matches_the_evaluation(reproduced: dict[str, Any]) -> None:

@@ -69,7 +69,11 @@ class DCConfig:
 
 class DataConsistency(nn.Module):
     """An affine data-consistency step ``z -> DC(z) = DC(0) + L z`` (see the module
-    docstring). Subclasses define `linear` and `offset`."""
+    docstring). Subclasses define `linear` and `offset`, and say whether ``L`` is
+    self-adjoint (``self_adjoint``), which lets a Gram matrix ``(L u)^H (L v)`` be computed
+    as ``u^H (L^2 v)``."""
+
+    self_adjoint = False
 
     def forward(self, z: Tensor, op: LinearOperator, aty: Tensor) -> Tensor:
         """``DC(z)`` for complex images ``z`` (B, *grid), the operator ``A`` and ``A^H y``."""
@@ -89,7 +93,10 @@ class DataConsistency(nn.Module):
 
 
 class GradientDC(DataConsistency):
-    """``DC(z) = z - eta A^H (A z - y)``: ``L = I - eta A^H A``, ``DC(0) = eta A^H y``."""
+    """``DC(z) = z - eta A^H (A z - y)``: ``L = I - eta A^H A`` (self-adjoint),
+    ``DC(0) = eta A^H y``."""
+
+    self_adjoint = True
 
     def __init__(self, eta: float) -> None:
         super().__init__()

@@ -64,6 +64,12 @@ log = logging.getLogger(__name__)
 # Columns of the design mapped through L at once: bounds the memory of the Gram build
 # (columns x coils x grid complex values); 16 ran 2x faster per column than 64 (cache).
 COLUMN_CHUNK = 16
+# The fast Gram route holds an image's mapped design: its m columns (float32), their
+# images through L (complex64) and the real stack of those (float32), 20 bytes per column
+# and pixel. Beyond this many bytes (a 12x96x80 volume at 8 patterns: 760 MiB) the lean
+# route builds the Gram matrix from L^2 (L self-adjoint) in chunks of `LEAN_CHUNK` columns.
+MAPPED_BYTES = 256 * 2**20
+LEAN_CHUNK = 4
 # Images per chunk when applying iterations to a whole set.
 IMAGE_CHUNK = 8
 # Refinement rounds of a convex iteration's solve (each one exact float64 pass).
@@ -127,7 +133,9 @@ def dc_gram_system(
 
     Per image, the ``m = P C_in K^d`` design columns (the gated patches) go through ``L``
     in chunks of `COLUMN_CHUNK` (complex64, the operator's own precision), and their
-    products are accumulated in float64.
+    products are accumulated in float64 (`_mapped_products`); where the mapped design of
+    an image would exceed `MAPPED_BYTES` and ``L`` is self-adjoint, through ``L^2`` a few
+    columns at a time (`_lean_products`).
     """
     began = time.perf_counter()
     p = stage.config.patterns
@@ -142,28 +150,17 @@ def dc_gram_system(
             x = chunk.x[i : i + 1].float()
             u = _patches(stage, x)  # (pixels, m0)
             d = chunk.gates[i].reshape(p, -1).T.float()  # (pixels, P)
-            columns = (d[:, :, None] * u[:, None, :]).reshape(u.shape[0], m).T
             shape = tuple(x.shape[2:])
-            mapped = torch.empty(m, u.shape[0], dtype=torch.complex64, device=device)
             single = recon_sense(
                 chunk.maps[i : i + 1], chunk.mask[i : i + 1].float(), shape, stage.ndim
             )
-            for start in range(0, m, COLUMN_CHUNK):
-                part = columns[start : start + COLUMN_CHUNK].reshape(-1, *shape)
-                mapped[start : start + COLUMN_CHUNK] = dc.linear(
-                    part.to(torch.complex64), single
-                ).reshape(part.shape[0], -1)
-            stacked = torch.cat([mapped.real, mapped.imag])  # (2m, pixels)
-            products = (stacked @ stacked.T).double()
-            rr_part, ri_part = products[:m, :m], products[:m, m:]
-            ir_part, ii_part = products[m:, :m], products[m:, m:]
-            re_h = rr_part + ii_part
-            im_h = ri_part - ir_part
+            r = chunk.r[i].reshape(2, -1)
+            lean = dc.self_adjoint and 20 * m * u.shape[0] > MAPPED_BYTES
+            products = _lean_products if lean else _mapped_products
+            re_h, im_h, image_rhs = products(u, d, r, dc, single, shape)
             gram += torch.cat([torch.cat([re_h, -im_h], dim=1), torch.cat([im_h, re_h], dim=1)])
-            r = chunk.r[i].double().reshape(2, -1)
-            br, bi = mapped.real.double(), mapped.imag.double()
-            rhs += torch.cat([br @ r[0] + bi @ r[1], br @ r[1] - bi @ r[0]])
-            rr += float(r.square().sum())
+            rhs += image_rhs
+            rr += float(r.double().square().sum())
             count += 1
     distributed.all_reduce_(gram)
     distributed.all_reduce_(rhs)
@@ -184,6 +181,76 @@ def dc_gram_system(
         "separate",
         time.perf_counter() - began,
     )
+
+
+def _mapped_products(
+    u: Tensor,
+    d: Tensor,
+    r: Tensor,
+    dc: DataConsistency,
+    op: LinearOperator,
+    shape: tuple[int, ...],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``Re H``, ``Im H`` (m, m) and the real form of ``B^H r`` (2m) of one image, float64,
+    from its mapped design ``B = L Phi`` held whole (the fast route: one ``L`` per column).
+    ``u`` (pixels, m0) are the patches, ``d`` (pixels, P) the gates, ``r`` (2, pixels)
+    the residual; ``dc.linear`` with the image's operator ``op`` applies ``L`` to complex
+    images (c, *shape)."""
+    m = d.shape[1] * u.shape[1]
+    columns = (d[:, :, None] * u[:, None, :]).reshape(u.shape[0], m).T
+    mapped = torch.empty(m, u.shape[0], dtype=torch.complex64, device=u.device)
+    for start in range(0, m, COLUMN_CHUNK):
+        part = columns[start : start + COLUMN_CHUNK].reshape(-1, *shape)
+        mapped[start : start + COLUMN_CHUNK] = dc.linear(part.to(torch.complex64), op).reshape(
+            part.shape[0], -1
+        )
+    stacked = torch.cat([mapped.real, mapped.imag])  # (2m, pixels)
+    products = (stacked @ stacked.T).double()
+    re_h = products[:m, :m] + products[m:, m:]
+    im_h = products[:m, m:] - products[m:, :m]
+    r = r.double()
+    br, bi = mapped.real.double(), mapped.imag.double()
+    return re_h, im_h, torch.cat([br @ r[0] + bi @ r[1], br @ r[1] - bi @ r[0]])
+
+
+def _lean_products(
+    u: Tensor,
+    d: Tensor,
+    r: Tensor,
+    dc: DataConsistency,
+    op: LinearOperator,
+    shape: tuple[int, ...],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What `_mapped_products` returns, for a self-adjoint ``L``, holding `LEAN_CHUNK`
+    mapped columns at a time: ``H_ij = (L phi_i)^H (L phi_j) = phi_i^T (L^2 phi_j)`` with
+    real columns ``phi``, so a chunk of columns of ``H`` is ``Phi^T`` of ``L^2`` of the
+    chunk, and ``B^H r = Phi^T (L r)``. Two ``L`` per column instead of one; memory of a
+    few columns instead of the whole mapped design."""
+    pixels, m0 = u.shape
+    p = d.shape[1]
+    m = p * m0
+
+    def design_t(y: Tensor) -> Tensor:
+        """``Phi^T y`` for real y (pixels, k): (m, k), column index ``q * m0 + j``."""
+        k = y.shape[1]
+        weighted = (d[:, :, None] * y[:, None, :]).reshape(pixels, p * k)
+        return (u.T @ weighted).reshape(m0, p, k).permute(1, 0, 2).reshape(m, k)
+
+    re_h = torch.empty(m, m, dtype=torch.float64, device=u.device)
+    im_h = torch.empty_like(re_h)
+    for start in range(0, m, LEAN_CHUNK):
+        index = torch.arange(start, min(m, start + LEAN_CHUNK), device=u.device)
+        part = (d[:, index // m0] * u[:, index % m0]).T.reshape(-1, *shape)
+        w = dc.linear(dc.linear(part.to(torch.complex64), op), op).reshape(len(index), -1)
+        block = design_t(torch.cat([w.real, w.imag]).T).double()
+        re_h[:, index] = block[:, : len(index)]
+        im_h[:, index] = block[:, len(index) :]
+    # H is Hermitian: its real part symmetric, its imaginary part antisymmetric.
+    re_h = (re_h + re_h.T) / 2
+    im_h = (im_h - im_h.T) / 2
+    mapped_r = dc.linear(torch.complex(r[0], r[1]).reshape(1, *shape), op).reshape(-1)
+    b = design_t(torch.stack([mapped_r.real, mapped_r.imag], dim=1)).double()
+    return re_h, im_h, torch.cat([b[:, 0], b[:, 1]])
 
 
 @torch.no_grad()
