@@ -1171,13 +1171,7 @@ def collect(out: Path) -> dict[str, Any]:
     _check_reproduce_folder(out)
     config = load_yaml(ReproduceConfig, out / "config.yaml")
     parts = plan(config)
-    missing = [p.title for p in parts if not p.done(out)]
-    if missing:
-        raise CvxmriError(
-            f"{out}: {len(missing)} part(s) not finished, first: {missing[0]} "
-            "(run cvxmri reproduce again to finish them)"
-        )
-    timings = read_json(out / "parts.json") if (out / "parts.json").is_file() else {}
+    timings = finished_timings(out, parts, "cvxmri reproduce")
     metrics: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     certificates: list[dict[str, Any]] = []
@@ -1264,6 +1258,18 @@ def collect(out: Path) -> dict[str, Any]:
         "unrolled": collect_unrolled(out, config, parts, timings, metrics),
         **benchmarks,
     }
+
+
+def finished_timings(out: Path, parts: list[Part], command: str) -> dict[str, Any]:
+    """The wall times (``parts.json``) of a folder whose ``parts`` have all finished;
+    refuses one with a part left, naming the first and the ``command`` that finishes it."""
+    missing = [p.title for p in parts if not p.done(out)]
+    if missing:
+        raise CvxmriError(
+            f"{out}: {len(missing)} part(s) not finished, first: {missing[0]} "
+            f"(run {command} again to finish them)"
+        )
+    return read_json(out / "parts.json") if (out / "parts.json").is_file() else {}
 
 
 def _metric_rows(out: Path, part: Part) -> list[dict[str, Any]]:

@@ -54,7 +54,14 @@ from cvxmri.masks import MaskSpec
 from cvxmri.metrics import volume_metrics
 from cvxmri.models.unrolled import load_network
 from cvxmri.recon import CLASSICAL_METHODS, CGSenseConfig, CSConfig, network_reconstructor
-from cvxmri.reproduce import Part, paired_difference, read_json, run_plan, write_json
+from cvxmri.reproduce import (
+    Part,
+    finished_timings,
+    paired_difference,
+    read_json,
+    run_plan,
+    write_json,
+)
 from cvxmri.training.config import TrainConfig, UnrolledConfig, preset
 from cvxmri.training.run import train
 
@@ -589,13 +596,7 @@ def collect3d(out: Path) -> dict[str, Any]:
     """Everything the 3D report shows, from the files of a finished folder."""
     config = load_yaml(Reproduce3DConfig, out / "config.yaml")
     parts = plan(config)
-    missing = [p.title for p in parts if not p.done(out)]
-    if missing:
-        raise CvxmriError(
-            f"{out}: {len(missing)} part(s) not finished, first: {missing[0]} "
-            "(run cvxmri reproduce --preset quick3d again to finish them)"
-        )
-    timings = read_json(out / "parts.json") if (out / "parts.json").is_file() else {}
+    timings = finished_timings(out, parts, "cvxmri reproduce --preset quick3d")
     memory = read_json(out / "memory" / "memory.json")
     rows = []
     for entry in read_json(out / "baselines" / "summary.json")["results"]:

@@ -232,3 +232,20 @@ def test_report_command_and_user_errors(
     assert main(["reproduce", "--preset", "quick3d", "--amp", "--out", str(tmp_path / "y")]) == 2
     assert "does not take --amp" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize(
+    ("mean", "se", "verdict"),
+    [
+        (0.9, 0.1, "missed"),
+        (1.8, 1.24, "met by the mean, not resolved by these test volumes"),
+        (1.5, 0.2, "met"),
+        (1.2, None, "met"),
+    ],
+)
+def test_verdict_says_whether_the_volumes_resolve_the_target(
+    mean: float, se: float | None, verdict: str
+) -> None:
+    from cvxmri.report.build3d import _verdict
+
+    assert _verdict({"mean": mean, "standard_error": se}) == f"target +1 dB: {verdict}"

@@ -7,6 +7,7 @@ Each function takes what ``results.json`` and the folder's NumPy files hold and 
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -332,16 +333,20 @@ def orthogonal_slices(
         float(np.percentile(np.abs(volumes[f"recon_{n}"] - target), 99.5)) for n in names
     )
     x, y, _ = target.shape
-    figure = Figure(
-        figsize=(2.3 * len(columns), 2.0 + 4.0 * (2 * y + 2 * x) / (2 * y)), layout="constrained"
-    )
-    axes = figure.subplots(4, len(columns), gridspec_kw={"height_ratios": [y, x, x, y]})
-    plane_names = ("readout plane (ky, kz)", "ky plane (x, kz)", "kz plane (x, ky)")
+    # A thin slab's ky and kz planes are drawn stretched along x to a quarter of the
+    # readout plane's height at least (the row label says by how much).
+    thin = max(x, y / 4)
+    stretch = thin / x
+    figure = Figure(figsize=(1.9 * len(columns), 1.2 + 2.2 * (2 * y + 2 * thin) / y))
+    figure.set_layout_engine("constrained")
+    axes = figure.subplots(4, len(columns), gridspec_kw={"height_ratios": [y, thin, thin, y]})
+    plane_names = ("readout plane", "ky plane", "kz plane")
     for col, name in enumerate(columns):
         volume = target if name == "target" else volumes[f"recon_{name}"]
         for row, image in enumerate(planes(volume)):
-            axes[row, col].imshow(image, cmap="gray", vmin=0, vmax=vmax, aspect="equal")
-        title = "fully sampled" if name == "target" else titles[name]
+            aspect = "equal" if row == 0 else "auto"
+            axes[row, col].imshow(image, cmap="gray", vmin=0, vmax=vmax, aspect=aspect)
+        title = textwrap.fill("fully sampled" if name == "target" else titles[name], 18)
         if name in metrics:
             title += f"\n{metrics[name]['psnr']:.2f} dB"
         axes[0, col].set_title(title, fontsize=8)
@@ -353,8 +358,9 @@ def orthogonal_slices(
         for row in range(4):
             axes[row, col].set_xticks([])
             axes[row, col].set_yticks([])
-    for row, text in enumerate((*plane_names, "|error|, readout plane")):
+    for row, text in enumerate(plane_names):
         axes[row, 0].set_ylabel(text, fontsize=8)
     figure.colorbar(shown, ax=axes[3, :], shrink=0.8, label="|error|")
-    figure.suptitle(f"{record['file']} (central planes)")
+    along = f"; ky and kz planes stretched {stretch:.1f}x along x" if stretch > 1 else ""
+    figure.suptitle(f"{record['file']}: central planes, |error| of the readout plane{along}")
     return figure
