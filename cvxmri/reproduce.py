@@ -275,6 +275,8 @@ class ReproduceConfig:
         )
         if data.is_file():
             raise CvxmriError(f"{data}: one file, not a dataset root ({expected})")
+        if not data.exists() and data.suffix == ".h5":
+            raise CvxmriError(f"{data}: no such file ({expected})")
         if data.is_dir() and any(data.iterdir()):
             missing = [s for s in SPLITS if not is_dataset_root(data, s)]
             if missing:

@@ -40,7 +40,7 @@ from cvxmri.data.decoupled import decouple_dataset
 from cvxmri.data.prepare import default_cache_dir, find_files, volume_id
 from cvxmri.data.simulate import SPLITS, default_sources
 from cvxmri.data.simulate3d import Simulation3DConfig, simulate_dataset3d
-from cvxmri.data.volume3d import read_volume3d
+from cvxmri.data.volume3d import file_dims, read_volume3d
 from cvxmri.errors import CvxmriError
 from cvxmri.evaluate import (
     EvaluateConfig,
@@ -190,10 +190,21 @@ class Reproduce3DConfig:
         data = Path(self.data)
         if data.is_file():
             raise CvxmriError(f"{data}: one file, not a 3D dataset root")
+        if not data.exists() and data.suffix == ".h5":
+            raise CvxmriError(
+                f"{data}: no such file (a missing --data is simulated as a dataset root: "
+                "give a folder)"
+            )
         if data.is_dir() and any(data.iterdir()):
             missing = [s for s in SPLITS if not (data / f"multicoil_{s}").is_dir()]
             if missing:
                 raise CvxmriError(f"{data}: no multicoil_{missing[0]}/ folder (a 3D dataset root)")
+            first = find_files(data, "train")[0]
+            if file_dims(first) != 3:
+                raise CvxmriError(
+                    f"{first}: a 2D file; quick3d needs 3D volume files (cvxmri data "
+                    "simulate --dims 3 writes them)"
+                )
         for network in NETWORKS:
             train_config(self, network, self.channels).validate()
 

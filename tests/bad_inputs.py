@@ -841,6 +841,24 @@ CASES = [
         "one file, not a dataset root",
     ),
     Case(
+        "reproduce3d-amp",
+        "reproduce --preset quick3d with a 2D preset's option (--amp)",
+        _args("reproduce", "--preset", "quick3d", "--amp", "--out", "{work}/out"),
+        "reproduce --preset quick3d does not take --amp",
+    ),
+    Case(
+        "reproduce3d-2d-data",
+        "reproduce --preset quick3d on a 2D dataset root",
+        _args("reproduce", "--preset", "quick3d", "--data", "{good}", "--out", "{work}/out"),
+        "a 2D file; quick3d needs 3D volume files",
+    ),
+    Case(
+        "reproduce3d-missing-file",
+        "reproduce --preset quick3d --data on a missing .h5 file",
+        _args("reproduce", "--preset", "quick3d", "--data", "{work}/x.h5", "--out", "{work}/out"),
+        "x.h5: no such file (a missing --data is simulated as a dataset root",
+    ),
+    Case(
         "data-info-folder",
         "data info on a folder",
         _args("data", "info", "{good}/multicoil_test"),
