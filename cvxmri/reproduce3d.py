@@ -6,13 +6,17 @@ when missing), one (ky, kz) mask, the test split:
 
 1. the dataset, its decoupled 2D view (`cvxmri.data.decoupled`);
 2. zero-filled, CS (3D wavelets) and CG-SENSE in 3D;
-3. the memory budget: the peak of one layer-wise convex training step (its largest stage)
-   at the run's patch and batch, measured in fresh processes (`cvxmri.benchmark.measure`),
-   and the widest end-to-end network of the same depth whose step fits in it;
+3. the memory budgets, each point measured in a fresh process (`cvxmri.benchmark.measure`):
+   the peak of one layer-wise convex CNN training step (its largest stage) at the run's
+   patch and batch, and the widest end-to-end CNN of the same depth whose step fits in it;
+   the peak of greedy convex unrolled training (its Gram build or a solve, whatever T) on
+   volumes of the data's shape, and the deepest end-to-end unrolled network that fits in it;
 4. networks, each trained and tested on whole test volumes: the CNN trained on the
    decoupled view (every readout position's (ky, kz) plane a 2D sample) layer-wise convex
    and end-to-end; the 3D CNN (3x3x3 convolutions on cubic patches) layer-wise convex,
    end-to-end at the same width, and end-to-end as wide as fits the convex step's memory;
+   the unrolled network on whole volumes, greedily (every iteration a certified convex
+   program), end-to-end at the same T, and end-to-end as deep as fits the greedy memory;
 5. orthogonal slices of the test volume whose convex 3D PSNR is the median, every method;
 6. ``results.json`` and the report (`cvxmri.report.build3d`).
 
@@ -65,20 +69,21 @@ from cvxmri.reproduce import (
 from cvxmri.training.config import TrainConfig, UnrolledConfig, preset
 from cvxmri.training.run import train
 
-# Wall seconds of each kind of part on 2 CPU cores (the progress estimate's weights).
+# Wall seconds of each kind of part on 2 idle CPU cores (the progress estimate's weights;
+# measured 2026-12-01, docs/benchmarks.md).
 EXPECTED_SECONDS = {
     "data": 20.0,
-    "baselines": 45.0,
-    "memory": 60.0,
-    "train decoupled layerwise-convex": 150.0,
-    "train decoupled end-to-end": 100.0,
-    "train 3d layerwise-convex": 300.0,
-    "train 3d end-to-end": 120.0,
-    "train unrolled layerwise-convex": 600.0,
-    "train unrolled end-to-end": 150.0,
-    "train unrolled end-to-end budget": 500.0,
-    "test": 10.0,
-    "examples": 40.0,
+    "baselines": 10.0,
+    "memory": 140.0,
+    "train decoupled layerwise-convex": 445.0,
+    "train decoupled end-to-end": 305.0,
+    "train 3d layerwise-convex": 257.0,
+    "train 3d end-to-end": 35.0,
+    "train unrolled layerwise-convex": 273.0,
+    "train unrolled end-to-end": 46.0,
+    "train unrolled end-to-end budget": 173.0,
+    "test": 2.0,
+    "examples": 5.0,
     "report": 5.0,
 }
 VIEWS = ("decoupled", "3d")
@@ -252,7 +257,13 @@ def train_config(config: Reproduce3DConfig, network: Network, channels: int) -> 
 def plan(config: Reproduce3DConfig) -> list[Part]:
     """Every part of the 3D comparison, in the order they run."""
     parts = [
-        Part("data", "3D dataset and its decoupled view", "data", "dataset.json", 20.0),
+        Part(
+            "data",
+            "3D dataset and its decoupled view",
+            "data",
+            "dataset.json",
+            EXPECTED_SECONDS["data"],
+        ),
         Part(
             "baselines",
             f"zero-filled, CS and CG-SENSE in 3D, {config.mask.describe()}",
@@ -263,7 +274,7 @@ def plan(config: Reproduce3DConfig) -> list[Part]:
         ),
         Part(
             "memory",
-            "memory budget: convex step peak, widest end-to-end within it (fresh processes)",
+            "memory budgets: convex peaks, the largest end-to-end within them (fresh processes)",
             "memory",
             "memory.json",
             EXPECTED_SECONDS["memory"],
