@@ -29,6 +29,7 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
@@ -620,14 +621,20 @@ def _network_paths(config: ReproduceConfig, root: Path, mask: MaskSpec) -> dict[
     }
 
 
-def representative_slice(per_slice_csv: Path, label: str) -> dict[str, Any]:
-    """The test slice whose PSNR (of the network ``label``) is closest to the median."""
-    with per_slice_csv.open() as handle:
+def median_row(metrics_csv: Path, label: str) -> tuple[dict[str, str], float]:
+    """The row of an evaluation's ``per_slice.csv`` or ``per_volume.csv`` whose PSNR (of
+    the method ``label``) is closest to the median of that method's rows, and the median."""
+    with metrics_csv.open() as handle:
         rows = [r for r in csv.DictReader(handle) if r["method"] == label]
     if not rows:
-        raise CvxmriError(f"{per_slice_csv}: no rows for {label}")
+        raise CvxmriError(f"{metrics_csv}: no rows for {label}")
     median = statistics.median(float(r["psnr"]) for r in rows)
-    chosen = min(rows, key=lambda r: abs(float(r["psnr"]) - median))
+    return min(rows, key=lambda r: abs(float(r["psnr"]) - median)), median
+
+
+def representative_slice(per_slice_csv: Path, label: str) -> dict[str, Any]:
+    """The test slice whose PSNR (of the network ``label``) is closest to the median."""
+    chosen, median = median_row(per_slice_csv, label)
     return {"file": chosen["file"], "slice": int(chosen["slice"]), "median_psnr": median}
 
 
@@ -1010,9 +1017,9 @@ def run_plan(
     out: Path,
     force: bool,
     parts: list[Part],
-    runners: dict[str, Any],
+    runners: dict[str, Callable[[Any, Path, Part], None]],
     report_weight: float,
-    report: Any,
+    report: Callable[[Path], Path],
 ) -> Path:
     """Open the reproduce folder ``out`` for ``config`` (refusing one begun with another
     configuration unless ``force``), run every unfinished part with its runner

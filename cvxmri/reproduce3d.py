@@ -25,9 +25,7 @@ Parts, resumption and the folder's files are those of `cvxmri.reproduce`.
 
 from __future__ import annotations
 
-import csv
 import json
-import statistics
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -61,6 +59,7 @@ from cvxmri.recon import CLASSICAL_METHODS, CGSenseConfig, CSConfig, network_rec
 from cvxmri.reproduce import (
     Part,
     finished_timings,
+    median_row,
     paired_difference,
     read_json,
     run_plan,
@@ -316,9 +315,12 @@ def plan(config: Reproduce3DConfig) -> list[Part]:
     return parts
 
 
-def _network_of(part: Part) -> Network:
-    name = part.folder.removeprefix("test-")
+def _named(name: str) -> Network:
     return next(n for n in NETWORKS if n.name == name)
+
+
+def _network_of(part: Part) -> Network:
+    return _named(part.folder.removeprefix("test-"))
 
 
 # ------------------------------------------------------------------------------ the parts
@@ -385,7 +387,7 @@ def _peak(workload: Workload) -> dict[str, Any]:
 
 
 def _run_memory(config: Reproduce3DConfig, root: Path, part: Part) -> None:
-    convex = train_config(config, NETWORKS[2], config.channels)
+    convex = train_config(config, _named("3d-layerwise-convex"), config.channels)
     base = Workload(
         method="layerwise-convex",
         batch=convex.optim.batch_size,
@@ -511,12 +513,7 @@ def _run_test(config: Reproduce3DConfig, root: Path, part: Part) -> None:
 
 def median_volume(per_volume_csv: Path, label: str) -> dict[str, Any]:
     """The test volume whose PSNR (of the method ``label``) is closest to the median."""
-    with per_volume_csv.open() as handle:
-        rows = [r for r in csv.DictReader(handle) if r["method"] == label]
-    if not rows:
-        raise CvxmriError(f"{per_volume_csv}: no rows for {label}")
-    median = statistics.median(float(r["psnr"]) for r in rows)
-    chosen = min(rows, key=lambda r: abs(float(r["psnr"]) - median))
+    chosen, median = median_row(per_volume_csv, label)
     return {"file": chosen["file"], "median_psnr": median}
 
 
@@ -538,7 +535,7 @@ def _reconstruct(
 
 
 def _run_examples(config: Reproduce3DConfig, root: Path, part: Part) -> None:
-    convex = NETWORKS[2]
+    convex = _named("3d-layerwise-convex")
     label = model_label(root / convex.name / "model.pt")
     choice = median_volume(root / f"test-{convex.name}" / "per_volume.csv", label)
     data = Path(config.data)

@@ -1,5 +1,6 @@
 """Shared fixtures: small files in the real fastMRI layout, written with h5py directly (not
-with cvxmri's writer) so the reader is tested against the layout itself."""
+with cvxmri's writer) so the reader is tested against the layout itself; and the 3D
+validation-equals-evaluate check that the CNN and unrolled tests share."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+
+from cvxmri.masks import MaskSpec
 
 # A trimmed copy of the structure of a real fastMRI knee header (namespace, nesting and
 # field names as in the files); sizes are filled in per fixture.
@@ -148,3 +151,25 @@ def tiny_data3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = Simulation3DConfig(matrix=(24, 16, 16), coils=4, slab=4, guard=2)
     simulate_dataset3d(sources, root / "data", config)
     return root / "data"
+
+
+def assert_validation_equals_evaluate(data: Path, run: Path, metrics: dict, mask: MaskSpec) -> None:
+    """A 3D run's final validation metrics are what `evaluate --dims 3` gives for its
+    exported network on the same val volumes and masks (and differ from zero-filled)."""
+    from cvxmri.evaluate import EvaluateConfig, evaluate
+
+    out = run.parent / "eval"
+    out.mkdir()
+    config = EvaluateConfig(
+        data=str(data),
+        split="val",
+        methods=["zero-filled"],
+        masks=[mask],
+        models=[str(run)],
+        dims=3,
+    )
+    results = {entry["method"]: entry for entry in evaluate(config, out)["results"]}
+    network = results[run.name]["volume"]
+    assert network["psnr"]["mean"] == pytest.approx(metrics["final"]["val_psnr"], abs=1e-4)
+    assert network["ssim"]["mean"] == pytest.approx(metrics["final"]["val_ssim"], abs=1e-5)
+    assert network["psnr"]["mean"] != results["zero-filled"]["volume"]["psnr"]["mean"]

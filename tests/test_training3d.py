@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_validation_equals_evaluate
 
 from cvxmri.cli import main
 from cvxmri.errors import CvxmriError
-from cvxmri.evaluate import EvaluateConfig, evaluate
 from cvxmri.masks import MaskSpec
 from cvxmri.models.cnn import ReconCNN
 from cvxmri.training.config import CertifiedConfig, TrainConfig, preset
@@ -127,23 +127,7 @@ def test_3d_validation_equals_evaluate_on_whole_volumes(tiny_data3d: Path, tmp_p
     config = tiny3d(tiny_data3d, "layerwise-convex")
     trainer = Trainer(config, tmp_path / "run")
     metrics = write_outputs(trainer, trainer.fit())
-    (tmp_path / "eval").mkdir()
-    summary = evaluate(
-        EvaluateConfig(
-            data=str(tiny_data3d),
-            split="val",
-            methods=["zero-filled"],
-            masks=[MASK],
-            models=[str(tmp_path / "run")],
-            dims=3,
-        ),
-        tmp_path / "eval",
-    )
-    results = {entry["method"]: entry for entry in summary["results"]}
-    network = results["run"]["volume"]
-    assert network["psnr"]["mean"] == pytest.approx(metrics["final"]["val_psnr"], abs=1e-4)
-    assert network["ssim"]["mean"] == pytest.approx(metrics["final"]["val_ssim"], abs=1e-5)
-    assert network["psnr"]["mean"] != results["zero-filled"]["volume"]["psnr"]["mean"]
+    assert_validation_equals_evaluate(tiny_data3d, tmp_path / "run", metrics, MASK)
 
 
 @pytest.mark.parametrize("method", ["layerwise-convex", "end-to-end"])

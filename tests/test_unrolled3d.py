@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_validation_equals_evaluate
 
 from cvxmri.cli import main
-from cvxmri.evaluate import EvaluateConfig, evaluate
 from cvxmri.masks import MaskSpec
 from cvxmri.models.unrolled import UnrolledNet, load_network
 from cvxmri.training.config import CertifiedConfig, TrainConfig, UnrolledConfig, preset
@@ -92,23 +92,7 @@ def test_3d_unrolled_validation_equals_evaluate(tiny_data3d: Path, tmp_path: Pat
     for the exported network on the same volumes and masks."""
     trainer = UnrolledTrainer(unrolled3d(tiny_data3d, "end-to-end"), tmp_path / "run")
     metrics = write_outputs(trainer, trainer.fit())
-    (tmp_path / "eval").mkdir()
-    summary = evaluate(
-        EvaluateConfig(
-            data=str(tiny_data3d),
-            split="val",
-            methods=["zero-filled"],
-            masks=[MASK],
-            models=[str(tmp_path / "run")],
-            dims=3,
-        ),
-        tmp_path / "eval",
-    )
-    results = {entry["method"]: entry for entry in summary["results"]}
-    network = results["run"]["volume"]
-    assert network["psnr"]["mean"] == pytest.approx(metrics["final"]["val_psnr"], abs=1e-4)
-    assert network["ssim"]["mean"] == pytest.approx(metrics["final"]["val_ssim"], abs=1e-5)
-    assert network["psnr"]["mean"] != results["zero-filled"]["volume"]["psnr"]["mean"]
+    assert_validation_equals_evaluate(tiny_data3d, tmp_path / "run", metrics, MASK)
 
 
 def test_cli_trains_and_evaluates_a_3d_unrolled_network(
