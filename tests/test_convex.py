@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from conftest import devices
 
+import cvxmri.models.convex as convex_module
 from cvxmri.errors import CvxmriError
 from cvxmri.models.convex import (
     ConvexStage,
     ConvexStageConfig,
     duality_gap,
+    exact_products,
     pack_gates,
     unpack_gates,
 )
@@ -559,6 +561,41 @@ def test_invalid_arguments_raise() -> None:
         fista(stage, [], iterations=1)
     with pytest.raises(CvxmriError, match="at least one"):
         duality_gap(stage, [])
+
+
+@pytest.mark.parametrize(
+    ("ndim", "shape", "kernel"),
+    [(2, (3, 5, 12, 10), 5), (2, (1, 3, 9, 9), 7), (3, (2, 4, 6, 7, 5), 3)],
+)
+@pytest.mark.parametrize("slab_bytes", [64 * 2**20, 1])
+def test_exact_products_equal_float64_convolutions(
+    monkeypatch: pytest.MonkeyPatch,
+    ndim: int,
+    shape: tuple[int, ...],
+    kernel: int,
+    slab_bytes: int,
+) -> None:
+    """The certificate's matrix-product pass equals float64 convolutions (`apply_weight`,
+    `apply_adjoint`), in one slab and in slabs of one output row, with and without a
+    given prediction."""
+    monkeypatch.setattr(convex_module, "EXACT_SLAB_BYTES", slab_bytes)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=gen)
+    r = torch.randn(shape[0], 2, *shape[2:], generator=gen)
+    stage = ConvexStage(shape[1], 2, ConvexStageConfig(patterns=4, kernel_size=kernel), ndim)
+    stage.init_gates(x)
+    with torch.no_grad():
+        stage.v.copy_(torch.randn(stage.v.shape, generator=gen))
+    d = stage.pattern_gates(x)
+    x64, r64 = x.double(), r.double()
+    prediction = stage.apply_weight(x64, stage.v.detach().double(), d)
+    e = r64 - prediction
+    expected = stage.apply_adjoint(x64, e, d)
+    for given in (None, prediction):
+        products, re, ee = exact_products(stage, x, r, d, given)
+        torch.testing.assert_close(products, expected, rtol=1e-12, atol=1e-12)
+        assert re == pytest.approx(float((r64 * e).sum()), rel=1e-12)
+        assert ee == pytest.approx(float((e * e).sum()), rel=1e-12)
 
 
 # ------------------------------------------------------------------------- 8. devices

@@ -53,6 +53,9 @@ ZERO_GROUP_RELATIVE = 1e-12
 # through an image in slabs of at most this many positions along its first spatial axis
 # (one slab for images up to 2^17 pixels, e.g. every 320x320 slice; 3D patches in slabs).
 SLAB_POSITIONS = 2**17
+# The exact (float64) pass of the certificate holds a slab's shifted copies of the input,
+# ``K * C_in`` rows by the slab's padded positions, of at most this many bytes.
+EXACT_SLAB_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -695,6 +698,83 @@ class ResidualStatistics(NamedTuple):
     count: int  # N
 
 
+def exact_products(
+    stage: ConvexStage, x: Tensor, r: Tensor, gates: Tensor, prediction: Tensor | None = None
+) -> tuple[Tensor, float, float]:
+    """``A^T e``, ``<r, e>`` and ``||e||^2`` of one batch in float64, ``e = r - A v``.
+
+    The convolutions are matrix products (BLAS ``dgemm``) on the zero-padded input
+    flattened to ``(C_in, positions)``: its copies shifted by ``0..K-1`` along the last
+    axis are stacked into ``(K * C_in, positions)`` rows, and a shift along the other axes
+    is an offset into those columns, so a ``K^d`` convolution is ``K^(d-1)`` products and
+    its weight gradient the same number. Outputs live on the padded grid (the padding
+    columns are computed and dropped). This is 2-3x faster than float64 convolutions,
+    which torch runs on a slow path with a full ``im2col`` buffer per call. Images are
+    worked through in slabs along their first spatial axis (`EXACT_SLAB_BYTES`).
+    ``prediction`` (``A v``, any dtype) skips the forward products.
+    """
+    weight = stage.effective_weight().detach().double()
+    p, out, c_in, *kernel = weight.shape
+    k, nd, h = kernel[0], stage.ndim, kernel[0] // 2
+    lead = k ** (nd - 1)
+    # (leading shifts, P * out, K * C_in): columns ordered (last-axis shift, channel).
+    w = weight.reshape(p * out, c_in, *kernel).movedim(1, -1).reshape(p * out, lead, k * c_in)
+    w = w.transpose(0, 1).contiguous()
+    grad = torch.zeros_like(w)
+    re = ee = 0.0
+    spatial = x.shape[2:]
+    padded = [n + 2 * h for n in spatial]
+    across = math.prod(padded[1:])
+    thickness = max(1, EXACT_SLAB_BYTES // (8 * k * c_in * across) - 2 * h)
+    strides = [math.prod(padded[j + 1 :]) for j in range(nd)]
+    offsets = _lead_offsets(k, strides[:-1])
+    for b in range(x.shape[0]):
+        xp = F.pad(x[b].double(), [h] * (2 * nd))
+        d_b = gates[b].double()
+        for top in range(0, spatial[0], thickness):
+            bottom = min(spatial[0], top + thickness)
+            rows = bottom - top
+            flat = xp[:, top : bottom + 2 * h].reshape(c_in, -1)
+            n_out = rows * across
+            # In 3D the last shifts read up to 2h rows of zeros past the slab.
+            columns = max(flat.shape[1], offsets[-1] + n_out)
+            stacked = flat.new_zeros(k, c_in, columns)
+            for shift in range(k):
+                stacked[shift, :, : flat.shape[1] - shift] = flat[:, shift:]
+            stacked = stacked.view(k * c_in, columns)
+            # The valid outputs on the padded grid of the slab.
+            valid = (slice(None), slice(None), slice(0, rows), *(slice(0, n) for n in spatial[1:]))
+            d = d_b[:, top:bottom].unsqueeze(1)
+            if prediction is None:
+                y = torch.zeros(p * out, n_out, dtype=torch.float64, device=x.device)
+                for index, offset in enumerate(offsets):
+                    y.addmm_(w[index], stacked[:, offset : offset + n_out])
+                y = y.view(p, out, rows, *padded[1:])[valid]
+                pred = (y * d).sum(0)
+            else:
+                pred = prediction[b][:, top:bottom].double()
+            r_b = r[b][:, top:bottom].double()
+            e = r_b - pred
+            re += float((r_b * e).sum())
+            ee += float((e * e).sum())
+            grad_y = torch.zeros(p, out, rows, *padded[1:], dtype=torch.float64, device=x.device)
+            torch.mul(d, e.unsqueeze(0), out=grad_y[valid])
+            grad_y = grad_y.view(p * out, n_out)
+            for index, offset in enumerate(offsets):
+                grad[index].addmm_(grad_y, stacked[:, offset : offset + n_out].T)
+    grad = grad.transpose(0, 1).reshape(p * out, *kernel[:-1], k, c_in).movedim(-1, 1)
+    return grad.reshape(p, out, c_in, *kernel), re, ee
+
+
+def _lead_offsets(k: int, strides: list[int]) -> list[int]:
+    """Column offsets of the shifts along the leading axes (all but the last), in the
+    row-major order of the kernel's leading axes."""
+    offsets = [0]
+    for stride in strides:
+        offsets = [offset + shift * stride for offset in offsets for shift in range(k)]
+    return offsets
+
+
 def residual_statistics(
     stage: ConvexStage, batches: Iterable[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]
 ) -> ResidualStatistics:
@@ -705,19 +785,16 @@ def residual_statistics(
     already have to save a convolution. Under torchrun each process passes its share of
     the training set and the sums are over all processes (`cvxmri.distributed`)."""
     weight = stage.effective_weight().detach()
-    wide = weight.double()
     grad = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
     count = 0
     re = ee = violation = 0.0
     with torch.no_grad():
         for x, r, gates, prediction in batches:
             d = stage.gates(x) if gates is None else gates
-            x64, r64 = x.double(), r.double()
-            pred = stage.apply_weight(x64, wide, d) if prediction is None else prediction
-            e64 = r64 - pred.double()
-            grad -= stage.apply_adjoint(x64, e64, d)
-            re += float((r64 * e64).sum())
-            ee += float((e64 * e64).sum())
+            products, batch_re, batch_ee = exact_products(stage, x, r, d, prediction)
+            grad -= products
+            re += batch_re
+            ee += batch_ee
             if stage.config.program == "cone":
                 violation += float(stage.cone_violation(x, d)) * x.shape[0]
             count += x.shape[0]
