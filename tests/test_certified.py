@@ -128,6 +128,65 @@ def test_certified_optimum_matches_cvxpy(route: str, groups: str) -> None:
     assert again["primal"] == pytest.approx(cert["primal"], rel=1e-6)
 
 
+@pytest.mark.parametrize("groups", ["separate", "frobenius"])
+def test_subspace_route_solves_the_restricted_program(groups: str) -> None:
+    """With a patch subspace of rank 7 (of 18), the solver reaches the optimum of the
+    program restricted to filters ``Q a`` (cvxpy on the design ``A Q``) to 1e-6, its gaps
+    bound the restricted suboptimality, the filters stay in the span, and the whole
+    program's gap (the span misses directions) is larger."""
+    cp = pytest.importorskip("cvxpy")
+    x, r = smooth_data(3, 2, 8, seed=22)
+    stage, _ = make_stage(x, patterns=4, kernel_size=3, output_groups=groups)
+    data = [(x, r, stage.pattern_gates(x))]
+    rank, p, out = 7, 4, 2
+    solver = StageSolver(stage, data, tol=1e-9, gram_unknowns=0, subspace=rank)
+    assert solver.route == "subspace" and solver.unknowns == p * rank
+    basis = solver.basis
+    assert basis is not None
+    torch.testing.assert_close(basis.T @ basis, torch.eye(rank, dtype=F64))
+    beta = 0.05 * solver.beta_max()
+    seen: list[dict[str, float]] = []
+    cert = solver.solve(beta, callback=lambda _, c: seen.append(c))
+    restricted = explicit_operator(stage, x) @ torch.block_diag(*[basis] * (p * out))
+    a = cp.Variable(restricted.shape[1])
+    size = rank if groups == "separate" else out * rank
+    penalty = sum(cp.norm(a[g * size : (g + 1) * size], 2) for g in range(p * out * rank // size))
+    misfit = cp.sum_squares(restricted.numpy() @ a - r.reshape(-1).numpy()) / (2 * x.shape[0])
+    problem = cp.Problem(cp.Minimize(misfit + beta * penalty))
+    problem.solve(solver="CLARABEL", tol_gap_abs=1e-9, tol_gap_rel=1e-9, tol_feas=1e-9)
+    optimum = float(problem.value)
+    assert cert["relative_gap"] <= 1e-7, cert
+    assert cert["primal"] == pytest.approx(optimum, rel=1e-6)
+    for c in seen:
+        assert c["primal"] - optimum <= c["gap"] + 1e-9 * optimum
+    weight = stage.v.detach().reshape(p, out, -1).double()
+    torch.testing.assert_close(weight @ basis @ basis.T, weight, rtol=0, atol=1e-10)
+    assert cert["full_relative_gap"] > max(1e-4, cert["relative_gap"])
+
+
+def test_full_rank_subspace_is_the_whole_program() -> None:
+    """A subspace of every direction restricts nothing: the same optimum as the Gram
+    route, and the whole program's gap equals the restricted one."""
+    x, r = smooth_data(3, 2, 8, seed=22)
+    results = {}
+    for route, subspace in (("gram", 0), ("subspace", 18)):
+        stage, _ = make_stage(x, patterns=4, kernel_size=3)
+        solver = StageSolver(
+            stage,
+            [(x, r, stage.pattern_gates(x))],
+            tol=1e-9,
+            gram_unknowns=10_000 if route == "gram" else 0,
+            subspace=subspace,
+        )
+        assert solver.route == route
+        cert = solver.solve(0.05 * solver.beta_max())
+        results[route] = (cert, stage.v.detach().clone())
+    (gram, v_gram), (sub, v_sub) = results["gram"], results["subspace"]
+    assert sub["primal"] == pytest.approx(gram["primal"], rel=1e-7)
+    assert sub["full_relative_gap"] == pytest.approx(sub["relative_gap"], rel=1e-6, abs=1e-12)
+    torch.testing.assert_close(v_sub, v_gram, rtol=0, atol=1e-5)
+
+
 def test_clipped_dual_point_beats_the_unit_scale() -> None:
     """Where <r, e> / ||e||^2 < beta / max dual norm, the dual point is scaled by the former
     and its value is above that of min(1, beta / max dual norm)."""

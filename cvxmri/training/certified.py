@@ -66,6 +66,9 @@ class GramSystem:
         patterns: P.
         output_groups: the stage's grouping, ``separate`` or ``frobenius``.
         seconds: time spent building the system.
+        basis: for a program restricted to a patch subspace (`patch_basis`), its
+            orthonormal basis ``Q`` ``(C_in K^d, r)``: a pattern's filter is ``Q a`` and the
+            unknowns are the coefficients ``a``; None for the whole program.
     """
 
     gram: Tensor
@@ -75,6 +78,7 @@ class GramSystem:
     patterns: int
     output_groups: str
     seconds: float = 0.0
+    basis: Tensor | None = None
 
     @property
     def block(self) -> int:
@@ -90,12 +94,20 @@ class GramSystem:
         return per.transpose(0, 1).reshape(per.shape[1], -1).T
 
     def to_weight(self, v: Tensor, shape: torch.Size) -> Tensor:
-        """``v`` ``(n, out)`` as a stage weight of ``shape`` ``(P, out, C_in, K...)``."""
-        return self.per_pattern(v).reshape(shape)
+        """``v`` ``(n, out)`` as a stage weight of ``shape`` ``(P, out, C_in, K...)``
+        (restricted: the filters ``Q a``)."""
+        per = self.per_pattern(v)
+        if self.basis is not None:
+            per = per @ self.basis.T
+        return per.reshape(shape)
 
     def from_weight(self, weight: Tensor) -> Tensor:
-        """A stage weight ``(P, out, C_in, K...)`` as ``(n, out)`` float64."""
-        return self.flat(weight.detach().reshape(*weight.shape[:2], -1).double())
+        """A stage weight ``(P, out, C_in, K...)`` as ``(n, out)`` float64 (restricted: its
+        coordinates ``Q^T w``, which for a gradient is the restricted program's)."""
+        per = weight.detach().reshape(*weight.shape[:2], -1).double()
+        if self.basis is not None:
+            per = per @ self.basis
+        return self.flat(per)
 
     def group_view(self, v: Tensor) -> Tensor:
         """``v`` ``(n, out)`` as ``(groups, unknowns per group)``: ``(P * out, block)``
@@ -143,12 +155,26 @@ def _patches(stage: ConvexStage, x: Tensor) -> Tensor:
     return u.movedim(1, -1).reshape(-1, m)
 
 
+def _projected_patches(stage: ConvexStage, x: Tensor, basis: Tensor) -> Tensor:
+    """The patches' coordinates in ``basis`` (``(C_in K^d, r)``), ``(B * pixels, r)``
+    float64: one float32 convolution with the basis vectors as filters (the Gram route's
+    refinement rounds remove its rounding)."""
+    k, r = stage.config.kernel_size, basis.shape[1]
+    filters = basis.T.reshape(r, stage.in_channels, *([k] * stage.ndim)).float()
+    z = stage.ops.conv(x.float(), filters, padding=k // 2)  # (B, r, *spatial)
+    return z.movedim(1, -1).reshape(-1, r).double()
+
+
 @torch.no_grad()
 def gram_system(
-    stage: ConvexStage, batches: Iterable[tuple[Tensor, Tensor, Tensor | None]]
+    stage: ConvexStage,
+    batches: Iterable[tuple[Tensor, Tensor, Tensor | None]],
+    basis: Tensor | None = None,
 ) -> GramSystem:
     """Accumulate the stage's `GramSystem` over ``(x, r, gates or None)`` batches of whole
-    images (iterated once; gates as `ConvexStage.pattern_gates`), in float64.
+    images (iterated once; gates as `ConvexStage.pattern_gates`), in float64; with a
+    ``basis`` ``Q`` (``(C_in K^d, r)``, orthonormal), that of the program restricted to
+    filters ``Q a`` (the patches' coordinates ``Q^T u`` in place of the patches).
 
     Block ``(p, q)`` of ``G`` is ``sum_pixels D_p D_q u u^T``. Pixels with the same gate
     code (their P gates as a bit string) share every factor ``D_p D_q``, and a batch has far
@@ -161,7 +187,7 @@ def gram_system(
     began = time.perf_counter()
     p = stage.config.patterns
     c_in, k = stage.in_channels, stage.config.kernel_size
-    m = c_in * k**stage.ndim
+    m = c_in * k**stage.ndim if basis is None else basis.shape[1]
     device = stage.gate_weight.device
     upper_p = torch.triu_indices(p, p, device=device)
     sums = torch.zeros(upper_p.shape[1], m * m, dtype=torch.float64, device=device)
@@ -170,7 +196,10 @@ def gram_system(
     count = 0
     for x, r, gates in batches:
         d = stage.pattern_gates(x.float()) if gates is None else gates
-        u_all = _patches(stage, x.double())
+        if basis is None:
+            u_all = _patches(stage, x.double())
+        else:
+            u_all = _projected_patches(stage, x, basis)
         d_all = d.movedim(1, -1).reshape(-1, p)
         r_all = r.double().movedim(1, -1).reshape(u_all.shape[0], -1)
         if rhs is None:
@@ -198,6 +227,7 @@ def gram_system(
         p,
         stage.config.output_groups,
         time.perf_counter() - began,
+        basis,
     )
 
 
@@ -456,20 +486,33 @@ def _set_weight(stage: ConvexStage, weight: Tensor) -> None:
 
 
 def _exact_certificate(
-    stage: ConvexStage, data: _Data, beta: float
+    stage: ConvexStage, data: _Data, beta: float, basis: Tensor | None = None
 ) -> tuple[dict[str, float], ResidualStatistics]:
     """The float64 certificate of the stage's weights at ``beta`` from one pass, and the
-    pass's statistics (the exact gradient, ``||e||^2 / N``)."""
+    pass's statistics (the exact gradient, ``||e||^2 / N``).
+
+    With a ``basis`` ``Q`` (weights ``Q a``), the certificate is the restricted
+    program's (the dual norms of the gradient's coordinates ``Q^T g``), and
+    ``full_relative_gap`` is the whole program's from the same pass: how far the
+    restricted optimum is from the unrestricted one."""
     stats = residual_statistics(stage, ((x, r, d, None) for x, r, d in data))
     groups = stage.config.output_groups
     with torch.no_grad():
         norms = group_norms_of(stage.v.detach().double(), groups)
     primal = 0.5 * stats.ee + beta * float(norms.sum())
-    max_dual = float(group_norms_of(stats.gradient, groups).max())
+    full = float(group_norms_of(stats.gradient, groups).max())
+    if basis is None:
+        max_dual = full
+    else:
+        projected = stats.gradient.reshape(*stats.gradient.shape[:2], -1) @ basis
+        max_dual = float(group_norms_of(projected, groups).max())
     cert = {
         **certificate_numbers(primal, stats.re, stats.ee, beta, max_dual),
         "groups": float((norms > 0).sum()),
     }
+    if basis is not None:
+        whole = certificate_numbers(primal, stats.re, stats.ee, beta, full)
+        cert["full_relative_gap"] = whole["relative_gap"]
     return cert, stats
 
 
@@ -485,11 +528,16 @@ class StageSolver:
       ``model(u) = L(v) + g^T (u - v) + 1/2 (u - v)^T G (u - v)``, and stops once the exact
       certificate reaches ``tol``: iterative refinement, which removes the float32
       rounding of the accumulated matrix (usually one or two rounds).
-    - wider stages: FISTA on the whole training set (a forward and an adjoint convolution
-      pass per iteration) in the block-Jacobi metric ``M_p = f_p S`` (``S`` the mean patch
-      Gram of a few images, ``f_p`` the pattern's active fraction), with the exact prox in
-      that metric (`BlockMetric`); certified by a float64 pass every ``check_every``
-      iterations.
+    - wider stages with ``subspace = r > 0``: the program restricted to filters in the
+      span of the ``r`` leading principal directions ``Q`` of the stage's input patches
+      (`patch_basis`), ``n = P r`` unknowns, by the Gram route above. Its certificate is
+      the restricted program's; ``full_relative_gap`` says how far that optimum is from
+      the whole program's (one pass gives both).
+    - wider stages otherwise: FISTA on the whole training set (a forward and an adjoint
+      convolution pass per iteration) in the block-Jacobi metric ``M_p = f_p S`` (``S``
+      the mean patch Gram of a few images, ``f_p`` the pattern's active fraction), with
+      the exact prox in that metric (`BlockMetric`); certified by a float64 pass every
+      ``check_every`` iterations.
 
     Either stops at ``tol`` or after ``max_seconds`` per ``beta``. Under torchrun each
     process passes its share of the training set (`cvxmri.distributed.shard`); every sum is
@@ -507,6 +555,7 @@ class StageSolver:
         max_rounds: int = 20,
         check_every: int = 10,
         max_iterations: int = 2000,
+        subspace: int = 0,
     ) -> None:
         """Set up the route for ``stage`` on ``data`` (``(x, r, gates)`` batches of whole
         images, gates as `ConvexStage.pattern_gates`)."""
@@ -521,10 +570,19 @@ class StageSolver:
         self.count = int(distributed.sum_floats(sum(x.shape[0] for x, _, _ in data))[0])
         began = time.perf_counter()
         p = stage.config.patterns
-        self.unknowns = p * stage.in_channels * stage.config.kernel_size**stage.ndim
-        self.route = "gram" if self.unknowns <= gram_unknowns else "matrix-free"
-        if self.route == "gram":
-            self.system = gram_system(stage, data)
+        block = stage.in_channels * stage.config.kernel_size**stage.ndim
+        self.unknowns = p * block
+        self.basis: Tensor | None = None
+        if self.unknowns <= gram_unknowns:
+            self.route = "gram"
+        elif subspace > 0:
+            self.route = "subspace"
+            self.basis = patch_basis(_mean_patch_gram(stage, _subset(data)), subspace)
+            self.unknowns = p * self.basis.shape[1]
+        else:
+            self.route = "matrix-free"
+        if self.route != "matrix-free":
+            self.system = gram_system(stage, data, self.basis)
             self.metric = BlockMetric.from_gram(self.system)
             system = self.system
 
@@ -534,12 +592,8 @@ class StageSolver:
             shape = (p, stage.out_channels, self.system.block)
             self.lipschitz = metric_lipschitz(hessian, self.metric, shape, 100)
         else:
-            # Four images spread over the whole training set (under torchrun, each process
-            # holds those of the four in its share).
-            images = _images(data)
-            chosen = range(self.count)[:: max(1, self.count // 4)][:4]
-            subset = [images[i] for i in distributed.local_indices(chosen)]
-            self.metric = _patch_metric(stage, data, subset)
+            subset = _subset(data)
+            self.metric = _patch_metric(stage, data, _mean_patch_gram(stage, subset))
             self.lipschitz = _operator_lipschitz(stage, subset, self.metric, 20)
         self.setup_seconds = time.perf_counter() - began
 
@@ -547,7 +601,7 @@ class StageSolver:
         """The smallest ``beta`` at which ``v = 0`` is optimal (one float64 pass at 0)."""
         saved = self.stage.v.detach().clone()
         _set_weight(self.stage, torch.zeros_like(saved))
-        cert, _ = _exact_certificate(self.stage, self.data, 0.0)
+        cert, _ = _exact_certificate(self.stage, self.data, 0.0, self.basis)
         _set_weight(self.stage, saved)
         return cert["max_dual_norm"]
 
@@ -557,7 +611,7 @@ class StageSolver:
         """Solve at ``beta`` from the current weights; ``callback(seconds, certificate)``
         after every exact certificate. Returns the last certificate with ``iterations``
         (model or FISTA iterations), ``passes`` (exact float64 passes) and ``seconds``."""
-        if self.route == "gram":
+        if self.route != "matrix-free":
             return self._solve_gram(beta, callback)
         return self._solve_matrix_free(beta, callback)
 
@@ -569,7 +623,7 @@ class StageSolver:
         v = system.from_weight(stage.v)
         iterations = passes = 0
         while True:
-            cert, stats = _exact_certificate(stage, self.data, beta)
+            cert, stats = _exact_certificate(stage, self.data, beta, self.basis)
             passes += 1
             seconds = time.perf_counter() - began
             if callback is not None:
@@ -693,19 +747,19 @@ def _images(data: _Data) -> _Data:
     ]
 
 
+def _subset(data: _Data) -> _Data:
+    """Four images spread over the whole training set (under torchrun, each process holds
+    those of the four in its share)."""
+    images = _images(data)
+    count = int(distributed.sum_floats(len(images))[0])
+    chosen = range(count)[:: max(1, count // 4)][:4]
+    return [images[i] for i in distributed.local_indices(chosen)]
+
+
 @torch.no_grad()
-def _patch_metric(stage: ConvexStage, data: _Data, subset: _Data) -> BlockMetric:
-    """``M_p = f_p S``: ``S`` the mean patch Gram ``U^T U`` of the ``subset`` images,
-    ``f_p`` pattern p's active fraction on all of ``data``."""
-    p = stage.config.patterns
-    active = torch.zeros(p, dtype=torch.float64)
-    pixels = 0
-    for _, _, d in data:
-        active += d.transpose(0, 1).reshape(p, -1).sum(dim=1, dtype=torch.float64).cpu()
-        pixels += d[:, 0].numel()
-    distributed.all_reduce_(active)
-    pixels = int(distributed.sum_floats(pixels)[0])
-    fractions = (active / max(pixels, 1)).to(stage.gate_weight.device)
+def _mean_patch_gram(stage: ConvexStage, subset: _Data) -> Tensor:
+    """The mean patch Gram ``U^T U`` per image of the ``subset`` images, float64
+    ``(C_in K^d, C_in K^d)``."""
     m = stage.in_channels * stage.config.kernel_size**stage.ndim
     patch_gram = torch.zeros(m, m, dtype=torch.float64, device=stage.gate_weight.device)
     images = 0
@@ -715,7 +769,30 @@ def _patch_metric(stage: ConvexStage, data: _Data, subset: _Data) -> BlockMetric
         images += x.shape[0]
     distributed.all_reduce_(patch_gram)
     images = int(distributed.sum_floats(images)[0])
-    blocks = fractions[:, None, None] * (patch_gram / images)[None]
+    return patch_gram / images
+
+
+def patch_basis(patch_gram: Tensor, rank: int) -> Tensor:
+    """The orthonormal basis ``(m, r)`` of the ``r = min(rank, m)`` leading eigenvectors
+    of a patch Gram ``(m, m)`` (the principal directions of the patches), float64."""
+    _, vectors = torch.linalg.eigh(patch_gram.double())
+    return vectors[:, -min(rank, patch_gram.shape[0]) :].flip(1).contiguous()
+
+
+@torch.no_grad()
+def _patch_metric(stage: ConvexStage, data: _Data, patch_gram: Tensor) -> BlockMetric:
+    """``M_p = f_p S``: ``S`` the mean patch Gram (`_mean_patch_gram`), ``f_p`` pattern
+    p's active fraction on all of ``data``."""
+    p = stage.config.patterns
+    active = torch.zeros(p, dtype=torch.float64)
+    pixels = 0
+    for _, _, d in data:
+        active += d.transpose(0, 1).reshape(p, -1).sum(dim=1, dtype=torch.float64).cpu()
+        pixels += d[:, 0].numel()
+    distributed.all_reduce_(active)
+    pixels = int(distributed.sum_floats(pixels)[0])
+    fractions = (active / max(pixels, 1)).to(stage.gate_weight.device)
+    blocks = fractions[:, None, None] * patch_gram[None]
     return BlockMetric(blocks, stage.config.output_groups)
 
 

@@ -65,6 +65,9 @@ class CertifiedConfig:
             matrix-free.
         check_every: matrix-free iterations between float64 certificates.
         max_iterations: iterations per beta (matrix-free) or per model solve (Gram).
+        subspace: wider stages' programs restricted to filters in the span of this many
+            leading principal directions of their input patches, solved by the Gram
+            route (0: the whole program, matrix-free).
     """
 
     tol: float = 1e-3
@@ -73,6 +76,7 @@ class CertifiedConfig:
     gram_unknowns: int = 4096
     check_every: int = 10
     max_iterations: int = 2000
+    subspace: int = 0
 
     def validate(self) -> None:
         """Raise `CvxmriError` naming the first invalid setting."""
@@ -83,6 +87,7 @@ class CertifiedConfig:
             "gram_unknowns": self.gram_unknowns >= 0,
             "check_every": self.check_every >= 1,
             "max_iterations": self.max_iterations >= 1,
+            "subspace": self.subspace >= 0,
         }
         for name, ok in checks.items():
             if not ok:

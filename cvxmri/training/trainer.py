@@ -805,6 +805,7 @@ class Trainer:
             gram_unknowns=settings.gram_unknowns,
             check_every=settings.check_every,
             max_iterations=settings.max_iterations,
+            subspace=settings.subspace,
         )
         largest = solver.beta_max()
         log.info(
