@@ -21,12 +21,14 @@ the group norm in that metric, function-value restarts and the textbook momentum
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from cvxmri import distributed
@@ -147,12 +149,17 @@ class GramSystem:
 
 def _patches(stage: ConvexStage, x: Tensor) -> Tensor:
     """The ``C_in * K^d`` input patches of every pixel, ``(B * pixels, C_in * K^d)``, in the
-    order of a weight's ``(C_in, K...)``: a convolution with one-hot filters."""
-    c_in, k = stage.in_channels, stage.config.kernel_size
-    m = c_in * k**stage.ndim
-    eye = torch.eye(m, dtype=x.dtype, device=x.device).view(m, c_in, *([k] * stage.ndim))
-    u = stage.ops.conv(x, eye, padding=k // 2)  # (B, m, *spatial)
-    return u.movedim(1, -1).reshape(-1, m)
+    order of a weight's ``(C_in, K...)``: the ``K^d`` shifted copies of the zero-padded
+    input, exact in any dtype (a float64 convolution with one-hot filters, the same
+    numbers, takes torch's slow path)."""
+    k, spatial = stage.config.kernel_size, x.shape[2:]
+    padded = F.pad(x, [k // 2] * (2 * stage.ndim))
+    copies = [
+        padded[(..., *(slice(s, s + n) for s, n in zip(shift, spatial, strict=True)))]
+        for shift in itertools.product(range(k), repeat=stage.ndim)
+    ]
+    u = torch.stack(copies, dim=2)  # (B, C_in, K^d, *spatial)
+    return u.flatten(1, 2).movedim(1, -1).reshape(-1, u.shape[1] * u.shape[2])
 
 
 def _projected_patches(stage: ConvexStage, x: Tensor, basis: Tensor) -> Tensor:
