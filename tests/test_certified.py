@@ -164,6 +164,21 @@ def test_subspace_route_solves_the_restricted_program(groups: str) -> None:
     assert cert["full_relative_gap"] > max(1e-4, cert["relative_gap"])
 
 
+def test_growing_subspace_reaches_the_whole_programs_optimum() -> None:
+    """From rank 3 (of 18), growing by the gradient's components outside the span until
+    the whole program's gap is below tol: the whole program's optimum (cvxpy)."""
+    pytest.importorskip("cvxpy")
+    x, r = smooth_data(3, 2, 8, seed=22)
+    stage, _ = make_stage(x, patterns=4, kernel_size=3)
+    data = [(x, r, stage.pattern_gates(x))]
+    solver = StageSolver(stage, data, tol=1e-8, gram_unknowns=0, subspace=3, subspace_rounds=10)
+    beta = 0.05 * duality_gap(stage, [(x, r)])["max_dual_norm"]  # the whole program's
+    cert = solver.solve(beta)
+    assert cert["rounds"] >= 1 and 3 < cert["rank"] <= 18
+    assert cert["full_relative_gap"] <= 1e-8, cert
+    assert cert["primal"] == pytest.approx(solve_cvxpy(with_beta(stage, beta), x, r), rel=1e-6)
+
+
 def test_full_rank_subspace_is_the_whole_program() -> None:
     """A subspace of every direction restricts nothing: the same optimum as the Gram
     route, and the whole program's gap equals the restricted one."""

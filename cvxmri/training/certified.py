@@ -164,12 +164,13 @@ def _patches(stage: ConvexStage, x: Tensor) -> Tensor:
 
 def _projected_patches(stage: ConvexStage, x: Tensor, basis: Tensor) -> Tensor:
     """The patches' coordinates in ``basis`` (``(C_in K^d, r)``), ``(B * pixels, r)``
-    float64: one float32 convolution with the basis vectors as filters (the Gram route's
-    refinement rounds remove its rounding)."""
+    float32: one float32 convolution with the basis vectors as filters. The Gram matrix
+    built from them is the model of the Gram route's refinement rounds, whose exact
+    float64 gradients remove its rounding."""
     k, r = stage.config.kernel_size, basis.shape[1]
     filters = basis.T.reshape(r, stage.in_channels, *([k] * stage.ndim)).float()
     z = stage.ops.conv(x.float(), filters, padding=k // 2)  # (B, r, *spatial)
-    return z.movedim(1, -1).reshape(-1, r).double()
+    return z.movedim(1, -1).reshape(-1, r)
 
 
 @torch.no_grad()
@@ -213,7 +214,7 @@ def gram_system(
             rhs = torch.zeros(p * m, r_all.shape[1], dtype=torch.float64, device=device)
         # b = sum_pixels (D_p u) r^T: the gated residuals times the patches.
         gated = (d_all.double()[:, :, None] * r_all[:, None, :]).reshape(u_all.shape[0], -1)
-        rhs += (gated.T @ u_all).view(p, -1, m).transpose(1, 2).reshape(p * m, -1)
+        rhs += (gated.T @ u_all.double()).view(p, -1, m).transpose(1, 2).reshape(p * m, -1)
         rr += float(r_all.square().sum())
         sums += _code_sums(u_all, d_all, upper_p)
         count += x.shape[0]
@@ -240,8 +241,9 @@ def gram_system(
 
 def _code_sums(u: Tensor, d: Tensor, upper_p: Tensor) -> Tensor:
     """``sum_pixels (D_p D_q) u u^T`` for every pattern pair ``(p <= q)`` of ``upper_p``,
-    ``(pairs, m * m)``, from patches ``u`` ``(pixels, m)`` (float64) and gates ``d``
-    ``(pixels, P)`` (bool), summed per gate code (see `gram_system`).
+    ``(pairs, m * m)`` float64, from patches ``u`` ``(pixels, m)`` (products in their
+    dtype) and gates ``d`` ``(pixels, P)`` (bool), summed per gate code (see
+    `gram_system`).
 
     The codes' patch Grams are batched matrix products: codes with between ``2^(j-1)`` and
     ``2^j`` pixels are gathered into one zero-padded ``(codes, 2^j, m)`` tensor, so the
@@ -563,6 +565,7 @@ class StageSolver:
         check_every: int = 10,
         max_iterations: int = 2000,
         subspace: int = 0,
+        subspace_rounds: int = 0,
     ) -> None:
         """Set up the route for ``stage`` on ``data`` (``(x, r, gates)`` batches of whole
         images, gates as `ConvexStage.pattern_gates`)."""
@@ -574,6 +577,7 @@ class StageSolver:
         self.tol, self.max_seconds = tol, max_seconds
         self.max_rounds, self.check_every = max_rounds, check_every
         self.max_iterations = max_iterations
+        self.subspace_rounds = subspace_rounds
         self.count = int(distributed.sum_floats(sum(x.shape[0] for x, _, _ in data))[0])
         began = time.perf_counter()
         p = stage.config.patterns
@@ -585,24 +589,28 @@ class StageSolver:
         elif subspace > 0:
             self.route = "subspace"
             self.basis = patch_basis(_mean_patch_gram(stage, _subset(data)), subspace)
-            self.unknowns = p * self.basis.shape[1]
         else:
             self.route = "matrix-free"
         if self.route != "matrix-free":
-            self.system = gram_system(stage, data, self.basis)
-            self.metric = BlockMetric.from_gram(self.system)
-            system = self.system
-
-            def hessian(u: Tensor) -> Tensor:
-                return system.per_pattern(system.gram @ system.flat(u))
-
-            shape = (p, stage.out_channels, self.system.block)
-            self.lipschitz = metric_lipschitz(hessian, self.metric, shape, 100)
+            self._build(self.basis)
         else:
             subset = _subset(data)
             self.metric = _patch_metric(stage, data, _mean_patch_gram(stage, subset))
             self.lipschitz = _operator_lipschitz(stage, subset, self.metric, 20)
         self.setup_seconds = time.perf_counter() - began
+
+    def _build(self, basis: Tensor | None) -> None:
+        """The Gram system (restricted to ``basis`` if given), its metric and step."""
+        self.basis = basis
+        self.system = system = gram_system(self.stage, self.data, basis)
+        self.metric = BlockMetric.from_gram(system)
+
+        def hessian(u: Tensor) -> Tensor:
+            return system.per_pattern(system.gram @ system.flat(u))
+
+        shape = (system.patterns, self.stage.out_channels, system.block)
+        self.lipschitz = metric_lipschitz(hessian, self.metric, shape, 100)
+        self.unknowns = system.gram.shape[0]
 
     def beta_max(self) -> float:
         """The smallest ``beta`` at which ``v = 0`` is optimal (one float64 pass at 0)."""
@@ -618,13 +626,50 @@ class StageSolver:
         """Solve at ``beta`` from the current weights; ``callback(seconds, certificate)``
         after every exact certificate. Returns the last certificate with ``iterations``
         (model or FISTA iterations), ``passes`` (exact float64 passes) and ``seconds``."""
-        if self.route != "matrix-free":
-            return self._solve_gram(beta, callback)
+        if self.route == "subspace":
+            return self._solve_subspace(beta, callback)
+        if self.route == "gram":
+            return self._solve_gram(beta, callback)[0]
         return self._solve_matrix_free(beta, callback)
+
+    def _solve_subspace(
+        self, beta: float, callback: Callable[[float, dict[str, float]], None] | None
+    ) -> dict[str, float]:
+        """The restricted program by the Gram route; then, while the whole program's gap
+        is above ``tol`` (up to ``subspace_rounds`` times), the basis grows by the whole
+        gradient's components outside it (the directions in which the restricted optimum
+        is not optimal; at most one per group), and the program is solved again from
+        the current weights (which lie in the old span)."""
+        began = time.perf_counter()
+        iterations = passes = 0.0
+        rounds = 0
+        while True:
+            cert, gradient = self._solve_gram(beta, callback)
+            iterations += cert["iterations"]
+            passes += cert["passes"]
+            if cert["full_relative_gap"] <= self.tol or rounds >= self.subspace_rounds:
+                break
+            assert self.basis is not None
+            grown = _grow_basis(self.basis, gradient)
+            if grown.shape[1] == self.basis.shape[1]:
+                break
+            self._build(grown)
+            rounds += 1
+        assert self.basis is not None
+        return {
+            **cert,
+            "iterations": iterations,
+            "passes": passes,
+            "rank": float(self.basis.shape[1]),
+            "rounds": float(rounds),
+            "seconds": time.perf_counter() - began,
+        }
 
     def _solve_gram(
         self, beta: float, callback: Callable[[float, dict[str, float]], None] | None
-    ) -> dict[str, float]:
+    ) -> tuple[dict[str, float], Tensor]:
+        """The Gram route's rounds; the certificate and the exact (whole) gradient of the
+        last pass."""
         began = time.perf_counter()
         system, stage = self.system, self.stage
         v = system.from_weight(stage.v)
@@ -652,12 +697,13 @@ class StageSolver:
             )
             iterations += int(inner["iterations"])
             _set_weight(stage, system.to_weight(v, stage.v.shape).to(stage.v.dtype))
-        return {
+        result = {
             **cert,
             "iterations": float(iterations),
             "passes": float(passes),
             "seconds": time.perf_counter() - began,
         }
+        return result, stats.gradient
 
     def _solve_matrix_free(
         self, beta: float, callback: Callable[[float, dict[str, float]], None] | None
@@ -777,6 +823,23 @@ def _mean_patch_gram(stage: ConvexStage, subset: _Data) -> Tensor:
     distributed.all_reduce_(patch_gram)
     images = int(distributed.sum_floats(images)[0])
     return patch_gram / images
+
+
+def _grow_basis(basis: Tensor, gradient: Tensor) -> Tensor:
+    """``basis`` ``(m, r)`` and an orthonormal basis of the components of the groups'
+    gradients (``gradient`` ``(P, out, C_in, K...)``; one ``m``-vector per pattern and
+    output) outside its span: two rounds of projection for orthogonality, directions
+    below ``1e-8`` of the largest dropped."""
+    g = gradient.reshape(-1, basis.shape[0]).T.to(basis.dtype)  # (m, groups)
+    for _ in range(2):
+        g = g - basis @ (basis.T @ g)
+    u, values, _ = torch.linalg.svd(g, full_matrices=False)
+    if values.numel() == 0 or float(values[0]) == 0:
+        return basis
+    new = u[:, values > 1e-8 * values[0]]
+    new = new - basis @ (basis.T @ new)
+    new, _ = torch.linalg.qr(new)
+    return torch.cat([basis, new], dim=1)
 
 
 def patch_basis(patch_gram: Tensor, rank: int) -> Tensor:

@@ -68,6 +68,8 @@ class CertifiedConfig:
         subspace: wider stages' programs restricted to filters in the span of this many
             leading principal directions of their input patches, solved by the Gram
             route (0: the whole program, matrix-free).
+        subspace_rounds: times a subspace grows per beta, by the whole gradient's
+            components outside it, while the whole program's gap is above ``tol``.
     """
 
     tol: float = 1e-3
@@ -77,6 +79,7 @@ class CertifiedConfig:
     check_every: int = 10
     max_iterations: int = 2000
     subspace: int = 0
+    subspace_rounds: int = 0
 
     def validate(self) -> None:
         """Raise `CvxmriError` naming the first invalid setting."""
@@ -88,6 +91,7 @@ class CertifiedConfig:
             "check_every": self.check_every >= 1,
             "max_iterations": self.max_iterations >= 1,
             "subspace": self.subspace >= 0,
+            "subspace_rounds": self.subspace_rounds >= 0,
         }
         for name, ok in checks.items():
             if not ok:

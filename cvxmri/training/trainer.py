@@ -806,6 +806,7 @@ class Trainer:
             check_every=settings.check_every,
             max_iterations=settings.max_iterations,
             subspace=settings.subspace,
+            subspace_rounds=settings.subspace_rounds,
         )
         largest = solver.beta_max()
         log.info(
