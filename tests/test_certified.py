@@ -48,6 +48,28 @@ def test_gram_system_is_the_explicit_normal_matrix(
     assert system.count == 3
 
 
+def test_grown_gram_system_equals_one_built_whole() -> None:
+    """A basis grown by columns: the kept blocks plus the new ones are the system built
+    from the whole basis at once, and a full basis gives the unrestricted matrix in the
+    basis's coordinates."""
+    x, r = smooth_data(3, 2, 7, seed=21)
+    stage, _ = make_stage(x, patterns=3, kernel_size=3)
+    data = [(x[:2], r[:2], stage.pattern_gates(x[:2])), (x[2:], r[2:], stage.pattern_gates(x[2:]))]
+    basis, _ = torch.linalg.qr(
+        torch.randn(18, 18, dtype=F64, generator=torch.Generator().manual_seed(1))
+    )
+    first = gram_system(stage, data, basis[:, :5])
+    grown = gram_system(stage, data, basis[:, :12], first)
+    whole = gram_system(stage, data, basis[:, :12])
+    # (float32 projections: equal to their rounding)
+    torch.testing.assert_close(grown.gram, whole.gram, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grown.rhs, whole.rhs, rtol=1e-5, atol=1e-6)
+    full = gram_system(stage, data, basis)
+    plain = gram_system(stage, data)
+    blocks = torch.block_diag(*[basis] * 3)
+    torch.testing.assert_close(full.gram, blocks.T @ plain.gram @ blocks, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("groups", ["separate", "frobenius"])
 def test_metric_prox_satisfies_the_optimality_conditions(groups: str) -> None:
     """u = prox: L M (u - z) + beta u / ||u|| = 0 on a non-zero group, ||L M z|| <= beta on a

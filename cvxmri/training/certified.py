@@ -178,6 +178,7 @@ def gram_system(
     stage: ConvexStage,
     batches: Iterable[tuple[Tensor, Tensor, Tensor | None]],
     basis: Tensor | None = None,
+    previous: GramSystem | None = None,
 ) -> GramSystem:
     """Accumulate the stage's `GramSystem` over ``(x, r, gates or None)`` batches of whole
     images (iterated once; gates as `ConvexStage.pattern_gates`), in float64; with a
@@ -191,14 +192,19 @@ def gram_system(
     summed once, and ``G = sum_c (d_c d_c^T) (x) S_c`` is one matrix product over the codes
     (and the pattern pairs). Under torchrun each process passes its share of the training
     set (`cvxmri.distributed.shard`) and the system is summed over all of them.
+
+    ``previous``: the system of the basis's first ``r0`` columns (a basis grown by
+    columns); its matrix is kept, and only the blocks of the new columns (with the old
+    ones and among themselves) are summed.
     """
     began = time.perf_counter()
     p = stage.config.patterns
     c_in, k = stage.in_channels, stage.config.kernel_size
     m = c_in * k**stage.ndim if basis is None else basis.shape[1]
+    old = 0 if previous is None else previous.block
     device = stage.gate_weight.device
     upper_p = torch.triu_indices(p, p, device=device)
-    sums = torch.zeros(upper_p.shape[1], m * m, dtype=torch.float64, device=device)
+    sums = torch.zeros(upper_p.shape[1], (m - old) * m, dtype=torch.float64, device=device)
     rhs: Tensor | None = None
     rr = 0.0
     count = 0
@@ -216,7 +222,8 @@ def gram_system(
         gated = (d_all.double()[:, :, None] * r_all[:, None, :]).reshape(u_all.shape[0], -1)
         rhs += (gated.T @ u_all.double()).view(p, -1, m).transpose(1, 2).reshape(p * m, -1)
         rr += float(r_all.square().sum())
-        sums += _code_sums(u_all, d_all, upper_p)
+        # Rows: the new columns' coordinates; columns: all (the old blocks are kept).
+        sums += _code_sums(u_all[:, old:], d_all, upper_p, u_all)
         count += x.shape[0]
     if rhs is None or count == 0:
         raise CvxmriError("the training set is empty: no (x, r) batches")
@@ -226,7 +233,14 @@ def gram_system(
     rr, total = distributed.sum_floats(rr, count)
     count = int(total)
     pair_p = _pair_index(p, device)
-    gram = sums.view(-1, m, m)[pair_p].permute(0, 2, 1, 3).reshape(p * m, p * m)
+    # (P, m - old, P, m): rows of the new coordinates of every pattern, all columns.
+    rows = sums.view(-1, m - old, m)[pair_p].permute(0, 2, 1, 3)
+    gram = torch.empty(p, m, p, m, dtype=torch.float64, device=device)
+    gram[:, old:] = rows
+    gram[:, :, :, old:] = rows.permute(2, 3, 0, 1)
+    if previous is not None:
+        gram[:, :old, :, :old] = previous.gram.view(p, old, p, old) * previous.count
+    gram = gram.reshape(p * m, p * m)
     return GramSystem(
         gram / count,
         rhs / count,
@@ -239,16 +253,17 @@ def gram_system(
     )
 
 
-def _code_sums(u: Tensor, d: Tensor, upper_p: Tensor) -> Tensor:
-    """``sum_pixels (D_p D_q) u u^T`` for every pattern pair ``(p <= q)`` of ``upper_p``,
-    ``(pairs, m * m)`` float64, from patches ``u`` ``(pixels, m)`` (products in their
-    dtype) and gates ``d`` ``(pixels, P)`` (bool), summed per gate code (see
-    `gram_system`).
+def _code_sums(u: Tensor, d: Tensor, upper_p: Tensor, w: Tensor | None = None) -> Tensor:
+    """``sum_pixels (D_p D_q) u w^T`` (``w = u`` by default) for every pattern pair
+    ``(p <= q)`` of ``upper_p``, ``(pairs, m * n)`` float64, from patches ``u``
+    ``(pixels, m)`` and ``w`` ``(pixels, n)`` (products in their dtype) and gates ``d``
+    ``(pixels, P)`` (bool), summed per gate code (see `gram_system`).
 
     The codes' patch Grams are batched matrix products: codes with between ``2^(j-1)`` and
     ``2^j`` pixels are gathered into one zero-padded ``(codes, 2^j, m)`` tensor, so the
     work is at most twice that of the pixels and there is no loop over codes."""
-    m, p = u.shape[1], d.shape[1]
+    w = u if w is None else w
+    m, n, p = u.shape[1], w.shape[1], d.shape[1]
     if p <= 62:
         # The gates as one integer per pixel: a 1D unique, much faster than rows.
         bits = torch.ones(p, dtype=torch.long, device=d.device) << torch.arange(p, device=d.device)
@@ -258,22 +273,22 @@ def _code_sums(u: Tensor, d: Tensor, upper_p: Tensor) -> Tensor:
     else:
         _, inverse, counts = torch.unique(d, dim=0, return_inverse=True, return_counts=True)
     order = torch.argsort(inverse, stable=True)
-    u_sorted, d_sorted = u[order], d[order]
+    u_sorted, w_sorted, d_sorted = u[order], w[order], d[order]
     starts = counts.cumsum(0) - counts
     codes = d_sorted[starts].to(u.dtype)
     code_pairs = codes[:, upper_p[0]] * codes[:, upper_p[1]]  # (codes, pairs)
-    sums = torch.zeros(upper_p.shape[1], m * m, dtype=torch.float64, device=u.device)
+    sums = torch.zeros(upper_p.shape[1], m * n, dtype=torch.float64, device=u.device)
     lengths = torch.ceil(torch.log2(counts.double())).long()
     for length in lengths.unique().tolist():
         offsets = torch.arange(1 << length, device=u.device)
         # Codes at a time: their gathered patches and patch Grams stay within CODE_BYTES.
-        step = max(1, CODE_BYTES // (8 * m * (m + (1 << length))))
+        step = max(1, CODE_BYTES // (8 * (m * n + (m + n) * (1 << length))))
         for chosen in torch.nonzero(lengths == length).squeeze(1).split(step):
-            rows = starts[chosen, None] + offsets
-            valid = offsets < counts[chosen, None]
-            gathered = u_sorted[rows.clamp(max=u.shape[0] - 1)] * valid[..., None]
-            blocks = gathered.transpose(1, 2) @ gathered  # (codes, m, m)
-            sums += (code_pairs[chosen].T @ blocks.reshape(-1, m * m)).double()
+            rows = (starts[chosen, None] + offsets).clamp(max=u.shape[0] - 1)
+            valid = (offsets < counts[chosen, None])[..., None]
+            gathered = u_sorted[rows] * valid
+            blocks = gathered.transpose(1, 2) @ (w_sorted[rows] * valid)  # (codes, m, n)
+            sums += (code_pairs[chosen].T @ blocks.reshape(-1, m * n)).double()
     return sums
 
 
@@ -505,6 +520,13 @@ def _exact_certificate(
     ``full_relative_gap`` is the whole program's from the same pass: how far the
     restricted optimum is from the unrestricted one."""
     stats = residual_statistics(stage, ((x, r, d, None) for x, r, d in data))
+    return _certificate_of(stage, stats, beta, basis), stats
+
+
+def _certificate_of(
+    stage: ConvexStage, stats: ResidualStatistics, beta: float, basis: Tensor | None
+) -> dict[str, float]:
+    """`_exact_certificate` from a pass's statistics at the stage's current weights."""
     groups = stage.config.output_groups
     with torch.no_grad():
         norms = group_norms_of(stage.v.detach().double(), groups)
@@ -522,7 +544,7 @@ def _exact_certificate(
     if basis is not None:
         whole = certificate_numbers(primal, stats.re, stats.ee, beta, full)
         cert["full_relative_gap"] = whole["relative_gap"]
-    return cert, stats
+    return cert
 
 
 class StageSolver:
@@ -599,10 +621,11 @@ class StageSolver:
             self.lipschitz = _operator_lipschitz(stage, subset, self.metric, 20)
         self.setup_seconds = time.perf_counter() - began
 
-    def _build(self, basis: Tensor | None) -> None:
-        """The Gram system (restricted to ``basis`` if given), its metric and step."""
+    def _build(self, basis: Tensor | None, previous: GramSystem | None = None) -> None:
+        """The Gram system (restricted to ``basis`` if given; ``previous``: that of the
+        basis's leading columns, kept), its metric and step."""
         self.basis = basis
-        self.system = system = gram_system(self.stage, self.data, basis)
+        self.system = system = gram_system(self.stage, self.data, basis, previous)
         self.metric = BlockMetric.from_gram(system)
 
         def hessian(u: Tensor) -> Tensor:
@@ -643,17 +666,19 @@ class StageSolver:
         began = time.perf_counter()
         iterations = passes = 0.0
         rounds = 0
+        stats = None
         while True:
-            cert, gradient = self._solve_gram(beta, callback)
+            cert, stats = self._solve_gram(beta, callback, stats)
             iterations += cert["iterations"]
             passes += cert["passes"]
             if cert["full_relative_gap"] <= self.tol or rounds >= self.subspace_rounds:
                 break
             assert self.basis is not None
-            grown = _grow_basis(self.basis, gradient)
+            grown = _grow_basis(self.basis, stats.gradient)
             if grown.shape[1] == self.basis.shape[1]:
                 break
-            self._build(grown)
+            # The weights lie in the old span: the last pass is the new program's too.
+            self._build(grown, self.system)
             rounds += 1
         assert self.basis is not None
         return {
@@ -666,17 +691,24 @@ class StageSolver:
         }
 
     def _solve_gram(
-        self, beta: float, callback: Callable[[float, dict[str, float]], None] | None
-    ) -> tuple[dict[str, float], Tensor]:
-        """The Gram route's rounds; the certificate and the exact (whole) gradient of the
-        last pass."""
+        self,
+        beta: float,
+        callback: Callable[[float, dict[str, float]], None] | None,
+        known: ResidualStatistics | None = None,
+    ) -> tuple[dict[str, float], ResidualStatistics]:
+        """The Gram route's rounds; the certificate and the statistics of the last pass.
+        ``known``: the statistics at the current weights, if a pass already has them."""
         began = time.perf_counter()
         system, stage = self.system, self.stage
         v = system.from_weight(stage.v)
         iterations = passes = 0
         while True:
-            cert, stats = _exact_certificate(stage, self.data, beta, self.basis)
-            passes += 1
+            if known is None:
+                cert, stats = _exact_certificate(stage, self.data, beta, self.basis)
+                passes += 1
+            else:
+                stats, known = known, None
+                cert = _certificate_of(stage, stats, beta, self.basis)
             seconds = time.perf_counter() - began
             if callback is not None:
                 callback(seconds, cert)
@@ -703,7 +735,7 @@ class StageSolver:
             "passes": float(passes),
             "seconds": time.perf_counter() - began,
         }
-        return result, stats.gradient
+        return result, stats
 
     def _solve_matrix_free(
         self, beta: float, callback: Callable[[float, dict[str, float]], None] | None
