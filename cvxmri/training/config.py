@@ -65,9 +65,10 @@ class CertifiedConfig:
             matrix-free.
         check_every: matrix-free iterations between float64 certificates.
         max_iterations: iterations per beta (matrix-free) or per model solve (Gram).
-        subspace: wider stages' programs restricted to filters in the span of this many
-            leading principal directions of their input patches, solved by the Gram
-            route (0: the whole program, matrix-free).
+        subspace: wider stages start from the program restricted to filters in the span
+            of this many leading principal directions of their input patches, solved by
+            the Gram route (0: the whole program, matrix-free, which does not certify a
+            32-channel stage in reasonable time on a CPU; docs/benchmarks.md).
         subspace_rounds: times a subspace grows per beta, by the whole gradient's
             components outside it, while the whole program's gap is above ``tol``.
     """
@@ -78,8 +79,8 @@ class CertifiedConfig:
     gram_unknowns: int = 4096
     check_every: int = 10
     max_iterations: int = 2000
-    subspace: int = 0
-    subspace_rounds: int = 0
+    subspace: int = 100
+    subspace_rounds: int = 4
 
     def validate(self) -> None:
         """Raise `CvxmriError` naming the first invalid setting."""
