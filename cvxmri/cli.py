@@ -145,6 +145,7 @@ def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPars
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     from cvxmri import __version__
+    from cvxmri.models.dc import DC_KINDS
 
     parser = _Parser(prog="cvxmri", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cvxmri {__version__}")
@@ -302,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--dc",
-        choices=("gradient", "cg"),
-        help="unrolled: data consistency, a gradient step or CG-SENSE (default gradient)",
+        choices=DC_KINDS,
+        help="unrolled: data consistency, a gradient step, CG-SENSE, or the CG-SENSE step "
+        "by a fixed Chebyshev polynomial (exactly linear; default gradient)",
     )
     train.add_argument(
         "--shared-weights",
@@ -451,6 +453,8 @@ def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
 
 def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
     """`cvxmri reproduce` and `cvxmri report`."""
+    from cvxmri.models.dc import DC_KINDS
+
     reproduce = commands.add_parser(
         "reproduce",
         help="the paper's experiment in one command (resumable), with a report",
@@ -478,9 +482,9 @@ def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
     )
     reproduce.add_argument(
         "--dc",
-        choices=("gradient", "cg"),
+        choices=DC_KINDS,
         help="data consistency of the unrolled networks (default gradient; cg leaves out "
-        "greedy convex training, which needs a linear one)",
+        "greedy convex training, which needs a linear one: chebyshev is)",
     )
     _benchmark_json_options(reproduce)
     reproduce.add_argument(
@@ -937,6 +941,7 @@ def default_train_dir(config: object) -> Path:
 def _cmd_reproduce(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
+    from cvxmri.models.dc import LINEAR_DC_KINDS
     from cvxmri.reproduce import default_folder, reproduce, reproduce_preset
 
     if args.preset == "quick3d":
@@ -957,14 +962,14 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     if args.dc is not None:
         network = replace(unrolled.network, dc=replace(unrolled.network.dc, kind=args.dc))
         unrolled = replace(unrolled, network=network)
-    if args.dc == "cg" and "layerwise-convex" in unrolled.methods:
+    if args.dc not in (None, *LINEAR_DC_KINDS) and "layerwise-convex" in unrolled.methods:
         # A fixed number of CG steps is not linear: no certified convex iteration on it.
         unrolled = replace(
             unrolled, methods=[m for m in unrolled.methods if m != "layerwise-convex"]
         )
         print(
             "reproduce: --dc cg is not linear, so the unrolled comparison runs without greedy "
-            "convex training (non-convex and end-to-end only)",
+            "convex training (non-convex and end-to-end only; --dc chebyshev keeps it)",
             file=sys.stderr,
         )
     config = replace(config, unrolled=unrolled)
@@ -1040,6 +1045,7 @@ def _int_list(text: str) -> list[int]:
 def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
     """`cvxmri benchmark memory` and `cvxmri benchmark speed`."""
     from cvxmri.benchmark.workload import METHODS, STAGE_INPUTS
+    from cvxmri.models.dc import DC_KINDS
 
     benchmark = commands.add_parser("benchmark", help="measure training memory and speed")
     kinds = benchmark.add_subparsers(dest="benchmark_command", required=True, parser_class=_Parser)
@@ -1080,7 +1086,7 @@ def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
         parser.add_argument("--coils", type=int, help="unrolled: receive coils (default 8)")
         parser.add_argument(
             "--dc",
-            choices=("gradient", "cg"),
+            choices=DC_KINDS,
             help="unrolled: data consistency (default gradient)",
         )
         parser.add_argument(

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cvxmri.errors import CvxmriError
-from cvxmri.models.dc import DCConfig, GradientDC, ProximalDC
-from cvxmri.physics import conjugate_gradient, recon_sense
+from cvxmri.models.dc import ChebyshevDC, DCConfig, GradientDC, ProximalDC
+from cvxmri.physics import chebyshev, conjugate_gradient, recon_sense
 
 
 def problem(ndim: int, dtype: torch.dtype = torch.complex128, crop: bool = True):
@@ -26,7 +26,7 @@ def problem(ndim: int, dtype: torch.dtype = torch.complex128, crop: bool = True)
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("dc", [GradientDC(1.5), ProximalDC(0.05, 60)])
+@pytest.mark.parametrize("dc", [GradientDC(1.5), ProximalDC(0.05, 60), ChebyshevDC(0.05, 80)])
 def test_consistent_image_is_a_fixed_point(ndim, dc):
     op, x = problem(ndim)
     aty = op.H(op(x))  # data measured from x itself, without noise
@@ -36,7 +36,7 @@ def test_consistent_image_is_a_fixed_point(ndim, dc):
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("dc", [GradientDC(0.7), ProximalDC(0.1, 60)])
+@pytest.mark.parametrize("dc", [GradientDC(0.7), ProximalDC(0.1, 60), ChebyshevDC(0.1, 3)])
 def test_dc_is_affine_with_its_linear_part(ndim, dc):
     op, x = problem(ndim)
     gen = torch.Generator().manual_seed(5)
@@ -76,6 +76,42 @@ def test_cg_matches_a_direct_solve():
     assert not torch.allclose(short[0].flatten(), direct, atol=1e-3)
 
 
+def test_chebyshev_is_within_its_bound_of_a_direct_solve():
+    op, x = problem(2)
+    lamda = 0.05
+    h = explicit_normal(op, x.shape[1:], x.dtype) + lamda * torch.eye(x[0].numel(), dtype=x.dtype)
+    direct = torch.linalg.solve(h, x[0].flatten())
+
+    def h_norm(v):
+        return float(torch.sqrt((v.conj() @ h @ v).real))
+
+    q = (((1 + lamda) / lamda) ** 0.5 - 1) / (((1 + lamda) / lamda) ** 0.5 + 1)
+    for steps in (3, 10, 40):
+        solved = chebyshev(lambda v: op.N(v) + lamda * v, x, steps, lamda, 1 + lamda)
+        error = h_norm(solved[0].flatten() - direct) / h_norm(direct)
+        bound = 2 * q**steps / (1 + q ** (2 * steps))
+        assert error <= bound * (1 + 1e-9)
+        if steps == 3:  # not converged yet: the test can fail
+            assert error > 1e-3
+    assert h_norm(solved[0].flatten() - direct) / h_norm(direct) < 1e-6
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_chebyshev_dc_is_linear_and_self_adjoint_where_cg_is_not(ndim):
+    """Greedy convex training needs ``L`` exactly linear, and its lean Gram route
+    self-adjoint: true of the Chebyshev polynomial at any degree, not of a few CG steps."""
+    op, x = problem(ndim)
+    gen = torch.Generator().manual_seed(7)
+    u, v = torch.randn(2, *x.shape, dtype=x.dtype, generator=gen)
+    cheb, cg = ChebyshevDC(0.05, 4), ProximalDC(0.05, 4)
+    assert ChebyshevDC.self_adjoint and not ProximalDC.self_adjoint
+    assert torch.allclose(cheb.linear(u + v, op), cheb.linear(u, op) + cheb.linear(v, op))
+    assert not torch.allclose(cg.linear(u + v, op), cg.linear(u, op) + cg.linear(v, op), atol=1e-4)
+    left = (cheb.linear(u, op).conj() * v).sum()
+    right = (u.conj() * cheb.linear(v, op)).sum()
+    assert torch.allclose(left, right, rtol=1e-12, atol=1e-12)
+
+
 def test_cg_items_are_independent_and_stop_at_tol():
     op, x = problem(2)
     apply = lambda v: op.N(v) + 0.1 * v  # noqa: E731
@@ -93,7 +129,7 @@ def apply_one(op, v):
     return single.N(v) + 0.1 * v
 
 
-@pytest.mark.parametrize("dc", [GradientDC(1.2), ProximalDC(0.2, 4)])
+@pytest.mark.parametrize("dc", [GradientDC(1.2), ProximalDC(0.2, 4), ChebyshevDC(0.2, 4)])
 def test_gradients_match_finite_differences(dc):
     op, x = problem(2, crop=False)
     aty = op.H(op(torch.randn_like(x)))
@@ -105,6 +141,9 @@ def test_dc_config_builds_and_refuses_bad_settings():
     assert isinstance(DCConfig().build(), GradientDC)
     built = DCConfig(kind="cg", lamda=0.2, cg_iterations=3).build()
     assert isinstance(built, ProximalDC) and built.config() == DCConfig("cg", 1.5, 0.2, 3)
+    built = DCConfig(kind="chebyshev", lamda=0.1, cg_iterations=7).build()
+    assert isinstance(built, ChebyshevDC)
+    assert built.config() == DCConfig("chebyshev", 1.5, 0.1, 7)
     with pytest.raises(CvxmriError, match=r"dc\.eta=2\.5"):
         DCConfig(eta=2.5).validate()
     with pytest.raises(CvxmriError, match=r"dc\.kind='admm'"):

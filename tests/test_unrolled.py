@@ -12,7 +12,7 @@ import torch
 from cvxmri.errors import CvxmriError
 from cvxmri.models.cnn import ReconCNN, to_channels, to_complex
 from cvxmri.models.convex import ConvexStage, ConvexStageConfig
-from cvxmri.models.dc import DCConfig
+from cvxmri.models.dc import ChebyshevDC, DCConfig
 from cvxmri.models.unrolled import UnrolledNet, load_network
 from cvxmri.physics import recon_sense
 from cvxmri.training import unrolled as unrolled_training
@@ -122,6 +122,8 @@ def explicit_design(stage: ConvexStage, data, dc) -> torch.Tensor:
     [
         ("gradient", 2, False),
         ("cg", 2, False),
+        ("chebyshev", 2, False),
+        ("chebyshev", 2, True),
         ("gradient", 3, False),
         ("gradient", 2, True),
         ("gradient", 3, True),
@@ -147,11 +149,12 @@ def test_dc_gram_system_is_the_explicit_normal_matrix(
     assert system.patterns == 3 and system.block == 2 * 2 * 3**ndim
 
 
-def test_convex_iteration_optimum_matches_cvxpy() -> None:
+@pytest.mark.parametrize("kind", ["gradient", "chebyshev"])
+def test_convex_iteration_optimum_matches_cvxpy(kind: str) -> None:
     """The solver's optimum matches an independent solver to 1e-6 relative, and every
-    certificate's gap bounds the true suboptimality."""
+    certificate's gap bounds the true suboptimality, for either linear DC."""
     cp = pytest.importorskip("cvxpy")
-    stage, data, dc = iteration_problem("gradient", seed=5)
+    stage, data, dc = iteration_problem(kind, seed=5)
     solver = IterationSolver(stage, data, dc, tol=1e-8, max_seconds=60, max_iterations=20_000)
     beta = 0.05 * solver.beta_max()
     trace: list[list[float]] = []
@@ -208,6 +211,21 @@ def test_each_method_trains_an_unrolled_network(
         assert sum(1 for c in trainer.certificates if c.get("selected")) == 2
     else:
         assert not trainer.certificates
+
+
+def test_greedy_convex_training_certifies_with_the_chebyshev_dc(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    unrolled = UnrolledConfig(
+        iterations=2, channels=4, kernel_size=3, dc=DCConfig(kind="chebyshev", cg_iterations=6)
+    )
+    config = replace(unrolled_config(tiny_data, "layerwise-convex"), unrolled=unrolled)
+    trainer = UnrolledTrainer(config, tmp_path)
+    model = trainer.fit()
+    assert isinstance(model.dc, ChebyshevDC)
+    assert trainer.certificates and all(c["certified"] for c in trainer.certificates)
+    with pytest.raises(CvxmriError, match="--dc chebyshev"):
+        replace(config, unrolled=replace(unrolled, dc=DCConfig(kind="cg"))).validate()
 
 
 def test_greedy_training_resumes_to_the_same_network(tiny_data: Path, tmp_path: Path) -> None:

@@ -7,10 +7,15 @@ and ``y`` the measured k-space, two steps are offered, both affine in the estima
   ``DC(z) = z - eta A^H (A z - y)``;
 - `ProximalDC` (CG-SENSE): the proximal step
   ``DC(z) = (A^H A + lamda I)^{-1} (A^H y + lamda z)``, solved by a fixed number of
-  conjugate-gradient iterations from zero (MoDL's data-consistency layer).
+  conjugate-gradient iterations from zero (MoDL's data-consistency layer);
+- `ChebyshevDC`: the same proximal step, solved by a fixed Chebyshev polynomial of
+  ``A^H A`` on its known spectrum ``[0, 1]``.
 
 Being affine, ``DC(z) = DC(0) + L z`` with a linear part ``L`` (`DataConsistency.linear`):
-``L = I - eta A^H A`` or ``L = lamda (A^H A + lamda I)^{-1}``. A greedy iteration of an
+``L = I - eta A^H A`` or ``L = lamda (A^H A + lamda I)^{-1}``. CG is affine only up to its
+residual (its step lengths depend on the image); the gradient step and the Chebyshev
+polynomial are exactly affine with a self-adjoint ``L``, which greedy convex training
+needs. A greedy iteration of an
 unrolled network, ``DC(x + R(x))`` with a fixed ``x``, is then the fixed image
 ``DC(x)`` plus ``L`` applied to the regulariser's output, which keeps a convex program
 convex. Images are complex (B, *grid); every step runs on any device and under autograd.
@@ -23,9 +28,11 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from cvxmri.errors import CvxmriError
-from cvxmri.physics import LinearOperator, conjugate_gradient
+from cvxmri.physics import LinearOperator, chebyshev, conjugate_gradient
 
-DC_KINDS = ("gradient", "cg")
+DC_KINDS = ("gradient", "cg", "chebyshev")
+# Kinds whose step is exactly affine (greedy convex training needs it).
+LINEAR_DC_KINDS = ("gradient", "chebyshev")
 
 
 @dataclass(frozen=True)
@@ -33,11 +40,14 @@ class DCConfig:
     """The data-consistency step of an unrolled network.
 
     Attributes:
-        kind: ``gradient`` (`GradientDC`) or ``cg`` (`ProximalDC`).
+        kind: ``gradient`` (`GradientDC`), ``cg`` (`ProximalDC`) or ``chebyshev``
+            (`ChebyshevDC`).
         eta: the gradient step length; ``A^H A`` has norm at most 1 for coil maps of unit
             root-sum-of-squares, so any ``0 < eta < 2`` is a contraction on the data term.
-        lamda: the proximal weight of ``cg`` (smaller trusts the data more).
-        cg_iterations: conjugate-gradient iterations of ``cg``.
+        lamda: the proximal weight of ``cg`` and ``chebyshev`` (smaller trusts the data
+            more).
+        cg_iterations: iterations of the proximal solve: CG steps of ``cg``, the degree of
+            ``chebyshev``'s polynomial.
     """
 
     kind: str = "gradient"
@@ -64,6 +74,8 @@ class DCConfig:
         self.validate()
         if self.kind == "gradient":
             return GradientDC(self.eta)
+        if self.kind == "chebyshev":
+            return ChebyshevDC(self.lamda, self.cg_iterations)
         return ProximalDC(self.lamda, self.cg_iterations)
 
 
@@ -146,3 +158,24 @@ class ProximalDC(DataConsistency):
     def config(self) -> DCConfig:
         """``DCConfig(kind="cg", lamda=lamda, cg_iterations=iterations)``."""
         return DCConfig(kind="cg", lamda=self.lamda, cg_iterations=self.iterations)
+
+
+class ChebyshevDC(ProximalDC):
+    """`ProximalDC`'s step ``(A^H A + lamda I)^{-1} (A^H y + lamda z)`` by a fixed
+    Chebyshev polynomial (`cvxmri.physics.chebyshev`) on the spectrum bound
+    ``[lamda, 1 + lamda]`` of ``A^H A + lamda I`` (``A^H A`` has norm at most 1 for coil
+    maps of unit root-sum-of-squares): exactly affine, ``L`` self-adjoint. Its error after
+    ``k`` steps is at most ``2 q^k`` of the solution's, ``q = (sqrt(c) - 1) / (sqrt(c) +
+    1)``, ``c = (1 + lamda) / lamda`` (0.012 at ``lamda`` 0.05 and 10 steps); CG, which
+    adapts to the image, is usually closer."""
+
+    self_adjoint = True
+
+    def _solve(self, rhs: Tensor, op: LinearOperator) -> Tensor:
+        return chebyshev(
+            lambda v: op.N(v) + self.lamda * v, rhs, self.iterations, self.lamda, 1 + self.lamda
+        )
+
+    def config(self) -> DCConfig:
+        """``DCConfig(kind="chebyshev", lamda=lamda, cg_iterations=iterations)``."""
+        return DCConfig(kind="chebyshev", lamda=self.lamda, cg_iterations=self.iterations)

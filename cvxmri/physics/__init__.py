@@ -1,6 +1,6 @@
 """MRI physics: the centred FFT and the linear operators of the forward model, in 2D or 3D."""
 
-from cvxmri.physics.cg import conjugate_gradient
+from cvxmri.physics.cg import chebyshev, conjugate_gradient
 from cvxmri.physics.fft import fft2c, fftnc, ifft2c, ifft_readout, ifftnc, spatial_dims
 from cvxmri.physics.operators import (
     FFT,
@@ -21,6 +21,7 @@ __all__ = [
     "Mask",
     "Sense",
     "center_crop",
+    "chebyshev",
     "conjugate_gradient",
     "fft2c",
     "fftnc",

@@ -25,7 +25,7 @@ from cvxmri.data.prepare import is_dataset_root
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec
 from cvxmri.models.convex import ConvexStageConfig
-from cvxmri.models.dc import DCConfig
+from cvxmri.models.dc import LINEAR_DC_KINDS, DCConfig
 from cvxmri.models.stages import StageSpec
 
 METHODS = ("layerwise-convex", "layerwise-nonconvex", "end-to-end")
@@ -138,14 +138,15 @@ class UnrolledConfig:
                     + (" (shared weights need method end-to-end)" if name == "shared" else "")
                 )
         self.dc.validate()
-        if method == "layerwise-convex" and self.dc.kind == "cg":
+        if method == "layerwise-convex" and self.dc.kind not in LINEAR_DC_KINDS:
             # A fixed number of CG steps is not linear in its right-hand side (its step
             # lengths depend on it), so the iteration would not be the group lasso that the
             # solver certifies.
             raise CvxmriError(
                 "greedy convex training needs a linear data consistency: --dc cg is not "
                 "exactly linear (CG's step lengths depend on the image), so its certificate "
-                "would bound nothing; use --dc gradient"
+                "would bound nothing; use --dc gradient or --dc chebyshev (the same "
+                "proximal step by a fixed polynomial)"
             )
 
 
