@@ -201,6 +201,19 @@ def test_growing_subspace_reaches_the_whole_programs_optimum() -> None:
     assert cert["primal"] == pytest.approx(solve_cvxpy(with_beta(stage, beta), x, r), rel=1e-6)
 
 
+def test_subspace_stops_growing_at_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most `SUBSPACE_UNKNOWNS` unknowns per output: the start and the growth are cut
+    to that many directions per pattern (here 5), and the gap is the one reached."""
+    monkeypatch.setattr(certified, "SUBSPACE_UNKNOWNS", 20)
+    x, r = smooth_data(3, 2, 8, seed=22)
+    stage, _ = make_stage(x, patterns=4, kernel_size=3)
+    data = [(x, r, stage.pattern_gates(x))]
+    solver = StageSolver(stage, data, tol=1e-8, gram_unknowns=0, subspace=9, subspace_rounds=10)
+    assert solver.basis is not None and solver.basis.shape[1] == 5
+    cert = solver.solve(0.05 * duality_gap(stage, [(x, r)])["max_dual_norm"])
+    assert cert["rank"] == 5 and cert["relative_gap"] > 1e-8
+
+
 def test_full_rank_subspace_is_the_whole_program() -> None:
     """A subspace of every direction restricts nothing: the same optimum as the Gram
     route, and the whole program's gap equals the restricted one."""

@@ -52,6 +52,9 @@ MAX_STEP_GROWTH = 1024
 PROX_NEWTON_STEPS = 50
 # Bytes of the per-code patches and patch Grams `_code_sums` holds at a time.
 CODE_BYTES = 1 << 28
+# Unknowns per output of the subspace route (patterns x basis rank) at most: its Gram
+# matrix, float64, is then at most 2 GiB. The basis stops growing there.
+SUBSPACE_UNKNOWNS = 16384
 
 
 @dataclass
@@ -558,7 +561,8 @@ class StageSolver:
     - wider stages with ``subspace = r > 0``: the program restricted to filters in the
       span of the ``r`` leading principal directions ``Q`` of the stage's input patches
       (`patch_basis`), ``n = P r`` unknowns, by the Gram route above, growing the basis
-      while the whole program's gap is above ``tol`` (`_solve_subspace`). The
+      while the whole program's gap is above ``tol`` (`_solve_subspace`), up to
+      `SUBSPACE_UNKNOWNS` unknowns. The
       certificate is the whole program's; ``subspace_relative_gap`` the restricted one's
       (one pass gives both).
     - wider stages otherwise: FISTA on the whole training set (a forward and an adjoint
@@ -607,7 +611,8 @@ class StageSolver:
             self.route = "gram"
         elif subspace > 0:
             self.route = "subspace"
-            self.basis = patch_basis(_mean_patch_gram(stage, _subset(data)), subspace)
+            rank = min(subspace, max(1, SUBSPACE_UNKNOWNS // p))
+            self.basis = patch_basis(_mean_patch_gram(stage, _subset(data)), rank)
         else:
             self.route = "matrix-free"
         if self.route != "matrix-free":
@@ -673,7 +678,8 @@ class StageSolver:
             if cert["relative_gap"] <= self.tol or rounds >= self.subspace_rounds:
                 break
             assert self.basis is not None
-            grown = _grow_basis(self.basis, stats.gradient)
+            room = SUBSPACE_UNKNOWNS // self.stage.config.patterns
+            grown = _grow_basis(self.basis, stats.gradient)[:, :room]
             if grown.shape[1] == self.basis.shape[1]:
                 break
             # The weights lie in the old span: the last pass is the new program's too.
