@@ -88,7 +88,7 @@ def main() -> None:
         "ee_difference": abs(ee1 - ee2) / abs(ee1),
     }
     RESULTS.write_text(json.dumps(result, indent=2))
-    print("| way | seconds per pass (best of {}) |".format(args.repeats))
+    print(f"| way | seconds per pass (best of {args.repeats}) |")
     print("|---|---|")
     for name in ways:
         print(f"| {name} | {min(seconds[name]):.2f} |")
