@@ -612,13 +612,13 @@ class StageSolver:
         elif subspace > 0:
             self.route = "subspace"
             rank = min(subspace, max(1, SUBSPACE_UNKNOWNS // p))
-            self.basis = patch_basis(_mean_patch_gram(stage, _subset(data)), rank)
+            self.basis = patch_basis(_mean_patch_gram(stage, _subset(data, self.count)), rank)
         else:
             self.route = "matrix-free"
         if self.route != "matrix-free":
             self._build(self.basis)
         else:
-            subset = _subset(data)
+            subset = _subset(data, self.count)
             self.metric = _patch_metric(stage, data, _mean_patch_gram(stage, subset))
             self.lipschitz = _operator_lipschitz(stage, subset, self.metric, 20)
         self.setup_seconds = time.perf_counter() - began
@@ -848,11 +848,10 @@ def _images(data: _Data) -> _Data:
     ]
 
 
-def _subset(data: _Data) -> _Data:
-    """Four images spread over the whole training set (under torchrun, each process holds
-    those of the four in its share)."""
+def _subset(data: _Data, count: int) -> _Data:
+    """Four images spread over the whole training set of ``count`` images (under
+    torchrun, each process holds those of the four in its share)."""
     images = _images(data)
-    count = int(distributed.sum_floats(len(images))[0])
     chosen = range(count)[:: max(1, count // 4)][:4]
     return [images[i] for i in distributed.local_indices(chosen)]
 
