@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_convex import explicit_operator, group_slices, make_stage, smooth_data, with_beta
 
+from cvxmri.errors import CvxmriError
 from cvxmri.models.convex import duality_gap
 from cvxmri.training import certified
 from cvxmri.training.certified import BlockMetric, StageSolver, gram_system
@@ -48,26 +49,46 @@ def test_gram_system_is_the_explicit_normal_matrix(
     assert system.count == 3
 
 
-def test_grown_gram_system_equals_one_built_whole() -> None:
-    """A basis grown by columns: the kept blocks plus the new ones are the system built
-    from the whole basis at once, and a full basis gives the unrestricted matrix in the
-    basis's coordinates."""
+@pytest.mark.parametrize("groups", ["separate", "frobenius"])
+def test_patch_store_grown_system_equals_one_built_whole(groups: str) -> None:
+    """The subspace route's system (`PatchStore`, pixels sorted by gate code over every
+    batch) of a basis grown by columns: the kept blocks plus the new ones are the system
+    of the whole basis built at once, and that is the unrestricted system (`gram_system`,
+    streamed over batches) in the basis's coordinates, ``Q^T G Q`` and ``Q^T b``."""
     x, r = smooth_data(3, 2, 7, seed=21)
-    stage, _ = make_stage(x, patterns=3, kernel_size=3)
+    stage, _ = make_stage(x, patterns=3, kernel_size=3, output_groups=groups)
     data = [(x[:2], r[:2], stage.pattern_gates(x[:2])), (x[2:], r[2:], stage.pattern_gates(x[2:]))]
     basis, _ = torch.linalg.qr(
         torch.randn(18, 18, dtype=F64, generator=torch.Generator().manual_seed(1))
     )
-    first = gram_system(stage, data, basis[:, :5])
-    grown = gram_system(stage, data, basis[:, :12], first)
-    whole = gram_system(stage, data, basis[:, :12])
-    # (float32 projections: equal to their rounding)
+    store = certified.PatchStore(stage, data, 18)
+    first = store.system(basis[:, :5])
+    grown = store.system(basis[:, :12], first)
+    whole = certified.PatchStore(stage, data, 18).system(basis[:, :12])
+    # (float32 coordinates: equal to their rounding)
     torch.testing.assert_close(grown.gram, whole.gram, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grown.rhs, whole.rhs, rtol=1e-5, atol=1e-6)
-    full = gram_system(stage, data, basis)
+    full = store.system(basis, grown)
     plain = gram_system(stage, data)
     blocks = torch.block_diag(*[basis] * 3)
     torch.testing.assert_close(full.gram, blocks.T @ plain.gram @ blocks, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full.rhs, blocks.T @ plain.rhs, rtol=1e-5, atol=1e-6)
+    assert (full.rr, full.count) == (pytest.approx(plain.rr, rel=1e-12), plain.count)
+
+
+def test_patch_store_holds_at_most_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's columns are cut to what `STORE_BYTES` holds (4 bytes a pixel a column),
+    and a larger basis is refused with a one-line error."""
+    x, r = smooth_data(3, 2, 7, seed=21)
+    stage, _ = make_stage(x, patterns=3, kernel_size=3)
+    data = [(x, r, stage.pattern_gates(x))]
+    monkeypatch.setattr(certified, "STORE_BYTES", 4 * 3 * 49 * 6)
+    store = certified.PatchStore(stage, data, 18)
+    assert store.columns == 6
+    basis = torch.eye(18, dtype=F64)
+    store.system(basis[:, :6])
+    with pytest.raises(CvxmriError, match="exceeds the store's 6"):
+        store.system(basis[:, :7])
 
 
 @pytest.mark.parametrize("groups", ["separate", "frobenius"])

@@ -55,6 +55,16 @@ CODE_BYTES = 1 << 28
 # Unknowns per output of the subspace route (patterns x basis rank) at most: its Gram
 # matrix, float64, is then at most 2 GiB. The basis stops growing there.
 SUBSPACE_UNKNOWNS = 16384
+# Bytes of the subspace route's patch coordinates (`PatchStore`) at most: the basis stops
+# growing there too.
+STORE_BYTES = 1 << 32
+# Power iterations of a step constant from a random start, and from the previous one's
+# vector (a grown basis changes the operator little).
+POWER_ITERATIONS = 100
+WARM_POWER_ITERATIONS = 20
+
+# (x, r, gates) batches of whole images.
+_Data = list[tuple[Tensor, Tensor, Tensor]]
 
 
 @dataclass
@@ -176,97 +186,27 @@ def _projected_patches(stage: ConvexStage, x: Tensor, basis: Tensor) -> Tensor:
     return z.movedim(1, -1).reshape(-1, r)
 
 
-@torch.no_grad()
-def gram_system(
-    stage: ConvexStage,
-    batches: Iterable[tuple[Tensor, Tensor, Tensor | None]],
-    basis: Tensor | None = None,
-    previous: GramSystem | None = None,
-) -> GramSystem:
-    """Accumulate the stage's `GramSystem` over ``(x, r, gates or None)`` batches of whole
-    images (iterated once; gates as `ConvexStage.pattern_gates`), in float64; with a
-    ``basis`` ``Q`` (``(C_in K^d, r)``, orthonormal), that of the program restricted to
-    filters ``Q a`` (the patches' coordinates ``Q^T u`` in place of the patches).
+@dataclass
+class CodeGroups:
+    """Pixels grouped by gate code (their P gates as a bit string; see `gram_system`).
 
-    Block ``(p, q)`` of ``G`` is ``sum_pixels D_p D_q u u^T``. Pixels with the same gate
-    code (their P gates as a bit string) share every factor ``D_p D_q``, and a batch has far
-    fewer codes than pixels (spatially smooth gates: 5.5 thousand codes on 885 thousand
-    pixels of the default data's stage 1). So each code's patch Gram ``S_c = U_c^T U_c`` is
-    summed once, and ``G = sum_c (d_c d_c^T) (x) S_c`` is one matrix product over the codes
-    (and the pattern pairs). Under torchrun each process passes its share of the training
-    set (`cvxmri.distributed.shard`) and the system is summed over all of them.
-
-    ``previous``: the system of the basis's first ``r0`` columns (a basis grown by
-    columns); its matrix is kept, and only the blocks of the new columns (with the old
-    ones and among themselves) are summed.
+    Attributes:
+        order: the permutation that sorts the pixels by code (each code's pixels
+            contiguous).
+        starts: where each code's pixels begin in that order.
+        counts: how many pixels each code has.
+        codes: each code's gates, ``(codes, P)`` bool.
     """
-    began = time.perf_counter()
-    p = stage.config.patterns
-    c_in, k = stage.in_channels, stage.config.kernel_size
-    m = c_in * k**stage.ndim if basis is None else basis.shape[1]
-    old = 0 if previous is None else previous.block
-    device = stage.gate_weight.device
-    upper_p = torch.triu_indices(p, p, device=device)
-    sums = torch.zeros(upper_p.shape[1], (m - old) * m, dtype=torch.float64, device=device)
-    rhs: Tensor | None = None
-    rr = 0.0
-    count = 0
-    for x, r, gates in batches:
-        d = stage.pattern_gates(x.float()) if gates is None else gates
-        if basis is None:
-            u_all = _patches(stage, x.double())
-        else:
-            u_all = _projected_patches(stage, x, basis)
-        d_all = d.movedim(1, -1).reshape(-1, p)
-        r_all = r.double().movedim(1, -1).reshape(u_all.shape[0], -1)
-        if rhs is None:
-            rhs = torch.zeros(p * m, r_all.shape[1], dtype=torch.float64, device=device)
-        # b = sum_pixels (D_p u) r^T: the gated residuals times the patches.
-        gated = (d_all.double()[:, :, None] * r_all[:, None, :]).reshape(u_all.shape[0], -1)
-        rhs += (gated.T @ u_all.double()).view(p, -1, m).transpose(1, 2).reshape(p * m, -1)
-        rr += float(r_all.square().sum())
-        # Rows: the new columns' coordinates; columns: all (the old blocks are kept).
-        sums += _code_sums(u_all[:, old:], d_all, upper_p, u_all)
-        count += x.shape[0]
-    if rhs is None or count == 0:
-        raise CvxmriError("the training set is empty: no (x, r) batches")
-    # Under torchrun: the sums over every process's share of the training set.
-    distributed.all_reduce_(sums)
-    distributed.all_reduce_(rhs)
-    rr, total = distributed.sum_floats(rr, count)
-    count = int(total)
-    pair_p = _pair_index(p, device)
-    # (P, m - old, P, m): rows of the new coordinates of every pattern, all columns.
-    rows = sums.view(-1, m - old, m)[pair_p].permute(0, 2, 1, 3)
-    gram = torch.empty(p, m, p, m, dtype=torch.float64, device=device)
-    gram[:, old:] = rows
-    gram[:, :, :, old:] = rows.permute(2, 3, 0, 1)
-    if previous is not None:
-        gram[:, :old, :, :old] = previous.gram.view(p, old, p, old) * previous.count
-    gram = gram.reshape(p * m, p * m)
-    return GramSystem(
-        gram / count,
-        rhs / count,
-        rr / count,
-        count,
-        p,
-        stage.config.output_groups,
-        time.perf_counter() - began,
-        basis,
-    )
+
+    order: Tensor
+    starts: Tensor
+    counts: Tensor
+    codes: Tensor
 
 
-def _code_sums(u: Tensor, d: Tensor, upper_p: Tensor, w: Tensor | None = None) -> Tensor:
-    """``sum_pixels (D_p D_q) u w^T`` (``w = u`` by default) for every pattern pair
-    ``(p <= q)`` of ``upper_p``, ``(pairs, m * n)`` float64, from patches ``u``
-    ``(pixels, m)`` and ``w`` ``(pixels, n)`` (products in their dtype) and gates ``d``
-    ``(pixels, P)`` (bool), summed per gate code (see `gram_system`).
-
-    The codes' patch Grams are batched matrix products: codes with between ``2^(j-1)`` and
-    ``2^j`` pixels are gathered into one zero-padded ``(codes, 2^j, m)`` tensor, so the
-    work is at most twice that of the pixels and there is no loop over codes."""
-    w = u if w is None else w
-    m, n, p = u.shape[1], w.shape[1], d.shape[1]
+def code_groups(d: Tensor) -> CodeGroups:
+    """The `CodeGroups` of pixels with gates ``d`` ``(pixels, P)`` (bool)."""
+    p = d.shape[1]
     if p <= 62:
         # The gates as one integer per pixel: a 1D unique, much faster than rows.
         bits = torch.ones(p, dtype=torch.long, device=d.device) << torch.arange(p, device=d.device)
@@ -276,9 +216,22 @@ def _code_sums(u: Tensor, d: Tensor, upper_p: Tensor, w: Tensor | None = None) -
     else:
         _, inverse, counts = torch.unique(d, dim=0, return_inverse=True, return_counts=True)
     order = torch.argsort(inverse, stable=True)
-    u_sorted, w_sorted, d_sorted = u[order], w[order], d[order]
     starts = counts.cumsum(0) - counts
-    codes = d_sorted[starts].to(u.dtype)
+    return CodeGroups(order, starts, counts, d[order[starts]])
+
+
+def _code_sums(u: Tensor, w: Tensor, groups: CodeGroups, upper_p: Tensor) -> Tensor:
+    """``sum_pixels (D_p D_q) u w^T`` for every pattern pair ``(p <= q)`` of ``upper_p``,
+    ``(pairs, m * n)`` float64, from patches ``u`` ``(pixels, m)`` and ``w``
+    ``(pixels, n)`` sorted by gate code (products in their dtype) and the pixels'
+    `CodeGroups`: each code's patch Gram once, then one product over the codes.
+
+    The codes' patch Grams are batched matrix products: codes with between ``2^(j-1)`` and
+    ``2^j`` pixels are gathered into one zero-padded ``(codes, 2^j, m)`` tensor, so the
+    work is at most twice that of the pixels and there is no loop over codes."""
+    m, n = u.shape[1], w.shape[1]
+    starts, counts = groups.starts, groups.counts
+    codes = groups.codes.to(u.dtype)
     code_pairs = codes[:, upper_p[0]] * codes[:, upper_p[1]]  # (codes, pairs)
     sums = torch.zeros(upper_p.shape[1], m * n, dtype=torch.float64, device=u.device)
     lengths = torch.ceil(torch.log2(counts.double())).long()
@@ -289,10 +242,162 @@ def _code_sums(u: Tensor, d: Tensor, upper_p: Tensor, w: Tensor | None = None) -
         for chosen in torch.nonzero(lengths == length).squeeze(1).split(step):
             rows = (starts[chosen, None] + offsets).clamp(max=u.shape[0] - 1)
             valid = (offsets < counts[chosen, None])[..., None]
-            gathered = u_sorted[rows] * valid
-            blocks = gathered.transpose(1, 2) @ (w_sorted[rows] * valid)  # (codes, m, n)
+            gathered = u[rows] * valid
+            blocks = gathered.transpose(1, 2) @ (w[rows] * valid)  # (codes, m, n)
             sums += (code_pairs[chosen].T @ blocks.reshape(-1, m * n)).double()
     return sums
+
+
+def _assemble_gram(sums: Tensor, p: int, m: int, old: Tensor | None) -> Tensor:
+    """The ``(P m, P m)`` matrix whose pattern blocks are ``sums`` (`_code_sums` of the
+    rows of the last ``m - r0`` coordinates against all ``m``, summed over every process)
+    and, in the first ``r0`` coordinates of every pattern, ``old`` ``(P r0, P r0)``."""
+    r0 = 0 if old is None else old.shape[0] // p
+    rows = sums.view(-1, m - r0, m)[_pair_index(p, sums.device)].permute(0, 2, 1, 3)
+    gram = torch.empty(p, m, p, m, dtype=torch.float64, device=sums.device)
+    gram[:, r0:] = rows
+    gram[:, :, :, r0:] = rows.permute(2, 3, 0, 1)
+    if old is not None:
+        gram[:, :r0, :, :r0] = old.view(p, r0, p, r0)
+    return gram.reshape(p * m, p * m)
+
+
+@torch.no_grad()
+def gram_system(
+    stage: ConvexStage, batches: Iterable[tuple[Tensor, Tensor, Tensor | None]]
+) -> GramSystem:
+    """Accumulate the stage's `GramSystem` over ``(x, r, gates or None)`` batches of whole
+    images (iterated once; gates as `ConvexStage.pattern_gates`), in float64.
+
+    Block ``(p, q)`` of ``G`` is ``sum_pixels D_p D_q u u^T``. Pixels with the same gate
+    code (their P gates as a bit string) share every factor ``D_p D_q``, and a batch has far
+    fewer codes than pixels (spatially smooth gates: 5.5 thousand codes on 885 thousand
+    pixels of the default data's stage 1). So each code's patch Gram ``S_c = U_c^T U_c`` is
+    summed once, and ``G = sum_c (d_c d_c^T) (x) S_c`` is one matrix product over the codes
+    (and the pattern pairs). Under torchrun each process passes its share of the training
+    set (`cvxmri.distributed.shard`) and the system is summed over all of them.
+    """
+    began = time.perf_counter()
+    p = stage.config.patterns
+    m = stage.in_channels * stage.config.kernel_size**stage.ndim
+    device = stage.gate_weight.device
+    upper_p = torch.triu_indices(p, p, device=device)
+    sums = torch.zeros(upper_p.shape[1], m * m, dtype=torch.float64, device=device)
+    rhs: Tensor | None = None
+    rr = 0.0
+    count = 0
+    for x, r, gates in batches:
+        d = stage.pattern_gates(x.float()) if gates is None else gates
+        u = _patches(stage, x.double())
+        d_all = d.movedim(1, -1).reshape(-1, p)
+        r_all = r.double().movedim(1, -1).reshape(u.shape[0], -1)
+        part = _gated_rhs(u, d_all, r_all)
+        rhs = part if rhs is None else rhs + part
+        rr += float(r_all.square().sum())
+        groups = code_groups(d_all)
+        u = u[groups.order]
+        sums += _code_sums(u, u, groups, upper_p)
+        count += x.shape[0]
+    if rhs is None or count == 0:
+        raise CvxmriError("the training set is empty: no (x, r) batches")
+    # Under torchrun: the sums over every process's share of the training set.
+    distributed.all_reduce_(sums)
+    distributed.all_reduce_(rhs)
+    rr, total = distributed.sum_floats(rr, count)
+    count = int(total)
+    gram = _assemble_gram(sums, p, m, None)
+    return GramSystem(
+        gram / count,
+        rhs / count,
+        rr / count,
+        count,
+        p,
+        stage.config.output_groups,
+        time.perf_counter() - began,
+    )
+
+
+def _gated_rhs(u: Tensor, d: Tensor, r: Tensor) -> Tensor:
+    """``sum_pixels (D_p u) r^T`` in the unknowns' order, ``(P m, out)`` float64, from
+    patches (or coordinates) ``u`` ``(pixels, m)``, gates ``d`` ``(pixels, P)`` and
+    residuals ``r`` ``(pixels, out)``."""
+    p, m = d.shape[1], u.shape[1]
+    gated = (d.double()[:, :, None] * r.double()[:, None, :]).reshape(u.shape[0], -1)
+    return (gated.T @ u.double()).view(p, -1, m).transpose(1, 2).reshape(p * m, -1)
+
+
+class PatchStore:
+    """A wide stage's training set held for the subspace route (`StageSolver`): its pixels
+    sorted by gate code over the whole training set (`code_groups`), their gated
+    residuals, and their patches' coordinates in the current basis (`_projected_patches`,
+    float32), grown by columns.
+
+    Two savings over streaming batches (`gram_system`): a code's pixels in every image are
+    summed together, so the pattern-pair product runs over the distinct codes of the
+    whole set (51 thousand on the default data's stage 2, against 176 thousand summed
+    over batches of 8 images); and a grown basis computes only its new columns'
+    coordinates. The coordinates take ``4 * pixels`` bytes per column, in one buffer of
+    `columns` columns whose pages are only touched as columns are added.
+    """
+
+    def __init__(self, stage: ConvexStage, data: _Data, columns: int) -> None:
+        """Sort the pixels of ``data`` (``(x, r, gates)`` batches) by gate code, with room
+        for the coordinates of ``columns`` basis columns, fewer if `STORE_BYTES` holds
+        fewer."""
+        self.stage, self.data = stage, data
+        p = stage.config.patterns
+        d_all = torch.cat([d.movedim(1, -1).reshape(-1, p) for _, _, d in data])
+        r_all = torch.cat([r.double().movedim(1, -1).reshape(-1, r.shape[1]) for _, r, _ in data])
+        self.groups = code_groups(d_all)
+        d_all, r_all = d_all[self.groups.order], r_all[self.groups.order]
+        # (pixels, P * out): each pattern's gate times each output's residual.
+        self.gated = (d_all[:, :, None] * r_all[:, None, :]).reshape(d_all.shape[0], -1).float()
+        self.out = r_all.shape[1]
+        rr, count, pixels = distributed.sum_floats(
+            float(r_all.square().sum()), sum(x.shape[0] for x, _, _ in data), d_all.shape[0]
+        )
+        self.rr, self.count = rr, int(count)
+        # Counted on every process's pixels together, so that all processes agree (each
+        # holds only its share under torchrun, a stricter bound than needed).
+        self.columns = min(columns, STORE_BYTES // (4 * max(1, int(pixels))))
+        self._buffer = torch.empty(d_all.shape[0], self.columns, device=d_all.device)
+
+    @torch.no_grad()
+    def system(self, basis: Tensor, previous: GramSystem | None = None) -> GramSystem:
+        """The `GramSystem` of the program restricted to filters ``Q a``, ``Q = basis``
+        (``(C_in K^d, r)``, orthonormal, at most `columns` columns). ``previous``: the
+        system of the basis's first ``r0`` columns (the store holds their coordinates);
+        its matrix and right-hand side are kept, and only the new columns' coordinates
+        and blocks computed."""
+        began = time.perf_counter()
+        stage, p = self.stage, self.stage.config.patterns
+        old = 0 if previous is None else previous.block
+        m = basis.shape[1]
+        if m > self.columns:
+            raise CvxmriError(f"a basis of {m} columns exceeds the store's {self.columns}")
+        new = torch.cat([_projected_patches(stage, x, basis[:, old:]) for x, _, _ in self.data])
+        self._buffer[:, old:m] = new[self.groups.order]
+        new = self._buffer[:, old:m]
+        upper_p = torch.triu_indices(p, p, device=new.device)
+        sums = _code_sums(new, self._buffer[:, :m], self.groups, upper_p)
+        # b = sum_pixels (D_p u) r^T: the new rows of every pattern.
+        rhs = (self.gated.T @ new).double().view(p, self.out, m - old).transpose(1, 2)
+        distributed.all_reduce_(sums)
+        distributed.all_reduce_(rhs)
+        kept = None
+        if previous is not None:
+            kept = previous.gram * previous.count
+            rhs = torch.cat([(previous.rhs * previous.count).view(p, old, self.out), rhs], 1)
+        return GramSystem(
+            _assemble_gram(sums, p, m, kept) / self.count,
+            rhs.reshape(p * m, self.out) / self.count,
+            self.rr / self.count,
+            self.count,
+            p,
+            stage.config.output_groups,
+            time.perf_counter() - began,
+            basis,
+        )
 
 
 def _pair_index(size: int, device: torch.device) -> Tensor:
@@ -390,25 +495,37 @@ def metric_lipschitz(
     iterations: int,
 ) -> float:
     """The largest eigenvalue of ``M^{-1} H`` for the Hessian product ``hessian`` on
-    per-pattern tensors of ``shape``: power iteration from a seeded start, the generalised
-    Rayleigh quotient ``u^T H u / u^T M u``, times 1.01 (the step constant of FISTA in the
-    metric ``M``; the solvers double it if a step ever increases the objective)."""
+    per-pattern tensors of ``shape``, times 1.01: `power_iteration` from a seeded random
+    start (the step constant of FISTA in the metric ``M``; the solvers double it if a step
+    ever increases the objective)."""
+    start = _random_start(shape, metric.values.device)
+    return power_iteration(hessian, metric, start, iterations)[0]
+
+
+def _random_start(shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """A seeded standard normal float64 tensor: the power iteration's start."""
     gen = torch.Generator().manual_seed(0)
-    u = torch.randn(shape, generator=gen, dtype=torch.float64).to(metric.values.device)
-    estimate = 0.0
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device)
+
+
+def power_iteration(
+    hessian: Callable[[Tensor], Tensor], metric: BlockMetric, start: Tensor, iterations: int
+) -> tuple[float, Tensor]:
+    """``iterations`` power steps on ``M^{-1} H`` from ``start`` (per-pattern layout): the
+    generalised Rayleigh quotient ``u^T H u / u^T M u`` times 1.01, and the last vector
+    (unit norm), a start for a nearby operator."""
+    u = start / torch.linalg.vector_norm(start).clamp_min(torch.finfo(start.dtype).tiny)
     for _ in range(max(1, iterations)):
         w = metric.solve(hessian(u))
         norm = float(torch.linalg.vector_norm(w))
         if norm == 0:
-            return 1.0
+            return 1.0, u
         u = w / norm
-        estimate = float((u * hessian(u)).sum()) / metric.quadratic(u)
-    return 1.01 * estimate
+    return 1.01 * float((u * hessian(u)).sum()) / metric.quadratic(u), u
 
 
-def objective(system: GramSystem, v: Tensor, beta: float) -> float:
-    """``L(v) + beta * sum_g ||v_g||`` of ``v`` ``(n, out)``."""
-    gv = system.gram @ v
+def objective(system: GramSystem, v: Tensor, gv: Tensor, beta: float) -> float:
+    """``L(v) + beta * sum_g ||v_g||`` of ``v`` ``(n, out)``, given ``gv = G v``."""
     value = 0.5 * (system.rr - 2 * float((system.rhs * v).sum()) + float((v * gv).sum()))
     return value + beta * float(system.group_norms(v).sum())
 
@@ -455,14 +572,17 @@ def solve_gram(
         if start is None
         else start.clone()
     )
-    value = objective(system, current, beta)
-    extrapolated, momentum, plain = current, 1.0, True
+    # G times the current and the extrapolated point, kept along (one product a step).
+    g_current = system.gram @ current
+    value = objective(system, current, g_current, beta)
+    extrapolated, g_extrapolated, momentum, plain = current, g_current, 1.0, True
     done = halvings = 0
     cert = system.certificate(current, beta)
     while cert["relative_gap"] > tol and done < max_iterations:
-        grad = per(system.gram @ extrapolated - system.rhs)
+        grad = per(g_extrapolated - system.rhs)
         candidate = flat(metric.prox(per(extrapolated) - metric.solve(grad) / step, step, beta))
-        candidate_value = objective(system, candidate, beta)
+        g_candidate = system.gram @ candidate
+        candidate_value = objective(system, candidate, g_candidate, beta)
         done += 1
         if candidate_value > value + 1e-12 * abs(value):
             if plain:
@@ -473,13 +593,14 @@ def solve_gram(
                 if halvings > 60:
                     raise CvxmriError("solve_gram: the objective keeps increasing; not finite?")
             # Restart: the momentum overshot.
-            momentum, extrapolated, plain = 1.0, current, True
+            momentum, extrapolated, g_extrapolated, plain = 1.0, current, g_current, True
             continue
         following = (1 + math.sqrt(1 + 4 * momentum * momentum)) / 2
         factor = (momentum - 1) / following
         extrapolated = candidate + factor * (candidate - current)
+        g_extrapolated = g_candidate + factor * (g_candidate - g_current)
         momentum, plain = following, factor == 0
-        current, value = candidate, candidate_value
+        current, g_current, value = candidate, g_candidate, candidate_value
         if done % check_every == 0:
             cert = system.certificate(current, beta)
             if callback is not None:
@@ -502,9 +623,6 @@ def refinement_model(system: GramSystem, v: Tensor, gradient: Tensor, ee: float)
 
 
 # ------------------------------------------------------------------ solving a stage
-
-
-_Data = list[tuple[Tensor, Tensor, Tensor]]
 
 
 def _set_weight(stage: ConvexStage, weight: Tensor) -> None:
@@ -607,12 +725,20 @@ class StageSolver:
         block = stage.in_channels * stage.config.kernel_size**stage.ndim
         self.unknowns = p * block
         self.basis: Tensor | None = None
+        self.store: PatchStore | None = None
+        # The statistics of the last exact pass and the weights they are of: a new beta
+        # starts where the last one ended.
+        self._last: tuple[ResidualStatistics, Tensor] | None = None
+        self._power: Tensor | None = None
         if self.unknowns <= gram_unknowns:
             self.route = "gram"
         elif subspace > 0:
             self.route = "subspace"
-            rank = min(subspace, max(1, SUBSPACE_UNKNOWNS // p))
-            self.basis = patch_basis(_mean_patch_gram(stage, _subset(data, self.count)), rank)
+            self.store = PatchStore(stage, data, SUBSPACE_UNKNOWNS // p)
+            self.room = self.store.columns
+            self.basis = patch_basis(
+                _mean_patch_gram(stage, _subset(data, self.count)), min(subspace, self.room)
+            )
         else:
             self.route = "matrix-free"
         if self.route != "matrix-free":
@@ -627,14 +753,26 @@ class StageSolver:
         """The Gram system (restricted to ``basis`` if given; ``previous``: that of the
         basis's leading columns, kept), its metric and step."""
         self.basis = basis
-        self.system = system = gram_system(self.stage, self.data, basis, previous)
+        if self.store is None:
+            system = gram_system(self.stage, self.data)
+        else:
+            assert basis is not None
+            system = self.store.system(basis, previous)
+        self.system = system
         self.metric = BlockMetric.from_gram(system)
 
         def hessian(u: Tensor) -> Tensor:
             return system.per_pattern(system.gram @ system.flat(u))
 
         shape = (system.patterns, self.stage.out_channels, system.block)
-        self.lipschitz = metric_lipschitz(hessian, self.metric, shape, 100)
+        if self._power is None:
+            start, iterations = _random_start(shape, system.gram.device), POWER_ITERATIONS
+        else:
+            # The last vector, zero in the new coordinates.
+            start = torch.zeros(shape, dtype=torch.float64, device=self._power.device)
+            start[..., : self._power.shape[-1]] = self._power
+            iterations = WARM_POWER_ITERATIONS
+        self.lipschitz, self._power = power_iteration(hessian, self.metric, start, iterations)
         self.unknowns = system.gram.shape[0]
 
     def beta_max(self) -> float:
@@ -668,18 +806,16 @@ class StageSolver:
         began = time.perf_counter()
         iterations = passes = 0.0
         rounds = 0
-        stats = None
         while True:
             offset = time.perf_counter() - began
             timed = None if callback is None else _shifted(callback, offset)
-            cert, stats = self._solve_gram(beta, timed, stats)
+            cert, stats = self._solve_gram(beta, timed)
             iterations += cert["iterations"]
             passes += cert["passes"]
             if cert["relative_gap"] <= self.tol or rounds >= self.subspace_rounds:
                 break
             assert self.basis is not None
-            room = SUBSPACE_UNKNOWNS // self.stage.config.patterns
-            grown = _grow_basis(self.basis, stats.gradient)[:, :room]
+            grown = _grow_basis(self.basis, stats.gradient)[:, : self.room]
             if grown.shape[1] == self.basis.shape[1]:
                 break
             # The weights lie in the old span: the last pass is the new program's too.
@@ -696,24 +832,24 @@ class StageSolver:
         }
 
     def _solve_gram(
-        self,
-        beta: float,
-        callback: Callable[[float, dict[str, float]], None] | None,
-        known: ResidualStatistics | None = None,
+        self, beta: float, callback: Callable[[float, dict[str, float]], None] | None
     ) -> tuple[dict[str, float], ResidualStatistics]:
         """The Gram route's rounds; the certificate and the statistics of the last pass.
-        ``known``: the statistics at the current weights, if a pass already has them."""
+        A pass at the current weights is not repeated (the statistics do not depend on
+        beta or the basis: a new beta, or a grown basis, starts from the last one's)."""
         began = time.perf_counter()
         system, stage = self.system, self.stage
         v = system.from_weight(stage.v)
         iterations = passes = 0
         while True:
-            if known is None:
-                cert, stats = _exact_certificate(stage, self.data, beta, self.basis)
-                passes += 1
-            else:
-                stats, known = known, None
+            last = self._last
+            if last is not None and torch.equal(last[1], stage.v.detach()):
+                stats = last[0]
                 cert = _certificate_of(stage, stats, beta, self.basis)
+            else:
+                cert, stats = _exact_certificate(stage, self.data, beta, self.basis)
+                self._last = (stats, stage.v.detach().clone())
+                passes += 1
             seconds = time.perf_counter() - began
             if callback is not None:
                 callback(seconds, cert)
