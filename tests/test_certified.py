@@ -322,3 +322,18 @@ def test_results_keep_the_selected_beta_of_a_path() -> None:
     assert rows[0]["beta"] == 0.1 and rows[0]["relative_gap"] == 2e-4
     assert rows[0]["violation_fraction"] == 0.5 and "trace" not in rows[0]
     assert rows[1]["beta"] == 1e-4 and rows[1]["relative_gap"] == 0.8
+
+
+def test_beta_path_stops_once_a_beta_gains_too_little() -> None:
+    """The path stops once the last beta's validation PSNR is at most ``min_gain`` dB
+    above the best before it (worse, equal or barely better); a negative one is refused."""
+    settings = CertifiedConfig(min_gain=0.05)
+    assert not settings.path_done([30.0])
+    assert not settings.path_done([30.0, 30.2])
+    assert not settings.path_done([30.0, 30.2, 30.26])
+    assert settings.path_done([30.0, 30.2, 30.24])
+    assert settings.path_done([30.0, 30.2, 30.1])
+    assert settings.path_done([30.3, 30.2, 30.34])  # measured against the best, not the last
+    assert CertifiedConfig(min_gain=0.0).path_done([30.0, 30.0])
+    with pytest.raises(CvxmriError, match=r"certified\.min_gain"):
+        CertifiedConfig(min_gain=-0.1).validate()

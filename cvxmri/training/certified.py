@@ -779,7 +779,9 @@ class StageSolver:
         """The smallest ``beta`` at which ``v = 0`` is optimal (one float64 pass at 0)."""
         saved = self.stage.v.detach().clone()
         _set_weight(self.stage, torch.zeros_like(saved))
-        cert, _ = _exact_certificate(self.stage, self.data, 0.0, self.basis)
+        cert, stats = _exact_certificate(self.stage, self.data, 0.0, self.basis)
+        # A path that starts at the zero weight (a new stage) starts from this pass.
+        self._last = (stats, self.stage.v.detach().clone())
         _set_weight(self.stage, saved)
         return cert["max_dual_norm"]
 

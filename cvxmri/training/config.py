@@ -57,7 +57,7 @@ class CertifiedConfig:
         betas: the beta path, as fractions of the stage's ``beta_max`` (the smallest beta
             at which the zero weight is optimal), solved in this order, each warm-started
             from the previous solution; the stage keeps the beta with the best validation
-            PSNR and stops early once two betas in a row are worse than the best.
+            PSNR (`path_done` says when the path stops early).
         seconds: time budget per beta (0: none); a beta stopped by it reports the gap it
             reached.
         gram_unknowns: stages with at most this many unknowns per output channel
@@ -71,6 +71,9 @@ class CertifiedConfig:
             32-channel stage in reasonable time on a CPU; docs/benchmarks.md).
         subspace_rounds: times a subspace grows per beta, by the whole gradient's
             components outside it, while the whole program's gap is above ``tol``.
+        min_gain: the path stops once a beta's validation PSNR is at most this many dB
+            above the best before it (0: once one is not better). Smaller betas cost
+            more (a richer solution), and gain less and less.
     """
 
     tol: float = 1e-3
@@ -81,6 +84,7 @@ class CertifiedConfig:
     max_iterations: int = 2000
     subspace: int = 100
     subspace_rounds: int = 4
+    min_gain: float = 0.05
 
     def validate(self) -> None:
         """Raise `CvxmriError` naming the first invalid setting."""
@@ -93,12 +97,18 @@ class CertifiedConfig:
             "max_iterations": self.max_iterations >= 1,
             "subspace": self.subspace >= 0,
             "subspace_rounds": self.subspace_rounds >= 0,
+            "min_gain": math.isfinite(self.min_gain) and self.min_gain >= 0,
         }
         for name, ok in checks.items():
             if not ok:
                 raise CvxmriError(
                     f"invalid training setting certified.{name}={getattr(self, name)!r}"
                 )
+
+    def path_done(self, val_psnrs: list[float]) -> bool:
+        """Whether the beta path stops after betas with these validation PSNRs (dB, in path
+        order): once the last is at most `min_gain` above the best before it."""
+        return len(val_psnrs) > 1 and val_psnrs[-1] <= max(val_psnrs[:-1]) + self.min_gain
 
 
 @dataclass

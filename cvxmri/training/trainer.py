@@ -818,7 +818,7 @@ class Trainer:
             largest,
         )
         best: tuple[float, float, dict[str, Tensor], dict[str, Any]] | None = None
-        worse = 0
+        seen: list[float] = []
         for position, fraction in enumerate(settings.betas):
             beta = fraction * largest
             program.config = replace(program.config, beta=beta)
@@ -853,11 +853,10 @@ class Trainer:
             self._record(row, index * len(settings.betas) + position + 1)
             if best is None or metrics["val_psnr"] > best[0]:
                 state = {k: v.detach().clone() for k, v in program.state_dict().items()}
-                best, worse = (metrics["val_psnr"], beta, state, record), 0
-            else:
-                worse += 1
-                if worse >= 2:
-                    break
+                best = (metrics["val_psnr"], beta, state, record)
+            seen.append(metrics["val_psnr"])
+            if settings.path_done(seen):
+                break
         assert best is not None
         _, beta, state, record = best
         program.config = replace(program.config, beta=beta)

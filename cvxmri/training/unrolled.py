@@ -679,7 +679,7 @@ class UnrolledTrainer(Trainer):
             largest,
         )
         best: tuple[float, dict[str, Tensor], dict[str, Any]] | None = None
-        worse = 0
+        seen: list[float] = []
         for position, fraction in enumerate(certified.betas):
             beta = fraction * largest
             trace: list[list[float]] = []
@@ -715,11 +715,10 @@ class UnrolledTrainer(Trainer):
             )
             if best is None or metrics["val_psnr"] > best[0]:
                 saved = {k: v.detach().clone() for k, v in stage.state_dict().items()}
-                best, worse = (metrics["val_psnr"], saved, record), 0
-            else:
-                worse += 1
-                if worse >= 2:
-                    break
+                best = (metrics["val_psnr"], saved, record)
+            seen.append(metrics["val_psnr"])
+            if certified.path_done(seen):
+                break
         assert best is not None
         _, saved, record = best
         stage.load_state_dict(saved)
