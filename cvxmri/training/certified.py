@@ -362,6 +362,16 @@ class PatchStore:
         self.columns = min(columns, STORE_BYTES // (4 * max(1, int(pixels))))
         self._buffer = torch.empty(d_all.shape[0], self.columns, device=d_all.device)
 
+    def held_bytes(self, columns: int) -> int:
+        """Bytes of the store with ``columns`` basis columns' coordinates: those, the gated
+        residuals and the code grouping (the buffer's unused columns are never touched)."""
+        per_pixel = 4 * (columns + self.gated.shape[1])
+        grouping = sum(
+            t.numel() * t.element_size()
+            for t in (self.groups.order, self.groups.starts, self.groups.counts)
+        )
+        return self._buffer.shape[0] * per_pixel + grouping
+
     @torch.no_grad()
     def system(self, basis: Tensor, previous: GramSystem | None = None) -> GramSystem:
         """The `GramSystem` of the program restricted to filters ``Q a``, ``Q = basis``
@@ -790,12 +800,27 @@ class StageSolver:
     ) -> dict[str, float]:
         """Solve at ``beta`` from the current weights; ``callback(seconds, certificate)``
         after every exact certificate. Returns the last certificate with ``iterations``
-        (model or FISTA iterations), ``passes`` (exact float64 passes) and ``seconds``."""
+        (model or FISTA iterations), ``passes`` (exact float64 passes), ``seconds`` and
+        ``held_mib`` (`held_bytes` after it, in MiB)."""
         if self.route == "subspace":
-            return self._solve_subspace(beta, callback)
-        if self.route == "gram":
-            return self._solve_gram(beta, callback)[0]
-        return self._solve_matrix_free(beta, callback)
+            result = self._solve_subspace(beta, callback)
+        elif self.route == "gram":
+            result = self._solve_gram(beta, callback)[0]
+        else:
+            result = self._solve_matrix_free(beta, callback)
+        return {**result, "held_mib": self.held_bytes() / 2**20}
+
+    def held_bytes(self) -> int:
+        """Bytes of what the route keeps across the path: the Gram system (matrix and
+        right-hand side), the metric's eigenvectors and, on the subspace route, the patch
+        store (`PatchStore.held_bytes`). Not counted: the stage's inputs (the trainer's),
+        and the working memory of a pass or a Gram build."""
+        held = self.metric.vectors.numel() * self.metric.vectors.element_size()
+        if hasattr(self, "system"):
+            held += sum(t.numel() * t.element_size() for t in (self.system.gram, self.system.rhs))
+        if self.store is not None and self.basis is not None:
+            held += self.store.held_bytes(self.basis.shape[1])
+        return held
 
     def _solve_subspace(
         self, beta: float, callback: Callable[[float, dict[str, float]], None] | None
