@@ -75,9 +75,12 @@ class CertifiedConfig:
             32-channel stage in reasonable time on a CPU; docs/benchmarks.md).
         subspace_rounds: times a subspace grows per beta, by the whole gradient's
             components outside it, while the whole program's gap is above ``tol``.
-        min_gain: the path stops once a beta's validation PSNR is at most this many dB
-            above the best before it (0: once one is not better). Smaller betas cost
-            more (a richer solution), and gain less and less.
+        min_gain: a CNN stage's path stops once a beta's validation PSNR is at most this
+            many dB above the best before it (0: once one is not better): smaller betas
+            cost more (more groups, more subspace directions) and gain less and less. An
+            unrolled iteration solves the whole path (its betas share one Gram matrix and
+            cost a second or two each; small gains compound over iterations), stopping
+            only after two betas worse than the best.
     """
 
     tol: float = 1e-3
