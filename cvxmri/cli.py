@@ -464,7 +464,7 @@ def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
         "--preset",
         choices=("quick", "paper", "tiny", "quick3d"),
         default="quick",
-        help="quick (2 CPU cores, an estimated 30 min), paper (GPU), tiny (tests) or quick3d "
+        help="quick (2 CPU cores, 18 min or more), paper (GPU), tiny (tests) or quick3d "
         "(the 3D comparison on 3D volumes, 2 CPU cores)",
     )
     reproduce.add_argument(
@@ -491,8 +491,8 @@ def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
         "--every-depth",
         action=argparse.BooleanOptionalAction,
         help="train end-to-end networks of every depth from 2 too, the end-to-end depth "
-        "curve (default: the preset's; quick trains the full depth only, which saves about "
-        "7 min on 2 CPU cores)",
+        "curve (default: the preset's; quick trains the full depth only, which saves minutes "
+        "on 2 CPU cores)",
     )
     _benchmark_json_options(reproduce)
     reproduce.add_argument(

@@ -303,7 +303,8 @@ def reproduce_preset(name: str) -> ReproduceConfig:
         layers=base.layers,
         masks=[base.mask, MaskSpec("cartesian", 4.0, 0.04)],
         # Quick: end-to-end at full depth only, the paper's comparison (its Fig. 2 adds
-        # layers to the layer-wise network); its depth curve would cost 7 of 2 cores' 30 min.
+        # layers to the layer-wise network); its depth curve cost about 8 of the 36 min
+        # the main job took on the slower development machine.
         end_to_end_every_depth=name != "quick",
         unrolled=unrolled,
     )

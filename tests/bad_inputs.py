@@ -847,6 +847,12 @@ CASES = [
         "reproduce --preset quick3d does not take --amp",
     ),
     Case(
+        "reproduce3d-every-depth",
+        "reproduce --preset quick3d with the 2D comparison's --every-depth",
+        _args("reproduce", "--preset", "quick3d", "--no-every-depth", "--out", "{work}/out"),
+        "reproduce --preset quick3d does not take --every-depth",
+    ),
+    Case(
         "reproduce3d-2d-data",
         "reproduce --preset quick3d on a 2D dataset root",
         _args("reproduce", "--preset", "quick3d", "--data", "{good}", "--out", "{work}/out"),

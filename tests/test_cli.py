@@ -14,6 +14,7 @@ import pytest
 import yaml
 from conftest import phantom_nifti
 
+from cvxmri import cli
 from cvxmri.cli import main
 
 
@@ -603,3 +604,26 @@ def test_report_on_a_training_run_says_what_it_needs(end_to_end_run: Path) -> No
     assert len(lines) == 1, result.stderr
     assert "a training run, not a reproduce folder" in lines[0]
     assert "unknown key" not in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "every_depth"),
+    [
+        (["--preset", "quick"], False),  # the paper's comparison: end-to-end at full depth
+        (["--preset", "quick", "--every-depth"], True),
+        (["--preset", "paper"], True),
+        (["--preset", "paper", "--no-every-depth"], False),
+    ],
+)
+def test_reproduce_every_depth(
+    argv: list[str], every_depth: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``reproduce --every-depth`` trains end-to-end networks of every depth; the quick
+    preset trains the full depth only unless told, the paper preset every depth."""
+    import cvxmri.reproduce
+
+    seen = []
+    monkeypatch.setattr(cvxmri.reproduce, "reproduce", lambda config, *_, **__: seen.append(config))
+    monkeypatch.setattr(cli, "_print_report", lambda *_: None)
+    assert main(["reproduce", *argv, "--data", str(tmp_path / "data"), "--out", str(tmp_path)]) == 0
+    assert seen[0].end_to_end_every_depth is every_depth
