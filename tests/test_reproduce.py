@@ -287,6 +287,13 @@ def test_unrolled_comparison_results(reproduced: dict[str, Any]) -> None:
         )
         assert answer["certified"] == (answer["largest_gap"] <= 1e-3)
         assert line.endswith(f"  {expected}")
+    # ... and so does each mask's item of "At a glance" (in the answers' order).
+    glance = (out / "report" / "report.md").read_text().split("## At a glance")[1]
+    items = glance.split("\n- ")[1:]
+    for answer, item in zip(results["answers"], items, strict=False):
+        verdict = "every" if answer["certified"] else "not every"
+        assert item.startswith(f"**{answer['label']}**")
+        assert f"{verdict} convex stage certified to 0.001." in item
     end_to_end = [m for m in unrolled["metrics"] if m["method"] == "end-to-end"]
     assert {(m["mask"], m["iterations"]) for m in end_to_end} == {
         ("poisson-4x", t_max),
