@@ -117,17 +117,14 @@ def _glance(results: dict[str, Any]) -> Section:
         if gaps is not None:
             low, high = f"{gaps[0]:.2e}", f"{gaps[1]:.2e}"
             span = low if low == high else f"{low} to {high}"
-            certified = answer.get("certified")
-            verdict = (
-                ""
-                if certified is None
-                else f": {'every' if certified else 'not every'} convex stage certified to "
-                f"{answer['tol']:g}"
-            )
             line += (
                 f" Final relative duality gaps of the convex stages: {span} (0 = certified "
-                f"global optimum, 1 = nothing certified){verdict}."
+                "global optimum, 1 = nothing certified)"
             )
+            if answer.get("certified") is not None:
+                every = "every" if answer["certified"] else "not every"
+                line += f": {every} convex stage certified to {answer['tol']:g}"
+            line += "."
         seconds = answer["train_seconds"]
         line += (
             f" Training wall time: layer-wise convex {seconds['layerwise-convex']:.0f} s, "

@@ -291,7 +291,7 @@ def gram_system(
         u = _patches(stage, x.double())
         d_all = d.movedim(1, -1).reshape(-1, p)
         r_all = r.double().movedim(1, -1).reshape(u.shape[0], -1)
-        part = _gated_rhs(u, d_all, r_all)
+        part = _rhs_blocks(_gated_residuals(d_all, r_all), u, p).reshape(p * m, -1)
         rhs = part if rhs is None else rhs + part
         rr += float(r_all.square().sum())
         groups = code_groups(d_all)
@@ -317,13 +317,17 @@ def gram_system(
     )
 
 
-def _gated_rhs(u: Tensor, d: Tensor, r: Tensor) -> Tensor:
-    """``sum_pixels (D_p u) r^T`` in the unknowns' order, ``(P m, out)`` float64, from
-    patches (or coordinates) ``u`` ``(pixels, m)``, gates ``d`` ``(pixels, P)`` and
-    residuals ``r`` ``(pixels, out)``."""
-    p, m = d.shape[1], u.shape[1]
-    gated = (d.double()[:, :, None] * r.double()[:, None, :]).reshape(u.shape[0], -1)
-    return (gated.T @ u.double()).view(p, -1, m).transpose(1, 2).reshape(p * m, -1)
+def _gated_residuals(d: Tensor, r: Tensor) -> Tensor:
+    """Each pattern's gate times each output's residual, ``(pixels, P * out)`` in ``r``'s
+    dtype, from gates ``d`` ``(pixels, P)`` and residuals ``r`` ``(pixels, out)``."""
+    return (d.to(r.dtype)[:, :, None] * r[:, None, :]).reshape(d.shape[0], -1)
+
+
+def _rhs_blocks(gated: Tensor, u: Tensor, patterns: int) -> Tensor:
+    """``b = sum_pixels (D_p u) r^T`` per pattern, ``(P, m, out)`` float64, from the
+    `_gated_residuals` and the patches (or coordinates) ``u`` ``(pixels, m)``, the product
+    in their dtype."""
+    return (gated.T @ u).double().view(patterns, -1, u.shape[1]).transpose(1, 2)
 
 
 class PatchStore:
@@ -350,8 +354,7 @@ class PatchStore:
         r_all = torch.cat([r.double().movedim(1, -1).reshape(-1, r.shape[1]) for _, r, _ in data])
         self.groups = code_groups(d_all)
         d_all, r_all = d_all[self.groups.order], r_all[self.groups.order]
-        # (pixels, P * out): each pattern's gate times each output's residual.
-        self.gated = (d_all[:, :, None] * r_all[:, None, :]).reshape(d_all.shape[0], -1).float()
+        self.gated = _gated_residuals(d_all, r_all).float()
         self.out = r_all.shape[1]
         rr, count, pixels = distributed.sum_floats(
             float(r_all.square().sum()), sum(x.shape[0] for x, _, _ in data), d_all.shape[0]
@@ -390,8 +393,7 @@ class PatchStore:
         new = self._buffer[:, old:m]
         upper_p = torch.triu_indices(p, p, device=new.device)
         sums = _code_sums(new, self._buffer[:, :m], self.groups, upper_p)
-        # b = sum_pixels (D_p u) r^T: the new rows of every pattern.
-        rhs = (self.gated.T @ new).double().view(p, self.out, m - old).transpose(1, 2)
+        rhs = _rhs_blocks(self.gated, new, p)  # the new rows of every pattern
         distributed.all_reduce_(sums)
         distributed.all_reduce_(rhs)
         kept = None

@@ -809,13 +809,15 @@ class Trainer:
             subspace_rounds=settings.subspace_rounds,
         )
         largest = solver.beta_max()
+        store = solver.store
         log.info(
-            "stage %d: %s route, %d unknowns per output, set-up %.1f s, beta_max %.4g",
+            "stage %d: %s route, %d unknowns per output, set-up %.1f s, beta_max %.4g%s",
             index + 1,
             solver.route,
             solver.unknowns,
             solver.setup_seconds,
             largest,
+            "" if store is None else f", {store.groups.counts.numel()} gate codes",
         )
         best: tuple[float, float, dict[str, Tensor], dict[str, Any]] | None = None
         seen: list[float] = []
