@@ -338,8 +338,8 @@ class PatchStore:
 
     Two savings over streaming batches (`gram_system`): a code's pixels in every image are
     summed together, so the pattern-pair product runs over the distinct codes of the
-    whole set (51 thousand on the default data's stage 2, against 176 thousand summed
-    over batches of 8 images); and a grown basis computes only its new columns'
+    whole set (51 thousand on the default data's stage 2), not each batch's codes again;
+    and a grown basis computes only its new columns'
     coordinates. The coordinates take ``4 * pixels`` bytes per column, in one buffer of
     `columns` columns whose pages are only touched as columns are added.
     """
