@@ -304,8 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--dc",
         choices=DC_KINDS,
-        help="unrolled: data consistency, a gradient step, CG-SENSE, or the CG-SENSE step "
-        "by a fixed Chebyshev polynomial (exactly linear; default gradient)",
+        help="unrolled: data consistency, a gradient step, CG-SENSE, the CG-SENSE step by "
+        "a fixed Chebyshev polynomial (exactly linear), or solved exactly per readout line "
+        "(direct: 2D, 1D Cartesian masks; default gradient)",
+    )
+    train.add_argument(
+        "--dc-lamda",
+        type=_number,
+        help="unrolled: the proximal weight lambda of --dc cg, chebyshev or direct "
+        "(default 0.05; smaller trusts the data more)",
     )
     train.add_argument(
         "--shared-weights",
@@ -478,14 +485,15 @@ def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
     reproduce.add_argument(
         "--iterations",
         type=_nonnegative_int,
-        help="T of the unrolled networks' comparison (default: the preset's, 8 for quick; "
+        help="T of the unrolled networks' comparison (default: the preset's, 12 for quick; "
         "0 leaves the comparison out)",
     )
     reproduce.add_argument(
         "--dc",
         choices=DC_KINDS,
-        help="data consistency of the unrolled networks (default gradient; cg leaves out "
-        "greedy convex training, which needs a linear one: chebyshev is)",
+        help="data consistency of the unrolled networks on every mask (default: per mask, "
+        "direct for 1D Cartesian, gradient otherwise; cg leaves out greedy convex "
+        "training, which needs a linear one: chebyshev and direct are)",
     )
     reproduce.add_argument(
         "--every-depth",
@@ -828,6 +836,8 @@ def _train_config(args: argparse.Namespace) -> object:
             unrolled = replace(unrolled, **{name: value})
     if args.dc is not None:
         unrolled = replace(unrolled, dc=replace(unrolled.dc, kind=args.dc))
+    if args.dc_lamda is not None:
+        unrolled = replace(unrolled, dc=replace(unrolled.dc, lamda=args.dc_lamda))
     overrides = {
         "method": args.method,
         "arch": args.arch,
@@ -968,8 +978,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
         network = replace(unrolled.network, iterations=args.iterations)
         unrolled = replace(unrolled, network=network, end_to_end_iterations=[])
     if args.dc is not None:
+        # The command line's data consistency wins over the preset's per-mask choice.
         network = replace(unrolled.network, dc=replace(unrolled.network.dc, kind=args.dc))
-        unrolled = replace(unrolled, network=network)
+        unrolled = replace(unrolled, network=network, dc_by_mask={})
     if args.dc not in (None, *LINEAR_DC_KINDS) and "layerwise-convex" in unrolled.methods:
         # A fixed number of CG steps is not linear: no certified convex iteration on it.
         unrolled = replace(

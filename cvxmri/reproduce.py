@@ -29,7 +29,7 @@ import os
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
@@ -70,6 +70,7 @@ from cvxmri.evaluate import (
 from cvxmri.masks import MASK_KINDS, MaskSpec
 from cvxmri.metrics import slice_metrics
 from cvxmri.models.cnn import ReconCNN
+from cvxmri.models.dc import DCConfig
 from cvxmri.models.unrolled import load_network
 from cvxmri.recon import CLASSICAL_METHODS, CGSenseConfig, CSConfig, network_reconstructor
 from cvxmri.report import interpret
@@ -102,6 +103,16 @@ EXPECTED_SECONDS = {
     "memory unrolled": 60.0,
 }
 UNROLLED_METHODS = ("layerwise-convex", "layerwise-nonconvex", "end-to-end")
+# T_max of the unrolled comparison: the greedy convex network's validation PSNR still
+# rose by 0.1 dB per iteration at T = 8 on both masks (docs/benchmarks.md, "Data
+# consistency per mask").
+COMPARISON_ITERATIONS = 12
+# The unrolled networks' data consistency where a mask wants another than
+# `UnrolledConfig`'s gradient step, chosen on the validation split (docs/benchmarks.md,
+# "Data consistency per mask"): a gradient step leaves the 1D Cartesian aliasing that the
+# CG-SENSE proximal step resolves (solved exactly per readout line, lambda from a grid),
+# and the proximal step over-fits Poisson-disc data.
+UNROLLED_DC_BY_MASK = {"cartesian-4x": DCConfig(kind="direct", lamda=0.02)}
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,8 @@ class UnrolledComparison:
     Attributes:
         methods: the training methods compared (empty: no unrolled comparison).
         network: the unrolled network (T_max, width, kernel, data consistency).
+        dc_by_mask: data consistency per mask, by `mask_key`; it wins over
+            ``network.dc`` for its mask, whose setting applies to the other masks.
         end_to_end_iterations: T of end-to-end networks besides T_max, each its own run
             (the end-to-end curve; empty: T_max only).
         max_train_slices: training slices (0: all); the first ones of the split.
@@ -151,7 +164,10 @@ class UnrolledComparison:
     """
 
     methods: list[str] = field(default_factory=lambda: list(UNROLLED_METHODS))
-    network: UnrolledConfig = field(default_factory=UnrolledConfig)
+    network: UnrolledConfig = field(
+        default_factory=lambda: UnrolledConfig(iterations=COMPARISON_ITERATIONS)
+    )
+    dc_by_mask: dict[str, DCConfig] = field(default_factory=lambda: dict(UNROLLED_DC_BY_MASK))
     end_to_end_iterations: list[int] = field(default_factory=list)
     max_train_slices: int = 18
     epochs: int = 30
@@ -165,7 +181,10 @@ class UnrolledComparison:
                 f"unrolled.methods: unknown method {unknown[0]!r} "
                 f"(choose from {', '.join(UNROLLED_METHODS)})"
             )
-        self.network.validate("end-to-end")
+        check_mask_keys("unrolled.dc_by_mask", self.dc_by_mask)
+        for dc in [self.network.dc, *self.dc_by_mask.values()]:
+            for method in ["end-to-end", *self.methods]:
+                replace(self.network, dc=dc).validate(method)
         if self.network.shared:
             raise CvxmriError("unrolled.network.shared: the greedy methods cannot share weights")
         checks = {
@@ -245,13 +264,7 @@ class ReproduceConfig:
             raise CvxmriError(f"clusters must be >= 2, got {self.clusters}")
         self.simulation.validate()
         self.check_data()
-        for key in self.classical_by_mask:
-            kind, _, accel = key.rpartition("-")
-            if kind not in MASK_KINDS or not accel.endswith("x") or not _is_number(accel[:-1]):
-                raise CvxmriError(
-                    f"classical_by_mask: {key!r} is not a mask key like poisson-4x "
-                    f"(kinds: {', '.join(MASK_KINDS)})"
-                )
+        check_mask_keys("classical_by_mask", self.classical_by_mask)
         for mask in self.masks:
             cs, cg = classical_settings(self, mask)
             EvaluateConfig(
@@ -315,6 +328,18 @@ def mask_key(mask: MaskSpec) -> str:
     return f"{mask.kind}-{mask.acceleration:g}x"
 
 
+def check_mask_keys(name: str, keys: Iterable[str]) -> None:
+    """Raise `CvxmriError` naming the setting ``name`` if one of ``keys`` is not a
+    `mask_key` (``poisson-4x``)."""
+    for key in keys:
+        kind, _, accel = key.rpartition("-")
+        if kind not in MASK_KINDS or not accel.endswith("x") or not _is_number(accel[:-1]):
+            raise CvxmriError(
+                f"{name}: {key!r} is not a mask key like poisson-4x "
+                f"(kinds: {', '.join(MASK_KINDS)})"
+            )
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -350,6 +375,14 @@ def train_config(config: ReproduceConfig, method: str, mask: MaskSpec, layers: i
     )
 
 
+def unrolled_network(config: ReproduceConfig, mask: MaskSpec) -> UnrolledConfig:
+    """The unrolled network of ``mask``: ``config.unrolled.network`` with the mask's data
+    consistency from ``config.unrolled.dc_by_mask``, where it has one."""
+    network = config.unrolled.network
+    dc = config.unrolled.dc_by_mask.get(mask_key(mask), network.dc)
+    return replace(network, dc=dc)
+
+
 def unrolled_train_config(
     config: ReproduceConfig, method: str, mask: MaskSpec, iterations: int
 ) -> TrainConfig:
@@ -364,7 +397,7 @@ def unrolled_train_config(
         crop=0,
         crops_per_image=1,
         max_train_slices=unrolled.max_train_slices,
-        unrolled=replace(unrolled.network, iterations=iterations),
+        unrolled=replace(unrolled_network(config, mask), iterations=iterations),
         optim=replace(base.optim, epochs=unrolled.epochs),
     )
 
@@ -425,10 +458,14 @@ def unrolled_runs(config: ReproduceConfig) -> list[tuple[str, int]]:
 def _unrolled_parts(config: ReproduceConfig, mask: MaskSpec) -> list[Part]:
     """The train and test parts of the unrolled networks of one mask."""
     key, label = mask_key(mask), mask.describe()
+    dc = unrolled_network(config, mask).dc
+    # An iterative proximal step costs about half a gradient step per normal-operator
+    # product; the direct one about as much as a gradient step.
+    dc_cost = (1 + dc.cg_iterations) / 2 if dc.kind in ("cg", "chebyshev") else 1.0
     parts = []
     for method, iterations in unrolled_runs(config):
         name = unrolled_run_name(method, iterations)
-        weight = EXPECTED_SECONDS[f"train unrolled {method} per iteration"] * iterations
+        weight = EXPECTED_SECONDS[f"train unrolled {method} per iteration"] * iterations * dc_cost
         what = f"unrolled {method}, T={iterations}, {label}"
         every = "" if method == "end-to-end" else " (every T)"
         parts += [
@@ -803,8 +840,9 @@ def unrolled_memory_config(config: ReproduceConfig) -> UnrolledMemoryConfig:
     """The unrolled memory measurement of a reproduction
     (`cvxmri.benchmark.memory_unrolled`): one training step of every compared method (and
     end-to-end with checkpointing) at each of ``unrolled.memory_iterations``, at this
-    run's regulariser, data consistency, image size (a square of the same pixel count) and
-    coils, batch 1, each in a fresh process."""
+    run's regulariser, data consistency (``unrolled.network.dc``: the benchmark draws its
+    own random 2D masks), image size (a square of the same pixel count) and coils, batch 1,
+    each in a fresh process."""
     data = SliceData(config.data, "train", config.masks[0], max_slices=1)
     shape = data.recon_shape
     network = config.unrolled.network
@@ -1371,6 +1409,9 @@ def collect_unrolled(
     return {
         "iterations": unrolled.network.iterations,
         "network": to_dict(unrolled.network),
+        "dc_by_mask": {
+            mask_key(mask): to_dict(unrolled_network(config, mask).dc) for mask in config.masks
+        },
         "max_train_slices": unrolled.max_train_slices,
         "epochs": unrolled.epochs,
         "metrics": rows,

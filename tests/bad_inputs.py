@@ -696,6 +696,12 @@ CASES = [
         "needs a linear data consistency",
     ),
     Case(
+        "unrolled-direct-poisson",
+        "the direct (per readout line) data consistency with a Poisson-disc mask",
+        _args("train", "--arch", "unrolled", "--dc", "direct", "--data", "{good}"),
+        "direct needs 2D images and a mask constant along the readout",
+    ),
+    Case(
         "unrolled-eta",
         "a gradient data-consistency step of length 2.5 (diverges beyond 2)",
         _yaml("arch: unrolled\nunrolled:\n  dc:\n    eta: 2.5\n"),

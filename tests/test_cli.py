@@ -402,6 +402,12 @@ def test_train_options_override_the_config_file(tmp_path: Path) -> None:
     config = _resolved("--config", str(carry), "--method", "layerwise-nonconvex", "--epochs", "5")
     assert config.method == "layerwise-nonconvex"  # type: ignore[attr-defined]
     assert config.optim.epochs == 5 and config.mask.acceleration == 6.0  # type: ignore[attr-defined]
+    # The unrolled data consistency: kind and weight, each only where given.
+    carry.write_text("arch: unrolled\nunrolled:\n  dc:\n    kind: chebyshev\n    lamda: 0.1\n")
+    dc = _resolved("--config", str(carry), "--mask", "cartesian", "--dc", "direct").unrolled.dc  # type: ignore[attr-defined]
+    assert (dc.kind, dc.lamda) == ("direct", 0.1)
+    dc = _resolved("--config", str(carry), "--dc-lamda", "0.02").unrolled.dc  # type: ignore[attr-defined]
+    assert (dc.kind, dc.lamda) == ("chebyshev", 0.02)
 
 
 def test_tiny_preset_keeps_its_calibration() -> None:

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from cvxmri.errors import CvxmriError
-from cvxmri.models.dc import ChebyshevDC, DCConfig, GradientDC, ProximalDC
-from cvxmri.physics import chebyshev, conjugate_gradient, recon_sense
+from cvxmri.models.dc import ChebyshevDC, DCConfig, DirectDC, GradientDC, ProximalDC
+from cvxmri.physics import (
+    chebyshev,
+    conjugate_gradient,
+    line_inverse,
+    line_normals,
+    recon_sense,
+)
 
 
 def problem(ndim: int, dtype: torch.dtype = torch.complex128, crop: bool = True):
@@ -112,6 +118,89 @@ def test_chebyshev_dc_is_linear_and_self_adjoint_where_cg_is_not(ndim):
     assert torch.allclose(left, right, rtol=1e-12, atol=1e-12)
 
 
+def cartesian_problem(crop: bool = True, dtype: torch.dtype = torch.complex128):
+    """`problem` in 2D with a 1D Cartesian mask: random phase-encoding lines per item,
+    constant along the readout (the first image axis)."""
+    gen = torch.Generator().manual_seed(11)
+    grid = (8, 10)
+    shape = (6, 7) if crop else grid
+    maps = torch.randn(2, 3, *grid, dtype=dtype, generator=gen)
+    maps = maps / maps.abs().square().sum(dim=1, keepdim=True).sqrt()
+    lines = (torch.rand(2, 1, 1, grid[1], generator=gen) < 0.4).to(dtype.to_real())
+    op = recon_sense(maps, lines.expand(2, 1, *grid), shape, 2)
+    return op, torch.randn(2, *shape, dtype=dtype, generator=gen)
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_direct_dc_is_the_exact_proximal_step(crop):
+    """The per-line matrices are ``A^H A`` (against its explicit matrix), and `DirectDC`
+    equals a dense solve of the proximal step, keeps a consistent image, is affine,
+    self-adjoint, one operator's step for many images, and differentiable."""
+    op, x = cartesian_problem(crop)
+    lamda = 0.05
+    normal = explicit_normal(op, x.shape[1:], x.dtype)
+    lines = line_normals(op)[0]  # (h, w, w): block-diagonal over readout positions
+    assert torch.allclose(torch.block_diag(*lines), normal, atol=1e-12)
+    dc = DirectDC(lamda)
+    gen = torch.Generator().manual_seed(3)
+    aty = op.H(torch.randn(op(x).shape, dtype=x.dtype, generator=gen))
+    h = normal + lamda * torch.eye(len(normal), dtype=x.dtype)
+    dense = torch.linalg.solve(h, (aty[0] + lamda * x[0]).flatten())
+    assert torch.allclose(dc(x, op, aty)[0].flatten(), dense, atol=1e-10)
+    assert torch.allclose(dc(x, op, op.H(op(x))), x, atol=1e-10)
+    u, v = torch.randn(2, *x.shape, dtype=x.dtype, generator=gen)
+    assert torch.allclose(dc(u, op, aty), dc.offset(op, aty) + dc.linear(u, op), atol=1e-12)
+    left, right = (dc.linear(u, op).conj() * v).sum(), (u.conj() * dc.linear(v, op)).sum()
+    assert torch.allclose(left, right, rtol=1e-12, atol=1e-12)
+    sense = op.outer if crop else op
+    single = recon_sense(sense.maps[:1], sense.mask[:1], x.shape[1:])
+    many = torch.randn(5, *x.shape[1:], dtype=x.dtype, generator=gen)
+    assert torch.allclose(
+        dc.linear(many, single), ProximalDC(lamda, 200).linear(many, single), atol=1e-9
+    )
+    z = torch.randn_like(x).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda w: dc(w, op, aty), (z,), eps=1e-6, atol=1e-6)
+
+
+def test_line_inverses_are_kept_per_image_and_never_stale():
+    """Another operator of the same images finds their inverses again; a changed mask or
+    coil map, a new ``lamda`` or dtype computes its own (a hit must be exact)."""
+    op, x = cartesian_problem(crop=False)
+    first = line_inverse(op, 0.05)
+    again = line_inverse(recon_sense(op.maps.clone(), op.mask.clone(), x.shape[1:]), 0.05)
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    # Batch item 1 alone: its own inverse, found by content.
+    alone = line_inverse(recon_sense(op.maps[1:], op.mask[1:], x.shape[1:]), 0.05)
+    assert alone[0] is first[1]
+    mask = op.mask.clone()
+    mask[..., 0] = 1 - mask[..., 0]
+    maps = op.maps.clone()
+    maps[:, :, 0, 0] *= 2
+    for other, lamda in (
+        (recon_sense(op.maps, mask, x.shape[1:]), 0.05),
+        (recon_sense(maps, op.mask, x.shape[1:]), 0.05),
+        (op, 0.1),
+    ):
+        fresh = line_inverse(other, lamda)
+        normal = explicit_normal(other, x.shape[1:], x.dtype)
+        dense = torch.linalg.inv(normal + lamda * torch.eye(len(normal), dtype=x.dtype))
+        assert torch.allclose(torch.block_diag(*fresh[0]), dense, atol=1e-10)
+        assert fresh[0] is not first[0]
+    single = line_inverse(
+        recon_sense(op.maps.to(torch.complex64), op.mask.float(), x.shape[1:]), 0.05
+    )
+    assert single[0].dtype == torch.complex64
+
+
+def test_direct_dc_refuses_masks_that_vary_along_the_readout():
+    op, x = problem(2)
+    with pytest.raises(CvxmriError, match="constant along the readout"):
+        DirectDC(0.05).linear(x, op)
+    volume, v = problem(3)
+    with pytest.raises(CvxmriError, match="2D SENSE operator"):
+        DirectDC(0.05).linear(v, volume)
+
+
 def test_cg_items_are_independent_and_stop_at_tol():
     op, x = problem(2)
     apply = lambda v: op.N(v) + 0.1 * v  # noqa: E731
@@ -144,6 +233,8 @@ def test_dc_config_builds_and_refuses_bad_settings():
     built = DCConfig(kind="chebyshev", lamda=0.1, cg_iterations=7).build()
     assert isinstance(built, ChebyshevDC)
     assert built.config() == DCConfig("chebyshev", 1.5, 0.1, 7)
+    built = DCConfig(kind="direct", lamda=0.02).build()
+    assert isinstance(built, DirectDC) and built.config().lamda == 0.02
     with pytest.raises(CvxmriError, match=r"dc\.eta=2\.5"):
         DCConfig(eta=2.5).validate()
     with pytest.raises(CvxmriError, match=r"dc\.kind='admm'"):

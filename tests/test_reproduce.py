@@ -21,19 +21,24 @@ from cvxmri.benchmark import memory
 from cvxmri.benchmark.measure import measure_here
 from cvxmri.benchmark.workload import Workload
 from cvxmri.cli import main
+from cvxmri.config import from_dict, to_dict
 from cvxmri.data.simulate import SimulationConfig
 from cvxmri.errors import CvxmriError
 from cvxmri.evaluate import EvaluateConfig, evaluate
 from cvxmri.models.cnn import GatedConv, ReconCNN
+from cvxmri.models.dc import DCConfig
 from cvxmri.models.unrolled import load_network
 from cvxmri.report import interpret
 from cvxmri.reproduce import (
+    UNROLLED_DC_BY_MASK,
     ReproduceConfig,
     collect,
     format_results,
     plan,
     reproduce,
     reproduce_preset,
+    unrolled_run_name,
+    unrolled_train_config,
 )
 from cvxmri.runs import certificate_traces
 from cvxmri.training.trainer import Trainer, TrainingStopped
@@ -310,6 +315,20 @@ def test_unrolled_comparison_results(reproduced: dict[str, Any]) -> None:
         assert paired["mean"] == pytest.approx(answer["convex_minus_end_to_end"]["psnr"])
     methods = {r["method"] for r in unrolled["memory"]["rows"]}
     assert methods == {*config.unrolled.methods, "end-to-end-checkpointing"}
+    # Each mask's networks on its own data consistency, and the report says which.
+    for key, kind in (("poisson-4x", "gradient"), ("cartesian-4x", "direct")):
+        assert unrolled["dc_by_mask"][key]["kind"] == kind
+        for method, t in (("layerwise-convex", t_max), ("end-to-end", t_max)):
+            trained = load_network(out / key / unrolled_run_name(method, t) / "model.pt")
+            assert trained.dc.config().kind == kind
+    section = (out / "report" / "report.md").read_text().split("## Unrolled networks")[1]
+    section = section.split("\n## ")[0]
+    labels = {m["key"]: m["label"] for m in json.loads((out / "results.json").read_text())["masks"]}
+    assert f"{labels['poisson-4x']}: a gradient step (eta 1.5)" in section
+    assert (
+        f"{labels['cartesian-4x']}: the CG-SENSE proximal step (solved exactly per readout "
+        f"line, lambda {UNROLLED_DC_BY_MASK['cartesian-4x'].lamda:g})"
+    ) in section
     example = json.loads((out / "poisson-4x" / "examples" / "examples.json").read_text())
     assert {"unrolled-layerwise-convex", "unrolled-end-to-end"} <= {
         m["method"] for m in example["methods"]
@@ -403,6 +422,46 @@ def test_user_errors(
     arguments = ["reproduce", "--preset", "tiny", "--data", config.data, "--out", str(out)]
     assert main(arguments) == 2
     assert "started with another configuration" in capsys.readouterr().err
+
+
+def test_unrolled_data_consistency_per_mask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``unrolled.dc_by_mask`` gives each mask its data consistency, survives a YAML round
+    trip and rejects a key that is not a mask's or a non-linear DC for greedy convex
+    training; ``--dc`` on the command line applies to every mask."""
+    config = replace(reproduce_preset("quick"), data=str(tmp_path / "data"))
+    poisson, cartesian = config.masks
+    tuned = UNROLLED_DC_BY_MASK["cartesian-4x"]
+    assert tuned.kind == "direct"
+    for method in ("layerwise-convex", "layerwise-nonconvex", "end-to-end"):
+        assert unrolled_train_config(config, method, cartesian, 8).unrolled.dc == tuned
+        assert unrolled_train_config(config, method, poisson, 8).unrolled.dc == DCConfig()
+    loaded = from_dict(ReproduceConfig, to_dict(config))
+    assert loaded.unrolled.dc_by_mask == {"cartesian-4x": tuned}
+    assert isinstance(loaded.unrolled.dc_by_mask["cartesian-4x"], DCConfig)
+    for dc_by_mask, message in (
+        ({"cartesain-4x": tuned}, "unrolled.dc_by_mask: 'cartesain-4x' is not a mask key"),
+        ({"cartesian-4x": DCConfig(kind="cg")}, "needs a linear data consistency"),
+        ({"cartesian-4x": DCConfig(kind="gradient", eta=3.0)}, "dc.eta=3.0"),
+        ({"poisson-4x": DCConfig(kind="direct")}, "direct needs 2D images and a mask constant"),
+    ):
+        bad = replace(config, unrolled=replace(config.unrolled, dc_by_mask=dc_by_mask))
+        with pytest.raises(CvxmriError, match=re.escape(message)):
+            bad.validate()
+    ran: list[ReproduceConfig] = []
+
+    def record(run: ReproduceConfig, *args: Any, **kwargs: Any) -> Path:
+        ran.append(run)
+        raise CvxmriError("recorded")
+
+    monkeypatch.setattr("cvxmri.reproduce.reproduce", record)
+    arguments = ["reproduce", "--data", config.data, "--out", str(tmp_path / "out")]
+    assert main([*arguments, "--dc", "gradient"]) == 2
+    assert main(arguments) == 2
+    given, default = ran
+    assert given.unrolled.dc_by_mask == {} and given.unrolled.network.dc.kind == "gradient"
+    assert default.unrolled.dc_by_mask == UNROLLED_DC_BY_MASK
 
 
 def test_evaluate_accepts_a_run_folder(reproduced: dict[str, Any], tmp_path: Path) -> None:

@@ -169,6 +169,11 @@ class Workload:
             raise CvxmriError(f"coils must be >= 1, got {self.coils}")
         if self.dc not in DC_KINDS:
             raise CvxmriError(f"unknown data consistency {self.dc!r} (choose from {DC_KINDS})")
+        if self.dc == "direct":
+            raise CvxmriError(
+                "data consistency direct needs 1D Cartesian masks; the unrolled benchmarks "
+                "draw random 2D ones (use chebyshev for the same proximal step)"
+            )
         if self.amp:
             raise CvxmriError("unrolled training has no bf16 autocast: fp32 only")
         if self.part not in PARTS:

@@ -9,13 +9,16 @@ and ``y`` the measured k-space, two steps are offered, both affine in the estima
   ``DC(z) = (A^H A + lamda I)^{-1} (A^H y + lamda z)``, solved by a fixed number of
   conjugate-gradient iterations from zero (MoDL's data-consistency layer);
 - `ChebyshevDC`: the same proximal step, solved by a fixed Chebyshev polynomial of
-  ``A^H A`` on its known spectrum ``[0, 1]``.
+  ``A^H A`` on its known spectrum ``[0, 1]``;
+- `DirectDC`: the same proximal step solved exactly, where the mask is constant along the
+  readout (2D, 1D Cartesian undersampling): ``A^H A`` is then one small matrix per readout
+  line, inverted once per operator.
 
 Being affine, ``DC(z) = DC(0) + L z`` with a linear part ``L`` (`DataConsistency.linear`):
 ``L = I - eta A^H A`` or ``L = lamda (A^H A + lamda I)^{-1}``. CG is affine only up to its
-residual (its step lengths depend on the image); the gradient step and the Chebyshev
-polynomial are exactly affine with a self-adjoint ``L``, which greedy convex training
-needs. A greedy iteration of an
+residual (its step lengths depend on the image); the gradient step, the Chebyshev
+polynomial and the direct solve are exactly affine with a self-adjoint ``L``, which greedy
+convex training needs. A greedy iteration of an
 unrolled network, ``DC(x + R(x))`` with a fixed ``x``, is then the fixed image
 ``DC(x)`` plus ``L`` applied to the regulariser's output, which keeps a convex program
 convex. Images are complex (B, *grid); every step runs on any device and under autograd.
@@ -28,11 +31,19 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from cvxmri.errors import CvxmriError
-from cvxmri.physics import LinearOperator, chebyshev, conjugate_gradient
+from cvxmri.physics import (
+    LinearOperator,
+    apply_lines,
+    chebyshev,
+    conjugate_gradient,
+    line_inverse,
+)
 
-DC_KINDS = ("gradient", "cg", "chebyshev")
+DC_KINDS = ("gradient", "cg", "chebyshev", "direct")
 # Kinds whose step is exactly affine (greedy convex training needs it).
-LINEAR_DC_KINDS = ("gradient", "chebyshev")
+LINEAR_DC_KINDS = ("gradient", "chebyshev", "direct")
+# Mask kinds constant along the readout (`DirectDC` needs one).
+LINE_MASK_KINDS = ("cartesian", "equispaced")
 
 
 @dataclass(frozen=True)
@@ -40,12 +51,13 @@ class DCConfig:
     """The data-consistency step of an unrolled network.
 
     Attributes:
-        kind: ``gradient`` (`GradientDC`), ``cg`` (`ProximalDC`) or ``chebyshev``
-            (`ChebyshevDC`).
+        kind: ``gradient`` (`GradientDC`), ``cg`` (`ProximalDC`), ``chebyshev``
+            (`ChebyshevDC`) or ``direct`` (`DirectDC`: 2D, masks constant along the
+            readout).
         eta: the gradient step length; ``A^H A`` has norm at most 1 for coil maps of unit
             root-sum-of-squares, so any ``0 < eta < 2`` is a contraction on the data term.
-        lamda: the proximal weight of ``cg`` and ``chebyshev`` (smaller trusts the data
-            more).
+        lamda: the proximal weight of ``cg``, ``chebyshev`` and ``direct`` (smaller
+            trusts the data more).
         cg_iterations: iterations of the proximal solve: CG steps of ``cg``, the degree of
             ``chebyshev``'s polynomial.
     """
@@ -76,6 +88,8 @@ class DCConfig:
             return GradientDC(self.eta)
         if self.kind == "chebyshev":
             return ChebyshevDC(self.lamda, self.cg_iterations)
+        if self.kind == "direct":
+            return DirectDC(self.lamda)
         return ProximalDC(self.lamda, self.cg_iterations)
 
 
@@ -179,3 +193,24 @@ class ChebyshevDC(ProximalDC):
     def config(self) -> DCConfig:
         """``DCConfig(kind="chebyshev", lamda=lamda, cg_iterations=iterations)``."""
         return DCConfig(kind="chebyshev", lamda=self.lamda, cg_iterations=self.iterations)
+
+
+class DirectDC(ProximalDC):
+    """`ProximalDC`'s step ``(A^H A + lamda I)^{-1} (A^H y + lamda z)`` solved exactly, for
+    2D images and a mask constant along the readout (1D Cartesian undersampling): there
+    ``A^H A`` is one ``w x w`` matrix per readout line (`cvxmri.physics.line_normals`),
+    whose regularised inverses are computed once per image by Cholesky and kept
+    (`cvxmri.physics.line_inverse`); every step is then one small matrix product per line.
+    Exactly affine, ``L`` self-adjoint. Other operators are refused with `CvxmriError`."""
+
+    self_adjoint = True
+
+    def __init__(self, lamda: float) -> None:
+        super().__init__(lamda, 0)
+
+    def _solve(self, rhs: Tensor, op: LinearOperator) -> Tensor:
+        return apply_lines(line_inverse(op, self.lamda), rhs)
+
+    def config(self) -> DCConfig:
+        """``DCConfig(kind="direct", lamda=lamda)``."""
+        return DCConfig(kind="direct", lamda=self.lamda)

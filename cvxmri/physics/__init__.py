@@ -9,7 +9,10 @@ from cvxmri.physics.operators import (
     LinearOperator,
     Mask,
     Sense,
+    apply_lines,
     center_crop,
+    line_inverse,
+    line_normals,
     recon_sense,
 )
 
@@ -20,6 +23,7 @@ __all__ = [
     "LinearOperator",
     "Mask",
     "Sense",
+    "apply_lines",
     "center_crop",
     "chebyshev",
     "conjugate_gradient",
@@ -28,6 +32,8 @@ __all__ = [
     "ifft2c",
     "ifft_readout",
     "ifftnc",
+    "line_inverse",
+    "line_normals",
     "recon_sense",
     "spatial_dims",
 ]

@@ -480,14 +480,27 @@ def _unrolled_glance(answer: dict[str, Any]) -> str:
     return line
 
 
+def _dc_step(dc: dict[str, Any]) -> str:
+    """What the report calls a data-consistency setting (`cvxmri.models.dc.DCConfig`)."""
+    if dc["kind"] == "gradient":
+        return f"a gradient step (eta {dc['eta']:g})"
+    solve = {
+        "cg": f"{dc['cg_iterations']} CG iterations",
+        "chebyshev": f"a Chebyshev polynomial of degree {dc['cg_iterations']}",
+        "direct": "solved exactly per readout line",
+    }[dc["kind"]]
+    return f"the CG-SENSE proximal step ({solve}, lambda {dc['lamda']:g})"
+
+
 def _unrolled(results: dict[str, Any], folder: Path, images: list[Image]) -> Section:
     unrolled = results["unrolled"]
     network = unrolled["network"]
-    dc = network["dc"]
+    labels = {m["key"]: m["label"] for m in results["masks"]}
+    steps = {key: _dc_step(dc) for key, dc in unrolled["dc_by_mask"].items()}
     step = (
-        f"a gradient step (eta {dc['eta']:g})"
-        if dc["kind"] == "gradient"
-        else f"CG-SENSE ({dc['cg_iterations']} CG iterations, lambda {dc['lamda']:g})"
+        next(iter(steps.values()))
+        if len(set(steps.values())) == 1
+        else "; ".join(f"{labels[key]}: {text}" for key, text in steps.items())
     )
     slices = unrolled["max_train_slices"] or "all"
     epochs = unrolled["epochs"]
@@ -501,7 +514,7 @@ def _unrolled(results: dict[str, Any], folder: Path, images: list[Image]) -> Sec
     blocks: list[str | list[str] | Table | Image | Code] = [
         f"Unrolled networks with data consistency, T = {unrolled['iterations']} "
         "iterations: each iteration adds a learned regulariser's output to the previous "
-        f"iterate and applies DC, {step}. Each regulariser is a "
+        f"iterate and applies data consistency (DC): {step}. Each regulariser is a "
         f"{network['kernel_size']}x{network['kernel_size']} convolution of "
         f"{network['channels']} channels, a ReLU (or gates) and a 1x1 convolution. Trained "
         f"on whole images, the first {slices} training slices: "
@@ -517,7 +530,6 @@ def _unrolled(results: dict[str, Any], folder: Path, images: list[Image]) -> Sec
     )
     images.append(figure)
     blocks.append(figure)
-    labels = {m["key"]: m["label"] for m in results["masks"]}
     t_values = sorted({m["iterations"] for m in unrolled["metrics"]})
     rows = []
     for mask in results["masks"]:

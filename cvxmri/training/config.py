@@ -29,7 +29,7 @@ from cvxmri.data.prepare import is_dataset_root
 from cvxmri.errors import CvxmriError
 from cvxmri.masks import MaskSpec
 from cvxmri.models.convex import ConvexStageConfig
-from cvxmri.models.dc import LINEAR_DC_KINDS, DCConfig
+from cvxmri.models.dc import LINE_MASK_KINDS, LINEAR_DC_KINDS, DCConfig
 from cvxmri.models.stages import StageSpec
 
 METHODS = ("layerwise-convex", "layerwise-nonconvex", "end-to-end")
@@ -162,8 +162,8 @@ class UnrolledConfig:
             raise CvxmriError(
                 "greedy convex training needs a linear data consistency: --dc cg is not "
                 "exactly linear (CG's step lengths depend on the image), so its certificate "
-                "would bound nothing; use --dc gradient or --dc chebyshev (the same "
-                "proximal step by a fixed polynomial)"
+                "would bound nothing; use --dc gradient, --dc chebyshev (the same "
+                "proximal step by a fixed polynomial) or, for 1D Cartesian masks, --dc direct"
             )
 
 
@@ -268,6 +268,13 @@ class TrainConfig:
             self.unrolled.validate(self.method)
             if self.method != "end-to-end" and not self.fixed_masks:
                 raise CvxmriError("greedy unrolled training needs fixed_masks=true")
+            if self.unrolled.dc.kind == "direct" and (
+                self.dims != 2 or self.mask.kind not in LINE_MASK_KINDS
+            ):
+                raise CvxmriError(
+                    "unrolled.dc.kind=direct needs 2D images and a mask constant along the "
+                    f"readout ({' or '.join(LINE_MASK_KINDS)}; use chebyshev otherwise)"
+                )
         self.mask.validate(ndim=self.dims)
         if self.mask.kind == "file":
             raise CvxmriError("mask 'file' is for evaluation; training draws its masks")
