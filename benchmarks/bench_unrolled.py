@@ -2,7 +2,7 @@
 metrics against iterations, seeds; print a table, write JSON and update docs/benchmarks.md.
 
 Usage: .venv/bin/python benchmarks/bench_unrolled.py [--masks poisson cartesian]
-    [--iterations 8] [--seeds 0] [--max-train-slices 18] [--epochs 30] [--runs DIR]
+    [--iterations 12] [--seeds 0] [--max-train-slices 18] [--epochs 30] [--runs DIR]
 
 Every network trains on the default dataset (build it with `cvxmri data simulate`) with the
 main job's configuration of it (`cvxmri.reproduce.unrolled_train_config`, quick preset);
@@ -31,7 +31,7 @@ from cvxmri.evaluate import EvaluateConfig, evaluate
 from cvxmri.masks import MaskSpec
 from cvxmri.models.unrolled import UnrolledNet, load_network
 from cvxmri.recon import CLASSICAL_METHODS
-from cvxmri.reproduce import reproduce_preset, unrolled_train_config
+from cvxmri.reproduce import COMPARISON_ITERATIONS, reproduce_preset, unrolled_train_config
 from cvxmri.runs import environment
 from cvxmri.training.data import SliceData
 from cvxmri.training.run import train
@@ -152,7 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--masks", nargs="+", default=list(MASKS), choices=list(MASKS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--iterations", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=COMPARISON_ITERATIONS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--max-train-slices", type=int, default=18)
     parser.add_argument("--epochs", type=int, default=30)
@@ -194,11 +194,21 @@ def main() -> None:
             + " ".join(map(str, args.seeds))
             + f" --max-train-slices {args.max_train_slices} --epochs {args.epochs}`"
         )
+        quick = reproduce_preset("quick")
+        dcs = [
+            (m, unrolled_train_config(quick, "end-to-end", MASKS[m], args.iterations).unrolled.dc)
+            for m in args.masks
+        ]
+        weights = {
+            m: f"eta {dc.eta:g}" if dc.kind == "gradient" else f"lambda {dc.lamda:g}"
+            for m, dc in dcs
+        }
+        dc_text = ", ".join(f"{m} {dc.kind} ({weights[m]})" for m, dc in dcs)
         header = (
             "## Unrolled networks against compressed sensing (issue 13)\n\n"
             f"{date.today()}, {env['processor']} ({env['torch_threads']} torch threads), "
             f"command: {command}. Quick preset, `arch: unrolled` (8-pattern / 16-channel "
-            "regularisers, 5x5, gradient-step DC with eta 1.5), the first "
+            f"regularisers, 5x5, the main job's data consistency per mask: {dc_text}), the first "
             f"{args.max_train_slices or 'all'} training slices, test split (fixed per-file "
             "masks), volume PSNR/SSIM on the SENSE magnitude. Greedy methods: the metric "
             "after t iterations of one network; end-to-end: its own T only. `max gap`: the "

@@ -437,6 +437,14 @@ def test_unrolled_data_consistency_per_mask(
     for method in ("layerwise-convex", "layerwise-nonconvex", "end-to-end"):
         assert unrolled_train_config(config, method, cartesian, 8).unrolled.dc == tuned
         assert unrolled_train_config(config, method, poisson, 8).unrolled.dc == DCConfig()
+    # End-to-end trains its own (longer) schedule; the greedy iterations keep the preset's.
+    greedy = unrolled_train_config(config, "layerwise-nonconvex", poisson, 8).optim
+    joint = unrolled_train_config(config, "end-to-end", poisson, 8).optim
+    assert (greedy.epochs, greedy.step) == (config.unrolled.epochs, 10)
+    epochs = config.unrolled.end_to_end_epochs
+    assert epochs > config.unrolled.epochs and (joint.epochs, joint.step) == (epochs, epochs // 3)
+    same = replace(config, unrolled=replace(config.unrolled, end_to_end_epochs=0))
+    assert unrolled_train_config(same, "end-to-end", poisson, 8).optim == greedy
     loaded = from_dict(ReproduceConfig, to_dict(config))
     assert loaded.unrolled.dc_by_mask == {"cartesian-4x": tuned}
     assert isinstance(loaded.unrolled.dc_by_mask["cartesian-4x"], DCConfig)

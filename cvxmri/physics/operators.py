@@ -509,7 +509,7 @@ class _LineInverses:
 
 
 # The per-image inverses of `line_inverse` kept across operators: 2 GiB holds about 120
-# images of 128x128 in complex64 (16 MiB each), 7 of 320x320.
+# images of 128x128 in complex64 (16 MiB each), 8 of 320x320 (250 MiB each).
 LINE_CACHE_BYTES = 2 * 2**30
 _LINE_INVERSES = _LineInverses()
 

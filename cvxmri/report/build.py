@@ -509,7 +509,8 @@ def _unrolled(results: dict[str, Any], folder: Path, images: list[Image]) -> Sec
         "path and certified, beta chosen on validation)",
         "layerwise-nonconvex": "greedy non-convex (each iteration by Adam on the fixed "
         f"previous iterate, {epochs} epochs)",
-        "end-to-end": f"end-to-end ({epochs} epochs through all iterations)",
+        "end-to-end": f"end-to-end ({unrolled.get('end_to_end_epochs', epochs)} epochs "
+        "through all iterations)",
     }
     blocks: list[str | list[str] | Table | Image | Code] = [
         f"Unrolled networks with data consistency, T = {unrolled['iterations']} "
