@@ -12,7 +12,7 @@ and ``y`` the measured k-space, two steps are offered, both affine in the estima
   ``A^H A`` on its known spectrum ``[0, 1]``;
 - `DirectDC`: the same proximal step solved exactly, where the mask is constant along the
   readout (2D, 1D Cartesian undersampling): ``A^H A`` is then one small matrix per readout
-  line, inverted once per operator.
+  line, inverted once per image and kept.
 
 Being affine, ``DC(z) = DC(0) + L z`` with a linear part ``L`` (`DataConsistency.linear`):
 ``L = I - eta A^H A`` or ``L = lamda (A^H A + lamda I)^{-1}``. CG is affine only up to its

@@ -429,10 +429,11 @@ class CroppedSense(Composition):
         return Composition(self.crop, Composition(self.outer.N, self.inner))
 
 
-def _sense_and_window(op: LinearOperator) -> tuple[Sense, tuple[slice, slice]]:
-    """The `Sense` operator of ``op`` (itself, or `recon_sense`'s cropped one) and the
-    reconstruction window on its grid; `CvxmriError` unless it is 2D with a mask constant
-    along the readout (the first image axis) and across coils."""
+def _line_parts(op: LinearOperator) -> tuple[torch.Tensor, torch.Tensor, tuple[slice, slice]]:
+    """The coil maps (B or 1, C, H, W) and mask lines (B or 1, W) of a 2D SENSE operator
+    (`Sense`, or `recon_sense`'s cropped one) and its reconstruction window on the grid;
+    `CvxmriError` unless its mask is constant along the readout (the first image axis)
+    and across coils."""
     cropped = isinstance(op, CroppedSense)
     sense = op.outer if cropped else op
     if not isinstance(sense, Sense) or sense.ndim != 2 or sense.mask is None:
@@ -443,8 +444,22 @@ def _sense_and_window(op: LinearOperator) -> tuple[Sense, tuple[slice, slice]]:
             "per-line data consistency needs a mask constant along the readout "
             "(1D Cartesian undersampling), the same for every coil"
         )
+    maps = sense.maps if sense.maps.ndim == 4 else sense.maps.unsqueeze(0)
     rows, cols = _crop_slices(op.crop.full, op.crop.shape) if cropped else (slice(None),) * 2
-    return sense, (rows, cols)
+    return maps, mask[:, 0, 0, :], (rows, cols)
+
+
+def _normals(maps: torch.Tensor, lines: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    """`line_normals` of coil maps (B, C, H, W), mask lines (B or 1, W) and a window."""
+    eye = torch.eye(maps.shape[-1], dtype=maps.dtype, device=maps.device)
+    dft = torch.fft.fftshift(
+        torch.fft.fft(torch.fft.ifftshift(eye, dim=0), dim=0, norm="ortho"), dim=0
+    )
+    line = lines.to(maps.dtype)
+    circulant = (dft.mH @ (line[:, :, None] * dft))[:, cols][:, :, cols]
+    window = maps[:, :, rows, cols]
+    coils = torch.einsum("bcxj,bcxk->bxjk", window.conj(), window)
+    return circulant[:, None] * coils
 
 
 def line_normals(op: LinearOperator) -> torch.Tensor:
@@ -461,18 +476,8 @@ def line_normals(op: LinearOperator) -> torch.Tensor:
     Raises:
         CvxmriError: the operator is not a 2D SENSE operator with such a mask.
     """
-    sense, (rows, cols) = _sense_and_window(op)
-    maps = sense.maps if sense.maps.ndim == 4 else sense.maps.unsqueeze(0)
-    mask = sense.mask.view(*([1] * (4 - sense.mask.ndim)), *sense.mask.shape)
-    eye = torch.eye(maps.shape[-1], dtype=maps.dtype, device=maps.device)
-    dft = torch.fft.fftshift(
-        torch.fft.fft(torch.fft.ifftshift(eye, dim=0), dim=0, norm="ortho"), dim=0
-    )
-    line = mask[:, 0, 0, :].to(maps.dtype)  # (B or 1, W)
-    circulant = (dft.mH @ (line[:, :, None] * dft))[:, cols][:, :, cols]
-    window = maps[:, :, rows, cols]
-    coils = torch.einsum("bcxj,bcxk->bxjk", window.conj(), window)
-    return circulant[:, None] * coils
+    maps, lines, (rows, cols) = _line_parts(op)
+    return _normals(maps, lines, rows, cols)
 
 
 class _LineInverses:
@@ -519,18 +524,16 @@ def line_inverse(op: LinearOperator, lamda: float) -> list[torch.Tensor]:
     batch item (a (w, w) matrix per readout position), by Cholesky. Each image's is kept
     (`_LineInverses`, up to `LINE_CACHE_BYTES`) and found again by its maps and mask, so
     another operator of the same images does not factorise again."""
-    sense, _ = _sense_and_window(op)
-    shape = tuple(op.crop.shape) if isinstance(op, CroppedSense) else tuple(sense.maps.shape[-2:])
-    maps = sense.maps if sense.maps.ndim == 4 else sense.maps.unsqueeze(0)
-    mask = sense.mask.view(*([1] * (4 - sense.mask.ndim)), *sense.mask.shape)
+    maps, lines, (rows, cols) = _line_parts(op)
+    window = (rows.start, rows.stop, cols.start, cols.stop)
     inverses = []
     with torch.no_grad():
-        for b in range(max(maps.shape[0], mask.shape[0])):
+        for b in range(max(maps.shape[0], lines.shape[0])):
             item_maps = maps[min(b, maps.shape[0] - 1)]
-            line = mask[min(b, mask.shape[0] - 1), 0, 0]  # (W,)
+            line = lines[min(b, lines.shape[0] - 1)]
             key = (
                 lamda,
-                shape,
+                window,
                 tuple(item_maps.shape),
                 item_maps.dtype,
                 str(item_maps.device),
@@ -540,8 +543,7 @@ def line_inverse(op: LinearOperator, lamda: float) -> list[torch.Tensor]:
             )
             found = _LINE_INVERSES.get(key, item_maps, line)
             if found is None:
-                item = recon_sense(item_maps[None], line.view(1, 1, 1, -1), shape)
-                normal = line_normals(item)[0]
+                normal = _normals(item_maps[None], line[None], rows, cols)[0]
                 eye = torch.eye(normal.shape[-1], dtype=normal.dtype, device=normal.device)
                 found = torch.cholesky_inverse(torch.linalg.cholesky(normal + lamda * eye))
                 _LINE_INVERSES.put(key, item_maps, line, found)
