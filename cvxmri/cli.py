@@ -1192,6 +1192,11 @@ def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
         help="pattern chunks of the chunk sweep (0,8,16,32,64); '' for none",
     )
     memory.add_argument(
+        "--certified-images",
+        type=_int_list,
+        help="training-set sizes of the convex stages' certified solve (1,2); '' for none",
+    )
+    memory.add_argument(
         "--trial-timeout", type=_number, default=3600.0, help="seconds per trial (3600)"
     )
     memory.add_argument("--out", type=Path, help="folder (default runs/benchmark-memory-<time>)")
@@ -1205,6 +1210,11 @@ def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
     speed.add_argument(
         "--images", type=int, help="training images (default 1000; --arch unrolled: 18)"
     )
+    speed.add_argument(
+        "--certified-images",
+        type=_int_list,
+        help="training-set sizes of the convex stages' timed certified solve (2); '' for none",
+    )
     speed.add_argument("--out", type=Path, help="folder (default runs/benchmark-speed-<time>)")
 
 
@@ -1213,7 +1223,7 @@ _ARCH_DEFAULTS = {"cnn": _CNN_DEFAULTS, "unrolled": {"channels": 16, "kernel": 5
 _SPEED_DEFAULTS = {"cnn": {"epochs": 40, "images": 1000}, "unrolled": {"epochs": 30, "images": 18}}
 # Options of `cvxmri benchmark` that only one architecture takes (None unless given).
 _UNROLLED_ONLY = ("iterations", "coils", "dc")
-_CNN_ONLY = ("layers", "stage_inputs")
+_CNN_ONLY = ("layers", "stage_inputs", "certified_images")
 
 
 def _benchmark_architecture(args: argparse.Namespace) -> None:
@@ -1221,7 +1231,7 @@ def _benchmark_architecture(args: argparse.Namespace) -> None:
     option the other architecture takes."""
     refused = _CNN_ONLY if args.arch == "unrolled" else _UNROLLED_ONLY
     for name in refused:
-        if getattr(args, name) is not None:
+        if getattr(args, name, None) is not None:
             flag = "--" + name.replace("_", "-")
             raise CvxmriError(f"{flag} does not apply to --arch {args.arch}")
     if args.arch == "unrolled" and "bf16" in (args.precision or []):
@@ -1258,6 +1268,8 @@ def _cmd_benchmark_memory(args: argparse.Namespace) -> None:
 
     if args.volume is not None and (args.dims != 3 or args.arch != "unrolled"):
         raise CvxmriError("--volume applies to --dims 3 --arch unrolled (the volumes measured)")
+    if args.certified_images is not None and (args.dims != 2 or args.arch != "cnn"):
+        raise CvxmriError("--certified-images applies to the 2D CNN (--dims 2 --arch cnn)")
     if args.dims == 3 and args.arch != "unrolled":
         _benchmark_memory3d(args)
         return
@@ -1281,6 +1293,7 @@ def _cmd_benchmark_memory(args: argparse.Namespace) -> None:
         depths=args.depths,
         depth_batch=args.depth_batch,
         chunks=args.chunks,
+        certified_images=[1, 2] if args.certified_images is None else args.certified_images,
         trial_timeout=args.trial_timeout,
     )
     config.validate()
@@ -1408,6 +1421,7 @@ def _cmd_benchmark_speed(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         epochs=args.epochs,
         images=args.images,
+        certified_images=[2] if args.certified_images is None else args.certified_images,
     )
     config.validate()
     out = args.out or default_run_dir("benchmark-speed")

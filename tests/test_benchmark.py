@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from cvxmri.benchmark.workload import (
     step_flops,
 )
 from cvxmri.cli import main
+from cvxmri.errors import CvxmriError
 from cvxmri.models.dc import DCConfig
 from cvxmri.models.unrolled import UnrolledNet
 from cvxmri.training.unrolled import unrolled_forward
@@ -137,6 +139,45 @@ def test_every_workload_steps(method: str, stage: int, inputs: str) -> None:
         assert prepared.stage_pass is None
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_certified_solve_workload_certifies_a_stage(stage: int) -> None:
+    """The certified solve of a convex stage (``part="solve"``) on its training set of
+    ``batch`` images: the stage's program (``P C_in K^2`` unknowns per output: 2 patterns,
+    2 or 4 input channels, 3x3), solved at the first beta of the default path to the
+    default gap."""
+    w = Workload(
+        "layerwise-convex",
+        batch=3,
+        layers=3,
+        stage=stage,
+        channels=4,
+        kernel_size=3,
+        size=12,
+        part="solve",
+    )
+    prepared = prepare(w)
+    prepared.warmup()
+    cert = prepared.part("solve")()
+    assert cert["unknowns"] == 2 * (2 if stage == 1 else 4) * 9
+    assert cert["passes"] >= 1 and 0 <= cert["relative_gap"] <= 1e-3
+    assert cert["primal"] >= cert["dual"] > 0 and cert["setup_seconds"] > 0
+    assert w.describe().endswith("certified solve")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"method": "layerwise-nonconvex"}, "layerwise-nonconvex has no convex solve"),
+        ({"amp": True}, "the certified solve runs on cached fp32 stage inputs"),
+        ({"stage_inputs": "recomputed"}, "the certified solve runs on cached fp32"),
+    ],
+)
+def test_certified_solve_workload_refusals(changes: dict[str, object], message: str) -> None:
+    w = Workload("layerwise-convex", layers=3, stage=2, channels=4, kernel_size=3, size=12)
+    with pytest.raises(CvxmriError, match=message):
+        replace(w, part="solve", **changes).validate()
+
+
 TINY = ["--layers", "3", "--channels", "4", "--kernel", "3", "--size", "16"]
 
 
@@ -160,6 +201,18 @@ def test_memory_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         if row["method"] == "layerwise-convex":
             assert row["stage_pass_bytes"] > 0
             assert row["peak_bytes"] == max(row["step_bytes"], row["stage_pass_bytes"])
+    # The certified solver: stage 1, and stage 2 for every later one, at 1 and 2 images;
+    # its largest training set is the smaller of the two stages' line crossings.
+    certified = result["certified"]
+    assert [row["stage"] for row in certified["rows"]] == [1, 2]
+    assert certified["rows"][1]["stands_for"] == [2]
+    for row in certified["rows"]:
+        assert [p["batch"] for p in row["points"]] == [1, 2]
+        assert all(p["details"]["relative_gap"] <= 1e-3 for p in row["points"])
+    assert certified["max_images"] == min(row["max_images"] for row in certified["rows"])
+    assert "Certified solver of the convex stages" in printed
+    names = [t["name"] for t in result["targets"]]
+    assert any("largest training set of the certified solver" in n for n in names)
     for name in ("config.yaml", "log.txt", "memory.csv", "tables.md"):
         assert (out / name).is_file(), name
     for name in ("memory_max_batch.png", "memory_batch.png", "memory_depth.png"):
@@ -216,7 +269,22 @@ def test_speed_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     passes = [r for r in result["rows"] if r["method"] == "layerwise-convex" or r["stage"] != 1]
     assert all(r["stage_pass_images_per_second"] > 0 for r in passes if r["stage"])
     assert (out / "speed_throughput.png").is_file() and (out / "speed_total.png").is_file()
-    assert "images / s" in capsys.readouterr().out
+    # The certified solve, timed for stage 1 and stage 2 (which stands for stage 2 of 3
+    # layers) on the default 2 images, each certified at the first beta.
+    certified = result["certified"]
+    assert [(r["stage"], r["stands_for"], r["images"]) for r in certified] == [
+        (1, [1], 2),
+        (2, [2], 2),
+    ]
+    assert all(r["seconds"] >= r["setup_seconds"] > 0 for r in certified)
+    assert all(r["relative_gap"] <= 1e-3 and r["passes"] >= 1 for r in certified)
+    printed = capsys.readouterr().out
+    assert "images / s" in printed and "Certified solver of the convex stages" in printed
+
+
+def test_speed_bad_certified_images(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["benchmark", "speed", *TINY, "--certified-images", "0"]) == 2
+    assert "certified images must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -228,6 +296,7 @@ def test_speed_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         (["--channels", "5"], "channels must be even"),
         (["--fit-batches", "2"], "fit batches must be at least two"),
         (["--depths", "1,5"], "depths must be >= 2"),
+        (["--certified-images", "2"], "certified images must be at least two different"),
     ],
 )
 def test_bad_inputs_give_one_line_errors(
@@ -373,6 +442,7 @@ def test_unrolled_memory_command(tmp_path: Path, capsys: pytest.CaptureFixture[s
         (["--arch", "unrolled", "--layers", "3"], "--layers does not apply to --arch unrolled"),
         (["--iterations", "2"], "--iterations does not apply to --arch cnn"),
         (["--dc", "cg"], "--dc does not apply to --arch cnn"),
+        (["--arch", "unrolled", "--certified-images", "1,2"], "applies to the 2D CNN"),
     ],
 )
 def test_bad_unrolled_inputs_give_one_line_errors(

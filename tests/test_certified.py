@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from test_convex import explicit_operator, group_slices, make_stage, smooth_data, with_beta
+from torch import Tensor
 
 from cvxmri.errors import CvxmriError
 from cvxmri.models.convex import duality_gap
@@ -49,12 +50,18 @@ def test_gram_system_is_the_explicit_normal_matrix(
     assert system.count == 3
 
 
-@pytest.mark.parametrize("groups", ["separate", "frobenius"])
-def test_patch_store_grown_system_equals_one_built_whole(groups: str) -> None:
+@pytest.mark.parametrize(
+    ("groups", "rhs_pixels"), [("separate", certified.RHS_PIXELS), ("frobenius", 7)]
+)
+def test_patch_store_grown_system_equals_one_built_whole(
+    groups: str, rhs_pixels: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The subspace route's system (`PatchStore`, pixels sorted by gate code over every
     batch) of a basis grown by columns: the kept blocks plus the new ones are the system
     of the whole basis built at once, and that is the unrestricted system (`gram_system`,
-    streamed over batches) in the basis's coordinates, ``Q^T G Q`` and ``Q^T b``."""
+    streamed over batches) in the basis's coordinates, ``Q^T G Q`` and ``Q^T b``, whatever
+    the number of pixels whose gated residuals are formed at once (7 of 147)."""
+    monkeypatch.setattr(certified, "RHS_PIXELS", rhs_pixels)
     x, r = smooth_data(3, 2, 7, seed=21)
     stage, _ = make_stage(x, patterns=3, kernel_size=3, output_groups=groups)
     data = [(x[:2], r[:2], stage.pattern_gates(x[:2])), (x[2:], r[2:], stage.pattern_gates(x[2:]))]
@@ -74,6 +81,65 @@ def test_patch_store_grown_system_equals_one_built_whole(groups: str) -> None:
     torch.testing.assert_close(full.gram, blocks.T @ plain.gram @ blocks, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(full.rhs, blocks.T @ plain.rhs, rtol=1e-5, atol=1e-6)
     assert (full.rr, full.count) == (pytest.approx(plain.rr, rel=1e-12), plain.count)
+
+
+def test_patches_of_slabs_are_the_rows_of_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slab's patches (`_patches` with ``rows``) are those rows' pixels of the whole
+    image's patches, and the mean patch Gram summed over slabs of one row each equals the
+    one built from whole images (to float32 rounding)."""
+    x, r = smooth_data(2, 3, 7, seed=23)
+    stage, _ = make_stage(x, patterns=2, kernel_size=3)
+    whole = certified._patches(stage, x).reshape(2, 7, 7, -1)
+    part = certified._patches(stage, x, range(2, 5)).reshape(2, 3, 7, -1)
+    torch.testing.assert_close(part, whole[:, 2:5], rtol=0, atol=0)
+    data = [(x, r, stage.pattern_gates(x))]
+    reference = certified._mean_patch_gram(stage, data)
+    monkeypatch.setattr(certified, "PATCH_SLAB_BYTES", 1)
+    assert len(certified.patch_slabs(stage, x)) == 7
+    # (float32 products summed in another order)
+    torch.testing.assert_close(
+        certified._mean_patch_gram(stage, data), reference, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_randomized_directions_span_the_leading_eigenvectors() -> None:
+    """`leading_directions` from products only: orthonormal, and with a spectral gap it
+    spans the leading eigenvectors of a full decomposition (`patch_basis`)."""
+    gen = torch.Generator().manual_seed(4)
+    q, _ = torch.linalg.qr(torch.randn(60, 60, generator=gen, dtype=F64))
+    values = torch.cat([torch.linspace(10, 5, 6, dtype=F64), torch.full((54,), 0.1, dtype=F64)])
+    gram = (q * values) @ q.T
+    exact = certified.patch_basis(gram, 6)
+    fast = certified.leading_directions(lambda v: gram @ v, 60, 6, torch.device("cpu"))
+    torch.testing.assert_close(fast.T @ fast, torch.eye(6, dtype=F64), rtol=0, atol=1e-12)
+    cosines = torch.linalg.svdvals(exact.T @ fast)
+    torch.testing.assert_close(cosines, torch.ones(6, dtype=F64), rtol=0, atol=1e-10)
+
+
+def test_wide_initial_basis_through_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond `EIGH_SIZE` the first basis comes from convolutions (no patch held): the
+    products ``U^T U q`` it iterates are the mean patch Gram's, so its leading direction
+    is the Gram's leading eigenvector."""
+    x, r = smooth_data(3, 3, 9, seed=24)
+    stage, _ = make_stage(x, patterns=2, kernel_size=3)
+    subset = [(x, r, stage.pattern_gates(x))]
+    exact = certified.initial_basis(stage, subset, 4)
+    gram = certified._mean_patch_gram(stage, subset)
+    monkeypatch.setattr(certified, "EIGH_SIZE", 10)
+    seen: list[Tensor] = []
+    directions = certified.leading_directions
+
+    def spy(gram_times, size, rank, device):  # type: ignore[no-untyped-def]
+        probe = torch.randn(size, 3, dtype=F64, generator=torch.Generator().manual_seed(5))
+        seen.append(gram_times(probe) / 3 - gram @ probe)
+        return directions(gram_times, size, rank, device)
+
+    monkeypatch.setattr(certified, "leading_directions", spy)
+    fast = certified.initial_basis(stage, subset, 4)
+    # U^T U q summed over the 3 images: 3 times the mean Gram's product (float32 products).
+    torch.testing.assert_close(seen[0], torch.zeros_like(seen[0]), rtol=0, atol=1e-4 * gram.norm())
+    assert fast.shape == exact.shape == (27, 4)
+    assert abs(float(exact[:, 0] @ fast[:, 0])) > 1 - 1e-6
 
 
 def test_patch_store_holds_at_most_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -342,7 +408,8 @@ def test_beta_path_stops_once_a_beta_gains_too_little() -> None:
 def test_held_bytes_count_the_subspace_routes_arrays() -> None:
     """``held_mib``: the Gram matrix and right-hand side ``(P r)^2`` and ``P r x out``
     float64, the metric's eigenvectors ``P r^2`` float64 and the store: ``r`` coordinates
-    and ``P out`` gated residuals per pixel, float32, and its code grouping."""
+    and ``out`` residuals per pixel, float32, ``P`` gates per pixel (bool), and its code
+    grouping."""
     x, r = smooth_data(3, 2, 8, seed=22)
     stage, _ = make_stage(x, patterns=4, kernel_size=3)
     solver = StageSolver(stage, [(x, r, stage.pattern_gates(x))], gram_unknowns=0, subspace=5)
@@ -353,7 +420,7 @@ def test_held_bytes_count_the_subspace_routes_arrays() -> None:
     pixels = 3 * 8 * 8
     grouping = 8 * (pixels + 2 * store.groups.counts.numel())
     expected = 8 * ((p * rank) ** 2 + p * rank * out + p * rank**2)
-    expected += 4 * pixels * (rank + p * out) + grouping
+    expected += 4 * pixels * (rank + out) + pixels * p + grouping
     assert cert["held_mib"] * 2**20 == pytest.approx(expected, rel=1e-12)
 
 

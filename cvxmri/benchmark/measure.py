@@ -18,7 +18,9 @@
    activations, gradients and work space. CUDA also reports the allocator's reserved peak.
    A workload with ``part="stage_pass"`` runs its once-per-stage pass instead of the step
    (the step's state stays resident, so this over-counts the pass by it), one with
-   ``part="solve"`` a convex solve (`Prepared.part`).
+   ``part="solve"`` a certified convex solve (`Prepared.part`), whose certificate and
+   counts (unknowns, passes, basis rank, set-up seconds) the result keeps as
+   ``details``.
 
 An unrolled or 3D workload's child runs with glibc's mmap threshold fixed
 (`UNROLLED_CPU_ENV`), so that on the CPU freed tensors leave the resident set and its peaks
@@ -164,7 +166,7 @@ def measure_here(w: Workload, steps: int, budget_bytes: int) -> dict[str, Any]:
         run = prepared.part(w.part)
         began = time.perf_counter()
         for _ in range(steps):
-            run()
+            out = run()
         if cuda:
             torch.cuda.synchronize(device)
         seconds = (time.perf_counter() - began) / steps
@@ -174,6 +176,8 @@ def measure_here(w: Workload, steps: int, budget_bytes: int) -> dict[str, Any]:
         else:
             peak = _status_kib("VmHWM") * 1024 - baseline
         result.update(peak_bytes=peak, state_bytes=state, seconds=seconds)
+        if isinstance(out, dict):  # a solve's certificate and counts
+            result["details"] = {k: float(v) for k, v in out.items() if isinstance(v, int | float)}
     except Exception as err:
         if not _is_out_of_memory(err):
             raise

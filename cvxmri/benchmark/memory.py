@@ -24,6 +24,12 @@ step does not depend on the final depth, so the depth sweep measures stages
 ``1 .. max(depths) - 1`` once and the peak of a depth-``L`` network is the largest over
 stages ``1 .. L - 1``; end-to-end is measured at every depth.
 
+The certified solver of the convex stages (`certified_sweep`): it holds the stage's whole
+training set (inputs, gates, the patch store's coordinates) besides a Gram matrix of at
+most 2 GiB, so it is measured against the training-set size (``certified_images``), and
+its line's crossing of the budget, the largest training set, is set against end-to-end's
+largest batch.
+
 Unrolled networks (``--arch unrolled``), against their iterations T:
 `cvxmri.benchmark.memory_unrolled`.
 
@@ -46,6 +52,11 @@ Output (``memory.json``, schema ``cvxmri.benchmark.memory/1``):
   ``stage_pass_bytes``, the largest once-per-stage pass: the trainer runs both);
 - ``pattern_chunk``: the convex stage 2 at batch ``batch`` for each chunk size:
   ``pattern_chunk``, ``precision``, ``peak_bytes``, ``seconds``; and ``recommended``;
+- ``certified``: ``rows`` per measured stage (``stage``, ``stands_for``: the stages it
+  represents, ``points``: each training-set size's ``batch`` (images), ``peak_bytes``,
+  ``state_bytes``, ``seconds``, ``details`` (the solve's certificate and counts),
+  ``fit``, ``max_images``), ``max_images`` (the smallest over the stages) and
+  ``vs_end_to_end``;
 - ``targets``: ``name``, ``value``, ``threshold``, ``direction`` (``at least`` or
   ``at most``), ``met``, ``note``.
 """
@@ -98,6 +109,8 @@ class MemoryBenchConfig:
         depths: network depths of the depth sweep (empty: none).
         depth_batch: batch size of the depth sweep and of the pattern-chunk sweep.
         chunks: pattern-chunk sizes of the sweep (empty: none).
+        certified_images: training-set sizes (images) at which the certified solve of the
+            convex stages is measured (`certified_sweep`; empty: none).
         device: ``cpu``, ``cuda`` or ``auto``.
         trial_timeout: seconds before one measurement is abandoned.
         seed: of the random weights and images.
@@ -119,6 +132,7 @@ class MemoryBenchConfig:
     depths: list[int] = field(default_factory=lambda: list(range(2, 13)))
     depth_batch: int = 1
     chunks: list[int] = field(default_factory=lambda: [0, 8, 16, 32, 64])
+    certified_images: list[int] = field(default_factory=lambda: [1, 2])
     device: str = "auto"
     trial_timeout: float = 3600.0
     seed: int = 0
@@ -154,6 +168,13 @@ class MemoryBenchConfig:
             raise CvxmriError(f"depths must be >= 2, got {self.depths}")
         if any(c < 0 for c in self.chunks) or self.pattern_chunk < 0:
             raise CvxmriError("pattern chunks must be >= 0")
+        if self.certified_images and (
+            len(set(self.certified_images)) < 2 or min(self.certified_images) < 1
+        ):
+            raise CvxmriError(
+                "certified images must be at least two different sizes >= 1 (or none), got "
+                f"{self.certified_images}"
+            )
         if not self.trial_timeout > 0:
             raise CvxmriError(f"trial timeout must be > 0, got {self.trial_timeout}")
         self.workload("end-to-end").validate()
@@ -480,6 +501,40 @@ def chunk_sweep(runner: Runner, cfg: MemoryBenchConfig) -> dict[str, Any]:
     return {"batch": cfg.depth_batch, "rows": rows, "recommended": recommend_chunk(rows)}
 
 
+def certified_sweep(
+    runner: Runner, cfg: MemoryBenchConfig, reference: int | None
+) -> dict[str, Any]:
+    """The certified solver of the convex stages (``part="solve"``,
+    `cvxmri.benchmark.workload.Prepared.solve`): peak memory and time at each training-set
+    size of ``certified_images``, in fp32 on cached stage inputs, as the trainer runs it.
+    The solver holds its whole training set (the inputs, their gates and the coordinates
+    of the patch store) and a Gram matrix whose size does not depend on it, so its peak
+    is a line in the number of images; the line's crossing of the budget is the largest
+    training set (``max_images``, extrapolated), set against end-to-end's largest fp32
+    batch ``reference``. Stage 1 and stage 2 are measured: every later stage has stage 2's
+    program (the same input width, patterns and kernel)."""
+    rows: list[dict[str, Any]] = []
+    if not cfg.certified_images or "layerwise-convex" not in cfg.methods:
+        return {"rows": rows, "max_images": None, "vs_end_to_end": None}
+    budget = cfg.budget_bytes
+    for stage in range(1, min(cfg.layers, 3)):
+        w = cfg.workload("layerwise-convex", stage=stage, stage_inputs="cached", part="solve")
+        points = [runner.trial(replace(w, batch=n)) for n in sorted(set(cfg.certified_images))]
+        fit = linear_fit(points)
+        rows.append(
+            {
+                "stage": stage,
+                "stands_for": list(range(stage, cfg.layers)) if stage == 2 else [stage],
+                "points": points,
+                "fit": None if fit is None else {"bytes_per_image": fit[0], "fixed_bytes": fit[1]},
+                "max_images": fit_crossing(fit, budget, cfg.max_batch) if fit else 0,
+            }
+        )
+    largest = min(row["max_images"] for row in rows)
+    ratio = largest / reference if reference else None
+    return {"rows": rows, "max_images": largest, "vs_end_to_end": ratio}
+
+
 def recommend_chunk(rows: list[dict[str, Any]]) -> int | None:
     """The fastest chunk size (fp32 where measured) whose peak is within 10% of the lowest
     peak's working memory above the input batch; ties to the larger chunk."""
@@ -492,9 +547,27 @@ def recommend_chunk(rows: list[dict[str, Any]]) -> int | None:
     return int(min(lean, key=lambda r: (r["seconds"], -r["pattern_chunk"]))["pattern_chunk"])
 
 
-def targets(summary: list[dict], depth: list[dict], cfg: MemoryBenchConfig) -> list[dict]:
+def targets(
+    summary: list[dict],
+    depth: list[dict],
+    cfg: MemoryBenchConfig,
+    certified: dict[str, Any] | None = None,
+) -> list[dict]:
     """The issue's memory targets, checked on this run."""
     out = []
+    if certified and certified["vs_end_to_end"] is not None:
+        out.append(
+            {
+                "name": "largest training set of the certified solver over end-to-end's "
+                "largest batch, fp32",
+                "value": round(certified["vs_end_to_end"], 2),
+                "threshold": 4.0,
+                "direction": "at least",
+                "met": bool(certified["vs_end_to_end"] >= 4.0),
+                "note": f"{cfg.layers} layers, {cfg.channels} channels, {cfg.size}x{cfg.size}, "
+                "extrapolated",
+            }
+        )
     architecture = (
         f"{cfg.layers} layers, {cfg.channels} channels, {cfg.kernel_size}x{cfg.kernel_size}, "
         f"{cfg.size}x{cfg.size}"
@@ -553,12 +626,22 @@ def run_memory_benchmark(cfg: MemoryBenchConfig, out: Path) -> dict[str, Any]:
     direct = cfg.search == "direct" or (cfg.search == "auto" and device.type == "cuda")
     plan = _configurations(cfg)
     estimate = len(plan) * (len(set(cfg.fit_batches)) + (4 if direct else 0))
+    estimate += 2 * len(set(cfg.certified_images))
     with tqdm(total=estimate, desc="memory trials", unit="trial", disable=None) as progress:
         runner = Runner(cfg, progress)
         configurations = [measure_configuration(runner, w, direct) for w in plan]
         summary = summarise(configurations, cfg)
         depth = depth_sweep(runner, cfg)
         chunks = chunk_sweep(runner, cfg)
+        reference = next(
+            (
+                row["max_batch"]
+                for row in summary
+                if row["method"] == "end-to-end" and row["precision"] == "fp32"
+            ),
+            None,
+        )
+        certified = certified_sweep(runner, cfg, reference)
     result = {
         **result_header(SCHEMA, device),
         "measurement": CUDA_METHOD if device.type == "cuda" else CPU_METHOD,
@@ -575,7 +658,8 @@ def run_memory_benchmark(cfg: MemoryBenchConfig, out: Path) -> dict[str, Any]:
         "configurations": configurations,
         "depth": {"batch": cfg.depth_batch, "rows": depth},
         "pattern_chunk": chunks,
-        "targets": targets(summary, depth, cfg),
+        "certified": certified,
+        "targets": targets(summary, depth, cfg, certified),
     }
     write_outputs(result, out)
     return result
@@ -738,4 +822,44 @@ def format_tables(result: dict[str, Any]) -> str:
                 f"| {row['pattern_chunk']} | {row['precision']} | {_mib(row['peak_bytes'])} | "
                 f"{seconds} |"
             )
+    certified = result.get("certified") or {"rows": []}
+    if certified["rows"]:
+        sizes = [p["batch"] for p in certified["rows"][0]["points"]]
+        lines += [
+            "",
+            "Certified solver of the convex stages (fp32, cached inputs): peak (MiB) and "
+            "seconds of its set-up and one solve, by training-set size; largest training "
+            f"set in the budget (extrapolated): {certified['max_images']}"
+            + (
+                ""
+                if certified["vs_end_to_end"] is None
+                else f", {certified['vs_end_to_end']:.2f}x end-to-end's largest fp32 batch"
+            )
+            + ".",
+            "",
+            "| stage | "
+            + " | ".join(f"N={n}: MiB, s" for n in sizes)
+            + " | MiB per image | unknowns per output | max images |",
+            "|---|" + "---|" * (len(sizes) + 3),
+        ]
+        for row in certified["rows"]:
+            cells = [_solve_cell(p) for p in row["points"]]
+            per_image = row["fit"]["bytes_per_image"] / MIB if row["fit"] else math.nan
+            details = row["points"][-1].get("details", {})
+            shape = f"{int(details['unknowns']):,}" if "unknowns" in details else "-"
+            if "rank" in details:
+                shape += f" (basis rank {int(details['rank'])})"
+            stages = ", ".join(map(str, row["stands_for"]))
+            lines.append(
+                f"| {stages} | " + " | ".join(cells) + f" | {per_image:,.1f} | {shape} | "
+                f"{row['max_images']} |"
+            )
     return "\n".join(lines + format_targets(result["targets"]))
+
+
+def _solve_cell(point: dict[str, Any]) -> str:
+    if point.get("oom"):
+        return "OOM"
+    if "peak_bytes" not in point:
+        return "-"
+    return f"{_mib(point['peak_bytes'])}, {point['seconds']:.1f}"

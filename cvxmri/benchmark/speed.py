@@ -21,6 +21,10 @@ the machine's convolution peak measured in the same run: the best of 3 timed for
 passes of one ``channels -> channels`` KxK convolution of the benchmark's batch and image
 size, in the step's precision, in the faster of the contiguous and channels-last layouts.
 
+The certified solver of the convex stages (`certified_times`) is timed once per
+training-set size: its set-up, the pass giving ``beta_max`` and one solve at the path's
+first beta.
+
 Output (``speed.json``, schema ``cvxmri.benchmark.speed/1``): ``device``, ``command``,
 ``date``, ``environment``, ``config``, ``conv_peak`` (per precision: ``gflops``,
 ``layout``, ``seconds``, ``shape``), ``rows`` (per method, stage, stage inputs and
@@ -28,8 +32,10 @@ precision: ``seconds_per_step``, ``images_per_second``, ``gflop_per_step``, ``gf
 ``efficiency``, and for layer-wise stages with a stage pass
 ``stage_pass_images_per_second`` and ``stage_pass_gflops``), ``totals`` and
 ``results`` (per method, stage inputs and precision: ``seconds``, ``hours``,
-``vs_end_to_end``), ``targets`` (``name``, ``value``, ``threshold``, ``direction``,
-``met``, ``note``).
+``vs_end_to_end``), ``certified`` (per stage and training-set size: ``stage``,
+``stands_for``, ``images``, ``seconds``, ``seconds_per_image``, ``setup_seconds``,
+``solve_seconds``, ``passes``, ``unknowns``, ``rank``, ``relative_gap``), ``targets``
+(``name``, ``value``, ``threshold``, ``direction``, ``met``, ``note``).
 """
 
 from __future__ import annotations
@@ -82,6 +88,8 @@ class SpeedBenchConfig:
         repeats: timed steps per configuration (the median is reported).
         epochs: epochs (per stage for layer-wise) of the projected training time.
         images: training images of the projected training time.
+        certified_images: training-set sizes (images) at which the certified solve of the
+            convex stages is timed (`certified_times`; empty: none).
         device: ``cpu``, ``cuda`` or ``auto``.
         seed: of the random weights and images.
     """
@@ -98,6 +106,7 @@ class SpeedBenchConfig:
     repeats: int = 3
     epochs: int = 40
     images: int = 1000
+    certified_images: list[int] = field(default_factory=lambda: [2])
     device: str = "auto"
     seed: int = 0
 
@@ -120,6 +129,8 @@ class SpeedBenchConfig:
         ):
             if value < 1:
                 raise CvxmriError(f"{name} must be >= 1, got {value}")
+        if any(n < 1 for n in self.certified_images):
+            raise CvxmriError(f"certified images must be >= 1, got {self.certified_images}")
         self.workload("end-to-end").validate()
 
     def workload(self, method: str, **changes: Any) -> Workload:
@@ -211,6 +222,52 @@ def measure_speed(w: Workload, repeats: int, peak_gflops: float) -> dict[str, An
     return row
 
 
+def certified_times(cfg: SpeedBenchConfig) -> list[dict[str, Any]]:
+    """The certified solver of the convex stages, timed once per training-set size of
+    ``certified_images`` (fp32, cached inputs; `cvxmri.benchmark.workload.Prepared.solve`,
+    after its warm-up on a small image): its set-up (patch basis, Gram matrix), the pass
+    at zero that gives ``beta_max``, and one solve at the path's first beta (refinement
+    rounds of at most `SOLVE_SECONDS` each, the basis growing as in training). A training
+    run solves a path of such betas. Stage 1 and stage 2 are timed: every later stage has
+    stage 2's program."""
+    rows: list[dict[str, Any]] = []
+    if "layerwise-convex" not in cfg.methods:
+        return rows
+    device = torch.device(cfg.device)
+    for stage in range(1, min(cfg.layers, 3)):
+        for images in cfg.certified_images:
+            w = cfg.workload(
+                "layerwise-convex", stage=stage, stage_inputs="cached", part="solve", batch=images
+            )
+            prepared = prepare(w)
+            prepared.warmup()
+            assert prepared.solve is not None
+            began = time.perf_counter()
+            cert = prepared.solve()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - began
+            rows.append(
+                {
+                    "stage": stage,
+                    "stands_for": list(range(stage, cfg.layers)) if stage == 2 else [stage],
+                    "images": images,
+                    "seconds": seconds,
+                    "seconds_per_image": seconds / images,
+                    "setup_seconds": cert["setup_seconds"],
+                    "solve_seconds": cert["seconds"],
+                    "passes": cert["passes"],
+                    "unknowns": cert["unknowns"],
+                    "rank": cert.get("rank"),
+                    "relative_gap": cert["relative_gap"],
+                }
+            )
+            log.info("%s, %d images: %s", w.describe(), images, rows[-1])
+            del prepared
+            gc.collect()
+    return rows
+
+
 def training_times(rows: list[dict[str, Any]], cfg: SpeedBenchConfig) -> list[dict[str, Any]]:
     """Projected training time per method, stage inputs and precision (module docstring)."""
     totals = []
@@ -282,6 +339,7 @@ def run_speed_benchmark(cfg: SpeedBenchConfig, out: Path) -> dict[str, Any]:
         log.info("%s: %s", w.describe(), row)
         rows.append(row)
     totals = training_times(rows, cfg)
+    certified = certified_times(cfg)
     result = {
         **result_header(SCHEMA, device),
         "config": to_dict(cfg),
@@ -289,6 +347,7 @@ def run_speed_benchmark(cfg: SpeedBenchConfig, out: Path) -> dict[str, Any]:
         "rows": rows,
         "totals": totals,
         "results": totals,
+        "certified": certified,
         "targets": speed_targets(totals),
     }
     write_outputs(result, out)
@@ -366,4 +425,23 @@ def format_tables(result: dict[str, Any]) -> str:
             f"| {t['method']} | {t['stage_inputs']} | {t['precision']} | "
             f"{t['seconds'] / 3600:.3g} | {t['vs_end_to_end']:.2f}x |"
         )
+    if result.get("certified"):
+        lines += [
+            "",
+            "Certified solver of the convex stages (fp32, cached inputs), timed once: set-up "
+            "(patch basis, Gram matrix), the pass giving beta_max and one solve at the path's "
+            "first beta (a training run solves a path of betas).",
+            "",
+            "| stage | images | seconds | s / image | set-up s | solve s | exact passes "
+            "| unknowns per output | relative gap |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["certified"]:
+            rank = "" if r["rank"] is None else f" (basis rank {int(r['rank'])})"
+            lines.append(
+                f"| {', '.join(map(str, r['stands_for']))} | {r['images']} | "
+                f"{r['seconds']:.3g} | {r['seconds_per_image']:.3g} | "
+                f"{r['setup_seconds']:.3g} | {r['solve_seconds']:.3g} | {int(r['passes'])} | "
+                f"{int(r['unknowns']):,}{rank} | {r['relative_gap']:.1e} |"
+            )
     return "\n".join(lines + format_targets(result["targets"]))

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from cvxmri.errors import CvxmriError
 from cvxmri.models.cnn import ReconCNN, ReluConv
+from cvxmri.models.convex import ConvexStage
 from cvxmri.models.stages import StageSpec, build_stage
 from cvxmri.training.steps import end_to_end_step
 
@@ -60,6 +61,10 @@ IMAGE_CHANNELS = 2
 # convex stages' gates are initialised on.
 WARMUP_SIZE = 16
 GATE_SAMPLE_SIZE = 32
+# Seconds after which each refinement round of a measured certified solve stops (its
+# rounds repeat the same exact pass and Gram solve: their number does not change its
+# memory).
+SOLVE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,10 @@ class Workload:
         device: ``cpu`` or ``cuda[:n]``.
         seed: of the random weights and images.
         part: what a measurement runs (`PARTS`): the training ``step``, the once-per-stage
-            ``stage_pass`` (`Prepared.stage_pass`) or, for a greedy convex iteration of an
-            unrolled network, one ``solve`` at one beta (`Prepared.solve`).
+            ``stage_pass`` (`Prepared.stage_pass`) or, for a convex stage or a greedy
+            convex iteration of an unrolled network, the certified ``solve``
+            (`Prepared.solve`): the stage's solver on ``batch`` training images (its
+            training set) and one solve at one beta.
         arch: ``cnn`` (the paper's network) or ``unrolled`` (an unrolled network; then
             ``layers``, ``stage``, ``stage_inputs``, ``amp`` and ``pattern_chunk`` are not
             used: see `cvxmri.benchmark.unrolled`).
@@ -151,13 +158,20 @@ class Workload:
             raise CvxmriError(f"the network needs at least 2 layers, got {self.layers}")
         if self.pattern_chunk < 0:
             raise CvxmriError(f"pattern chunk must be >= 0, got {self.pattern_chunk}")
-        if self.part not in PARTS[:2]:
-            raise CvxmriError(f"part must be step or stage_pass, got {self.part!r}")
+        if self.part not in PARTS:
+            raise CvxmriError(f"part must be one of {PARTS}, got {self.part!r}")
+        if self.part == "solve" and self.method != "layerwise-convex":
+            raise CvxmriError(f"{self.method} has no convex solve")
         if self.stage_inputs not in STAGE_INPUTS:
             raise CvxmriError(f"stage inputs must be cached or recomputed, got {self.stage_inputs}")
         if self.method in LAYERWISE and not 1 <= self.stage <= self.layers - 1:
             raise CvxmriError(
                 f"stage must be in 1..{self.layers - 1} for {self.layers} layers, got {self.stage}"
+            )
+        if self.part == "solve" and (self.amp or self.recomputes_prefix):
+            raise CvxmriError(
+                "the certified solve runs on cached fp32 stage inputs (no bf16, no recomputed "
+                "prefix)"
             )
 
     def _validate_unrolled(self) -> None:
@@ -207,7 +221,10 @@ class Workload:
                 text += f" ({self.stage_inputs})"
         text += ", bf16" if self.amp else ", fp32"
         text += ", 3D" if self.ndim == 3 else ""
-        return text + (", stage pass" if self.part == "stage_pass" else "")
+        return (
+            text
+            + {"step": "", "stage_pass": ", stage pass", "solve": ", certified solve"}[self.part]
+        )
 
     def stage_spec(self) -> StageSpec:
         """The spec of its layer-wise stages (`build_stage`), as a training run of this
@@ -459,6 +476,10 @@ def prepare(w: Workload) -> Prepared:
     stage = build_stage(
         w.stage_spec(), w.stage - 1, in_channels, sample, seed=w.seed + w.stage, device=device
     )
+    if w.part == "solve":
+        program = stage.convex_program
+        assert program is not None
+        return _prepare_solve(w, program, batch_gen, device)
     optimizer = torch.optim.Adam(stage.module.parameters(), lr=LR)
     cached_dtype = torch.bfloat16 if w.amp else torch.float32
 
@@ -528,6 +549,63 @@ def prepare(w: Workload) -> Prepared:
         lambda: stage_step(x_small, r_small, gates_small),
         cached_pass if w.has_stage_pass else None,
     )
+
+
+def _prepare_solve(
+    w: Workload, program: ConvexStage, gen: torch.Generator, device: torch.device
+) -> Prepared:
+    """A convex stage's certified solve (``part="solve"``), as the trainer's
+    (`cvxmri.training.trainer.Trainer._solve_certified`): the stage's `StageSolver` with the
+    default `CertifiedConfig` on ``w.batch`` cached stage inputs (its training set, in the
+    trainer's chunks), then ``beta_max`` and one solve at the path's first beta, its
+    refinement rounds stopped after `SOLVE_SECONDS` each (the basis still grows, up to the
+    configured rounds: the route's largest arrays are made). The warm-up and the step run
+    the same on one small image."""
+    from cvxmri.training.certified import StageSolver
+    from cvxmri.training.config import CertifiedConfig
+    from cvxmri.training.trainer import chunk_images
+
+    settings = CertifiedConfig()
+
+    def data_of(batch: int, side: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+        shape = (batch, program.in_channels, *_cube(side, w))
+        x = torch.rand(shape, generator=gen, device=device)
+        if w.stage == 1:
+            x = x - 0.5
+        r = _randn((batch, IMAGE_CHANNELS, *_cube(side, w)), gen, device)
+        step = chunk_images(tuple(x.shape[1:]), w.ndim)
+        return [
+            (x[i : i + step], r[i : i + step], program.pattern_gates(x[i : i + step]))
+            for i in range(0, batch, step)
+        ]
+
+    def solve(data: list[tuple[Tensor, Tensor, Tensor]]) -> dict[str, float]:
+        solver = StageSolver(
+            program,
+            data,
+            tol=settings.tol,
+            max_seconds=SOLVE_SECONDS,
+            gram_unknowns=settings.gram_unknowns,
+            check_every=settings.check_every,
+            max_iterations=settings.max_iterations,
+            subspace=settings.subspace,
+            subspace_rounds=settings.subspace_rounds,
+        )
+        cert = solver.solve(settings.betas[0] * solver.beta_max())
+        with torch.no_grad():
+            program.v.zero_()
+        return {**cert, "setup_seconds": solver.setup_seconds, "unknowns": solver.unknowns}
+
+    full = data_of(w.batch, w.size)
+    small = data_of(1, max(w.kernel_size, WARMUP_SIZE))
+
+    def warmup() -> float:
+        return solve(small)["primal"]
+
+    def run() -> dict[str, float]:
+        return solve(full)
+
+    return Prepared(lambda: run()["primal"], warmup, None, run)
 
 
 def with_batch(w: Workload, batch: int) -> Workload:

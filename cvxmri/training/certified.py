@@ -58,6 +58,15 @@ SUBSPACE_UNKNOWNS = 16384
 # Bytes of the subspace route's patch coordinates (`PatchStore`) at most: the basis stops
 # growing there too.
 STORE_BYTES = 1 << 32
+# Pixels whose gated residuals (P * out floats each) the patch store forms at once.
+RHS_PIXELS = 1 << 16
+# The first patch basis: a full eigendecomposition of the patch Gram up to this many patch
+# entries, a randomized subspace iteration beyond (`initial_basis`).
+EIGH_SIZE = 4096
+RANGE_ITERATIONS = 4
+RANGE_OVERSAMPLING = 20
+# Bytes of explicit input patches (`_patches`) held at once by the mean patch Gram.
+PATCH_SLAB_BYTES = 1 << 28
 # Power iterations of a step constant from a random start, and from the previous one's
 # vector (a grown basis changes the operator little).
 POWER_ITERATIONS = 100
@@ -81,7 +90,7 @@ class GramSystem:
         patterns: P.
         output_groups: the stage's grouping, ``separate`` or ``frobenius``.
         seconds: time spent building the system.
-        basis: for a program restricted to a patch subspace (`patch_basis`), its
+        basis: for a program restricted to a patch subspace (`initial_basis`), its
             orthonormal basis ``Q`` ``(C_in K^d, r)``: a pattern's filter is ``Q a`` and the
             unknowns are the coefficients ``a``; None for the whole program.
     """
@@ -160,19 +169,34 @@ class GramSystem:
         return {**certificate_numbers(primal, re, ee, beta, max_dual), "groups": groups}
 
 
-def _patches(stage: ConvexStage, x: Tensor) -> Tensor:
+def _patches(stage: ConvexStage, x: Tensor, rows: range | None = None) -> Tensor:
     """The ``C_in * K^d`` input patches of every pixel, ``(B * pixels, C_in * K^d)``, in the
     order of a weight's ``(C_in, K...)``: the ``K^d`` shifted copies of the zero-padded
     input, exact in any dtype (a float64 convolution with one-hot filters, the same
-    numbers, takes torch's slow path)."""
+    numbers, takes torch's slow path). ``rows``: only the pixels of these indices along
+    the first spatial axis (a slab, `patch_slabs`)."""
     k, spatial = stage.config.kernel_size, x.shape[2:]
     padded = F.pad(x, [k // 2] * (2 * stage.ndim))
+    if rows is not None:
+        padded = padded[:, :, rows.start : rows.stop + k - 1]
+        spatial = torch.Size([len(rows), *spatial[1:]])
     copies = [
         padded[(..., *(slice(s, s + n) for s, n in zip(shift, spatial, strict=True)))]
         for shift in itertools.product(range(k), repeat=stage.ndim)
     ]
     u = torch.stack(copies, dim=2)  # (B, C_in, K^d, *spatial)
     return u.flatten(1, 2).movedim(1, -1).reshape(-1, u.shape[1] * u.shape[2])
+
+
+def patch_slabs(stage: ConvexStage, x: Tensor) -> list[range]:
+    """Ranges along the first spatial axis of ``x`` whose patches (`_patches`) hold at
+    most `PATCH_SLAB_BYTES` (at least one row each): a wide input's patches whole would
+    take ``C_in K^d`` times the input (5 GiB for one 320x320 image of 256 channels at
+    K 7)."""
+    k, spatial = stage.config.kernel_size, x.shape[2:]
+    per_row = x.shape[0] * x.shape[1] * k**stage.ndim * math.prod(spatial[1:]) * x.element_size()
+    step = max(1, PATCH_SLAB_BYTES // max(1, per_row))
+    return [range(top, min(spatial[0], top + step)) for top in range(0, spatial[0], step)]
 
 
 def _projected_patches(stage: ConvexStage, x: Tensor, basis: Tensor) -> Tensor:
@@ -231,20 +255,22 @@ def _code_sums(u: Tensor, w: Tensor, groups: CodeGroups, upper_p: Tensor) -> Ten
     work is at most twice that of the pixels and there is no loop over codes."""
     m, n = u.shape[1], w.shape[1]
     starts, counts = groups.starts, groups.counts
-    codes = groups.codes.to(u.dtype)
-    code_pairs = codes[:, upper_p[0]] * codes[:, upper_p[1]]  # (codes, pairs)
-    sums = torch.zeros(upper_p.shape[1], m * n, dtype=torch.float64, device=u.device)
+    pairs = upper_p.shape[1]
+    sums = torch.zeros(pairs, m * n, dtype=torch.float64, device=u.device)
     lengths = torch.ceil(torch.log2(counts.double())).long()
     for length in lengths.unique().tolist():
         offsets = torch.arange(1 << length, device=u.device)
-        # Codes at a time: their gathered patches and patch Grams stay within CODE_BYTES.
-        step = max(1, CODE_BYTES // (8 * (m * n + (m + n) * (1 << length))))
+        # Codes at a time: their gathered patches, patch Grams and pattern pairs (P^2 / 2
+        # of them: 8 thousand at P 128) stay within CODE_BYTES.
+        step = max(1, CODE_BYTES // (8 * (m * n + (m + n) * (1 << length) + pairs)))
         for chosen in torch.nonzero(lengths == length).squeeze(1).split(step):
             rows = (starts[chosen, None] + offsets).clamp(max=u.shape[0] - 1)
             valid = (offsets < counts[chosen, None])[..., None]
             gathered = u[rows] * valid
             blocks = gathered.transpose(1, 2) @ (w[rows] * valid)  # (codes, m, n)
-            sums += (code_pairs[chosen].T @ blocks.reshape(-1, m * n)).double()
+            codes = groups.codes[chosen].to(u.dtype)
+            code_pairs = codes[:, upper_p[0]] * codes[:, upper_p[1]]  # (codes, pairs)
+            sums += (code_pairs.T @ blocks.reshape(-1, m * n)).double()
     return sums
 
 
@@ -353,8 +379,9 @@ class PatchStore:
         d_all = torch.cat([d.movedim(1, -1).reshape(-1, p) for _, _, d in data])
         r_all = torch.cat([r.double().movedim(1, -1).reshape(-1, r.shape[1]) for _, r, _ in data])
         self.groups = code_groups(d_all)
-        d_all, r_all = d_all[self.groups.order], r_all[self.groups.order]
-        self.gated = _gated_residuals(d_all, r_all).float()
+        # Gates and residuals in code order; their products (the gated residuals, P * out
+        # floats a pixel) are formed a chunk at a time (`_rhs`).
+        self.gates, self.residual = d_all[self.groups.order], r_all[self.groups.order].float()
         self.out = r_all.shape[1]
         rr, count, pixels = distributed.sum_floats(
             float(r_all.square().sum()), sum(x.shape[0] for x, _, _ in data), d_all.shape[0]
@@ -366,14 +393,26 @@ class PatchStore:
         self._buffer = torch.empty(d_all.shape[0], self.columns, device=d_all.device)
 
     def held_bytes(self, columns: int) -> int:
-        """Bytes of the store with ``columns`` basis columns' coordinates: those, the gated
-        residuals and the code grouping (the buffer's unused columns are never touched)."""
-        per_pixel = 4 * (columns + self.gated.shape[1])
-        grouping = sum(
-            t.numel() * t.element_size()
-            for t in (self.groups.order, self.groups.starts, self.groups.counts)
+        """Bytes of the store with ``columns`` basis columns' coordinates: those, the gates,
+        the residuals and the code grouping (the buffer's unused columns are never
+        touched)."""
+        per_pixel = 4 * columns
+        held = (self.gates, self.residual, self.groups.order, self.groups.starts)
+        return self._buffer.shape[0] * per_pixel + sum(
+            t.numel() * t.element_size() for t in (*held, self.groups.counts)
         )
-        return self._buffer.shape[0] * per_pixel + grouping
+
+    def _rhs(self, coordinates: Tensor) -> Tensor:
+        """`_rhs_blocks` of ``coordinates`` ``(pixels, r)`` (code order), ``(P, r, out)``
+        float64, the gated residuals formed `RHS_PIXELS` pixels at a time."""
+        p = self.stage.config.patterns
+        total = torch.zeros(p, coordinates.shape[1], self.out, dtype=torch.float64)
+        total = total.to(coordinates.device)
+        for start in range(0, coordinates.shape[0], RHS_PIXELS):
+            part = slice(start, start + RHS_PIXELS)
+            gated = _gated_residuals(self.gates[part], self.residual[part])
+            total += _rhs_blocks(gated, coordinates[part], p)
+        return total
 
     @torch.no_grad()
     def system(self, basis: Tensor, previous: GramSystem | None = None) -> GramSystem:
@@ -393,7 +432,7 @@ class PatchStore:
         new = self._buffer[:, old:m]
         upper_p = torch.triu_indices(p, p, device=new.device)
         sums = _code_sums(new, self._buffer[:, :m], self.groups, upper_p)
-        rhs = _rhs_blocks(self.gated, new, p)  # the new rows of every pattern
+        rhs = self._rhs(new)  # the new rows of every pattern
         distributed.all_reduce_(sums)
         distributed.all_reduce_(rhs)
         kept = None
@@ -690,7 +729,7 @@ class StageSolver:
       rounding of the accumulated matrix (usually one or two rounds).
     - wider stages with ``subspace = r > 0``: the program restricted to filters in the
       span of the ``r`` leading principal directions ``Q`` of the stage's input patches
-      (`patch_basis`), ``n = P r`` unknowns, by the Gram route above, growing the basis
+      (`initial_basis`), ``n = P r`` unknowns, by the Gram route above, growing the basis
       while the whole program's gap is above ``tol`` (`_solve_subspace`), up to
       `SUBSPACE_UNKNOWNS` unknowns. The
       certificate is the whole program's; ``subspace_relative_gap`` the restricted one's
@@ -748,9 +787,7 @@ class StageSolver:
             self.route = "subspace"
             self.store = PatchStore(stage, data, SUBSPACE_UNKNOWNS // p)
             self.room = self.store.columns
-            self.basis = patch_basis(
-                _mean_patch_gram(stage, _subset(data, self.count)), min(subspace, self.room)
-            )
+            self.basis = initial_basis(stage, _subset(data, self.count), min(subspace, self.room))
         else:
             self.route = "matrix-free"
         if self.route != "matrix-free":
@@ -1029,8 +1066,9 @@ def _mean_patch_gram(stage: ConvexStage, subset: _Data) -> Tensor:
     patch_gram = torch.zeros(m, m, dtype=torch.float64, device=stage.gate_weight.device)
     images = 0
     for x, _, _ in subset:
-        u = _patches(stage, x.float())
-        patch_gram += (u.T @ u).double()
+        for rows in patch_slabs(stage, x):
+            u = _patches(stage, x.float(), rows)
+            patch_gram += (u.T @ u).double()
         images += x.shape[0]
     distributed.all_reduce_(patch_gram)
     images = int(distributed.sum_floats(images)[0])
@@ -1059,6 +1097,54 @@ def patch_basis(patch_gram: Tensor, rank: int) -> Tensor:
     of a patch Gram ``(m, m)`` (the principal directions of the patches), float64."""
     _, vectors = torch.linalg.eigh(patch_gram.double())
     return vectors[:, -min(rank, patch_gram.shape[0]) :].flip(1).contiguous()
+
+
+def leading_directions(
+    gram_times: Callable[[Tensor], Tensor], size: int, rank: int, device: torch.device
+) -> Tensor:
+    """An orthonormal basis ``(size, r)`` of the ``r = min(rank, size)`` leading
+    eigenvectors of a symmetric positive semidefinite operator given by its products
+    ``gram_times(q)`` (``(size, k)`` float64 to the same): a seeded randomized subspace
+    iteration (`RANGE_ITERATIONS` products with ``r + RANGE_OVERSAMPLING`` vectors), then
+    Rayleigh-Ritz. Its leading vectors are eigenvectors to the accuracy that the start of
+    a growing basis needs (the growth adds what the solution misses)."""
+    r = min(rank, size)
+    width = min(size, r + RANGE_OVERSAMPLING)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(size, width, generator=generator, dtype=torch.float64).to(device)
+    for _ in range(RANGE_ITERATIONS):
+        q, _ = torch.linalg.qr(gram_times(q))
+    _, small = torch.linalg.eigh(q.T @ gram_times(q))
+    return (q @ small[:, -r:].flip(1)).contiguous()
+
+
+@torch.no_grad()
+def initial_basis(stage: ConvexStage, subset: _Data, rank: int) -> Tensor:
+    """The subspace route's first basis ``(C_in K^d, r)``: the leading principal
+    directions of the ``subset`` images' patches. Up to `EIGH_SIZE` patch entries from
+    their mean patch Gram (`_mean_patch_gram`, `patch_basis`); beyond (``C_in K^d =
+    12544`` at 256 channels and K 7, whose Gram takes ``C_in K^d`` times the pixels'
+    products and its decomposition minutes) by `leading_directions` through convolutions:
+    ``U^T (U q)`` is a convolution with the columns of ``q`` as filters and the weight
+    gradient of that convolution, no patch held."""
+    k, c_in = stage.config.kernel_size, stage.in_channels
+    size = c_in * k**stage.ndim
+    device = stage.gate_weight.device
+    if size <= EIGH_SIZE:
+        return patch_basis(_mean_patch_gram(stage, subset), rank)
+    kernel = (c_in, *([k] * stage.ndim))
+
+    def gram_times(q: Tensor) -> Tensor:
+        filters = q.T.reshape(q.shape[1], *kernel).float()
+        total = torch.zeros(q.shape[1], size, dtype=torch.float64, device=device)
+        for x, _, _ in subset:
+            y = stage.ops.conv(x.float(), filters, padding=k // 2)
+            grad = stage.ops.conv_weight(x.float(), filters.shape, y, padding=k // 2)
+            total += grad.reshape(q.shape[1], size).double()
+        distributed.all_reduce_(total)
+        return total.T
+
+    return leading_directions(gram_times, size, rank, device)
 
 
 @torch.no_grad()
