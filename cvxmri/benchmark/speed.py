@@ -226,9 +226,9 @@ def certified_times(cfg: SpeedBenchConfig) -> list[dict[str, Any]]:
     """The certified solver of the convex stages, timed once per training-set size of
     ``certified_images`` (fp32, cached inputs; `cvxmri.benchmark.workload.Prepared.solve`,
     after its warm-up on a small image): its set-up (patch basis, Gram matrix), the pass
-    at zero that gives ``beta_max``, and one solve at the path's first beta (refinement
-    rounds of at most `SOLVE_SECONDS` each, the basis growing as in training). A training
-    run solves a path of such betas. Stage 1 and stage 2 are timed: every later stage has
+    at zero that gives ``beta_max``, and one solve at the path's first beta (its
+    refinement rounds bounded as the workload says, the basis growing as in training). A
+    training run solves a path of such betas. Stage 1 and stage 2 are timed: every later stage has
     stage 2's program."""
     rows: list[dict[str, Any]] = []
     if "layerwise-convex" not in cfg.methods:

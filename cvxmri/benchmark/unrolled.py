@@ -41,7 +41,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cvxmri.benchmark.workload import LR, METHODS, WARMUP_SIZE, Prepared, Workload
+from cvxmri.benchmark.workload import (
+    LR,
+    METHODS,
+    SOLVE_SECONDS,
+    WARMUP_SIZE,
+    Prepared,
+    Workload,
+)
 from cvxmri.errors import CvxmriError
 from cvxmri.models.cnn import ReconCNN, to_channels, to_complex
 from cvxmri.models.convex import ConvexStage, ConvexStageConfig
@@ -61,9 +68,6 @@ from cvxmri.training.unrolled import (
 # Fraction of k-space lines sampled at random outside the fully sampled calibration centre
 # (a side of 1/8 of the image) of the random masks.
 SAMPLED_FRACTION = 0.25
-# Seconds after which a measured convex solve stops refining (its rounds repeat the same
-# exact pass and Gram solve: their number does not change its memory).
-SOLVE_SECONDS = 1.0
 
 
 @dataclass

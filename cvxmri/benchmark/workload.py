@@ -61,10 +61,11 @@ IMAGE_CHANNELS = 2
 # convex stages' gates are initialised on.
 WARMUP_SIZE = 16
 GATE_SAMPLE_SIZE = 32
-# Seconds after which each refinement round of a measured certified solve stops (its
-# rounds repeat the same exact pass and Gram solve: their number does not change its
-# memory).
+# A measured certified solve's refinement rounds stop after this many seconds each, and
+# their model solves after this many iterations (the rounds repeat the same exact pass and
+# Gram solve: their number does not change its memory; the basis still grows).
 SOLVE_SECONDS = 1.0
+SOLVE_ITERATIONS = 100
 
 
 @dataclass(frozen=True)
@@ -558,9 +559,10 @@ def _prepare_solve(
     (`cvxmri.training.trainer.Trainer._solve_certified`): the stage's `StageSolver` with the
     default `CertifiedConfig` on ``w.batch`` cached stage inputs (its training set, in the
     trainer's chunks), then ``beta_max`` and one solve at the path's first beta, its
-    refinement rounds stopped after `SOLVE_SECONDS` each (the basis still grows, up to the
-    configured rounds: the route's largest arrays are made). The warm-up and the step run
-    the same on one small image."""
+    refinement rounds stopped after `SOLVE_SECONDS` and `SOLVE_ITERATIONS` model
+    iterations each (the basis still grows, up to the configured rounds: the route's
+    largest arrays are made). The warm-up and the step run the same on one small
+    image."""
     from cvxmri.training.certified import StageSolver
     from cvxmri.training.config import CertifiedConfig
     from cvxmri.training.trainer import chunk_images
@@ -587,7 +589,7 @@ def _prepare_solve(
             max_seconds=SOLVE_SECONDS,
             gram_unknowns=settings.gram_unknowns,
             check_every=settings.check_every,
-            max_iterations=settings.max_iterations,
+            max_iterations=SOLVE_ITERATIONS,
             subspace=settings.subspace,
             subspace_rounds=settings.subspace_rounds,
         )
