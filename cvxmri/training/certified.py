@@ -279,10 +279,14 @@ def _assemble_gram(sums: Tensor, p: int, m: int, old: Tensor | None) -> Tensor:
     rows of the last ``m - r0`` coordinates against all ``m``, summed over every process)
     and, in the first ``r0`` coordinates of every pattern, ``old`` ``(P r0, P r0)``."""
     r0 = 0 if old is None else old.shape[0] // p
-    rows = sums.view(-1, m - r0, m)[_pair_index(p, sums.device)].permute(0, 2, 1, 3)
+    pairs, index = sums.view(-1, m - r0, m), _pair_index(p, sums.device)
     gram = torch.empty(p, m, p, m, dtype=torch.float64, device=sums.device)
-    gram[:, r0:] = rows
-    gram[:, :, :, r0:] = rows.permute(2, 3, 0, 1)
+    # One pattern's rows at a time (the pairs re-indexed whole would be another matrix
+    # of the Gram's size): its new rows, then, by symmetry, its new columns.
+    for q in range(p):
+        gram[q, r0:] = pairs[index[q]].transpose(0, 1)
+    for q in range(p):
+        gram[:, :, q, r0:] = pairs[index[q]].transpose(1, 2)
     if old is not None:
         gram[:, :r0, :, :r0] = old.view(p, r0, p, r0)
     return gram.reshape(p * m, p * m)
@@ -331,9 +335,8 @@ def gram_system(
     distributed.all_reduce_(rhs)
     rr, total = distributed.sum_floats(rr, count)
     count = int(total)
-    gram = _assemble_gram(sums, p, m, None)
     return GramSystem(
-        gram / count,
+        _assemble_gram(sums.div_(count), p, m, None),
         rhs / count,
         rr / count,
         count,
@@ -435,13 +438,17 @@ class PatchStore:
         rhs = self._rhs(new)  # the new rows of every pattern
         distributed.all_reduce_(sums)
         distributed.all_reduce_(rhs)
+        # Means over the images: the previous system's blocks are kept as they are (no
+        # copy of its matrix beside the new one).
+        sums.div_(self.count)
+        rhs = rhs / self.count
         kept = None
         if previous is not None:
-            kept = previous.gram * previous.count
-            rhs = torch.cat([(previous.rhs * previous.count).view(p, old, self.out), rhs], 1)
+            kept = previous.gram
+            rhs = torch.cat([previous.rhs.view(p, old, self.out), rhs], 1)
         return GramSystem(
-            _assemble_gram(sums, p, m, kept) / self.count,
-            rhs.reshape(p * m, self.out) / self.count,
+            _assemble_gram(sums, p, m, kept),
+            rhs.reshape(p * m, self.out),
             self.rr / self.count,
             self.count,
             p,
