@@ -139,12 +139,12 @@ def test_every_workload_steps(method: str, stage: int, inputs: str) -> None:
         assert prepared.stage_pass is None
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_certified_solve_workload_certifies_a_stage(stage: int) -> None:
+@pytest.mark.parametrize(("stage", "amp"), [(1, False), (2, False), (2, True)])
+def test_certified_solve_workload_certifies_a_stage(stage: int, amp: bool) -> None:
     """The certified solve of a convex stage (``part="solve"``) on its training set of
-    ``batch`` images: the stage's program (``P C_in K^2`` unknowns per output: 2 patterns,
-    2 or 4 input channels, 3x3), solved at the first beta of the default path to the
-    default gap."""
+    ``batch`` images (bf16 under autocast, as the trainer's cache): the stage's program
+    (``P C_in K^2`` unknowns per output: 2 patterns, 2 or 4 input channels, 3x3), solved
+    at the first beta of the default path to the default gap."""
     w = Workload(
         "layerwise-convex",
         batch=3,
@@ -154,6 +154,7 @@ def test_certified_solve_workload_certifies_a_stage(stage: int) -> None:
         kernel_size=3,
         size=12,
         part="solve",
+        amp=amp,
     )
     prepared = prepare(w)
     prepared.warmup()
@@ -168,8 +169,7 @@ def test_certified_solve_workload_certifies_a_stage(stage: int) -> None:
     ("changes", "message"),
     [
         ({"method": "layerwise-nonconvex"}, "layerwise-nonconvex has no convex solve"),
-        ({"amp": True}, "the certified solve runs on cached fp32 stage inputs"),
-        ({"stage_inputs": "recomputed"}, "the certified solve runs on cached fp32"),
+        ({"stage_inputs": "recomputed"}, "the certified solve runs on cached stage inputs"),
     ],
 )
 def test_certified_solve_workload_refusals(changes: dict[str, object], message: str) -> None:
@@ -204,12 +204,19 @@ def test_memory_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     # The certified solver: stage 1, and stage 2 for every later one, at 1 and 2 images;
     # its largest training set is the smaller of the two stages' line crossings.
     certified = result["certified"]
-    assert [row["stage"] for row in certified["rows"]] == [1, 2]
+    assert [(row["stage"], row["precision"]) for row in certified["rows"]] == [
+        (1, "fp32"),
+        (2, "fp32"),
+    ]
     assert certified["rows"][1]["stands_for"] == [2]
     for row in certified["rows"]:
         assert [p["batch"] for p in row["points"]] == [1, 2]
         assert all(p["details"]["relative_gap"] <= 1e-3 for p in row["points"])
-    assert certified["max_images"] == min(row["max_images"] for row in certified["rows"])
+    (total,) = certified["totals"]
+    assert total["max_images"] == min(row["max_images"] for row in certified["rows"])
+    assert total["end_to_end_max_batch"] == next(
+        r["max_batch"] for r in result["results"] if r["method"] == "end-to-end"
+    )
     assert "Certified solver of the convex stages" in printed
     names = [t["name"] for t in result["targets"]]
     assert any("largest training set of the certified solver" in n for n in names)

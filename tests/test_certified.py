@@ -288,6 +288,35 @@ def test_growing_subspace_reaches_the_whole_programs_optimum() -> None:
     assert cert["primal"] == pytest.approx(solve_cvxpy(with_beta(stage, beta), x, r), rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("gram_unknowns", "subspace"), [(4096, 0), (0, 3), (0, 0)], ids=["gram", "subspace", "free"]
+)
+def test_bf16_inputs_solve_the_program_of_their_values(gram_unknowns: int, subspace: int) -> None:
+    """bf16 stage inputs (a cache under autocast) are solved as given, on every route: the
+    weights and certificate are those of the same values in float32."""
+    x, r = smooth_data(3, 2, 8, seed=25)
+    x, r = x.to(torch.bfloat16), r.float()
+    results = []
+    for inputs in (x, x.float()):
+        stage, _ = make_stage(x.float(), patterns=4, kernel_size=3)
+        data = [(inputs, r, stage.pattern_gates(inputs))]
+        solver = StageSolver(
+            stage,
+            data,
+            tol=1e-6,
+            gram_unknowns=gram_unknowns,
+            subspace=subspace,
+            subspace_rounds=10,
+            max_iterations=20000,
+        )
+        cert = solver.solve(0.05 * solver.beta_max())
+        results.append((cert, stage.v.detach().clone()))
+    (half, v_half), (full, v_full) = results
+    assert half["relative_gap"] <= 1e-6 and full["relative_gap"] <= 1e-6
+    assert half["primal"] == pytest.approx(full["primal"], rel=1e-12)
+    torch.testing.assert_close(v_half, v_full, rtol=0, atol=0)
+
+
 def test_subspace_stops_growing_at_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     """At most `SUBSPACE_UNKNOWNS` unknowns per output: the start and the growth are cut
     to that many directions per pattern (here 5), and the gap is the one reached."""

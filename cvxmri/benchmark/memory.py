@@ -52,11 +52,12 @@ Output (``memory.json``, schema ``cvxmri.benchmark.memory/1``):
   ``stage_pass_bytes``, the largest once-per-stage pass: the trainer runs both);
 - ``pattern_chunk``: the convex stage 2 at batch ``batch`` for each chunk size:
   ``pattern_chunk``, ``precision``, ``peak_bytes``, ``seconds``; and ``recommended``;
-- ``certified``: ``rows`` per measured stage (``stage``, ``stands_for``: the stages it
-  represents, ``points``: each training-set size's ``batch`` (images), ``peak_bytes``,
-  ``state_bytes``, ``seconds``, ``details`` (the solve's certificate and counts),
-  ``fit``, ``max_images``), ``max_images`` (the smallest over the stages) and
-  ``vs_end_to_end``;
+- ``certified``: ``rows`` per measured stage and precision (``stage``, ``stands_for``:
+  the stages it represents, ``precision``, ``points``: each training-set size's
+  ``batch`` (images), ``peak_bytes``, ``state_bytes``, ``seconds``, ``details`` (the
+  solve's certificate and counts), ``fit``, ``max_images``) and ``totals`` per
+  precision (``max_images``, the smallest over the stages, ``end_to_end_max_batch``,
+  ``vs_end_to_end``);
 - ``targets``: ``name``, ``value``, ``threshold``, ``direction`` (``at least`` or
   ``at most``), ``met``, ``note``.
 """
@@ -501,38 +502,65 @@ def chunk_sweep(runner: Runner, cfg: MemoryBenchConfig) -> dict[str, Any]:
     return {"batch": cfg.depth_batch, "rows": rows, "recommended": recommend_chunk(rows)}
 
 
-def certified_sweep(
-    runner: Runner, cfg: MemoryBenchConfig, reference: int | None
-) -> dict[str, Any]:
+def certified_sweep(runner: Runner, cfg: MemoryBenchConfig, summary: list[dict]) -> dict:
     """The certified solver of the convex stages (``part="solve"``,
     `cvxmri.benchmark.workload.Prepared.solve`): peak memory and time at each training-set
-    size of ``certified_images``, in fp32 on cached stage inputs, as the trainer runs it.
+    size of ``certified_images``, per precision (bf16: the stage inputs held in bf16, as
+    the trainer's cache under autocast), on cached stage inputs, as the trainer runs it.
     The solver holds its whole training set (the inputs, their gates and the coordinates
     of the patch store) and a Gram matrix whose size does not depend on it, so its peak
     is a line in the number of images; the line's crossing of the budget is the largest
-    training set (``max_images``, extrapolated), set against end-to-end's largest fp32
-    batch ``reference``. Stage 1 and stage 2 are measured: every later stage has stage 2's
-    program (the same input width, patterns and kernel)."""
+    training set (``max_images``, extrapolated), set against end-to-end's largest batch
+    at the same precision in ``summary``. Stage 1 and stage 2 are measured: every later
+    stage has stage 2's program (the same input width, patterns and kernel)."""
     rows: list[dict[str, Any]] = []
+    totals: list[dict[str, Any]] = []
     if not cfg.certified_images or "layerwise-convex" not in cfg.methods:
-        return {"rows": rows, "max_images": None, "vs_end_to_end": None}
+        return {"rows": rows, "totals": totals}
     budget = cfg.budget_bytes
-    for stage in range(1, min(cfg.layers, 3)):
-        w = cfg.workload("layerwise-convex", stage=stage, stage_inputs="cached", part="solve")
-        points = [runner.trial(replace(w, batch=n)) for n in sorted(set(cfg.certified_images))]
-        fit = linear_fit(points)
-        rows.append(
+    for precision in cfg.precisions:
+        mine = []
+        for stage in range(1, min(cfg.layers, 3)):
+            w = cfg.workload(
+                "layerwise-convex",
+                stage=stage,
+                stage_inputs="cached",
+                part="solve",
+                amp=precision == "bf16",
+            )
+            points = [runner.trial(replace(w, batch=n)) for n in sorted(set(cfg.certified_images))]
+            fit = linear_fit(points)
+            mine.append(
+                {
+                    "stage": stage,
+                    "stands_for": list(range(stage, cfg.layers)) if stage == 2 else [stage],
+                    "precision": precision,
+                    "points": points,
+                    "fit": None
+                    if fit is None
+                    else {"bytes_per_image": fit[0], "fixed_bytes": fit[1]},
+                    "max_images": fit_crossing(fit, budget, cfg.max_batch) if fit else 0,
+                }
+            )
+        rows += mine
+        largest = min(row["max_images"] for row in mine)
+        reference = next(
+            (
+                row["max_batch"]
+                for row in summary
+                if row["method"] == "end-to-end" and row["precision"] == precision
+            ),
+            None,
+        )
+        totals.append(
             {
-                "stage": stage,
-                "stands_for": list(range(stage, cfg.layers)) if stage == 2 else [stage],
-                "points": points,
-                "fit": None if fit is None else {"bytes_per_image": fit[0], "fixed_bytes": fit[1]},
-                "max_images": fit_crossing(fit, budget, cfg.max_batch) if fit else 0,
+                "precision": precision,
+                "max_images": largest,
+                "end_to_end_max_batch": reference,
+                "vs_end_to_end": largest / reference if reference else None,
             }
         )
-    largest = min(row["max_images"] for row in rows)
-    ratio = largest / reference if reference else None
-    return {"rows": rows, "max_images": largest, "vs_end_to_end": ratio}
+    return {"rows": rows, "totals": totals}
 
 
 def recommend_chunk(rows: list[dict[str, Any]]) -> int | None:
@@ -555,15 +583,17 @@ def targets(
 ) -> list[dict]:
     """The issue's memory targets, checked on this run."""
     out = []
-    if certified and certified["vs_end_to_end"] is not None:
+    for total in (certified or {}).get("totals", []):
+        if total["vs_end_to_end"] is None:
+            continue
         out.append(
             {
                 "name": "largest training set of the certified solver over end-to-end's "
-                "largest batch, fp32",
-                "value": round(certified["vs_end_to_end"], 2),
+                f"largest batch, {total['precision']}",
+                "value": round(total["vs_end_to_end"], 2),
                 "threshold": 4.0,
                 "direction": "at least",
-                "met": bool(certified["vs_end_to_end"] >= 4.0),
+                "met": bool(total["vs_end_to_end"] >= 4.0),
                 "note": f"{cfg.layers} layers, {cfg.channels} channels, {cfg.size}x{cfg.size}, "
                 "extrapolated",
             }
@@ -626,22 +656,14 @@ def run_memory_benchmark(cfg: MemoryBenchConfig, out: Path) -> dict[str, Any]:
     direct = cfg.search == "direct" or (cfg.search == "auto" and device.type == "cuda")
     plan = _configurations(cfg)
     estimate = len(plan) * (len(set(cfg.fit_batches)) + (4 if direct else 0))
-    estimate += 2 * len(set(cfg.certified_images))
+    estimate += 2 * len(set(cfg.certified_images)) * len(cfg.precisions)
     with tqdm(total=estimate, desc="memory trials", unit="trial", disable=None) as progress:
         runner = Runner(cfg, progress)
         configurations = [measure_configuration(runner, w, direct) for w in plan]
         summary = summarise(configurations, cfg)
         depth = depth_sweep(runner, cfg)
         chunks = chunk_sweep(runner, cfg)
-        reference = next(
-            (
-                row["max_batch"]
-                for row in summary
-                if row["method"] == "end-to-end" and row["precision"] == "fp32"
-            ),
-            None,
-        )
-        certified = certified_sweep(runner, cfg, reference)
+        certified = certified_sweep(runner, cfg, summary)
     result = {
         **result_header(SCHEMA, device),
         "measurement": CUDA_METHOD if device.type == "cuda" else CPU_METHOD,
@@ -825,22 +847,21 @@ def format_tables(result: dict[str, Any]) -> str:
     certified = result.get("certified") or {"rows": []}
     if certified["rows"]:
         sizes = [p["batch"] for p in certified["rows"][0]["points"]]
+        largest = "; ".join(
+            f"{t['precision']} {t['max_images']}"
+            + ("" if t["vs_end_to_end"] is None else f" ({t['vs_end_to_end']:.2f}x end-to-end)")
+            for t in certified["totals"]
+        )
         lines += [
             "",
-            "Certified solver of the convex stages (fp32, cached inputs): peak (MiB) and "
-            "seconds of its set-up and one solve, by training-set size; largest training "
-            f"set in the budget (extrapolated): {certified['max_images']}"
-            + (
-                ""
-                if certified["vs_end_to_end"] is None
-                else f", {certified['vs_end_to_end']:.2f}x end-to-end's largest fp32 batch"
-            )
-            + ".",
+            "Certified solver of the convex stages (cached inputs): peak (MiB) and seconds of "
+            "its set-up and one solve, by training-set size N; largest training set in the "
+            f"budget (extrapolated): {largest}.",
             "",
-            "| stage | "
+            "| stages | precision | "
             + " | ".join(f"N={n}: MiB, s" for n in sizes)
             + " | MiB per image | unknowns per output | max images |",
-            "|---|" + "---|" * (len(sizes) + 3),
+            "|---|---|" + "---|" * (len(sizes) + 3),
         ]
         for row in certified["rows"]:
             cells = [_solve_cell(p) for p in row["points"]]
@@ -851,8 +872,8 @@ def format_tables(result: dict[str, Any]) -> str:
                 shape += f" (basis rank {int(details['rank'])})"
             stages = ", ".join(map(str, row["stands_for"]))
             lines.append(
-                f"| {stages} | " + " | ".join(cells) + f" | {per_image:,.1f} | {shape} | "
-                f"{row['max_images']} |"
+                f"| {stages} | {row['precision']} | " + " | ".join(cells) + f" | "
+                f"{per_image:,.1f} | {shape} | {row['max_images']} |"
             )
     return "\n".join(lines + format_targets(result["targets"]))
 

@@ -32,10 +32,11 @@ precision: ``seconds_per_step``, ``images_per_second``, ``gflop_per_step``, ``gf
 ``efficiency``, and for layer-wise stages with a stage pass
 ``stage_pass_images_per_second`` and ``stage_pass_gflops``), ``totals`` and
 ``results`` (per method, stage inputs and precision: ``seconds``, ``hours``,
-``vs_end_to_end``), ``certified`` (per stage and training-set size: ``stage``,
-``stands_for``, ``images``, ``seconds``, ``seconds_per_image``, ``setup_seconds``,
-``solve_seconds``, ``passes``, ``unknowns``, ``rank``, ``relative_gap``), ``targets``
-(``name``, ``value``, ``threshold``, ``direction``, ``met``, ``note``).
+``vs_end_to_end``), ``certified`` (per precision, stage and training-set size:
+``stage``, ``stands_for``, ``precision``, ``images``, ``seconds``,
+``seconds_per_image``, ``setup_seconds``, ``solve_seconds``, ``passes``, ``unknowns``,
+``rank``, ``relative_gap``), ``targets`` (``name``, ``value``, ``threshold``,
+``direction``, ``met``, ``note``).
 """
 
 from __future__ import annotations
@@ -223,48 +224,59 @@ def measure_speed(w: Workload, repeats: int, peak_gflops: float) -> dict[str, An
 
 
 def certified_times(cfg: SpeedBenchConfig) -> list[dict[str, Any]]:
-    """The certified solver of the convex stages, timed once per training-set size of
-    ``certified_images`` (fp32, cached inputs; `cvxmri.benchmark.workload.Prepared.solve`,
-    after its warm-up on a small image): its set-up (patch basis, Gram matrix), the pass
-    at zero that gives ``beta_max``, and one solve at the path's first beta (its
-    refinement rounds bounded as the workload says, the basis growing as in training). A
-    training run solves a path of such betas. Stage 1 and stage 2 are timed: every later stage has
-    stage 2's program."""
+    """The certified solver of the convex stages, timed once per precision and
+    training-set size of ``certified_images`` (cached inputs, bf16 ones under autocast;
+    `cvxmri.benchmark.workload.Prepared.solve`, after its warm-up on a small image): its
+    set-up (patch basis, Gram matrix), the pass at zero that gives ``beta_max``, and one
+    solve at the path's first beta (its refinement rounds bounded as the workload says,
+    the basis growing as in training). A training run solves a path of such betas. Stage
+    1 and stage 2 are timed: every later stage has stage 2's program."""
     rows: list[dict[str, Any]] = []
     if "layerwise-convex" not in cfg.methods:
         return rows
     device = torch.device(cfg.device)
-    for stage in range(1, min(cfg.layers, 3)):
-        for images in cfg.certified_images:
-            w = cfg.workload(
-                "layerwise-convex", stage=stage, stage_inputs="cached", part="solve", batch=images
-            )
-            prepared = prepare(w)
-            prepared.warmup()
-            assert prepared.solve is not None
-            began = time.perf_counter()
-            cert = prepared.solve()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - began
-            rows.append(
-                {
-                    "stage": stage,
-                    "stands_for": list(range(stage, cfg.layers)) if stage == 2 else [stage],
-                    "images": images,
-                    "seconds": seconds,
-                    "seconds_per_image": seconds / images,
-                    "setup_seconds": cert["setup_seconds"],
-                    "solve_seconds": cert["seconds"],
-                    "passes": cert["passes"],
-                    "unknowns": cert["unknowns"],
-                    "rank": cert.get("rank"),
-                    "relative_gap": cert["relative_gap"],
-                }
-            )
-            log.info("%s, %d images: %s", w.describe(), images, rows[-1])
-            del prepared
-            gc.collect()
+    plan = [
+        (precision, stage, images)
+        for precision in cfg.precisions
+        for stage in range(1, min(cfg.layers, 3))
+        for images in cfg.certified_images
+    ]
+    for precision, stage, images in plan:
+        w = cfg.workload(
+            "layerwise-convex",
+            stage=stage,
+            stage_inputs="cached",
+            part="solve",
+            batch=images,
+            amp=precision == "bf16",
+        )
+        prepared = prepare(w)
+        prepared.warmup()
+        assert prepared.solve is not None
+        began = time.perf_counter()
+        cert = prepared.solve()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - began
+        rows.append(
+            {
+                "stage": stage,
+                "stands_for": list(range(stage, cfg.layers)) if stage == 2 else [stage],
+                "precision": precision,
+                "images": images,
+                "seconds": seconds,
+                "seconds_per_image": seconds / images,
+                "setup_seconds": cert["setup_seconds"],
+                "solve_seconds": cert["seconds"],
+                "passes": cert["passes"],
+                "unknowns": cert["unknowns"],
+                "rank": cert.get("rank"),
+                "relative_gap": cert["relative_gap"],
+            }
+        )
+        log.info("%s, %d images: %s", w.describe(), images, rows[-1])
+        del prepared
+        gc.collect()
     return rows
 
 
@@ -428,18 +440,18 @@ def format_tables(result: dict[str, Any]) -> str:
     if result.get("certified"):
         lines += [
             "",
-            "Certified solver of the convex stages (fp32, cached inputs), timed once: set-up "
+            "Certified solver of the convex stages (cached inputs), timed once: set-up "
             "(patch basis, Gram matrix), the pass giving beta_max and one solve at the path's "
             "first beta (a training run solves a path of betas).",
             "",
-            "| stage | images | seconds | s / image | set-up s | solve s | exact passes "
-            "| unknowns per output | relative gap |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| stages | precision | images | seconds | s / image | set-up s | solve s "
+            "| exact passes | unknowns per output | relative gap |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in result["certified"]:
             rank = "" if r["rank"] is None else f" (basis rank {int(r['rank'])})"
             lines.append(
-                f"| {', '.join(map(str, r['stands_for']))} | {r['images']} | "
+                f"| {', '.join(map(str, r['stands_for']))} | {r['precision']} | {r['images']} | "
                 f"{r['seconds']:.3g} | {r['seconds_per_image']:.3g} | "
                 f"{r['setup_seconds']:.3g} | {r['solve_seconds']:.3g} | {int(r['passes'])} | "
                 f"{int(r['unknowns']):,}{rank} | {r['relative_gap']:.1e} |"

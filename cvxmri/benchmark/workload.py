@@ -169,11 +169,8 @@ class Workload:
             raise CvxmriError(
                 f"stage must be in 1..{self.layers - 1} for {self.layers} layers, got {self.stage}"
             )
-        if self.part == "solve" and (self.amp or self.recomputes_prefix):
-            raise CvxmriError(
-                "the certified solve runs on cached fp32 stage inputs (no bf16, no recomputed "
-                "prefix)"
-            )
+        if self.part == "solve" and self.recomputes_prefix:
+            raise CvxmriError("the certified solve runs on cached stage inputs, not recomputed")
 
     def _validate_unrolled(self) -> None:
         from cvxmri.models.dc import DC_KINDS
@@ -574,6 +571,8 @@ def _prepare_solve(
         x = torch.rand(shape, generator=gen, device=device)
         if w.stage == 1:
             x = x - 0.5
+        # The trainer's cache: bf16 under autocast.
+        x = x.to(torch.bfloat16 if w.amp else torch.float32)
         r = _randn((batch, IMAGE_CHANNELS, *_cube(side, w)), gen, device)
         step = chunk_images(tuple(x.shape[1:]), w.ndim)
         return [

@@ -747,6 +747,10 @@ class StageSolver:
       the exact prox in that metric (`BlockMetric`); certified by a float64 pass every
       ``check_every`` iterations.
 
+    The inputs may be bf16 (a stage-input cache under autocast): they are held as given,
+    and every product takes them to float32 (patch coordinates, Gram matrix) or float64
+    (the exact passes), so the certificate is that of the program on the bf16 inputs.
+
     Either stops at ``tol`` or after ``max_seconds`` per ``beta``. Under torchrun each
     process passes its share of the training set (`cvxmri.distributed.shard`); every sum is
     over all processes, so they all take the same steps.
@@ -800,6 +804,8 @@ class StageSolver:
         if self.route != "matrix-free":
             self._build(self.basis)
         else:
+            # Its convolution passes take the weights' dtype: bf16 inputs become float32.
+            self.data = data = [(x.float(), r, d) for x, r, d in data]
             subset = _subset(data, self.count)
             self.metric = _patch_metric(stage, data, _mean_patch_gram(stage, subset))
             self.lipschitz = _operator_lipschitz(stage, subset, self.metric, 20)

@@ -792,7 +792,9 @@ class Trainer:
         step = self._chunk(x.shape)
         data = []
         for i in range(0, len(x), step):
-            chunk = x[i : i + step].to(self.device).float()
+            # In the cache's dtype (bf16 under autocast: half the memory; the solver's
+            # products are float32 or float64).
+            chunk = x[i : i + step].to(self.device)
             data.append(
                 (chunk, residual[i : i + step].to(self.device), program.pattern_gates(chunk))
             )
