@@ -209,6 +209,8 @@ def test_memory_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         (2, "fp32"),
     ]
     assert certified["rows"][1]["stands_for"] == [2]
+    # P C_in K^2 unknowns per output: 2 patterns, 2 or 4 input channels, 3x3.
+    assert [row["program_unknowns"] for row in certified["rows"]] == [36, 72]
     for row in certified["rows"]:
         assert [p["batch"] for p in row["points"]] == [1, 2]
         assert all(p["details"]["relative_gap"] <= 1e-3 for p in row["points"])
@@ -284,6 +286,7 @@ def test_speed_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         (2, [2], 2),
     ]
     assert all(r["seconds"] >= r["setup_seconds"] > 0 for r in certified)
+    assert [r["program_unknowns"] for r in certified] == [36, 72]
     assert all(r["relative_gap"] <= 1e-3 and r["passes"] >= 1 for r in certified)
     printed = capsys.readouterr().out
     assert "images / s" in printed and "Certified solver of the convex stages" in printed

@@ -76,7 +76,14 @@ from typing import Any
 from tqdm import tqdm
 
 from cvxmri.benchmark.measure import CPU_METHOD, CUDA_METHOD, result_header, run_trial
-from cvxmri.benchmark.workload import LAYERWISE, METHODS, STAGE_INPUTS, Workload, workload_of
+from cvxmri.benchmark.workload import (
+    IMAGE_CHANNELS,
+    LAYERWISE,
+    METHODS,
+    STAGE_INPUTS,
+    Workload,
+    workload_of,
+)
 from cvxmri.errors import CvxmriError
 
 log = logging.getLogger(__name__)
@@ -535,6 +542,7 @@ def certified_sweep(runner: Runner, cfg: MemoryBenchConfig, summary: list[dict])
                     "stage": stage,
                     "stands_for": list(range(stage, cfg.layers)) if stage == 2 else [stage],
                     "precision": precision,
+                    "program_unknowns": program_unknowns(w),
                     "points": points,
                     "fit": None
                     if fit is None
@@ -860,22 +868,34 @@ def format_tables(result: dict[str, Any]) -> str:
             "",
             "| stages | precision | "
             + " | ".join(f"N={n}: MiB, s" for n in sizes)
-            + " | MiB per image | unknowns per output | max images |",
+            + " | MiB per image | unknowns per output (solved) | max images |",
             "|---|---|" + "---|" * (len(sizes) + 3),
         ]
         for row in certified["rows"]:
             cells = [_solve_cell(p) for p in row["points"]]
             per_image = row["fit"]["bytes_per_image"] / MIB if row["fit"] else math.nan
             details = row["points"][-1].get("details", {})
-            shape = f"{int(details['unknowns']):,}" if "unknowns" in details else "-"
-            if "rank" in details:
-                shape += f" (basis rank {int(details['rank'])})"
+            shape = unknowns_cell(row["program_unknowns"], details)
             stages = ", ".join(map(str, row["stands_for"]))
             lines.append(
                 f"| {stages} | {row['precision']} | " + " | ".join(cells) + f" | "
                 f"{per_image:,.1f} | {shape} | {row['max_images']} |"
             )
     return "\n".join(lines + format_targets(result["targets"]))
+
+
+def program_unknowns(w: Workload) -> int:
+    """Unknowns per output channel of the convex stage program of ``w``: ``P C_in K^d``."""
+    c_in = IMAGE_CHANNELS if w.stage == 1 else w.channels
+    return w.patterns * c_in * w.kernel_size**w.ndim
+
+
+def unknowns_cell(program: int, details: dict[str, Any]) -> str:
+    """A table cell: the program's unknowns per output and, on the subspace route, how
+    many the solve worked in (``P r``, its basis rank ``r``)."""
+    if details.get("rank") is None:
+        return f"{program:,}"
+    return f"{program:,} ({int(details['unknowns']):,}: rank {int(details['rank'])})"
 
 
 def _solve_cell(point: dict[str, Any]) -> str:
