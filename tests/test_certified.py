@@ -317,14 +317,21 @@ def test_bf16_inputs_solve_the_program_of_their_values(gram_unknowns: int, subsp
     torch.testing.assert_close(v_half, v_full, rtol=0, atol=0)
 
 
-def test_subspace_stops_growing_at_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    """At most `SUBSPACE_UNKNOWNS` unknowns per output: the start and the growth are cut
+def test_subspace_stops_growing_at_its_bound() -> None:
+    """At most ``subspace_unknowns`` unknowns per output: the start and the growth are cut
     to that many directions per pattern (here 5), and the gap is the one reached."""
-    monkeypatch.setattr(certified, "SUBSPACE_UNKNOWNS", 20)
     x, r = smooth_data(3, 2, 8, seed=22)
     stage, _ = make_stage(x, patterns=4, kernel_size=3)
     data = [(x, r, stage.pattern_gates(x))]
-    solver = StageSolver(stage, data, tol=1e-8, gram_unknowns=0, subspace=9, subspace_rounds=10)
+    solver = StageSolver(
+        stage,
+        data,
+        tol=1e-8,
+        gram_unknowns=0,
+        subspace=9,
+        subspace_rounds=10,
+        subspace_unknowns=20,
+    )
     assert solver.basis is not None and solver.basis.shape[1] == 5
     cert = solver.solve(0.05 * duality_gap(stage, [(x, r)])["max_dual_norm"])
     assert cert["rank"] == 5 and cert["relative_gap"] > 1e-8
@@ -432,6 +439,8 @@ def test_beta_path_stops_once_a_beta_gains_too_little() -> None:
     assert CertifiedConfig(min_gain=0.0).path_done([30.0, 30.0])
     with pytest.raises(CvxmriError, match=r"certified\.min_gain"):
         CertifiedConfig(min_gain=-0.1).validate()
+    with pytest.raises(CvxmriError, match=r"certified\.subspace_unknowns=0"):
+        CertifiedConfig(subspace_unknowns=0).validate()
 
 
 def test_held_bytes_count_the_subspace_routes_arrays() -> None:

@@ -591,6 +591,7 @@ def _prepare_solve(
             max_iterations=SOLVE_ITERATIONS,
             subspace=settings.subspace,
             subspace_rounds=settings.subspace_rounds,
+            subspace_unknowns=settings.subspace_unknowns,
         )
         cert = solver.solve(settings.betas[0] * solver.beta_max())
         with torch.no_grad():

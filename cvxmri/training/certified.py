@@ -52,8 +52,9 @@ MAX_STEP_GROWTH = 1024
 PROX_NEWTON_STEPS = 50
 # Bytes of the per-code patches and patch Grams `_code_sums` holds at a time.
 CODE_BYTES = 1 << 28
-# Unknowns per output of the subspace route (patterns x basis rank) at most: its Gram
-# matrix, float64, is then at most 2 GiB. The basis stops growing there.
+# Unknowns per output of the subspace route (patterns x basis rank) at most, by default
+# (`CertifiedConfig.subspace_unknowns`): its Gram matrix, float64, is then at most 2 GiB.
+# The basis stops growing there.
 SUBSPACE_UNKNOWNS = 16384
 # Bytes of the subspace route's patch coordinates (`PatchStore`) at most: the basis stops
 # growing there too.
@@ -738,9 +739,8 @@ class StageSolver:
       span of the ``r`` leading principal directions ``Q`` of the stage's input patches
       (`initial_basis`), ``n = P r`` unknowns, by the Gram route above, growing the basis
       while the whole program's gap is above ``tol`` (`_solve_subspace`), up to
-      `SUBSPACE_UNKNOWNS` unknowns. The
-      certificate is the whole program's; ``subspace_relative_gap`` the restricted one's
-      (one pass gives both).
+      ``subspace_unknowns`` unknowns. The certificate is the whole program's;
+      ``subspace_relative_gap`` the restricted one's (one pass gives both).
     - wider stages otherwise: FISTA on the whole training set (a forward and an adjoint
       convolution pass per iteration) in the block-Jacobi metric ``M_p = f_p S`` (``S``
       the mean patch Gram of a few images, ``f_p`` the pattern's active fraction), with
@@ -769,6 +769,7 @@ class StageSolver:
         max_iterations: int = 2000,
         subspace: int = 0,
         subspace_rounds: int = 0,
+        subspace_unknowns: int = SUBSPACE_UNKNOWNS,
     ) -> None:
         """Set up the route for ``stage`` on ``data`` (``(x, r, gates)`` batches of whole
         images, gates as `ConvexStage.pattern_gates`)."""
@@ -796,7 +797,7 @@ class StageSolver:
             self.route = "gram"
         elif subspace > 0:
             self.route = "subspace"
-            self.store = PatchStore(stage, data, SUBSPACE_UNKNOWNS // p)
+            self.store = PatchStore(stage, data, max(1, subspace_unknowns // p))
             self.room = self.store.columns
             self.basis = initial_basis(stage, _subset(data, self.count), min(subspace, self.room))
         else:

@@ -75,6 +75,10 @@ class CertifiedConfig:
             32-channel stage in reasonable time on a CPU; docs/benchmarks.md).
         subspace_rounds: times a subspace grows per beta, by the whole gradient's
             components outside it, while the whole program's gap is above ``tol``.
+        subspace_unknowns: the subspace's unknowns per output (patterns x basis rank) at
+            most; the basis stops growing there. Its float64 Gram matrix takes 8 x this^2
+            bytes (2 GiB at 16384: a basis of 1024 directions at 16 patterns, 128 at the
+            paper's 128).
         min_gain: a CNN stage's path stops once a beta's validation PSNR is at most this
             many dB above the best before it (0: once one is not better): smaller betas
             cost more (more groups, more subspace directions) and gain less and less. An
@@ -91,6 +95,7 @@ class CertifiedConfig:
     max_iterations: int = 2000
     subspace: int = 100
     subspace_rounds: int = 4
+    subspace_unknowns: int = 16384
     min_gain: float = 0.05
 
     def validate(self) -> None:
@@ -104,6 +109,7 @@ class CertifiedConfig:
             "max_iterations": self.max_iterations >= 1,
             "subspace": self.subspace >= 0,
             "subspace_rounds": self.subspace_rounds >= 0,
+            "subspace_unknowns": self.subspace_unknowns >= 1,
             "min_gain": math.isfinite(self.min_gain) and self.min_gain >= 0,
         }
         for name, ok in checks.items():

@@ -809,6 +809,7 @@ class Trainer:
             max_iterations=settings.max_iterations,
             subspace=settings.subspace,
             subspace_rounds=settings.subspace_rounds,
+            subspace_unknowns=settings.subspace_unknowns,
         )
         largest = solver.beta_max()
         store = solver.store
