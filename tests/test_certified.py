@@ -83,6 +83,21 @@ def test_patch_store_grown_system_equals_one_built_whole(
     assert (full.rr, full.count) == (pytest.approx(plain.rr, rel=1e-12), plain.count)
 
 
+@pytest.mark.parametrize("patterns", [5, 62, 63, 130])
+def test_code_groups_group_pixels_by_their_gates(patterns: int) -> None:
+    """Pixels sorted by gate code (packed into one integer up to 62 patterns, into several
+    beyond): every pixel of a group has its code's gates, and there is one group per
+    distinct row of gates."""
+    gen = torch.Generator().manual_seed(patterns)
+    d = torch.rand(3000, patterns, generator=gen) < 0.5
+    d[:1500] &= torch.arange(patterns) < 3  # many pixels share a code
+    groups = certified.code_groups(d)
+    code_of = torch.repeat_interleave(torch.arange(groups.counts.numel()), groups.counts)
+    assert torch.equal(d[groups.order], groups.codes[code_of])
+    assert torch.equal(groups.starts, groups.counts.cumsum(0) - groups.counts)
+    assert groups.codes.shape[0] == torch.unique(d, dim=0).shape[0]
+
+
 def test_patches_of_slabs_are_the_rows_of_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     """A slab's patches (`_patches` with ``rows``) are those rows' pixels of the whole
     image's patches, and the mean patch Gram summed over slabs of one row each equals the
@@ -447,7 +462,7 @@ def test_held_bytes_count_the_subspace_routes_arrays() -> None:
     """``held_mib``: the Gram matrix and right-hand side ``(P r)^2`` and ``P r x out``
     float64, the metric's eigenvectors ``P r^2`` float64 and the store: ``r`` coordinates
     and ``out`` residuals per pixel, float32, ``P`` gates per pixel (bool), and its code
-    grouping."""
+    grouping (each pixel's place in code order and back)."""
     x, r = smooth_data(3, 2, 8, seed=22)
     stage, _ = make_stage(x, patterns=4, kernel_size=3)
     solver = StageSolver(stage, [(x, r, stage.pattern_gates(x))], gram_unknowns=0, subspace=5)
@@ -456,7 +471,7 @@ def test_held_bytes_count_the_subspace_routes_arrays() -> None:
     store = solver.store
     assert store is not None
     pixels = 3 * 8 * 8
-    grouping = 8 * (pixels + 2 * store.groups.counts.numel())
+    grouping = 8 * (2 * pixels + 2 * store.groups.counts.numel())
     expected = 8 * ((p * rank) ** 2 + p * rank * out + p * rank**2)
     expected += 4 * pixels * (rank + out) + pixels * p + grouping
     assert cert["held_mib"] * 2**20 == pytest.approx(expected, rel=1e-12)

@@ -50,6 +50,8 @@ METRIC_FLOOR = 1e-10
 MAX_STEP_GROWTH = 1024
 # Safeguarded Newton steps on the prox's scalar equation (see BlockMetric.prox).
 PROX_NEWTON_STEPS = 50
+# Gates packed per integer by `code_groups` (non-negative int64).
+CODE_BITS = 62
 # Bytes of the per-code patches and patch Grams `_code_sums` holds at a time.
 CODE_BYTES = 1 << 28
 # Unknowns per output of the subspace route (patterns x basis rank) at most, by default
@@ -231,15 +233,21 @@ class CodeGroups:
 
 def code_groups(d: Tensor) -> CodeGroups:
     """The `CodeGroups` of pixels with gates ``d`` ``(pixels, P)`` (bool)."""
-    p = d.shape[1]
-    if p <= 62:
-        # The gates as one integer per pixel: a 1D unique, much faster than rows.
-        bits = torch.ones(p, dtype=torch.long, device=d.device) << torch.arange(p, device=d.device)
-        _, inverse, counts = torch.unique(
-            (d.long() * bits).sum(dim=1), return_inverse=True, return_counts=True
-        )
+    # The gates packed into integers of `CODE_BITS` bits, a pattern at a time (8 bytes a
+    # pixel per integer, not per pattern): one integer, a 1D unique, much faster than
+    # rows; more (P > 62), a unique of their rows.
+    words = []
+    for first in range(0, d.shape[1], CODE_BITS):
+        word = torch.zeros(d.shape[0], dtype=torch.long, device=d.device)
+        for bit, column in enumerate(d[:, first : first + CODE_BITS].T):
+            word |= column.long() << bit
+        words.append(word)
+    if len(words) == 1:
+        _, inverse, counts = torch.unique(words[0], return_inverse=True, return_counts=True)
     else:
-        _, inverse, counts = torch.unique(d, dim=0, return_inverse=True, return_counts=True)
+        _, inverse, counts = torch.unique(
+            torch.stack(words, dim=1), dim=0, return_inverse=True, return_counts=True
+        )
     order = torch.argsort(inverse, stable=True)
     starts = counts.cumsum(0) - counts
     return CodeGroups(order, starts, counts, d[order[starts]])
@@ -383,9 +391,14 @@ class PatchStore:
         d_all = torch.cat([d.movedim(1, -1).reshape(-1, p) for _, _, d in data])
         r_all = torch.cat([r.double().movedim(1, -1).reshape(-1, r.shape[1]) for _, r, _ in data])
         self.groups = code_groups(d_all)
+        # Where each pixel (in the batches' order) lies in code order: coordinates are
+        # written there a batch at a time (`system`).
+        order = self.groups.order
+        self._position = torch.empty_like(order)
+        self._position[order] = torch.arange(order.numel(), device=order.device)
         # Gates and residuals in code order; their products (the gated residuals, P * out
         # floats a pixel) are formed a chunk at a time (`_rhs`).
-        self.gates, self.residual = d_all[self.groups.order], r_all[self.groups.order].float()
+        self.gates, self.residual = d_all[order], r_all[order].float()
         self.out = r_all.shape[1]
         rr, count, pixels = distributed.sum_floats(
             float(r_all.square().sum()), sum(x.shape[0] for x, _, _ in data), d_all.shape[0]
@@ -401,7 +414,7 @@ class PatchStore:
         the residuals and the code grouping (the buffer's unused columns are never
         touched)."""
         per_pixel = 4 * columns
-        held = (self.gates, self.residual, self.groups.order, self.groups.starts)
+        held = (self.gates, self.residual, self.groups.order, self._position, self.groups.starts)
         return self._buffer.shape[0] * per_pixel + sum(
             t.numel() * t.element_size() for t in (*held, self.groups.counts)
         )
@@ -431,9 +444,15 @@ class PatchStore:
         m = basis.shape[1]
         if m > self.columns:
             raise CvxmriError(f"a basis of {m} columns exceeds the store's {self.columns}")
-        new = torch.cat([_projected_patches(stage, x, basis[:, old:]) for x, _, _ in self.data])
-        self._buffer[:, old:m] = new[self.groups.order]
+        # Each batch's coordinates straight to their places in code order (the whole set's
+        # at once, and a sorted copy of them, would take 8 bytes a pixel a new column).
         new = self._buffer[:, old:m]
+        start = 0
+        for x, _, _ in self.data:
+            coordinates = _projected_patches(stage, x, basis[:, old:])
+            rows = self._position[start : start + coordinates.shape[0]]
+            new.index_copy_(0, rows, coordinates)
+            start += coordinates.shape[0]
         upper_p = torch.triu_indices(p, p, device=new.device)
         sums = _code_sums(new, self._buffer[:, :m], self.groups, upper_p)
         rhs = self._rhs(new)  # the new rows of every pattern
@@ -805,8 +824,8 @@ class StageSolver:
         if self.route != "matrix-free":
             self._build(self.basis)
         else:
-            # Its convolution passes take the weights' dtype: bf16 inputs become float32.
-            self.data = data = [(x.float(), r, d) for x, r, d in data]
+            # Its convolution passes take the weights' dtype (bf16 inputs become float32).
+            self.data = data = [(x.to(stage.v.dtype), r, d) for x, r, d in data]
             subset = _subset(data, self.count)
             self.metric = _patch_metric(stage, data, _mean_patch_gram(stage, subset))
             self.lipschitz = _operator_lipschitz(stage, subset, self.metric, 20)
