@@ -352,6 +352,18 @@ def test_subspace_stops_growing_at_its_bound() -> None:
     assert cert["rank"] == 5 and cert["relative_gap"] > 1e-8
 
 
+def test_growth_adds_only_directions_outside_the_basis() -> None:
+    """A basis of every direction gains none (not the rounding left by the projection);
+    one missing direction is the one added, however many groups' gradients have it."""
+    gen = torch.Generator().manual_seed(6)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=gen, dtype=F64))
+    gradient = torch.randn(4, 2, 12, generator=gen, dtype=F64)
+    assert certified._grow_basis(q, gradient).shape == (12, 12)
+    grown = certified._grow_basis(q[:, :11], gradient)
+    assert grown.shape == (12, 12)
+    assert abs(float(grown[:, 11] @ q[:, 11])) == pytest.approx(1.0, abs=1e-12)
+
+
 def test_full_rank_subspace_is_the_whole_program() -> None:
     """A subspace of every direction restricts nothing: the same optimum as the Gram
     route, and the whole program's gap equals the restricted one."""

@@ -1112,14 +1112,19 @@ def _grow_basis(basis: Tensor, gradient: Tensor) -> Tensor:
     """``basis`` ``(m, r)`` and an orthonormal basis of the components of the groups'
     gradients (``gradient`` ``(P, out, C_in, K...)``; one ``m``-vector per pattern and
     output) outside its span: two rounds of projection for orthogonality, directions
-    below ``1e-8`` of the largest dropped."""
-    g = gradient.reshape(-1, basis.shape[0]).T.to(basis.dtype)  # (m, groups)
+    below ``1e-8`` of the gradient's largest singular value dropped (so a basis that
+    spans every direction gains none from the rounding left by the projection)."""
+    whole = gradient.reshape(-1, basis.shape[0]).T.to(basis.dtype)  # (m, groups)
+    if whole.numel() == 0 or basis.shape[1] >= basis.shape[0]:
+        return basis
+    g = whole
     for _ in range(2):
         g = g - basis @ (basis.T @ g)
     u, values, _ = torch.linalg.svd(g, full_matrices=False)
-    if values.numel() == 0 or float(values[0]) == 0:
+    scale = float(torch.linalg.matrix_norm(whole, ord=2))
+    if scale == 0:
         return basis
-    new = u[:, values > 1e-8 * values[0]]
+    new = u[:, values > 1e-8 * scale]
     new = new - basis @ (basis.T @ new)
     new, _ = torch.linalg.qr(new)
     return torch.cat([basis, new], dim=1)
