@@ -58,7 +58,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cvxmri.benchmark.measure import result_header
-from cvxmri.benchmark.memory import PRECISIONS, format_targets, program_unknowns, unknowns_cell
+from cvxmri.benchmark.memory import (
+    PRECISIONS,
+    certified_stages,
+    format_targets,
+    program_unknowns,
+    unknowns_cell,
+)
 from cvxmri.benchmark.workload import (
     LAYERWISE,
     METHODS,
@@ -236,12 +242,12 @@ def certified_times(cfg: SpeedBenchConfig) -> list[dict[str, Any]]:
         return rows
     device = torch.device(cfg.device)
     plan = [
-        (precision, stage, images)
+        (precision, stage, stands_for, images)
         for precision in cfg.precisions
-        for stage in range(1, min(cfg.layers, 3))
+        for stage, stands_for in certified_stages(cfg.layers)
         for images in cfg.certified_images
     ]
-    for precision, stage, images in plan:
+    for precision, stage, stands_for, images in plan:
         w = cfg.workload(
             "layerwise-convex",
             stage=stage,
@@ -261,7 +267,7 @@ def certified_times(cfg: SpeedBenchConfig) -> list[dict[str, Any]]:
         rows.append(
             {
                 "stage": stage,
-                "stands_for": list(range(stage, cfg.layers)) if stage == 2 else [stage],
+                "stands_for": stands_for,
                 "precision": precision,
                 "images": images,
                 "seconds": seconds,

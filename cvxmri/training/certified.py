@@ -40,6 +40,7 @@ from cvxmri.models.convex import (
     group_norms_of,
     residual_statistics,
 )
+from cvxmri.training.config import CertifiedConfig
 
 # Eigenvalues of a pattern's Gram block below this fraction of the block's largest are
 # raised to it: the metric must be positive definite, and directions the data do not see
@@ -54,10 +55,6 @@ PROX_NEWTON_STEPS = 50
 CODE_BITS = 62
 # Bytes of the per-code patches and patch Grams `_code_sums` holds at a time.
 CODE_BYTES = 1 << 28
-# Unknowns per output of the subspace route (patterns x basis rank) at most, by default
-# (`CertifiedConfig.subspace_unknowns`): its Gram matrix, float64, is then at most 2 GiB.
-# The basis stops growing there.
-SUBSPACE_UNKNOWNS = 16384
 # Bytes of the subspace route's patch coordinates (`PatchStore`) at most: the basis stops
 # growing there too.
 STORE_BYTES = 1 << 32
@@ -423,8 +420,9 @@ class PatchStore:
         """`_rhs_blocks` of ``coordinates`` ``(pixels, r)`` (code order), ``(P, r, out)``
         float64, the gated residuals formed `RHS_PIXELS` pixels at a time."""
         p = self.stage.config.patterns
-        total = torch.zeros(p, coordinates.shape[1], self.out, dtype=torch.float64)
-        total = total.to(coordinates.device)
+        total = torch.zeros(
+            p, coordinates.shape[1], self.out, dtype=torch.float64, device=coordinates.device
+        )
         for start in range(0, coordinates.shape[0], RHS_PIXELS):
             part = slice(start, start + RHS_PIXELS)
             gated = _gated_residuals(self.gates[part], self.residual[part])
@@ -788,7 +786,7 @@ class StageSolver:
         max_iterations: int = 2000,
         subspace: int = 0,
         subspace_rounds: int = 0,
-        subspace_unknowns: int = SUBSPACE_UNKNOWNS,
+        subspace_unknowns: int = CertifiedConfig.subspace_unknowns,
     ) -> None:
         """Set up the route for ``stage`` on ``data`` (``(x, r, gates)`` batches of whole
         images, gates as `ConvexStage.pattern_gates`)."""
