@@ -4,6 +4,7 @@ an independent solver (cvxpy), and the trainer's beta path."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -330,6 +331,51 @@ def test_bf16_inputs_solve_the_program_of_their_values(gram_unknowns: int, subsp
     assert half["relative_gap"] <= 1e-6 and full["relative_gap"] <= 1e-6
     assert half["primal"] == pytest.approx(full["primal"], rel=1e-12)
     torch.testing.assert_close(v_half, v_full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("gram_unknowns", "subspace"), [(4096, 0), (0, 3), (0, 0)], ids=["gram", "subspace", "free"]
+)
+def test_inputs_loaded_a_chunk_at_a_time(gram_unknowns: int, subspace: int) -> None:
+    """Stage inputs given as loaders (a cache on disk, say) are held a chunk at a time,
+    on every route, and the solve is that of the same inputs held as tensors."""
+    x, r = smooth_data(6, 2, 8, seed=26)
+    results = []
+    for lazy in (True, False):
+        stage, _ = make_stage(x, patterns=4, kernel_size=3)
+        live = [0]
+        most = [0]
+
+        def loader(chunk: torch.Tensor, live: list[int] = live, most: list[int] = most):
+            def load() -> torch.Tensor:
+                # Counts the chunks alive at once (freed: the tensor's finalizer).
+                live[0] += 1
+                most[0] = max(most[0], live[0])
+                out = chunk.clone()
+                weakref.finalize(out, lambda: live.__setitem__(0, live[0] - 1))
+                return out
+
+            return load
+
+        chunks = [(x[i : i + 2], r[i : i + 2]) for i in (0, 2, 4)]
+        data = [(loader(c) if lazy else c, rc, stage.pattern_gates(c)) for c, rc in chunks]
+        solver = StageSolver(
+            stage,
+            data,
+            tol=1e-6,
+            gram_unknowns=gram_unknowns,
+            subspace=subspace,
+            subspace_rounds=10,
+            max_iterations=20000,
+        )
+        cert = solver.solve(0.05 * solver.beta_max())
+        results.append((cert, stage.v.detach().clone()))
+        if lazy:
+            assert most[0] <= 2  # the chunk in use, and the next while it loads
+    (loaded, v_loaded), (held, v_held) = results
+    assert loaded["relative_gap"] <= 1e-6
+    assert loaded["primal"] == pytest.approx(held["primal"], rel=1e-12)
+    torch.testing.assert_close(v_loaded, v_held, rtol=0, atol=0)
 
 
 def test_subspace_stops_growing_at_its_bound() -> None:

@@ -33,9 +33,14 @@ of shape ``volume`` instead (its training uses whole volumes).
 
 from __future__ import annotations
 
+import functools
 import json
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -549,38 +554,61 @@ def prepare(w: Workload) -> Prepared:
     )
 
 
+class _TensorFiles:
+    """A temporary folder of saved tensors, removed when its last loader is freed (or at
+    exit)."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="cvxmri-solve-"))
+        weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+    def loader(self, x: Tensor) -> Callable[[], Tensor]:
+        """Save ``x`` in a file of its own; a function that loads it (to the CPU)."""
+        path = self.folder / f"{len(list(self.folder.iterdir()))}.pt"
+        torch.save(x.cpu(), path)
+        return functools.partial(self._load, path)
+
+    def _load(self, path: Path) -> Tensor:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _prepare_solve(
     w: Workload, program: ConvexStage, gen: torch.Generator, device: torch.device
 ) -> Prepared:
     """A convex stage's certified solve (``part="solve"``), as the trainer's
     (`cvxmri.training.trainer.Trainer._solve_certified`): the stage's `StageSolver` with the
     default `CertifiedConfig` on ``w.batch`` cached stage inputs (its training set, in the
-    trainer's chunks), then ``beta_max`` and one solve at the path's first beta, its
-    refinement rounds stopped after `SOLVE_SECONDS` and `SOLVE_ITERATIONS` model
-    iterations each (the basis still grows, up to the configured rounds: the route's
-    largest arrays are made). The warm-up and the step run the same on one small
-    image."""
-    from cvxmri.training.certified import StageSolver
+    trainer's chunks, held in files and loaded a chunk at a time by the solver's passes, as
+    from a cache on disk or in host memory: the memory measured is the solver's), then
+    ``beta_max`` and one solve at the path's first beta, its refinement rounds stopped
+    after `SOLVE_SECONDS` and `SOLVE_ITERATIONS` model iterations each (the basis still
+    grows, up to the configured rounds: the route's largest arrays are made). The warm-up
+    and the step run the same on one small image."""
+    from cvxmri.training.certified import ChunkInputs, StageSolver
     from cvxmri.training.config import CertifiedConfig
     from cvxmri.training.trainer import chunk_images
 
     settings = CertifiedConfig()
+    # The training set's inputs on disk, as a stage-input cache there, loaded a chunk at a
+    # time by the solver's passes: the measured memory is what solving needs beside it.
+    files = _TensorFiles()
 
-    def data_of(batch: int, side: int) -> list[tuple[Tensor, Tensor, Tensor]]:
-        shape = (batch, program.in_channels, *_cube(side, w))
-        x = torch.rand(shape, generator=gen, device=device)
-        if w.stage == 1:
-            x = x - 0.5
-        # The trainer's cache: bf16 under autocast.
-        x = x.to(torch.bfloat16 if w.amp else torch.float32)
-        r = _randn((batch, IMAGE_CHANNELS, *_cube(side, w)), gen, device)
-        step = chunk_images(tuple(x.shape[1:]), w.ndim)
-        return [
-            (x[i : i + step], r[i : i + step], program.pattern_gates(x[i : i + step]))
-            for i in range(0, batch, step)
-        ]
+    def data_of(batch: int, side: int) -> list[tuple[ChunkInputs, Tensor, Tensor]]:
+        shape = (program.in_channels, *_cube(side, w))
+        step = chunk_images(shape, w.ndim)
+        data: list[tuple[ChunkInputs, Tensor, Tensor]] = []
+        for first in range(0, batch, step):
+            count = min(step, batch - first)
+            x = torch.rand((count, *shape), generator=gen, device=device)
+            if w.stage == 1:
+                x = x - 0.5
+            # The trainer's cache: bf16 under autocast.
+            x = x.to(torch.bfloat16 if w.amp else torch.float32)
+            r = _randn((count, IMAGE_CHANNELS, *_cube(side, w)), gen, device)
+            data.append((files.loader(x), r, program.pattern_gates(x)))
+        return data
 
-    def solve(data: list[tuple[Tensor, Tensor, Tensor]]) -> dict[str, float]:
+    def solve(data: list[tuple[ChunkInputs, Tensor, Tensor]]) -> dict[str, float]:
         solver = StageSolver(
             program,
             data,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +72,27 @@ PATCH_SLAB_BYTES = 1 << 28
 POWER_ITERATIONS = 100
 WARM_POWER_ITERATIONS = 20
 
-# (x, r, gates) batches of whole images.
-_Data = list[tuple[Tensor, Tensor, Tensor]]
+# A chunk's stage inputs: a tensor, kept where it is (host memory, a memory-mapped cache, or
+# the device), or a function that loads it (from a file, say).
+ChunkInputs = Tensor | Callable[[], Tensor]
+# (inputs, r, gates) chunks of whole images; residuals and gates on the solver's device.
+_Data = list[tuple[ChunkInputs, Tensor, Tensor]]
+
+
+def stream(
+    data: _Data, device: torch.device, dtype: torch.dtype | None = None
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """The chunks of ``data`` with their inputs on ``device`` (in ``dtype`` if given), one
+    chunk at a time: a pass over the training set holds one chunk's inputs on the device
+    (two while the next one loads), whatever the set's size."""
+    for x, r, d in data:
+        inputs = x() if callable(x) else x
+        yield inputs.to(device=device, dtype=dtype or inputs.dtype), r, d
+
+
+def _images_in(data: _Data) -> int:
+    """The number of images of ``data`` (this process's share)."""
+    return sum(r.shape[0] for _, r, _ in data)
 
 
 @dataclass
@@ -398,7 +417,7 @@ class PatchStore:
         self.gates, self.residual = d_all[order], r_all[order].float()
         self.out = r_all.shape[1]
         rr, count, pixels = distributed.sum_floats(
-            float(r_all.square().sum()), sum(x.shape[0] for x, _, _ in data), d_all.shape[0]
+            float(r_all.square().sum()), _images_in(data), d_all.shape[0]
         )
         self.rr, self.count = rr, int(count)
         # Counted on every process's pixels together, so that all processes agree (each
@@ -446,7 +465,7 @@ class PatchStore:
         # at once, and a sorted copy of them, would take 8 bytes a pixel a new column).
         new = self._buffer[:, old:m]
         start = 0
-        for x, _, _ in self.data:
+        for x, _, _ in stream(self.data, new.device):
             coordinates = _projected_patches(stage, x, basis[:, old:])
             rows = self._position[start : start + coordinates.shape[0]]
             new.index_copy_(0, rows, coordinates)
@@ -715,7 +734,8 @@ def _exact_certificate(
     With a ``basis`` ``Q`` (weights ``Q a``), the certificate is still the whole
     program's, and ``subspace_relative_gap`` is the restricted program's (the dual norms
     of the gradient's coordinates ``Q^T g``) from the same pass."""
-    stats = residual_statistics(stage, ((x, r, d, None) for x, r, d in data))
+    batches = stream(data, stage.v.device)
+    stats = residual_statistics(stage, ((x, r, d, None) for x, r, d in batches))
     return _certificate_of(stage, stats, beta, basis), stats
 
 
@@ -764,9 +784,13 @@ class StageSolver:
       the exact prox in that metric (`BlockMetric`); certified by a float64 pass every
       ``check_every`` iterations.
 
-    The inputs may be bf16 (a stage-input cache under autocast): they are held as given,
-    and every product takes them to float32 (patch coordinates, Gram matrix) or float64
-    (the exact passes), so the certificate is that of the program on the bf16 inputs.
+    The inputs stay where they are given (`ChunkInputs`: host memory, a memory-mapped
+    cache, or a function that loads them) and every pass moves one chunk at a time to the
+    weights' device (`stream`), so the device holds the residuals, the gates and what the
+    route keeps, not the training set's inputs. They may be bf16 (a stage-input cache under
+    autocast): every product takes them to float32 (patch coordinates, Gram matrix) or
+    float64 (the exact passes), so the certificate is that of the program on the bf16
+    inputs.
 
     Either stops at ``tol`` or after ``max_seconds`` per ``beta``. Under torchrun each
     process passes its share of the training set (`cvxmri.distributed.shard`); every sum is
@@ -788,8 +812,9 @@ class StageSolver:
         subspace_rounds: int = 0,
         subspace_unknowns: int = CertifiedConfig.subspace_unknowns,
     ) -> None:
-        """Set up the route for ``stage`` on ``data`` (``(x, r, gates)`` batches of whole
-        images, gates as `ConvexStage.pattern_gates`)."""
+        """Set up the route for ``stage`` on ``data`` (``(inputs, r, gates)`` chunks of
+        whole images, gates as `ConvexStage.pattern_gates`, ``r`` and the gates on the
+        weights' device)."""
         if stage.config.program != "gated":
             raise CvxmriError("the certified solver needs convex.program=gated")
         if not data:
@@ -799,7 +824,7 @@ class StageSolver:
         self.max_rounds, self.check_every = max_rounds, check_every
         self.max_iterations = max_iterations
         self.subspace_rounds = subspace_rounds
-        self.count = int(distributed.sum_floats(sum(x.shape[0] for x, _, _ in data))[0])
+        self.count = int(distributed.sum_floats(_images_in(data))[0])
         began = time.perf_counter()
         p = stage.config.patterns
         block = stage.in_channels * stage.config.kernel_size**stage.ndim
@@ -822,8 +847,6 @@ class StageSolver:
         if self.route != "matrix-free":
             self._build(self.basis)
         else:
-            # Its convolution passes take the weights' dtype (bf16 inputs become float32).
-            self.data = data = [(x.to(stage.v.dtype), r, d) for x, r, d in data]
             subset = _subset(data, self.count)
             self.metric = _patch_metric(stage, data, _mean_patch_gram(stage, subset))
             self.lipschitz = _operator_lipschitz(stage, subset, self.metric, 20)
@@ -834,7 +857,7 @@ class StageSolver:
         basis's leading columns, kept), its metric and step."""
         self.basis = basis
         if self.store is None:
-            system = gram_system(self.stage, self.data)
+            system = gram_system(self.stage, stream(self.data, self.stage.v.device))
         else:
             assert basis is not None
             system = self.store.system(basis, previous)
@@ -984,9 +1007,13 @@ class StageSolver:
         shape = stage.v.shape
         per_shape = (shape[0], shape[1], -1)
 
+        def passing() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+            # Its convolution passes take the weights' dtype (bf16 inputs become float32).
+            return stream(data, stage.v.device, stage.v.dtype)
+
         def predict(weight: Tensor) -> list[Tensor]:
             w = weight.reshape(shape).to(stage.v.dtype)
-            return [stage.apply_weight(x, w, d) for x, _, d in data]
+            return [stage.apply_weight(x, w, d) for x, _, d in passing()]
 
         def value(weight: Tensor, preds: list[Tensor]) -> float:
             (misfit,) = distributed.sum_floats(
@@ -1016,7 +1043,7 @@ class StageSolver:
                     distributed.all_reduce_(
                         sum(
                             stage.apply_adjoint(x, p - r, d).double()
-                            for (x, r, d), p in zip(data, extra_preds, strict=True)
+                            for (x, r, d), p in zip(passing(), extra_preds, strict=True)
                         )
                     )
                     / n
@@ -1074,10 +1101,19 @@ def _shifted(
     return shifted
 
 
+def _image_of(x: ChunkInputs, i: int) -> ChunkInputs:
+    """Image ``i`` of a chunk's inputs: a view of a tensor, or a function that loads the
+    chunk and keeps only that image."""
+    if callable(x):
+        load = x
+        return lambda: load()[i : i + 1].clone()
+    return x[i : i + 1]
+
+
 def _images(data: _Data) -> _Data:
-    """The batches split into single images."""
+    """The chunks split into single images."""
     return [
-        (x[i : i + 1], r[i : i + 1], d[i : i + 1]) for x, r, d in data for i in range(x.shape[0])
+        (_image_of(x, i), r[i : i + 1], d[i : i + 1]) for x, r, d in data for i in range(r.shape[0])
     ]
 
 
@@ -1096,7 +1132,7 @@ def _mean_patch_gram(stage: ConvexStage, subset: _Data) -> Tensor:
     m = stage.in_channels * stage.config.kernel_size**stage.ndim
     patch_gram = torch.zeros(m, m, dtype=torch.float64, device=stage.gate_weight.device)
     images = 0
-    for x, _, _ in subset:
+    for x, _, _ in stream(subset, patch_gram.device):
         for rows in patch_slabs(stage, x):
             u = _patches(stage, x.float(), rows)
             patch_gram += (u.T @ u).double()
@@ -1173,7 +1209,7 @@ def initial_basis(stage: ConvexStage, subset: _Data, rank: int) -> Tensor:
     def gram_times(q: Tensor) -> Tensor:
         filters = q.T.reshape(q.shape[1], *kernel).float()
         total = torch.zeros(q.shape[1], size, dtype=torch.float64, device=device)
-        for x, _, _ in subset:
+        for x, _, _ in stream(subset, device):
             y = stage.ops.conv(x.float(), filters, padding=k // 2)
             grad = stage.ops.conv_weight(x.float(), filters.shape, y, padding=k // 2)
             total += grad.reshape(q.shape[1], size).double()
@@ -1206,12 +1242,12 @@ def _operator_lipschitz(
 ) -> float:
     """`metric_lipschitz` of the Hessian ``A^T A / N`` of the ``subset`` images."""
     shape = stage.v.shape
-    count = int(distributed.sum_floats(sum(x.shape[0] for x, _, _ in subset))[0])
+    count = int(distributed.sum_floats(_images_in(subset))[0])
 
     def hessian(u: Tensor) -> Tensor:
         w = u.reshape(shape).to(stage.v.dtype)
         h = torch.zeros(shape, dtype=stage.v.dtype, device=stage.v.device)
-        for x, _, d in subset:
+        for x, _, d in stream(subset, stage.v.device, stage.v.dtype):
             h += stage.apply_adjoint(x, stage.apply_weight(x, w, d), d)
         return (distributed.all_reduce_(h) / count).double().reshape(u.shape)
 

@@ -792,12 +792,11 @@ class Trainer:
         step = self._chunk(x.shape)
         data = []
         for i in range(0, len(x), step):
-            # In the cache's dtype (bf16 under autocast: half the memory; the solver's
-            # products are float32 or float64).
-            chunk = x[i : i + step].to(self.device)
-            data.append(
-                (chunk, residual[i : i + step].to(self.device), program.pattern_gates(chunk))
-            )
+            # The inputs stay in the cache (host memory or a file, in its dtype: bf16 under
+            # autocast); the solver moves a chunk at a time to the device.
+            chunk = x[i : i + step]
+            gates = program.pattern_gates(chunk.to(self.device))
+            data.append((chunk, residual[i : i + step].to(self.device), gates))
         began = time.perf_counter()
         solver = StageSolver(
             program,
