@@ -79,7 +79,13 @@ def test_patch_store_grown_system_equals_one_built_whole(
     full = store.system(basis, grown)
     plain = gram_system(stage, data)
     blocks = torch.block_diag(*[basis] * 3)
-    torch.testing.assert_close(full.gram, blocks.T @ plain.gram @ blocks, rtol=1e-5, atol=1e-6)
+    assert full.gram.dtype == torch.float32  # (kept in float32: half the memory)
+    torch.testing.assert_close(
+        full.gram.double(), blocks.T @ plain.gram @ blocks, rtol=1e-5, atol=1e-6
+    )
+    v = torch.randn(full.gram.shape[0], 2, dtype=F64, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(certified, "GRAM_BLOCK_BYTES", 8 * full.gram.shape[1] * 5)
+    torch.testing.assert_close(full.times(v), full.gram.double() @ v, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(full.rhs, blocks.T @ plain.rhs, rtol=1e-5, atol=1e-6)
     assert (full.rr, full.count) == (pytest.approx(plain.rr, rel=1e-12), plain.count)
 
@@ -517,7 +523,7 @@ def test_beta_path_stops_once_a_beta_gains_too_little() -> None:
 
 
 def test_held_bytes_count_the_subspace_routes_arrays() -> None:
-    """``held_mib``: the Gram matrix and right-hand side ``(P r)^2`` and ``P r x out``
+    """``held_mib``: the Gram matrix ``(P r)^2`` float32, the right-hand side ``P r x out``
     float64, the metric's eigenvectors ``P r^2`` float64 and the store: ``r`` coordinates
     and ``out`` residuals per pixel, float32, ``P`` gates per pixel (bool), and its code
     grouping (each pixel's place in code order and back)."""
@@ -530,7 +536,7 @@ def test_held_bytes_count_the_subspace_routes_arrays() -> None:
     assert store is not None
     pixels = 3 * 8 * 8
     grouping = 8 * (2 * pixels + 2 * store.groups.counts.numel())
-    expected = 8 * ((p * rank) ** 2 + p * rank * out + p * rank**2)
+    expected = 4 * (p * rank) ** 2 + 8 * (p * rank * out + p * rank**2)
     expected += 4 * pixels * (rank + out) + pixels * p + grouping
     assert cert["held_mib"] * 2**20 == pytest.approx(expected, rel=1e-12)
 

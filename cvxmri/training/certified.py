@@ -53,6 +53,8 @@ MAX_STEP_GROWTH = 1024
 PROX_NEWTON_STEPS = 50
 # Gates packed per integer by `code_groups` (non-negative int64).
 CODE_BITS = 62
+# Bytes of a float32 Gram matrix's rows that `GramSystem.times` takes to float64 at a time.
+GRAM_BLOCK_BYTES = 1 << 20
 # Bytes of the per-code patches and patch Grams `_code_sums` holds at a time.
 CODE_BYTES = 1 << 28
 # Bytes of the subspace route's patch coordinates (`PatchStore`) at most: the basis stops
@@ -101,8 +103,10 @@ class GramSystem:
     output column of ``v``.
 
     Attributes:
-        gram: ``G = Phi^T Phi / N``, float64 ``(n, n)``, ``n = P * C_in * K^d``; unknowns in
-            the order of the weight ``(P, C_in, K...)``.
+        gram: ``G = Phi^T Phi / N``, ``(n, n)``, ``n = P * C_in * K^d``; unknowns in the
+            order of the weight ``(P, C_in, K...)``. Accumulated in float64 and kept in
+            float64, or in float32 on the subspace route (`PatchStore.system`: its matrix
+            is the one that grows to GiBs); its products are float64 (`times`).
         rhs: ``b = Phi^T r / N``, float64 ``(n, out)``.
         rr: ``||r||^2 / N`` (all outputs).
         count: N, the number of training images.
@@ -127,6 +131,18 @@ class GramSystem:
     def block(self) -> int:
         """Unknowns per pattern and output, ``C_in * K^d``."""
         return self.gram.shape[0] // self.patterns
+
+    def times(self, v: Tensor) -> Tensor:
+        """``G v`` in float64 (``v`` ``(n, k)`` float64): a float32 matrix a block of rows
+        at a time (`GRAM_BLOCK_BYTES`) in float64, so that the products are exact ones of
+        the stored matrix. (Products in float32 leave the objective's last digits to
+        rounding, and FISTA's monotone steps then fail near the optimum.)"""
+        if self.gram.dtype == torch.float64:
+            return self.gram @ v
+        rows = max(1, GRAM_BLOCK_BYTES // (8 * self.gram.shape[1]))
+        return torch.cat(
+            [self.gram[i : i + rows].double() @ v for i in range(0, self.gram.shape[0], rows)]
+        )
 
     def per_pattern(self, v: Tensor) -> Tensor:
         """``v`` ``(n, out)`` in the per-pattern layout ``(P, out, C_in K^d)`` of a weight."""
@@ -177,7 +193,7 @@ class GramSystem:
         with ``s = clip(<r, e> / ||e||^2, 0, beta / max_g ||(Gv - b)_g||)``, the best
         feasible multiple of the residual.
         """
-        gv = self.gram @ v
+        gv = self.times(v)
         bv = float((self.rhs * v).sum())
         ee = max(self.rr - 2 * bv + float((v * gv).sum()), 0.0)
         re = self.rr - bv
@@ -299,13 +315,16 @@ def _code_sums(u: Tensor, w: Tensor, groups: CodeGroups, upper_p: Tensor) -> Ten
     return sums
 
 
-def _assemble_gram(sums: Tensor, p: int, m: int, old: Tensor | None) -> Tensor:
-    """The ``(P m, P m)`` matrix whose pattern blocks are ``sums`` (`_code_sums` of the
-    rows of the last ``m - r0`` coordinates against all ``m``, summed over every process)
-    and, in the first ``r0`` coordinates of every pattern, ``old`` ``(P r0, P r0)``."""
+def _assemble_gram(
+    sums: Tensor, p: int, m: int, old: Tensor | None, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """The ``(P m, P m)`` matrix in ``dtype`` whose pattern blocks are ``sums``
+    (`_code_sums` of the rows of the last ``m - r0`` coordinates against all ``m``, summed
+    over every process) and, in the first ``r0`` coordinates of every pattern, ``old``
+    ``(P r0, P r0)``."""
     r0 = 0 if old is None else old.shape[0] // p
     pairs, index = sums.view(-1, m - r0, m), _pair_index(p, sums.device)
-    gram = torch.empty(p, m, p, m, dtype=torch.float64, device=sums.device)
+    gram = torch.empty(p, m, p, m, dtype=dtype, device=sums.device)
     # One pattern's rows at a time (the pairs re-indexed whole would be another matrix
     # of the Gram's size): its new rows, then, by symmetry, its new columns.
     for q in range(p):
@@ -395,7 +414,10 @@ class PatchStore:
     whole set (51 thousand on the default data's stage 2), not each batch's codes again;
     and a grown basis computes only its new columns'
     coordinates. The coordinates take ``4 * pixels`` bytes per column, in one buffer of
-    `columns` columns whose pages are only touched as columns are added.
+    `columns` columns whose pages are only touched as columns are added. Its Gram matrices
+    are kept in float32 (half the memory; the refinement rounds' exact passes remove the
+    rounding, and the main job's stages took the same rounds and iterations as with
+    float64, docs/benchmarks.md).
     """
 
     def __init__(self, stage: ConvexStage, data: _Data, columns: int) -> None:
@@ -484,7 +506,7 @@ class PatchStore:
             kept = previous.gram
             rhs = torch.cat([previous.rhs.view(p, old, self.out), rhs], 1)
         return GramSystem(
-            _assemble_gram(sums, p, m, kept),
+            _assemble_gram(sums, p, m, kept, torch.float32),
             rhs.reshape(p * m, self.out),
             self.rr / self.count,
             self.count,
@@ -533,7 +555,7 @@ class BlockMetric:
     def from_gram(cls, system: GramSystem) -> BlockMetric:
         """The metric of the diagonal blocks ``G_pp`` of the Gram matrix."""
         p, m = system.patterns, system.block
-        blocks = system.gram.view(p, m, p, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        blocks = system.gram.view(p, m, p, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1).double()
         return cls(blocks, system.output_groups)
 
     def solve(self, g: Tensor) -> Tensor:
@@ -659,7 +681,7 @@ def solve_gram(
     per, flat = system.per_pattern, system.flat
 
     def hessian(u: Tensor) -> Tensor:
-        return per(system.gram @ flat(u))
+        return per(system.times(flat(u)))
 
     step = lipschitz or metric_lipschitz(hessian, metric, per(system.rhs).shape, 100)
     current = (
@@ -668,7 +690,7 @@ def solve_gram(
         else start.clone()
     )
     # G times the current and the extrapolated point, kept along (one product a step).
-    g_current = system.gram @ current
+    g_current = system.times(current)
     value = objective(system, current, g_current, beta)
     extrapolated, g_extrapolated, momentum, plain = current, g_current, 1.0, True
     done = halvings = 0
@@ -676,7 +698,7 @@ def solve_gram(
     while cert["relative_gap"] > tol and done < max_iterations:
         grad = per(g_extrapolated - system.rhs)
         candidate = flat(metric.prox(per(extrapolated) - metric.solve(grad) / step, step, beta))
-        g_candidate = system.gram @ candidate
+        g_candidate = system.times(candidate)
         candidate_value = objective(system, candidate, g_candidate, beta)
         done += 1
         if candidate_value > value + 1e-12 * abs(value):
@@ -711,7 +733,7 @@ def refinement_model(system: GramSystem, v: Tensor, gradient: Tensor, ee: float)
     of ``system``, with the exact gradient ``gradient`` (same layout) and the exact
     ``||e||^2 / N`` ``ee`` at ``v`` (from a pass over the data), so that the model's value
     and gradient at ``v`` are the data's, whatever the matrix's rounding."""
-    gv = system.gram @ v
+    gv = system.times(v)
     rhs = gv - gradient
     rr = ee + 2 * float((rhs * v).sum()) - float((v * gv).sum())
     return GramSystem(system.gram, rhs, rr, system.count, system.patterns, system.output_groups)
@@ -865,7 +887,7 @@ class StageSolver:
         self.metric = BlockMetric.from_gram(system)
 
         def hessian(u: Tensor) -> Tensor:
-            return system.per_pattern(system.gram @ system.flat(u))
+            return system.per_pattern(system.times(system.flat(u)))
 
         shape = (system.patterns, self.stage.out_channels, system.block)
         if self._power is None:

@@ -315,7 +315,7 @@ class IterationSolver:
         system = self.system
 
         def hessian(u: Tensor) -> Tensor:
-            return system.per_pattern(system.gram @ system.flat(u))
+            return system.per_pattern(system.times(system.flat(u)))
 
         shape = (system.patterns, 1, system.block)
         self.lipschitz = metric_lipschitz(hessian, self.metric, shape, 100)
