@@ -54,7 +54,7 @@ PROX_NEWTON_STEPS = 50
 # Gates packed per integer by `code_groups` (non-negative int64).
 CODE_BITS = 62
 # Bytes of a float32 Gram matrix's rows that `GramSystem.times` takes to float64 at a time.
-GRAM_BLOCK_BYTES = 1 << 20
+GRAM_BLOCK_BYTES = 1 << 23
 # Bytes of the per-code patches and patch Grams `_code_sums` holds at a time.
 CODE_BYTES = 1 << 28
 # Bytes of the subspace route's patch coordinates (`PatchStore`) at most: the basis stops
