@@ -525,8 +525,8 @@ def test_beta_path_stops_once_a_beta_gains_too_little() -> None:
 def test_held_bytes_count_the_subspace_routes_arrays() -> None:
     """``held_mib``: the Gram matrix ``(P r)^2`` float32, the right-hand side ``P r x out``
     float64, the metric's eigenvectors ``P r^2`` float64 and the store: ``r`` coordinates
-    and ``out`` residuals per pixel, float32, ``P`` gates per pixel (bool), and its code
-    grouping (each pixel's place in code order and back)."""
+    and ``out`` residuals per pixel, float32, and its code grouping (each pixel's place in
+    code order and back, each code's first pixel, count and ``P`` gates)."""
     x, r = smooth_data(3, 2, 8, seed=22)
     stage, _ = make_stage(x, patterns=4, kernel_size=3)
     solver = StageSolver(stage, [(x, r, stage.pattern_gates(x))], gram_unknowns=0, subspace=5)
@@ -535,9 +535,10 @@ def test_held_bytes_count_the_subspace_routes_arrays() -> None:
     store = solver.store
     assert store is not None
     pixels = 3 * 8 * 8
-    grouping = 8 * (2 * pixels + 2 * store.groups.counts.numel())
+    codes = store.groups.counts.numel()
+    grouping = 8 * (2 * pixels + 2 * codes) + codes * p
     expected = 4 * (p * rank) ** 2 + 8 * (p * rank * out + p * rank**2)
-    expected += 4 * pixels * (rank + out) + pixels * p + grouping
+    expected += 4 * pixels * (rank + out) + grouping
     assert cert["held_mib"] * 2**20 == pytest.approx(expected, rel=1e-12)
 
 

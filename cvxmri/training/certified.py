@@ -434,9 +434,10 @@ class PatchStore:
         order = self.groups.order
         self._position = torch.empty_like(order)
         self._position[order] = torch.arange(order.numel(), device=order.device)
-        # Gates and residuals in code order; their products (the gated residuals, P * out
-        # floats a pixel) are formed a chunk at a time (`_rhs`).
-        self.gates, self.residual = d_all[order], r_all[order].float()
+        # Residuals in code order (a pixel's gates are its code's); their products with
+        # the gates (the gated residuals, P * out floats a pixel) are formed a chunk at a
+        # time (`_rhs`).
+        self.residual = r_all[order].float()
         self.out = r_all.shape[1]
         rr, count, pixels = distributed.sum_floats(
             float(r_all.square().sum()), _images_in(data), d_all.shape[0]
@@ -448,13 +449,14 @@ class PatchStore:
         self._buffer = torch.empty(d_all.shape[0], self.columns, device=d_all.device)
 
     def held_bytes(self, columns: int) -> int:
-        """Bytes of the store with ``columns`` basis columns' coordinates: those, the gates,
-        the residuals and the code grouping (the buffer's unused columns are never
-        touched)."""
+        """Bytes of the store with ``columns`` basis columns' coordinates: those, the
+        residuals, the code grouping and the codes' gates (the buffer's unused columns are
+        never touched)."""
         per_pixel = 4 * columns
-        held = (self.gates, self.residual, self.groups.order, self._position, self.groups.starts)
+        groups = self.groups
+        held = (self.residual, groups.order, self._position, groups.starts, groups.counts)
         return self._buffer.shape[0] * per_pixel + sum(
-            t.numel() * t.element_size() for t in (*held, self.groups.counts)
+            t.numel() * t.element_size() for t in (*held, groups.codes)
         )
 
     def _rhs(self, coordinates: Tensor) -> Tensor:
@@ -466,9 +468,20 @@ class PatchStore:
         )
         for start in range(0, coordinates.shape[0], RHS_PIXELS):
             part = slice(start, start + RHS_PIXELS)
-            gated = _gated_residuals(self.gates[part], self.residual[part])
+            gates = self._gates(start, min(start + RHS_PIXELS, coordinates.shape[0]))
+            gated = _gated_residuals(gates, self.residual[part])
             total += _rhs_blocks(gated, coordinates[part], p)
         return total
+
+    def _gates(self, start: int, stop: int) -> Tensor:
+        """The gates ``(stop - start, P)`` of the pixels ``start .. stop - 1`` in code
+        order: their codes' gates, each repeated over the code's pixels there."""
+        starts, counts = self.groups.starts, self.groups.counts
+        first = int(torch.searchsorted(starts, start, right=True)) - 1
+        last = int(torch.searchsorted(starts, stop - 1, right=True))
+        low = starts[first:last].clamp(min=start)
+        high = (starts[first:last] + counts[first:last]).clamp(max=stop)
+        return self.groups.codes[first:last].repeat_interleave(high - low, dim=0)
 
     @torch.no_grad()
     def system(self, basis: Tensor, previous: GramSystem | None = None) -> GramSystem:
