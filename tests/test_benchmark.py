@@ -216,6 +216,8 @@ def test_memory_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         assert all(p["details"]["relative_gap"] <= 1e-3 for p in row["points"])
     (total,) = certified["totals"]
     assert total["max_images"] == min(row["max_images"] for row in certified["rows"])
+    # (On the CPU its trials ran with the fixed mmap threshold, and say so.)
+    assert "MALLOC_MMAP_THRESHOLD_=65536" in certified["measurement"]
     assert total["end_to_end_max_batch"] == next(
         r["max_batch"] for r in result["results"] if r["method"] == "end-to-end"
     )

@@ -22,10 +22,11 @@
    counts (unknowns, passes, basis rank, set-up seconds) the result keeps as
    ``details``.
 
-An unrolled or 3D workload's child runs with glibc's mmap threshold fixed
-(`UNROLLED_CPU_ENV`), so that on the CPU freed tensors leave the resident set and its peaks
-do not depend on the allocation history (a 3D search compares peaks of patches a few
-voxels apart).
+An unrolled, 3D or certified-solve workload's child runs with glibc's mmap threshold
+fixed (`MMAP_THRESHOLD_ENV`), so that on the CPU freed tensors leave the resident set and
+its peaks do not depend on the allocation history (a 3D search compares peaks of patches a
+few voxels apart; a solve's peak is fitted against its training set's size, and the heap
+left behind by its many medium-sized temporaries would count as memory per image).
 
 The budget: on CUDA the process's allocator is capped at the budget
 (``torch.cuda.set_per_process_memory_fraction``), so a configuration that does not fit
@@ -81,8 +82,8 @@ CUDA_METHOD = (
 # tensors 28 MiB by `tensor_peak_bytes`). With a fixed threshold every tensor above 64 KiB
 # is a mapping of its own, unmapped when freed, so the resident peak follows the tensors
 # alive at once.
-UNROLLED_CPU_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-UNROLLED_CPU_METHOD = (
+MMAP_THRESHOLD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+MMAP_THRESHOLD_METHOD = (
     CPU_METHOD + "; glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_=65536), "
     "so that freed tensors leave the resident set"
 )
@@ -244,8 +245,9 @@ def run_trial(
     w: Workload, steps: int, budget_bytes: int, timeout: float | None = None
 ) -> dict[str, Any]:
     """Measure ``w`` in a fresh Python process and return its result (`measure_here`);
-    a child killed by the system (out of memory) counts as out of memory. An unrolled
-    or 3D workload's child runs with `UNROLLED_CPU_ENV` (it changes nothing on CUDA)."""
+    a child killed by the system (out of memory) counts as out of memory. An unrolled,
+    3D or certified-solve workload's child runs with `MMAP_THRESHOLD_ENV` (it changes
+    nothing on CUDA)."""
     command = [
         sys.executable,
         "-m",
@@ -254,8 +256,8 @@ def run_trial(
         str(steps),
         str(budget_bytes),
     ]
-    fixed_threshold = w.arch == "unrolled" or w.ndim == 3
-    env = {**os.environ, **UNROLLED_CPU_ENV} if fixed_threshold else None
+    fixed_threshold = w.arch == "unrolled" or w.ndim == 3 or w.part == "solve"
+    env = {**os.environ, **MMAP_THRESHOLD_ENV} if fixed_threshold else None
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout, check=False, env=env

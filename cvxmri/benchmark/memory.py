@@ -75,7 +75,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cvxmri.benchmark.measure import CPU_METHOD, CUDA_METHOD, result_header, run_trial
+from cvxmri.benchmark.measure import (
+    CPU_METHOD,
+    CUDA_METHOD,
+    MMAP_THRESHOLD_METHOD,
+    result_header,
+    run_trial,
+)
 from cvxmri.benchmark.workload import (
     IMAGE_CHANNELS,
     LAYERWISE,
@@ -514,16 +520,21 @@ def certified_sweep(runner: Runner, cfg: MemoryBenchConfig, summary: list[dict])
     `cvxmri.benchmark.workload.Prepared.solve`): peak memory and time at each training-set
     size of ``certified_images``, per precision (bf16: the stage inputs held in bf16, as
     the trainer's cache under autocast), on cached stage inputs, as the trainer runs it.
-    The solver holds its whole training set (the inputs, their gates and the coordinates
-    of the patch store) and a Gram matrix whose size does not depend on it, so its peak
-    is a line in the number of images; the line's crossing of the budget is the largest
+    The solver holds what it needs of its whole training set (the gates, residuals and
+    patch-store coordinates; the inputs stay in the cache, here files, and are streamed a
+    chunk at a time) and a Gram matrix whose size does not depend on it, so its peak is a
+    line in the number of images; the line's crossing of the budget is the largest
     training set (``max_images``, extrapolated), set against end-to-end's largest batch
-    at the same precision in ``summary``. Stage 1 and stage 2 are measured: every later
-    stage has stage 2's program (the same input width, patterns and kernel)."""
+    at the same precision in ``summary``. Measure at two or more images: a pass holds
+    two chunks while the next loads, a one-off that a fit from one image would count per
+    image. Stage 1 and stage 2 are measured: every later stage has stage 2's program (the
+    same input width, patterns and kernel). On the CPU the solve's child runs with glibc's
+    mmap threshold fixed (``measurement``, `MMAP_THRESHOLD_METHOD`)."""
     rows: list[dict[str, Any]] = []
     totals: list[dict[str, Any]] = []
     if not cfg.certified_images or "layerwise-convex" not in cfg.methods:
         return {"rows": rows, "totals": totals}
+    cuda = cfg.device.startswith("cuda")  # (resolved by run_memory_benchmark)
     budget = cfg.budget_bytes
     for precision in cfg.precisions:
         mine = []
@@ -568,7 +579,8 @@ def certified_sweep(runner: Runner, cfg: MemoryBenchConfig, summary: list[dict])
                 "vs_end_to_end": largest / reference if reference else None,
             }
         )
-    return {"rows": rows, "totals": totals}
+    measurement = CUDA_METHOD if cuda else MMAP_THRESHOLD_METHOD
+    return {"rows": rows, "totals": totals, "measurement": measurement}
 
 
 def recommend_chunk(rows: list[dict[str, Any]]) -> int | None:

@@ -50,7 +50,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cvxmri.benchmark.measure import CUDA_METHOD, UNROLLED_CPU_METHOD, result_header
+from cvxmri.benchmark.measure import CUDA_METHOD, MMAP_THRESHOLD_METHOD, result_header
 from cvxmri.benchmark.memory import (
     GIB,
     MIB,
@@ -327,7 +327,7 @@ def run_memory3d_benchmark(cfg: Memory3DConfig, out: Path) -> dict[str, Any]:
     rows = summarise(configurations, cfg)
     result = {
         **result_header(SCHEMA, device),
-        "measurement": CUDA_METHOD if device.type == "cuda" else UNROLLED_CPU_METHOD,
+        "measurement": CUDA_METHOD if device.type == "cuda" else MMAP_THRESHOLD_METHOD,
         "inputs": "random cubic patches (1, 2, s, s, s), fp32; layer-wise stage 2: the stage "
         "input patch (channels wide) is given and the frozen prefix is not resident, as in "
         "the trainer; convex stages get the patch's sign patterns",

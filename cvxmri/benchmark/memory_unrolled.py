@@ -36,7 +36,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cvxmri.benchmark.measure import CUDA_METHOD, UNROLLED_CPU_METHOD, result_header
+from cvxmri.benchmark.measure import CUDA_METHOD, MMAP_THRESHOLD_METHOD, result_header
 from cvxmri.benchmark.memory import GIB, MIB, Runner, format_targets
 from cvxmri.benchmark.unrolled import UnrolledBenchSettings, describe_settings
 from cvxmri.benchmark.workload import LAYERWISE
@@ -179,7 +179,7 @@ def run_unrolled_memory_benchmark(cfg: UnrolledMemoryConfig, out: Path) -> dict[
         rows = iteration_sweep(Runner(cfg, progress), cfg)  # type: ignore[arg-type]
     result = {
         **result_header(SCHEMA, device),
-        "measurement": CUDA_METHOD if device.type == "cuda" else UNROLLED_CPU_METHOD,
+        "measurement": CUDA_METHOD if device.type == "cuda" else MMAP_THRESHOLD_METHOD,
         "inputs": "random complex images (3D: volumes), coil maps of unit root-sum-of-squares, "
         "random 0/1 masks (3D: over ky, kz) with a fully sampled centre; greedy iteration T "
         "runs on the previous iterate through T - 1 frozen random ReLU blocks (resident); the "
