@@ -139,10 +139,17 @@ class GramSystem:
         rounding, and FISTA's monotone steps then fail near the optimum.)"""
         if self.gram.dtype == torch.float64:
             return self.gram @ v
-        rows = max(1, GRAM_BLOCK_BYTES // (8 * self.gram.shape[1]))
-        return torch.cat(
-            [self.gram[i : i + rows].double() @ v for i in range(0, self.gram.shape[0], rows)]
-        )
+        n = self.gram.shape[0]
+        rows = min(n, max(1, GRAM_BLOCK_BYTES // (8 * self.gram.shape[1])))
+        # One block buffer for every block (no allocation per block).
+        block = torch.empty(rows, self.gram.shape[1], dtype=torch.float64, device=v.device)
+        out = torch.empty(n, v.shape[1], dtype=torch.float64, device=v.device)
+        for first in range(0, n, rows):
+            last = min(n, first + rows)
+            part = block[: last - first]
+            part.copy_(self.gram[first:last])
+            torch.matmul(part, v, out=out[first:last])
+        return out
 
     def per_pattern(self, v: Tensor) -> Tensor:
         """``v`` ``(n, out)`` in the per-pattern layout ``(P, out, C_in K^d)`` of a weight."""
