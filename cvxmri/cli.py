@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -1194,7 +1195,7 @@ def _add_benchmark_parsers(commands: argparse._SubParsersAction) -> None:
     memory.add_argument(
         "--certified-images",
         type=_int_list,
-        help="training-set sizes of the convex stages' certified solve (1,2); '' for none",
+        help="training-set sizes of the convex stages' certified solve (2,4); '' for none",
     )
     memory.add_argument(
         "--trial-timeout", type=_number, default=3600.0, help="seconds per trial (3600)"
@@ -1293,9 +1294,10 @@ def _cmd_benchmark_memory(args: argparse.Namespace) -> None:
         depths=args.depths,
         depth_batch=args.depth_batch,
         chunks=args.chunks,
-        certified_images=[1, 2] if args.certified_images is None else args.certified_images,
         trial_timeout=args.trial_timeout,
     )
+    if args.certified_images is not None:
+        config = replace(config, certified_images=args.certified_images)
     config.validate()
     out = args.out or default_run_dir("benchmark-memory")
     with run_folder(out, config, overwrite=args.force) as folder:

@@ -201,7 +201,7 @@ def test_memory_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         if row["method"] == "layerwise-convex":
             assert row["stage_pass_bytes"] > 0
             assert row["peak_bytes"] == max(row["step_bytes"], row["stage_pass_bytes"])
-    # The certified solver: stage 1, and stage 2 for every later one, at 1 and 2 images;
+    # The certified solver: stage 1, and stage 2 for every later one, at 2 and 4 images;
     # its largest training set is the smaller of the two stages' line crossings.
     certified = result["certified"]
     assert [(row["stage"], row["precision"]) for row in certified["rows"]] == [
@@ -212,7 +212,7 @@ def test_memory_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     # P C_in K^2 unknowns per output: 2 patterns, 2 or 4 input channels, 3x3.
     assert [row["program_unknowns"] for row in certified["rows"]] == [36, 72]
     for row in certified["rows"]:
-        assert [p["batch"] for p in row["points"]] == [1, 2]
+        assert [p["batch"] for p in row["points"]] == [2, 4]  # the default
         assert all(p["details"]["relative_gap"] <= 1e-3 for p in row["points"])
     (total,) = certified["totals"]
     assert total["max_images"] == min(row["max_images"] for row in certified["rows"])

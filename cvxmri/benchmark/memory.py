@@ -24,10 +24,11 @@ step does not depend on the final depth, so the depth sweep measures stages
 ``1 .. max(depths) - 1`` once and the peak of a depth-``L`` network is the largest over
 stages ``1 .. L - 1``; end-to-end is measured at every depth.
 
-The certified solver of the convex stages (`certified_sweep`): it holds the stage's whole
-training set (inputs, gates, the patch store's coordinates) besides a Gram matrix of at
-most 2 GiB, so it is measured against the training-set size (``certified_images``), and
-its line's crossing of the budget, the largest training set, is set against end-to-end's
+The certified solver of the convex stages (`certified_sweep`): it holds what it needs of
+the stage's whole training set (gates, residuals, the patch store's coordinates; the inputs
+are streamed from the cache) besides a Gram matrix of at most 1 GiB, so it is measured
+against the training-set size (``certified_images``, default 2 and 4 images), and its
+line's crossing of the budget, the largest training set, is set against end-to-end's
 largest batch.
 
 Unrolled networks (``--arch unrolled``), against their iterations T:
@@ -146,7 +147,7 @@ class MemoryBenchConfig:
     depths: list[int] = field(default_factory=lambda: list(range(2, 13)))
     depth_batch: int = 1
     chunks: list[int] = field(default_factory=lambda: [0, 8, 16, 32, 64])
-    certified_images: list[int] = field(default_factory=lambda: [1, 2])
+    certified_images: list[int] = field(default_factory=lambda: [2, 4])
     device: str = "auto"
     trial_timeout: float = 3600.0
     seed: int = 0
