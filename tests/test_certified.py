@@ -15,7 +15,7 @@ from test_convex import explicit_operator, group_slices, make_stage, smooth_data
 from torch import Tensor
 
 from cvxmri.errors import CvxmriError
-from cvxmri.models.convex import duality_gap
+from cvxmri.models.convex import ConvexStage, duality_gap
 from cvxmri.training import certified
 from cvxmri.training.certified import BlockMetric, StageSolver, gram_system
 from cvxmri.training.config import CertifiedConfig, TrainConfig, preset
@@ -310,6 +310,24 @@ def test_growing_subspace_reaches_the_whole_programs_optimum() -> None:
     assert cert["primal"] == pytest.approx(solve_cvxpy(with_beta(stage, beta), x, r), rel=1e-6)
 
 
+def solve_on_route(
+    stage: ConvexStage, data: list, gram_unknowns: int, subspace: int
+) -> tuple[dict[str, float], Tensor]:
+    """The certificate and weights of a solve to the gap 1e-6 at 0.05 beta_max on the route
+    that ``gram_unknowns`` and ``subspace`` choose."""
+    solver = StageSolver(
+        stage,
+        data,
+        tol=1e-6,
+        gram_unknowns=gram_unknowns,
+        subspace=subspace,
+        subspace_rounds=10,
+        max_iterations=20000,
+    )
+    cert = solver.solve(0.05 * solver.beta_max())
+    return cert, stage.v.detach().clone()
+
+
 @pytest.mark.parametrize(
     ("gram_unknowns", "subspace"), [(4096, 0), (0, 3), (0, 0)], ids=["gram", "subspace", "free"]
 )
@@ -322,17 +340,7 @@ def test_bf16_inputs_solve_the_program_of_their_values(gram_unknowns: int, subsp
     for inputs in (x, x.float()):
         stage, _ = make_stage(x.float(), patterns=4, kernel_size=3)
         data = [(inputs, r, stage.pattern_gates(inputs))]
-        solver = StageSolver(
-            stage,
-            data,
-            tol=1e-6,
-            gram_unknowns=gram_unknowns,
-            subspace=subspace,
-            subspace_rounds=10,
-            max_iterations=20000,
-        )
-        cert = solver.solve(0.05 * solver.beta_max())
-        results.append((cert, stage.v.detach().clone()))
+        results.append(solve_on_route(stage, data, gram_unknowns, subspace))
     (half, v_half), (full, v_full) = results
     assert half["relative_gap"] <= 1e-6 and full["relative_gap"] <= 1e-6
     assert half["primal"] == pytest.approx(full["primal"], rel=1e-12)
@@ -365,17 +373,7 @@ def test_inputs_loaded_a_chunk_at_a_time(gram_unknowns: int, subspace: int) -> N
 
         chunks = [(x[i : i + 2], r[i : i + 2]) for i in (0, 2, 4)]
         data = [(loader(c) if lazy else c, rc, stage.pattern_gates(c)) for c, rc in chunks]
-        solver = StageSolver(
-            stage,
-            data,
-            tol=1e-6,
-            gram_unknowns=gram_unknowns,
-            subspace=subspace,
-            subspace_rounds=10,
-            max_iterations=20000,
-        )
-        cert = solver.solve(0.05 * solver.beta_max())
-        results.append((cert, stage.v.detach().clone()))
+        results.append(solve_on_route(stage, data, gram_unknowns, subspace))
         if lazy:
             assert most[0] <= 2  # the chunk in use, and the next while it loads
     (loaded, v_loaded), (held, v_held) = results
