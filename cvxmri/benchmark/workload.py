@@ -34,6 +34,7 @@ of shape ``volume`` instead (its training uses whole volumes).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import shutil
 import tempfile
@@ -560,11 +561,12 @@ class _TensorFiles:
 
     def __init__(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="cvxmri-solve-"))
+        self._names = itertools.count()
         weakref.finalize(self, shutil.rmtree, self.folder, True)
 
     def loader(self, x: Tensor) -> Callable[[], Tensor]:
         """Save ``x`` in a file of its own; a function that loads it (to the CPU)."""
-        path = self.folder / f"{len(list(self.folder.iterdir()))}.pt"
+        path = self.folder / f"{next(self._names)}.pt"
         torch.save(x.cpu(), path)
         return functools.partial(self._load, path)
 
