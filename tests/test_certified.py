@@ -25,14 +25,16 @@ F64 = torch.float64
 
 
 @pytest.mark.parametrize(
-    ("groups", "code_bytes"), [("separate", certified.CODE_BYTES), ("frobenius", 1)]
+    ("groups", "code_bytes"),
+    [("separate", certified.CODE_BYTES), ("frobenius", 1), ("separate", 3 * 8 * 18 * 18 + 5)],
 )
 def test_gram_system_is_the_explicit_normal_matrix(
     groups: str, code_bytes: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """G = A_c^T A_c / N and b = A_c^T r_c / N for every output c (the outputs share the
     design), ||r||^2 / N, whatever the batches, and whatever the number of gate codes summed
-    at a time (one, with ``CODE_BYTES`` 1)."""
+    at a time (one, with ``CODE_BYTES`` 1; three, so that codes of one pixel count are
+    split between products)."""
     monkeypatch.setattr(certified, "CODE_BYTES", code_bytes)
     x, r = smooth_data(3, 2, 7, seed=21)
     stage, _ = make_stage(x, patterns=3, kernel_size=3, output_groups=groups)
@@ -103,6 +105,8 @@ def test_code_groups_group_pixels_by_their_gates(patterns: int) -> None:
     assert torch.equal(d[groups.order], groups.codes[code_of])
     assert torch.equal(groups.starts, groups.counts.cumsum(0) - groups.counts)
     assert groups.codes.shape[0] == torch.unique(d, dim=0).shape[0]
+    # In order of their pixel counts (`_code_sums` views each count's pixels as one block).
+    assert bool((groups.counts[1:] >= groups.counts[:-1]).all())
 
 
 def test_patches_of_slabs_are_the_rows_of_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -308,6 +312,64 @@ def test_growing_subspace_reaches_the_whole_programs_optimum() -> None:
     assert cert["rounds"] >= 1 and 3 < cert["rank"] <= 18
     assert cert["relative_gap"] <= 1e-8, cert
     assert cert["primal"] == pytest.approx(solve_cvxpy(with_beta(stage, beta), x, r), rel=1e-6)
+
+
+def test_screening_pass_is_close_to_the_exact_one() -> None:
+    """A screening pass (float32 convolutions, float64 sums) agrees with the exact float64
+    pass (`residual_statistics`) to float32 rounding: gradient, <r, e> and ||e||^2."""
+    x, r = smooth_data(3, 4, 10, seed=23)
+    stage, _ = make_stage(x, patterns=4, kernel_size=3)
+    with torch.no_grad():
+        stage.v.copy_(0.1 * torch.randn(stage.v.shape, dtype=F64))
+    data = [(x[:2], r[:2], stage.pattern_gates(x[:2])), (x[2:], r[2:], stage.pattern_gates(x[2:]))]
+    screened = certified._screened_statistics(stage, data)
+    exact = certified._exact_certificate(stage, data, 0.0)[1]
+    torch.testing.assert_close(screened.gradient, exact.gradient, rtol=1e-5, atol=1e-6)
+    assert screened.re == pytest.approx(exact.re, rel=1e-5)
+    assert screened.ee == pytest.approx(exact.ee, rel=1e-5)
+    assert screened.count == exact.count == 3
+    assert not torch.equal(screened.gradient, exact.gradient)  # it is float32 arithmetic
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_screened_solves_report_exact_certificates(bounded: bool) -> None:
+    """With screening on, the growth rounds run on screening passes, yet every reported
+    certificate is the exact one of the returned weights (an independent float64 pass,
+    `duality_gap`): when the path certifies, and when a bound stops it after a screening
+    pass (no refinement round, no growth)."""
+    x, r = smooth_data(3, 4, 10, seed=24)
+    tol = 1e-3
+    results = {}
+    for screen in (True, False):
+        stage, _ = make_stage(x, patterns=4, kernel_size=3)
+        solver = StageSolver(
+            stage,
+            [(x, r, stage.pattern_gates(x))],
+            tol=tol,
+            gram_unknowns=0,
+            subspace=3,
+            subspace_rounds=0 if bounded else 10,
+            max_rounds=0 if bounded else 20,
+            screen=screen,
+        )
+        largest = solver.beta_max()
+        for fraction in (0.1, 0.01):
+            beta = fraction * largest
+            cert = solver.solve(beta)
+            exact = duality_gap(with_beta(stage, beta), [(x, r)])
+            assert cert["relative_gap"] == pytest.approx(exact["relative_gap"], rel=1e-9)
+            assert cert["primal"] == pytest.approx(exact["primal"], rel=1e-12)
+            assert (cert["relative_gap"] <= tol) is not bounded
+            results[screen, fraction] = cert
+    assert sum(results[True, f]["screened"] for f in (0.1, 0.01)) >= 2
+    assert all(results[False, f]["screened"] == 0 for f in (0.1, 0.01))
+    if not bounded:
+        # Fewer exact passes, the same rounds' growth to the same optimum.
+        exact_passes = {s: sum(results[s, f]["passes"] for f in (0.1, 0.01)) for s in (True, False)}
+        assert exact_passes[True] < exact_passes[False]
+        assert results[True, 0.01]["primal"] == pytest.approx(
+            results[False, 0.01]["primal"], rel=2 * tol
+        )
 
 
 def solve_on_route(

@@ -622,6 +622,7 @@ def _prepare_solve(
             subspace=settings.subspace,
             subspace_rounds=settings.subspace_rounds,
             subspace_unknowns=settings.subspace_unknowns,
+            screen=settings.screen,
         )
         cert = solver.solve(settings.betas[0] * solver.beta_max())
         with torch.no_grad():

@@ -809,6 +809,7 @@ class Trainer:
             subspace=settings.subspace,
             subspace_rounds=settings.subspace_rounds,
             subspace_unknowns=settings.subspace_unknowns,
+            screen=settings.screen,
         )
         largest = solver.beta_max()
         store = solver.store
