@@ -49,8 +49,11 @@ METRIC_FLOOR = 1e-10
 # A matrix-free step constant is doubled (its estimate came from a few images) at most up
 # to this multiple of the estimate.
 MAX_STEP_GROWTH = 1024
-# Safeguarded Newton steps on the prox's scalar equation (see BlockMetric.prox).
+# Safeguarded Newton steps on the prox's scalar equation (see BlockMetric.prox), at most,
+# and the relative step below which every live group's root counts as found (Newton's
+# steps shrink quadratically: a few steps).
 PROX_NEWTON_STEPS = 50
+PROX_SETTLED = 1e-14
 # Gates packed per integer by `code_groups` (non-negative int64).
 CODE_BITS = 62
 # Bytes of a float32 Gram matrix's rows that `GramSystem.times` takes to float64 at a time.
@@ -645,8 +648,13 @@ class BlockMetric:
             # d(1/q)/dt = sum(w^2 / (a + t)) / q^3
             slope = (w * w / (ae + t[:, None])).sum(dim=1) / q**3 - 1 / beta
             newton = t - f / slope
-            inside = (newton > lo) & (newton < hi)
-            t = torch.where(inside, newton, (lo + hi) / 2)
+            # (Closed: at the root Newton's step is nil, and bisecting would leave it.)
+            inside = (newton >= lo) & (newton <= hi)
+            following = torch.where(inside, newton, (lo + hi) / 2)
+            settled = ((following - t).abs() <= PROX_SETTLED * t) | ~alive
+            t = following
+            if bool(settled.all()):
+                break
         t = t[:, None]
         u = torch.where(alive[:, None], az / (ae + t), torch.zeros_like(az))
         return u.reshape(p, out, m) @ self.vectors.transpose(1, 2)
