@@ -875,7 +875,12 @@ class StageSolver:
       (`initial_basis`), ``n = P r`` unknowns, by the Gram route above, growing the basis
       while the whole program's gap is above ``tol`` (`_solve_subspace`), up to
       ``subspace_unknowns`` unknowns. The certificate is the whole program's;
-      ``subspace_relative_gap`` the restricted one's (one pass gives both).
+      ``subspace_relative_gap`` the restricted one's (one pass gives both). With
+      ``screen`` (and ``tol`` at least `SCREEN_TOL`) a round's pass is a screening one
+      (`_screened_statistics`, float32 convolutions) while its gap is above
+      `SCREEN_MARGIN` times ``tol``, and exact from there; a solve stopped by a bound
+      after a screening pass ends with an exact one, so the returned certificate is
+      always float64.
     - wider stages otherwise: FISTA on the whole training set (a forward and an adjoint
       convolution pass per iteration) in the block-Jacobi metric ``M_p = f_p S`` (``S``
       the mean patch Gram of a few images, ``f_p`` the pattern's active fraction), with
@@ -923,7 +928,6 @@ class StageSolver:
         self.max_rounds, self.check_every = max_rounds, check_every
         self.max_iterations = max_iterations
         self.subspace_rounds = subspace_rounds
-        self.screen = screen and tol >= SCREEN_TOL
         self.count = int(distributed.sum_floats(_images_in(data))[0])
         began = time.perf_counter()
         p = stage.config.patterns
@@ -931,6 +935,7 @@ class StageSolver:
         self.unknowns = p * block
         self.basis: Tensor | None = None
         self.store: PatchStore | None = None
+        self.screen = False
         # The statistics of the last pass, the weights they are of, and whether the pass
         # was exact: a new beta starts where the last one ended.
         self._last: tuple[ResidualStatistics, Tensor, bool] | None = None
@@ -939,6 +944,8 @@ class StageSolver:
             self.route = "gram"
         elif subspace > 0:
             self.route = "subspace"
+            # (The Gram route's rounds usually certify: a screening pass would be spent.)
+            self.screen = screen and tol >= SCREEN_TOL
             self.store = PatchStore(stage, data, max(1, subspace_unknowns // p))
             self.room = self.store.columns
             self.basis = initial_basis(stage, _subset(data, self.count), min(subspace, self.room))

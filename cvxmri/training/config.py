@@ -79,10 +79,11 @@ class CertifiedConfig:
             most; the basis stops growing there. Its float64 Gram matrix takes 8 x this^2
             bytes (2 GiB at 16384: a basis of 1024 directions at 16 patterns, 128 at the
             paper's 128).
-        screen: between exact float64 passes, refinement rounds and basis growth take
-            their gradients from screening passes with float32 convolutions, several
-            times faster; an exact pass is made whenever a gap may be within ``tol``, so
-            every reported certificate is exact (False: every pass exact).
+        screen: on the subspace route, refinement rounds and basis growth take their
+            gradients from screening passes with float32 convolutions, several times
+            faster than the exact float64 ones; an exact pass is made whenever a gap may
+            be within ``tol``, so every reported certificate is exact (False: every pass
+            exact).
         min_gain: a CNN stage's path stops once a beta's validation PSNR is at most this
             many dB above the best before it (0: once one is not better): smaller betas
             cost more (more groups, more subspace directions) and gain less and less. An
