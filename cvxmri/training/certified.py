@@ -144,29 +144,23 @@ class GramSystem:
         return self.gram.shape[0] // self.patterns
 
     def times(self, v: Tensor) -> Tensor:
-        """``G v`` in float64 (``v`` ``(n, k)`` float64), a matrix-vector product per
-        column of ``v`` (BLAS ``dgemv``: several times faster than a ``dgemm`` with two
-        columns). A float32 matrix is taken to float64 a block of rows at a time
-        (`GRAM_BLOCK_BYTES`), so that the products are exact ones of the stored matrix.
-        (Products in float32 leave the objective's last digits to rounding, and FISTA's
-        monotone steps then fail near the optimum.)"""
-        columns = v.T.contiguous()
-        out = torch.empty_like(columns)
+        """``G v`` in float64 (``v`` ``(n, k)`` float64): a float32 matrix a block of rows
+        at a time (`GRAM_BLOCK_BYTES`) in float64, so that the products are exact ones of
+        the stored matrix. (Products in float32 leave the objective's last digits to
+        rounding, and FISTA's monotone steps then fail near the optimum.)"""
         if self.gram.dtype == torch.float64:
-            for column, result in zip(columns, out, strict=True):
-                torch.mv(self.gram, column, out=result)
-            return out.T
+            return self.gram @ v
         n = self.gram.shape[0]
         rows = min(n, max(1, GRAM_BLOCK_BYTES // (8 * self.gram.shape[1])))
         # One block buffer for every block (no allocation per block).
         block = torch.empty(rows, self.gram.shape[1], dtype=torch.float64, device=v.device)
+        out = torch.empty(n, v.shape[1], dtype=torch.float64, device=v.device)
         for first in range(0, n, rows):
             last = min(n, first + rows)
             part = block[: last - first]
             part.copy_(self.gram[first:last])
-            for column, result in zip(columns, out, strict=True):
-                torch.mv(part, column, out=result[first:last])
-        return out.T
+            torch.matmul(part, v, out=out[first:last])
+        return out
 
     def per_pattern(self, v: Tensor) -> Tensor:
         """``v`` ``(n, out)`` in the per-pattern layout ``(P, out, C_in K^d)`` of a weight."""
