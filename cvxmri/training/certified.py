@@ -986,7 +986,8 @@ class StageSolver:
         self.unknowns = system.gram.shape[0]
 
     def beta_max(self) -> float:
-        """The smallest ``beta`` at which ``v = 0`` is optimal (one float64 pass at 0)."""
+        """The smallest ``beta`` at which ``v = 0`` is optimal (one pass at 0: float64, or a
+        screening one when the solver screens, a scale for the path, not a certificate)."""
         saved = self.stage.v.detach().clone()
         _set_weight(self.stage, torch.zeros_like(saved))
         cert = self._pass(0.0, exact=not self.screen)[0]
