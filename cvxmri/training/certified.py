@@ -1028,8 +1028,9 @@ class StageSolver:
         self, beta: float, callback: Callable[[float, dict[str, float]], None] | None = None
     ) -> dict[str, float]:
         """Solve at ``beta`` from the current weights; ``callback(seconds, certificate)``
-        after every exact certificate. Returns the last certificate with ``iterations``
-        (model or FISTA iterations), ``passes`` (exact float64 passes), ``seconds`` and
+        after every pass's certificate (a screening pass's too). Returns the last, exact
+        certificate with ``iterations`` (model or FISTA iterations), ``passes`` (exact
+        float64 passes), ``screened`` (screening passes; Gram routes), ``seconds`` and
         ``held_mib`` (`held_bytes` after it, in MiB)."""
         if self.route == "subspace":
             result = self._solve_subspace(beta, callback)
