@@ -87,9 +87,6 @@ WARM_POWER_ITERATIONS = 20
 # rounding could hide how close a gap is, and every pass is exact.
 SCREEN_MARGIN = 1.1
 SCREEN_TOL = 1e-5
-# While a subspace may still grow, its restricted program is solved only until its gap is
-# at most this share of the whole program's (the rest lies outside the basis), or ``tol``.
-SUBSPACE_SHARE = 0.25
 
 # A chunk's stage inputs: a tensor, kept where it is (host memory, a memory-mapped cache, or
 # the device), or a function that loads it (from a file, say).
@@ -1077,36 +1074,29 @@ class StageSolver:
         """The restricted program by the Gram route; then, while the whole program's gap
         is above ``tol`` (up to ``subspace_rounds`` times), the basis grows by the whole
         gradient's components outside it (the directions in which the restricted optimum
-        is not optimal) and the preconditioned gradient's (`_grow_basis`), and the
-        program is solved again from the current weights (which lie in the old span).
-        While the basis may still grow, the restricted program is solved only until the
-        directions outside hold most of the whole gap (`SUBSPACE_SHARE`): solving it
-        further would not lower that gap, and the next basis changes its optimum."""
+        is not optimal; at most one per group), and the program is solved again from
+        the current weights (which lie in the old span)."""
         began = time.perf_counter()
         iterations = passes = screened = 0.0
         rounds = 0
-        share = SUBSPACE_SHARE
-        assert self.basis is not None
         while True:
-            if rounds >= self.subspace_rounds or self.basis.shape[1] >= self.room:
-                share = 0.0
             offset = time.perf_counter() - began
             timed = None if callback is None else _shifted(callback, offset)
-            cert, stats = self._solve_gram(beta, timed, share)
+            cert, stats = self._solve_gram(beta, timed)
             iterations += cert["iterations"]
             passes += cert["passes"]
             screened += cert["screened"]
-            if cert["relative_gap"] <= self.tol or share == 0.0:
+            if cert["relative_gap"] <= self.tol or rounds >= self.subspace_rounds:
                 break
+            assert self.basis is not None
             grown = _grow_basis(self.basis, stats.gradient, self.preconditioner)
             grown = grown[:, : self.room]
             if grown.shape[1] == self.basis.shape[1]:
-                # Nothing outside to add: finish within the basis.
-                share = 0.0
-                continue
+                break
             # The weights lie in the old span: the last pass is the new program's too.
             self._build(grown, self.system)
             rounds += 1
+        assert self.basis is not None
         return {
             **cert,
             "iterations": iterations,
@@ -1118,17 +1108,11 @@ class StageSolver:
         }
 
     def _solve_gram(
-        self,
-        beta: float,
-        callback: Callable[[float, dict[str, float]], None] | None,
-        share: float = 0.0,
+        self, beta: float, callback: Callable[[float, dict[str, float]], None] | None
     ) -> tuple[dict[str, float], ResidualStatistics]:
         """The Gram route's rounds; the certificate and the statistics of the last pass.
         A pass at the current weights is not repeated (the statistics do not depend on
-        beta or the basis: a new beta, or a grown basis, starts from the last one's).
-        The rounds stop once the restricted program's gap is at most ``tol`` or ``share``
-        times the whole program's (a basis about to grow), and each solves its model to a
-        quarter of that."""
+        beta or the basis: a new beta, or a grown basis, starts from the last one's)."""
         began = time.perf_counter()
         system, stage = self.system, self.stage
         v = system.from_weight(stage.v)
@@ -1140,9 +1124,8 @@ class StageSolver:
             seconds = time.perf_counter() - began
             if callback is not None:
                 callback(seconds, cert)
-            target = max(self.tol, share * cert["relative_gap"])
             if (
-                cert.get("subspace_relative_gap", cert["relative_gap"]) <= target
+                cert.get("subspace_relative_gap", cert["relative_gap"]) <= self.tol
                 or passes + screened > self.max_rounds
                 or distributed.any_process(seconds > self.max_seconds)
             ):
@@ -1151,7 +1134,7 @@ class StageSolver:
                 refinement_model(system, v, system.from_weight(stats.gradient), stats.ee),
                 beta,
                 v,
-                tol=target / 4,
+                tol=self.tol / 4,
                 max_iterations=self.max_iterations,
                 metric=self.metric,
                 lipschitz=self.lipschitz,
