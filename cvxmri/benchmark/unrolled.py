@@ -363,7 +363,7 @@ class _Unrolled:
     def solve(self, inp: _Inputs) -> dict[str, float]:
         """One certified solve at the first beta of the default path."""
         assert inp.solver is not None
-        beta = CertifiedConfig().unrolled_betas[0] * inp.solver.beta_max()
+        beta = CertifiedConfig().betas[0] * inp.solver.beta_max()
         return inp.solver.solve(beta, [])
 
 

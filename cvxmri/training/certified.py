@@ -68,9 +68,6 @@ RHS_PIXELS = 1 << 16
 # The first patch basis: a full eigendecomposition of the patch Gram up to this many patch
 # entries, a randomized subspace iteration beyond (`initial_basis`).
 EIGH_SIZE = 4096
-# The growth's preconditioner (`initial_basis`) inverts the patch Gram's eigenvalues down to
-# this fraction of the largest (smaller ones are raised to it).
-PRECONDITIONER_FLOOR = 1e-6
 RANGE_ITERATIONS = 4
 RANGE_OVERSAMPLING = 20
 # Bytes of explicit input patches (`_patches`) held at once by the mean patch Gram.
@@ -939,7 +936,6 @@ class StageSolver:
         self.basis: Tensor | None = None
         self.store: PatchStore | None = None
         self.screen = False
-        self.preconditioner: Tensor | None = None
         # The statistics of the last pass, the weights they are of, and whether the pass
         # was exact: a new beta starts where the last one ended.
         self._last: tuple[ResidualStatistics, Tensor, bool] | None = None
@@ -952,9 +948,7 @@ class StageSolver:
             self.screen = screen and tol >= SCREEN_TOL
             self.store = PatchStore(stage, data, max(1, subspace_unknowns // p))
             self.room = self.store.columns
-            self.basis, self.preconditioner = initial_basis(
-                stage, _subset(data, self.count), min(subspace, self.room)
-            )
+            self.basis = initial_basis(stage, _subset(data, self.count), min(subspace, self.room))
         else:
             self.route = "matrix-free"
         if self.route != "matrix-free":
@@ -1089,8 +1083,7 @@ class StageSolver:
             if cert["relative_gap"] <= self.tol or rounds >= self.subspace_rounds:
                 break
             assert self.basis is not None
-            grown = _grow_basis(self.basis, stats.gradient, self.preconditioner)
-            grown = grown[:, : self.room]
+            grown = _grow_basis(self.basis, stats.gradient)[:, : self.room]
             if grown.shape[1] == self.basis.shape[1]:
                 break
             # The weights lie in the old span: the last pass is the new program's too.
@@ -1294,34 +1287,33 @@ def _mean_patch_gram(stage: ConvexStage, subset: _Data) -> Tensor:
     return patch_gram / images
 
 
-def _grow_basis(basis: Tensor, gradient: Tensor, preconditioner: Tensor | None = None) -> Tensor:
+def _grow_basis(basis: Tensor, gradient: Tensor) -> Tensor:
     """``basis`` ``(m, r)`` and an orthonormal basis of the components of the groups'
     gradients (``gradient`` ``(P, out, C_in, K...)``; one ``m``-vector per pattern and
-    output) outside its span and, with a ``preconditioner`` ``(m, m)`` (`initial_basis`),
-    of the preconditioned gradients' (the directions of a block-Jacobi step, ``M_p = f_p
-    S``, whose multiples ``f_p`` do not change them). Two rounds of projection for
-    orthogonality; each set scaled by its whole matrix's largest singular value, and
-    directions below ``1e-8`` of that dropped (so a basis that spans every direction gains
-    none from the rounding left by the projection)."""
+    output) outside its span: two rounds of projection for orthogonality, directions
+    below ``1e-8`` of the gradient's largest singular value dropped (so a basis that
+    spans every direction gains none from the rounding left by the projection)."""
     whole = gradient.reshape(-1, basis.shape[0]).T.to(basis.dtype)  # (m, groups)
     if whole.numel() == 0 or basis.shape[1] >= basis.shape[0]:
         return basis
-    sets = [whole] if preconditioner is None else [whole, preconditioner.to(whole) @ whole]
-    parts = []
-    for g in sets:
-        scale = float(torch.linalg.matrix_norm(g, ord=2))
-        if scale == 0:
-            continue
-        for _ in range(2):
-            g = g - basis @ (basis.T @ g)
-        parts.append(g / scale)
-    if not parts:
+    g = whole
+    for _ in range(2):
+        g = g - basis @ (basis.T @ g)
+    u, values, _ = torch.linalg.svd(g, full_matrices=False)
+    scale = float(torch.linalg.matrix_norm(whole, ord=2))
+    if scale == 0:
         return basis
-    u, values, _ = torch.linalg.svd(torch.cat(parts, dim=1), full_matrices=False)
-    new = u[:, values > 1e-8]
+    new = u[:, values > 1e-8 * scale]
     new = new - basis @ (basis.T @ new)
     new, _ = torch.linalg.qr(new)
     return torch.cat([basis, new], dim=1)
+
+
+def patch_basis(patch_gram: Tensor, rank: int) -> Tensor:
+    """The orthonormal basis ``(m, r)`` of the ``r = min(rank, m)`` leading eigenvectors
+    of a patch Gram ``(m, m)`` (the principal directions of the patches), float64."""
+    _, vectors = torch.linalg.eigh(patch_gram.double())
+    return vectors[:, -min(rank, patch_gram.shape[0]) :].flip(1).contiguous()
 
 
 def leading_directions(
@@ -1344,26 +1336,19 @@ def leading_directions(
 
 
 @torch.no_grad()
-def initial_basis(stage: ConvexStage, subset: _Data, rank: int) -> tuple[Tensor, Tensor | None]:
-    """The subspace route's first basis ``(C_in K^d, r)``, the leading principal
-    directions of the ``subset`` images' patches, and the growth's preconditioner
-    (`_grow_basis`): the inverse ``S^-1`` of their mean patch Gram (eigenvalues below
-    `PRECONDITIONER_FLOOR` of the largest raised to it), or None.
-
-    Up to `EIGH_SIZE` patch entries both come from one eigendecomposition of the mean patch
-    Gram (`_mean_patch_gram`); beyond (``C_in K^d = 12544`` at 256 channels and K 7, whose
-    Gram takes ``C_in K^d`` times the pixels' products and its decomposition minutes), the
-    basis comes from `leading_directions` through convolutions (``U^T (U q)`` is a
-    convolution with the columns of ``q`` as filters and the weight gradient of that
-    convolution, no patch held), and there is no preconditioner."""
+def initial_basis(stage: ConvexStage, subset: _Data, rank: int) -> Tensor:
+    """The subspace route's first basis ``(C_in K^d, r)``: the leading principal
+    directions of the ``subset`` images' patches. Up to `EIGH_SIZE` patch entries from
+    their mean patch Gram (`_mean_patch_gram`, `patch_basis`); beyond (``C_in K^d =
+    12544`` at 256 channels and K 7, whose Gram takes ``C_in K^d`` times the pixels'
+    products and its decomposition minutes) by `leading_directions` through convolutions:
+    ``U^T (U q)`` is a convolution with the columns of ``q`` as filters and the weight
+    gradient of that convolution, no patch held."""
     k, c_in = stage.config.kernel_size, stage.in_channels
     size = c_in * k**stage.ndim
     device = stage.gate_weight.device
     if size <= EIGH_SIZE:
-        values, vectors = torch.linalg.eigh(_mean_patch_gram(stage, subset))
-        floor = max(PRECONDITIONER_FLOOR * float(values[-1]), torch.finfo(values.dtype).tiny)
-        inverse = (vectors / values.clamp(min=floor)) @ vectors.T
-        return vectors[:, -min(rank, size) :].flip(1).contiguous(), inverse
+        return patch_basis(_mean_patch_gram(stage, subset), rank)
     kernel = (c_in, *([k] * stage.ndim))
 
     def gram_times(q: Tensor) -> Tensor:
@@ -1376,7 +1361,7 @@ def initial_basis(stage: ConvexStage, subset: _Data, rank: int) -> tuple[Tensor,
         distributed.all_reduce_(total)
         return total.T
 
-    return leading_directions(gram_times, size, rank, device), None
+    return leading_directions(gram_times, size, rank, device)
 
 
 @torch.no_grad()

@@ -52,25 +52,16 @@ class OptimConfig:
     batch_size: int = 4
 
 
-def _fractions(betas: tuple[float, ...]) -> bool:
-    """Whether ``betas`` is a non-empty path of fractions in ``(0, 1]``."""
-    return len(betas) > 0 and all(0 < b <= 1 for b in betas)
-
-
 @dataclass
 class CertifiedConfig:
     """The certified solver of convex stages (``solver: certified``; `StageSolver`).
 
     Attributes:
         tol: relative duality gap at which a stage's program counts as solved.
-        betas: a CNN stage's beta path, as fractions of the stage's ``beta_max`` (the
-            smallest beta at which the zero weight is optimal), solved in this order, each
-            warm-started from the previous solution; the stage keeps the beta with the best
-            validation PSNR (`path_done` says when the path stops early). It starts at
-            0.01: no stage of the main job chose a larger beta (docs/benchmarks.md), and
-            every beta of a subspace route costs passes and basis growth.
-        unrolled_betas: an unrolled iteration's beta path, the same way (its betas share
-            one Gram matrix and cost a second or two each; larger betas are chosen there).
+        betas: the beta path, as fractions of the stage's ``beta_max`` (the smallest beta
+            at which the zero weight is optimal), solved in this order, each warm-started
+            from the previous solution; the stage keeps the beta with the best validation
+            PSNR (`path_done` says when the path stops early).
         seconds: time budget per beta (0: none); a beta stopped by it reports the gap it
             reached.
         gram_unknowns: stages with at most this many unknowns per output channel
@@ -82,9 +73,8 @@ class CertifiedConfig:
             of this many leading principal directions of their input patches, solved by
             the Gram route (0: the whole program, matrix-free, which does not certify a
             32-channel stage in reasonable time on a CPU; docs/benchmarks.md).
-        subspace_rounds: times a subspace grows per beta, by the whole gradient's and the
-            preconditioned gradient's components outside it, while the whole program's gap
-            is above ``tol``.
+        subspace_rounds: times a subspace grows per beta, by the whole gradient's
+            components outside it, while the whole program's gap is above ``tol``.
         subspace_unknowns: the subspace's unknowns per output (patterns x basis rank) at
             most; the basis stops growing there. Its float64 Gram matrix takes 8 x this^2
             bytes (2 GiB at 16384: a basis of 1024 directions at 16 patterns, 128 at the
@@ -103,8 +93,7 @@ class CertifiedConfig:
     """
 
     tol: float = 1e-3
-    betas: tuple[float, ...] = (1e-2, 3e-3, 1e-3)
-    unrolled_betas: tuple[float, ...] = (3e-2, 1e-2, 3e-3, 1e-3)
+    betas: tuple[float, ...] = (3e-2, 1e-2, 3e-3, 1e-3)
     seconds: float = 0.0
     gram_unknowns: int = 4096
     check_every: int = 10
@@ -119,8 +108,7 @@ class CertifiedConfig:
         """Raise `CvxmriError` naming the first invalid setting."""
         checks = {
             "tol": math.isfinite(self.tol) and 0 < self.tol < 1,
-            "betas": _fractions(self.betas),
-            "unrolled_betas": _fractions(self.unrolled_betas),
+            "betas": len(self.betas) > 0 and all(0 < b <= 1 for b in self.betas),
             "seconds": math.isfinite(self.seconds) and self.seconds >= 0,
             "gram_unknowns": self.gram_unknowns >= 0,
             "check_every": self.check_every >= 1,
