@@ -2,7 +2,7 @@
 metrics against iterations, seeds; print a table, write JSON and update docs/benchmarks.md.
 
 Usage: .venv/bin/python benchmarks/bench_unrolled.py [--masks poisson cartesian]
-    [--iterations 12] [--seeds 0] [--max-train-slices 18] [--epochs 30] [--runs DIR]
+    [--iterations 12] [--seeds 0] [--max-train-slices 0] [--epochs 10] [--runs DIR]
 
 Every network trains on the default dataset (build it with `cvxmri data simulate`) with the
 main job's configuration of it (`cvxmri.reproduce.unrolled_train_config`, quick preset);
@@ -31,7 +31,12 @@ from cvxmri.evaluate import EvaluateConfig, evaluate
 from cvxmri.masks import MaskSpec
 from cvxmri.models.unrolled import UnrolledNet, load_network
 from cvxmri.recon import CLASSICAL_METHODS
-from cvxmri.reproduce import COMPARISON_ITERATIONS, reproduce_preset, unrolled_train_config
+from cvxmri.reproduce import (
+    COMPARISON_ITERATIONS,
+    UnrolledComparison,
+    reproduce_preset,
+    unrolled_train_config,
+)
 from cvxmri.runs import environment
 from cvxmri.training.data import SliceData
 from cvxmri.training.run import train
@@ -154,8 +159,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--iterations", type=int, default=COMPARISON_ITERATIONS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--max-train-slices", type=int, default=18)
-    parser.add_argument("--epochs", type=int, default=30)
+    main_job = UnrolledComparison()
+    parser.add_argument("--max-train-slices", type=int, default=main_job.max_train_slices)
+    parser.add_argument("--epochs", type=int, default=main_job.epochs)
     parser.add_argument("--runs", default="runs/bench-unrolled")
     parser.add_argument(
         "--no-doc",

@@ -502,11 +502,18 @@ def _unrolled(results: dict[str, Any], folder: Path, images: list[Image]) -> Sec
         if len(set(steps.values())) == 1
         else "; ".join(f"{labels[key]}: {text}" for key, text in steps.items())
     )
-    slices = unrolled["max_train_slices"] or "all"
+    count = unrolled["max_train_slices"]
+    slices = f"the first {count} training slices" if count else "all training slices"
     epochs = unrolled["epochs"]
+    model = network.get("gram_images", 0)
+    model_text = (
+        f"; the solver's Gram model from {model} of the slices, its certificate from all"
+        if model
+        else ""
+    )
     ways = {
         "layerwise-convex": "greedy convex (every iteration a group lasso solved along a beta "
-        "path and certified, beta chosen on validation)",
+        f"path and certified, beta chosen on validation{model_text})",
         "layerwise-nonconvex": "greedy non-convex (each iteration by Adam on the fixed "
         f"previous iterate, {epochs} epochs)",
         "end-to-end": f"end-to-end ({unrolled.get('end_to_end_epochs', epochs)} epochs "
@@ -518,7 +525,7 @@ def _unrolled(results: dict[str, Any], folder: Path, images: list[Image]) -> Sec
         f"iterate and applies data consistency (DC): {step}. Each regulariser is a "
         f"{network['kernel_size']}x{network['kernel_size']} convolution of "
         f"{network['channels']} channels, a ReLU (or gates) and a 1x1 convolution. Trained "
-        f"on whole images, the first {slices} training slices: "
+        f"on whole images, {slices}: "
         + "; ".join(ways[m] for m in results["config"]["unrolled"]["methods"])
         + ". The greedy curves are one network each, tested after every iteration; each "
         "end-to-end point is its own network."
