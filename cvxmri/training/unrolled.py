@@ -80,10 +80,12 @@ MAX_ROUNDS = 20
 # (`IterationSolver.solve`); below it, float64 rounding.
 OVERSHOOT = 1e-9
 # Exact passes of one beta after which a greedy convex iteration's Gram model, if it is a
-# subset's, grows to the whole training set (`IterationSolver`): a subset of a third of the
-# default data's images certified Poisson-disc iterations in 5 or 6 passes, Cartesian ones
-# in up to 12.
-MODEL_ROUNDS = 6
+# subset's, grows to the whole training set (`IterationSolver`): a safety net for a subset
+# that represents the set poorly. A third of the default data's 54 training images
+# certified most Poisson-disc betas in 5 to 7 passes, Cartesian ones in 4 to 12, each pass
+# about 0.5 s, and growing costs twice the subset's build (13 s): at 6 the model grew in
+# 10 of the main job's 12 Poisson-disc iterations (309 s for the network).
+MODEL_ROUNDS = 12
 
 
 def _complex(channels: Tensor) -> Tensor:
