@@ -374,6 +374,9 @@ class IterationSolver:
         self.stage, self.data, self.dc = stage, data, dc
         self.tol, self.max_seconds, self.max_iterations = tol, max_seconds, max_iterations
         model, self._rest = split_images(data, model_step) if model_step > 1 else (data, [])
+        # Whether the model is the whole set's: the same on every process under torchrun
+        # (a process's share of the other images may be empty).
+        self._whole = model_step == 1
         self._use(dc_gram_system(stage, model, dc))
         self.setup_seconds = time.perf_counter() - began
 
@@ -393,7 +396,7 @@ class IterationSolver:
         """The model becomes the whole set's: the other images' matrix added to it."""
         began = time.perf_counter()
         rest = dc_gram_system(self.stage, self._rest, self.dc)
-        self._rest = []
+        self._rest, self._whole = [], True
         self._use(_merged(self.system, rest))
         log.info(
             "the Gram model grew to all %d images in %.1f s",
@@ -446,7 +449,7 @@ class IterationSolver:
                 or distributed.any_process(seconds > self.max_seconds)
             ):
                 break
-            if passes == MODEL_ROUNDS and self._rest:
+            if passes == MODEL_ROUNDS and not self._whole:
                 self._grow()
                 system, curvature = self.system, 1.0
             # The model with curvature c G, scaled by 1 / c: gradient, value and beta / c.
