@@ -224,6 +224,31 @@ def test_a_model_from_fewer_images_reaches_the_whole_sets_optimum(
     assert results["grown"][0]["passes"] < results["half"][0]["passes"]
 
 
+def test_a_model_with_too_little_curvature_is_stiffened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose matrix is a third of the true one overshoots: the solver takes the step
+    again from the best weights with its curvature doubled, and still reaches the
+    optimum that the true model reaches."""
+    stage, data, dc = iteration_problem("gradient", seed=5, size=6, side=24)
+    start = stage.v.detach().clone()
+    results = []
+    for scale in [1.0, 1 / 3]:
+
+        def scaled(stage, images, dc, scale=scale):
+            system = dc_gram_system(stage, images, dc)
+            return replace(system, gram=system.gram * scale)
+
+        monkeypatch.setattr(unrolled_training, "dc_gram_system", scaled)
+        with torch.no_grad():
+            stage.v.copy_(start)
+        solver = IterationSolver(stage, data, dc, tol=1e-6, max_seconds=60, max_iterations=20_000)
+        results.append(solver.solve(0.05 * solver.beta_max(), []))
+    true, soft = results
+    assert true["curvature"] == 1.0
+    assert soft["curvature"] >= 2.0
+    assert soft["relative_gap"] <= 1e-6
+    assert soft["primal"] == pytest.approx(true["primal"], rel=1e-6)
+
+
 def unrolled_config(tiny_data: Path, method: str, **changes) -> TrainConfig:
     return replace(
         preset("tiny"),
