@@ -2,7 +2,8 @@
 metrics against iterations, seeds; print a table, write JSON and update docs/benchmarks.md.
 
 Usage: .venv/bin/python benchmarks/bench_unrolled.py [--masks poisson cartesian]
-    [--iterations 12] [--seeds 0] [--max-train-slices 0] [--epochs 10] [--runs DIR]
+    [--iterations 12] [--seeds 0] [--max-train-slices 0] [--epochs 10] [--channels 16]
+    [--kernel 5] [--runs DIR]
 
 Every network trains on the default dataset (build it with `cvxmri data simulate`) with the
 main job's configuration of it (`cvxmri.reproduce.unrolled_train_config`, quick preset);
@@ -67,7 +68,13 @@ def run_one(args: argparse.Namespace, mask_name: str, method: str, seed: int) ->
     """Train (or reuse) one network and measure it."""
     mask = MASKS[mask_name]
     quick = reproduce_preset("quick")
-    comparison = replace(quick.unrolled, max_train_slices=args.max_train_slices, epochs=args.epochs)
+    network = replace(quick.unrolled.network, channels=args.channels, kernel_size=args.kernel)
+    comparison = replace(
+        quick.unrolled,
+        network=network,
+        max_train_slices=args.max_train_slices,
+        epochs=args.epochs,
+    )
     reproduced = replace(quick, seed=seed, unrolled=comparison)
     # The main job's configuration of this network (`cvxmri reproduce`).
     config = unrolled_train_config(reproduced, method, mask, args.iterations)
@@ -162,6 +169,13 @@ def main() -> None:
     main_job = UnrolledComparison()
     parser.add_argument("--max-train-slices", type=int, default=main_job.max_train_slices)
     parser.add_argument("--epochs", type=int, default=main_job.epochs)
+    parser.add_argument(
+        "--channels",
+        type=int,
+        default=main_job.network.channels,
+        help="hidden width of every regulariser (gated: twice its patterns)",
+    )
+    parser.add_argument("--kernel", type=int, default=main_job.network.kernel_size)
     parser.add_argument("--runs", default="runs/bench-unrolled")
     parser.add_argument(
         "--no-doc",
@@ -198,7 +212,8 @@ def main() -> None:
             + " ".join(args.masks)
             + f" --iterations {args.iterations} --seeds "
             + " ".join(map(str, args.seeds))
-            + f" --max-train-slices {args.max_train_slices} --epochs {args.epochs}`"
+            + f" --max-train-slices {args.max_train_slices} --epochs {args.epochs}"
+            + f" --channels {args.channels} --kernel {args.kernel}`"
         )
         quick = reproduce_preset("quick")
         dcs = [
@@ -213,8 +228,9 @@ def main() -> None:
         header = (
             "## Unrolled networks against compressed sensing (issue 13)\n\n"
             f"{date.today()}, {env['processor']} ({env['torch_threads']} torch threads), "
-            f"command: {command}. Quick preset, `arch: unrolled` (8-pattern / 16-channel "
-            f"regularisers, 5x5, the main job's data consistency per mask: {dc_text}), the first "
+            f"command: {command}. Quick preset, `arch: unrolled` ({args.channels // 2}-pattern / "
+            f"{args.channels}-channel regularisers, {args.kernel}x{args.kernel}, the main "
+            f"job's data consistency per mask: {dc_text}), the first "
             f"{args.max_train_slices or 'all'} training slices, test split (fixed per-file "
             "masks), volume PSNR/SSIM on the SENSE magnitude. Greedy methods: the metric "
             "after t iterations of one network; end-to-end: its own T only. `max gap`: the "

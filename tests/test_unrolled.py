@@ -23,7 +23,8 @@ from cvxmri.training.unrolled import (
     IterationSolver,
     UnrolledTrainer,
     dc_gram_system,
-    exact_certificate,
+    exact_pass,
+    line_search,
     split_images,
 )
 
@@ -173,9 +174,48 @@ def test_convex_iteration_optimum_matches_cvxpy(kind: str) -> None:
     assert cert["primal"] == pytest.approx(optimum, rel=1e-6)
     assert cert["dual"] <= optimum * (1 + 1e-8)
     # The zero weight's certificate (the first exact pass of a cold start) bounds too.
-    zero, _, _ = exact_certificate(stage, torch.zeros_like(stage.v), data, dc, beta)
+    zero = exact_pass(stage, torch.zeros_like(stage.v), data, dc).certificate(beta)
     assert zero["primal"] - optimum <= zero["gap"] + 1e-9 * optimum
     assert zero["gap"] > 1e-3 * zero["primal"]
+
+
+def test_line_search_point_is_the_exact_pass_there_and_the_lowest_on_its_ray() -> None:
+    """The line search's point equals a fresh exact pass at its weight (residuals,
+    gradient and <r, e> are affine along the ray, ||e||^2 quadratic), and no point of
+    the ray is lower, including ones beyond the new pass (a model too stiff)."""
+    stage, data, dc = iteration_problem("gradient", seed=5, size=6, side=24)
+    beta = (
+        0.05
+        * IterationSolver(stage, data, dc, tol=1e-6, max_seconds=60, max_iterations=100).beta_max()
+    )
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(stage.v.shape, generator=gen, dtype=F64)
+    old = exact_pass(stage, 0.01 * start, data, dc)
+    # A short step towards the optimum's side: the best multiple of it lies beyond 1.
+    new = exact_pass(stage, 0.01 * start - 0.03 * old.gradient, data, dc)
+    point, reach = line_search(old, new, beta)
+    assert 1 < reach < 16
+    fresh = exact_pass(stage, point.weight, data, dc)
+    assert point.ee == pytest.approx(fresh.ee, rel=1e-10)
+    assert point.re == pytest.approx(fresh.re, rel=1e-10)
+    torch.testing.assert_close(point.gradient, fresh.gradient, rtol=1e-9, atol=1e-12)
+    lowest = point.certificate(beta)["primal"]
+    for a in torch.linspace(0, 16, 161).tolist():
+        along = exact_pass(stage, old.weight + a * (new.weight - old.weight), data, dc)
+        assert lowest <= along.certificate(beta)["primal"] * (1 + 1e-12)
+
+
+def test_a_path_reuses_the_pass_where_the_previous_beta_ended() -> None:
+    """beta_max's pass at zero starts the first beta, each beta's last pass the next
+    one's: the solver's passes are the betas' passes plus that one."""
+    stage, data, dc = iteration_problem("gradient", seed=5, size=6, side=24)
+    with torch.no_grad():
+        stage.v.zero_()
+    solver = IterationSolver(stage, data, dc, tol=1e-6, max_seconds=60, max_iterations=20_000)
+    largest = solver.beta_max()
+    results = [solver.solve(f * largest, []) for f in (0.3, 0.1, 0.03)]
+    assert all(r["relative_gap"] <= 1e-6 for r in results)
+    assert solver.passes == 1 + sum(r["passes"] for r in results)
 
 
 def test_split_images_counts_across_chunks() -> None:
@@ -225,9 +265,9 @@ def test_a_model_from_fewer_images_reaches_the_whole_sets_optimum(
 
 
 def test_a_model_with_too_little_curvature_is_stiffened(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A model whose matrix is a third of the true one overshoots: the solver takes the step
-    again from the best weights with its curvature doubled, and still reaches the
-    optimum that the true model reaches."""
+    """A model whose matrix is a third of the true one overshoots: its line searches cut
+    its steps, its curvature is doubled, and it still reaches the optimum that the true
+    model reaches."""
     stage, data, dc = iteration_problem("gradient", seed=5, size=6, side=24)
     start = stage.v.detach().clone()
     results = []

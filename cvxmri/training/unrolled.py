@@ -76,9 +76,11 @@ LEAN_CHUNK = 4
 IMAGE_CHUNK = 8
 # Refinement rounds of a convex iteration's solve (each one exact float64 pass).
 MAX_ROUNDS = 20
-# A round whose exact objective exceeds the best one by more than this fraction overshot
-# (`IterationSolver.solve`); below it, float64 rounding.
-OVERSHOOT = 1e-9
+# The farthest multiple of a refinement round's step that its line search tries.
+LINE_REACH = 16.0
+# A round whose line search shortens the model's step below this fraction overshot
+# (`IterationSolver.solve`): the model's curvature is doubled.
+OVERSHOOT = 0.5
 # Exact passes of one beta after which a greedy convex iteration's Gram model, if it is a
 # subset's, grows to the whole training set (`IterationSolver`): a safety net for a subset
 # that represents the set poorly. A third of the default data's 54 training images
@@ -304,20 +306,45 @@ def _merged(a: GramSystem, b: GramSystem) -> GramSystem:
     )
 
 
+@dataclass
+class ExactPass:
+    """One float64 pass through the real operators over the whole training set at the
+    weight ``weight`` (P, 2, C_in, K...): everything its certificate needs at any beta.
+
+    Attributes:
+        weight: the weight (float64).
+        gradient: the exact gradient of the data term ``||e||^2 / (2N)``.
+        ee: ``||e||^2 / N`` (``e = r - L Phi w``).
+        re: ``<r, e> / N``.
+        errors: ``e`` of each chunk of this process's images.
+    """
+
+    weight: Tensor
+    gradient: Tensor
+    ee: float
+    re: float
+    errors: list[Tensor]
+
+    def certificate(self, beta: float) -> dict[str, float]:
+        """Primal, dual and relative gap of the weight at ``beta``, and its groups."""
+        norms = _group_norms(self.weight)
+        primal = 0.5 * self.ee + beta * float(norms.sum())
+        max_dual = float(_group_norms(self.gradient).max())
+        return {
+            **certificate_numbers(primal, self.re, self.ee, beta, max_dual),
+            "groups": float((norms > 0).sum()),
+        }
+
+
 @torch.no_grad()
-def exact_certificate(
-    stage: ConvexStage,
-    weight: Tensor,
-    data: list[IterationData],
-    dc: DataConsistency,
-    beta: float,
-) -> tuple[dict[str, float], Tensor, float]:
-    """The certificate of ``weight`` (P, 2, C_in, K...) at ``beta`` from one pass through
-    the real operators in float64 (complex128), the exact gradient of the data term and
-    its value ``||e||^2 / N``."""
+def exact_pass(
+    stage: ConvexStage, weight: Tensor, data: list[IterationData], dc: DataConsistency
+) -> ExactPass:
+    """The exact pass (`ExactPass`) of ``weight`` (P, 2, C_in, K...) through ``data``."""
     w = weight.double()
     ee = re = 0.0
     gradient = torch.zeros_like(w)
+    errors = []
     count = 0
     for chunk in data:
         op = chunk.operator(torch.complex128)
@@ -328,25 +355,67 @@ def exact_certificate(
         re += float((chunk.r.double() * e).sum())
         back = _channels(dc.linear(_complex(e), op))
         gradient -= stage.apply_adjoint(x, back, gates)
+        errors.append(e)
         count += x.shape[0]
     distributed.all_reduce_(gradient)
     ee, re, count = distributed.sum_floats(ee, re, count)
-    ee, re, gradient = ee / count, re / count, gradient / count
+    return ExactPass(w, gradient / count, ee / count, re / count, errors)
+
+
+def _objective_slope(
+    old: Tensor, step: Tensor, a: float, od: float, dd: float, beta: float
+) -> float:
+    """The derivative in ``a`` of the objective along ``old + a step`` (``od`` and ``dd``
+    from `line_search`)."""
+    w = old + a * step
     norms = _group_norms(w)
-    primal = 0.5 * ee + beta * float(norms.sum())
-    max_dual = float(_group_norms(gradient).max())
-    cert = {
-        **certificate_numbers(primal, re, ee, beta, max_dual),
-        "groups": float((norms > 0).sum()),
-    }
-    return cert, gradient, ee
+    inner = (w * step).flatten(1).sum(1)
+    # Where a group is zero, its right derivative: beta ||step_p||.
+    slopes = torch.where(norms > 0, inner / norms.clamp_min(1e-300), _group_norms(step))
+    return od + a * dd + beta * float(slopes.sum())
+
+
+def line_search(old: ExactPass, new: ExactPass, beta: float) -> tuple[ExactPass, float]:
+    """The exact minimiser of the objective at ``beta`` on the ray from ``old`` through
+    ``new`` (``old + a (new - old)``, ``0 <= a <= LINE_REACH``), and its ``a``, without
+    another pass: the residual, gradient and ``<r, e>`` are affine in ``a``, so the two
+    passes give them everywhere on the ray (``||e||^2`` from one more inner product per
+    image)."""
+    od = dd = 0.0
+    for e_old, e_new in zip(old.errors, new.errors, strict=True):
+        delta = e_new - e_old
+        od += float((e_old * delta).sum())
+        dd += float(delta.square().sum())
+    od, dd, count = distributed.sum_floats(od, dd, sum(e.shape[0] for e in old.errors))
+    od, dd = od / count, dd / count
+    step = new.weight - old.weight
+    lo, hi = 0.0, 1.0
+    while hi < LINE_REACH and _objective_slope(old.weight, step, hi, od, dd, beta) < 0:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        middle = 0.5 * (lo + hi)
+        if _objective_slope(old.weight, step, middle, od, dd, beta) < 0:
+            lo = middle
+        else:
+            hi = middle
+    a = 0.5 * (lo + hi)
+    point = ExactPass(
+        old.weight + a * step,
+        old.gradient + a * (new.gradient - old.gradient),
+        old.ee + 2 * a * od + a * a * dd,
+        old.re + a * (new.re - old.re),
+        [e_old + a * (e_new - e_old) for e_old, e_new in zip(old.errors, new.errors, strict=True)],
+    )
+    # Bisection to the float64 floor: keep whichever of the three is lowest.
+    candidates = [(point, a), (new, 1.0), (old, 0.0)]
+    return min(candidates, key=lambda c: c[0].certificate(beta)["primal"])
 
 
 class IterationSolver:
     """Solves a greedy convex iteration at any ``beta`` to the relative gap ``tol``,
     warm-started from the stage's weights (which it overwrites): the Gram route of
     `cvxmri.training.certified.StageSolver` with `dc_gram_system` as the model and
-    `exact_certificate` as the exact pass.
+    `exact_pass` as the exact pass.
 
     With ``model_step`` k > 1 the model starts as the Gram matrix of every k-th training
     image (`UnrolledConfig.gram_images`): each round still takes the exact gradient of
@@ -354,9 +423,9 @@ class IterationSolver:
     is the whole set's; only the number of rounds depends on the model. Should a beta
     take more than `MODEL_ROUNDS` exact passes, the model grows to the whole set (the
     other images' matrix is added to it), so a subset that represents the set poorly
-    costs a few passes, not a slow solve. Should a round's step raise the exact objective
-    (the model's curvature too small in some direction), the step is taken again from
-    the best weights with the model's curvature doubled.
+    costs a few passes, not a slow solve. Each round ends with an exact line search
+    along its step (`line_search`); should it cut the step below `OVERSHOOT` of the
+    model's (the model's curvature too small along it), the model's curvature is doubled.
     """
 
     def __init__(
@@ -377,6 +446,9 @@ class IterationSolver:
         # Whether the model is the whole set's: the same on every process under torchrun
         # (a process's share of the other images may be empty).
         self._whole = model_step == 1
+        # The last exact pass (`_pass`) and the number taken.
+        self._last: ExactPass | None = None
+        self.passes = 0
         self._use(dc_gram_system(stage, model, dc))
         self.setup_seconds = time.perf_counter() - began
 
@@ -404,6 +476,11 @@ class IterationSolver:
             time.perf_counter() - began,
         )
 
+    def _stored(self, weight: Tensor) -> Tensor:
+        """``weight`` as the stage stores it (its dtype), in float64: the weights that
+        every reported certificate is of."""
+        return weight.to(self.stage.v.dtype).double()
+
     def _flat(self, weight: Tensor) -> Tensor:
         return weight.detach().double().reshape(-1, 1)
 
@@ -411,50 +488,66 @@ class IterationSolver:
         with torch.no_grad():
             self.stage.v.copy_(v.reshape(self.stage.v.shape).to(self.stage.v.dtype))
 
+    def _pass(self, weight: Tensor) -> ExactPass:
+        """The exact pass of ``weight``; the last one is kept, so a solve that starts
+        where the previous one ended (the next beta of a path) reuses it."""
+        if self._last is None or not torch.equal(self._last.weight, weight.double()):
+            self._last = exact_pass(self.stage, weight, self.data, self.dc)
+            self.passes += 1
+        return self._last
+
     def beta_max(self) -> float:
         """The smallest ``beta`` at which the zero weight is optimal: the largest group norm
         of the exact gradient at zero (one pass over the whole training set)."""
         zero = torch.zeros_like(self.stage.v)
-        return exact_certificate(self.stage, zero, self.data, self.dc, 0.0)[0]["max_dual_norm"]
+        return self._pass(zero).certificate(0.0)["max_dual_norm"]
 
     def solve(self, beta: float, trace: list[list[float]]) -> dict[str, float]:
-        """Solve at ``beta``; ``[seconds, relative gap]`` of every exact pass is appended
-        to ``trace``. Returns the last exact certificate with ``iterations``, ``passes``,
-        ``seconds``, ``curvature`` (the model's final curvature factor, 1 unless a step
-        raised the objective) and ``model_images`` (the images of the model's matrix)."""
+        """Solve at ``beta``; ``[seconds, relative gap]`` of the weights at every check is
+        appended to ``trace``. Returns the last exact certificate with ``iterations``,
+        ``passes`` (exact passes, not counting one shared with the previous solve),
+        ``seconds``, ``curvature`` (the model's final curvature factor, 1 unless the
+        model overshot) and ``model_images`` (the images of the model's matrix).
+
+        Each round solves the model at the current weights, takes an exact pass at its
+        solution and moves to the best point on the ray through the two (`line_search`):
+        the objective never rises, and a model that is too stiff or too soft along its
+        step costs no extra round."""
         began = time.perf_counter()
-        system = self.system
-        v = self._flat(self.stage.v)
-        iterations = passes = 0
+        system, passes = self.system, self.passes
+        current = self._pass(self.stage.v.detach())
+        iterations = 0
         curvature = 1.0
-        # The lowest exact objective so far: its weights, gradient, ||e||^2 / N, certificate.
-        best: tuple[Tensor, Tensor, float, dict[str, float]] | None = None
+        # The exact pass at the last round's model solution.
+        trial: ExactPass | None = None
         while True:
-            cert, gradient, ee = exact_certificate(
-                self.stage, self.stage.v, self.data, self.dc, beta
-            )
-            passes += 1
+            cert = current.certificate(beta)
             seconds = time.perf_counter() - began
             trace.append([seconds, cert["relative_gap"]])
-            if best is not None and cert["primal"] > best[3]["primal"] * (1 + OVERSHOOT):
-                # The step overshot: back to the best weights, with a stiffer model.
-                curvature *= 2
-                v, gradient, ee, cert = best
-                self._set(v)
-            else:
-                best = (v, gradient, ee, cert)
+            stored = self._stored(current.weight)
             if (
                 cert["relative_gap"] <= self.tol
-                or passes > MAX_ROUNDS
+                or self.passes - passes > MAX_ROUNDS
                 or distributed.any_process(seconds > self.max_seconds)
             ):
-                break
-            if passes == MODEL_ROUNDS and not self._whole:
+                if torch.equal(stored, current.weight):
+                    break
+                # A point inside a line search: certify weights that the stage can store,
+                # the round's own if they certify, else that point's rounded.
+                if trial is not None and trial.certificate(beta)["relative_gap"] <= self.tol:
+                    current = self._last = trial
+                else:
+                    current = self._pass(stored)
+                continue
+            if self.passes - passes >= MODEL_ROUNDS and not self._whole:
                 self._grow()
                 system, curvature = self.system, 1.0
             # The model with curvature c G, scaled by 1 / c: gradient, value and beta / c.
+            v = self._flat(current.weight)
             v, inner = solve_gram(
-                refinement_model(system, v, self._flat(gradient) / curvature, ee / curvature),
+                refinement_model(
+                    system, v, self._flat(current.gradient) / curvature, current.ee / curvature
+                ),
                 beta / curvature,
                 v,
                 tol=self.tol / 4,
@@ -463,11 +556,16 @@ class IterationSolver:
                 lipschitz=self.lipschitz,
             )
             iterations += int(inner["iterations"])
-            self._set(v)
+            trial = self._pass(self._stored(v.reshape(current.weight.shape)))
+            current, reach = line_search(current, trial, beta)
+            self._last = current
+            if reach < OVERSHOOT:
+                curvature *= 2
+        self._set(current.weight)
         return {
             **cert,
             "iterations": float(iterations),
-            "passes": float(passes),
+            "passes": float(self.passes - passes),
             "seconds": time.perf_counter() - began,
             "curvature": curvature,
             "model_images": float(self.system.count),
