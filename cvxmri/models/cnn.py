@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvxmri.errors import CvxmriError
-from cvxmri.models.conv import conv_ops
+from cvxmri.models.conv import conv_ops, fast_layout
 
 FORMAT = "cvxmri.ReconCNN/1"
 
@@ -178,7 +178,7 @@ class ReconCNN(nn.Module):
 
     def last_hidden(self, x0: Tensor) -> Tensor:
         """``h_k``: the output of the last hidden layer."""
-        h = x0
+        h = fast_layout(x0)
         for layer in self.hidden:
             h = layer(h)
         return h
