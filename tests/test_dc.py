@@ -167,6 +167,8 @@ def test_line_inverses_are_kept_per_image_and_never_stale():
     coil map, a new ``lamda`` or dtype computes its own (a hit must be exact)."""
     op, x = cartesian_problem(crop=False)
     first = line_inverse(op, 0.05)
+    # The same operator gets its list back without looking the images up.
+    assert line_inverse(op, 0.05) is first
     again = line_inverse(recon_sense(op.maps.clone(), op.mask.clone(), x.shape[1:]), 0.05)
     assert all(a is b for a, b in zip(first, again, strict=True))
     # Batch item 1 alone: its own inverse, found by content.

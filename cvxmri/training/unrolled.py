@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,12 +121,19 @@ class IterationData:
     gates: Tensor
     maps: Tensor
     mask: Tensor
+    _operators: dict[torch.dtype, LinearOperator] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def operator(self, dtype: torch.dtype = torch.complex64) -> LinearOperator:
-        """``A`` of the chunk's images in complex ``dtype``."""
-        real = dtype.to_real()
-        shape = tuple(self.x.shape[2:])
-        return recon_sense(self.maps.to(dtype), self.mask.to(real), shape, len(shape))
+        """``A`` of the chunk's images in complex ``dtype``: built once per dtype, so that
+        what an operator keeps (the direct DC's line inverses) serves every pass."""
+        if dtype not in self._operators:
+            real = dtype.to_real()
+            shape = tuple(self.x.shape[2:])
+            maps, mask = self.maps.to(dtype), self.mask.to(real)
+            self._operators[dtype] = recon_sense(maps, mask, shape, len(shape))
+        return self._operators[dtype]
 
 
 def _group_norms(weight: Tensor) -> Tensor:
