@@ -83,10 +83,10 @@ LINE_REACH = 16.0
 OVERSHOOT = 0.5
 # Exact passes of one beta after which a greedy convex iteration's Gram model, if it is a
 # subset's, grows to the whole training set (`IterationSolver`): a safety net for a subset
-# that represents the set poorly. A third of the default data's 54 training images
-# certified most Poisson-disc betas in 5 to 7 passes, Cartesian ones in 4 to 12, each pass
-# about 0.5 s, and growing costs twice the subset's build (13 s): at 6 the model grew in
-# 10 of the main job's 12 Poisson-disc iterations (309 s for the network).
+# that represents the set poorly. Growing costs twice the subset's build. Before line
+# searches, a third of the default data's 54 training images certified most betas in 4 to
+# 8 passes, and at 6 the model grew in 10 of the main job's 12 Poisson-disc iterations; with
+# them, 3 to 6 passes and it never grew (docs/benchmarks.md).
 MODEL_ROUNDS = 12
 
 
