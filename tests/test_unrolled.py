@@ -59,6 +59,25 @@ def test_a_new_network_is_t_data_consistency_steps(kind: str) -> None:
     assert len(net.iterates(x0, y, mask, maps)) == 3
 
 
+def test_a_regulariser_computes_the_same_in_channels_last_and_returns_the_standard_layout():
+    """`ReconCNN` runs its layers channels-last on the CPU (`fast_layout`): the same output
+    and input gradient as its layers on the contiguous input, in the standard layout."""
+    torch.manual_seed(0)
+    net = ReconCNN.relu(2, 8, 3)
+    torch.nn.init.normal_(net.final.weight)
+    x = torch.randn(2, 2, 12, 10, requires_grad=True)
+    out = net(x)
+    assert out.is_contiguous()
+    h = x
+    for layer in net.hidden:
+        h = layer(h)
+    plain = x + net.final(h)
+    torch.testing.assert_close(out, plain)
+    (got,) = torch.autograd.grad(out.square().sum(), x)
+    (want,) = torch.autograd.grad(plain.square().sum(), x)
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_saved_network_reloads_with_the_same_output(tmp_path: Path, shared: bool) -> None:
     x0, y, mask, maps = batch(1)

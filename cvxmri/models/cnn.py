@@ -185,9 +185,9 @@ class ReconCNN(nn.Module):
 
     def forward(self, x0: Tensor) -> Tensor:
         """``x0 + f(h_k)`` for a (B, 2, H, W) (3D: (B, 2, D, H, W)) zero-filled input."""
-        # Back to the standard layout (`fast_layout` made it channels-last): FFTs and the
-        # data consistency run slower on a channels-last image.
-        return x0 + self.final(self.last_hidden(x0)).contiguous()
+        # The sum takes ``x0``'s layout: the standard one, whatever `fast_layout` chose for
+        # the layers (FFTs and the data consistency run slower on a channels-last image).
+        return x0 + self.final(self.last_hidden(x0))
 
     def architecture(self) -> list[dict[str, object]]:
         """What `load` needs to rebuild the modules: one entry per layer, each with its

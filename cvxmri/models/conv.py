@@ -56,8 +56,9 @@ def conv_ops(ndim: int) -> ConvOps:
 def fast_layout(x: torch.Tensor) -> torch.Tensor:
     """``x`` (a batch) in the memory layout that its convolutions run fastest in on its
     device: channels-last on the CPU, whose oneDNN kernels for a convolution of a
-    2-channel image run several times slower on the contiguous layout (docs/benchmarks.md,
-    "Channels-last convolutions on the CPU"); unchanged on other devices."""
+    2-channel image run several times slower on the contiguous layout
+    (`benchmarks/bench_layout.py`; docs/benchmarks.md, "Line searches in the convex
+    iterations, channels-last convolutions"); unchanged on other devices."""
     if x.device.type != "cpu":
         return x
     return x.contiguous(memory_format=conv_ops(x.dim() - 2).channels_last)
