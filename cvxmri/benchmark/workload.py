@@ -72,6 +72,10 @@ GATE_SAMPLE_SIZE = 32
 # Gram solve: their number does not change its memory; the basis still grows).
 SOLVE_SECONDS = 1.0
 SOLVE_ITERATIONS = 100
+# The solves that only load the code before a measurement stop each round after its first
+# pass: a round's time does not shrink with the images (its model has the basis's size), so
+# at `SOLVE_SECONDS` the three of them took about 80% of a stage-2 measurement.
+WARMUP_SOLVE_SECONDS = 0.0
 
 
 @dataclass(frozen=True)
@@ -358,13 +362,14 @@ class Prepared:
     """The modules, optimiser and inputs of a workload, ready to step.
 
     Attributes:
-        step: one real optimiser step on the full-size batch; returns the loss.
+        step: one real optimiser step on the full-size batch; returns the loss (a
+            certified-solve workload: its solve on a budget that only loads the code).
         warmup: one step on a small batch (creates Adam's state, loads kernels).
         stage_pass: layer-wise: the once-per-stage pass over the batch (the frozen prefix
             without autograd, the convex stage's sign patterns); None when there is
             nothing to compute (a non-convex first stage, end-to-end).
-        solve: a greedy convex iteration of an unrolled network: one certified solve at
-            one beta; None otherwise.
+        solve: a convex stage, or a greedy convex iteration of an unrolled network: one
+            certified solve at one beta; None otherwise.
     """
 
     def __init__(
@@ -585,7 +590,9 @@ def _prepare_solve(
     ``beta_max`` and one solve at the path's first beta, its refinement rounds stopped
     after `SOLVE_SECONDS` and `SOLVE_ITERATIONS` model iterations each (the basis still
     grows, up to the configured rounds: the route's largest arrays are made). The warm-up
-    and the step run the same on one small image."""
+    (one small image) and the step (the training set; `measure_here` runs it on small
+    images before its baseline) solve the same with rounds stopped after
+    `WARMUP_SOLVE_SECONDS`: they only load the code."""
     from cvxmri.training.certified import ChunkInputs, StageSolver
     from cvxmri.training.config import CertifiedConfig
     from cvxmri.training.trainer import chunk_images
@@ -610,12 +617,12 @@ def _prepare_solve(
             data.append((files.loader(x), r, program.pattern_gates(x)))
         return data
 
-    def solve(data: list[tuple[ChunkInputs, Tensor, Tensor]]) -> dict[str, float]:
+    def solve(data: list[tuple[ChunkInputs, Tensor, Tensor]], seconds: float) -> dict[str, float]:
         solver = StageSolver(
             program,
             data,
             tol=settings.tol,
-            max_seconds=SOLVE_SECONDS,
+            max_seconds=seconds,
             gram_unknowns=settings.gram_unknowns,
             check_every=settings.check_every,
             max_iterations=SOLVE_ITERATIONS,
@@ -633,12 +640,15 @@ def _prepare_solve(
     small = data_of(1, max(w.kernel_size, WARMUP_SIZE))
 
     def warmup() -> float:
-        return solve(small)["primal"]
+        return solve(small, WARMUP_SOLVE_SECONDS)["primal"]
+
+    def step() -> float:
+        return solve(full, WARMUP_SOLVE_SECONDS)["primal"]
 
     def run() -> dict[str, float]:
-        return solve(full)
+        return solve(full, SOLVE_SECONDS)
 
-    return Prepared(lambda: run()["primal"], warmup, None, run)
+    return Prepared(step, warmup, None, run)
 
 
 def with_batch(w: Workload, batch: int) -> Workload:
