@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from cvxmri.config import from_dict, load_yaml, save_yaml
-from cvxmri.errors import CvxmriError
+from cvxmri.errors import CvxmriError, check_settings
 from cvxmri.evaluate import EvaluateConfig
 from cvxmri.masks import MaskSpec
 
@@ -44,3 +45,12 @@ def test_bad_yaml_file(tmp_path: Path) -> None:
         load_yaml(EvaluateConfig, path)
     with pytest.raises(CvxmriError, match="no such config file"):
         load_yaml(EvaluateConfig, tmp_path / "missing.yaml")
+
+
+def test_check_settings_names_the_first_broken_rule() -> None:
+    owner = SimpleNamespace(k=4, optim=SimpleNamespace(lr=-1.0))
+    rules = {"k": (True, "odd"), "optim.lr": (False, "> 0"), "other": (False, "unreached")}
+    with pytest.raises(CvxmriError) as caught:
+        check_settings("training", owner, rules, "net.")
+    assert str(caught.value) == "invalid training setting net.optim.lr=-1.0: must be > 0"
+    check_settings("training", owner, {"k": (True, "odd")})  # every rule holds: no error

@@ -30,7 +30,7 @@ import torch
 from skimage.transform import resize
 
 from cvxmri.data.fastmri_h5 import EncodingInfo, Volume, write_volume
-from cvxmri.errors import CvxmriError
+from cvxmri.errors import CvxmriError, check_settings
 from cvxmri.physics import center_crop, fft2c, ifft2c
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 COLIN27_PATH = Path("/usr/share/mricron/templates/ch2.nii.gz")
 COLIN27_BETTER_PATH = Path("/usr/share/mricron/templates/ch2better.nii.gz")
 SPLITS = ("train", "val", "test")
+SPLIT_RATIO_RULE = "three non-negative integers (train, val, test), not all 0"
+
+
+def valid_split_ratio(ratio: tuple[int, ...]) -> bool:
+    """Whether ``ratio`` is a usable ``split_ratio`` (`SPLIT_RATIO_RULE`)."""
+    return len(ratio) == 3 and all(isinstance(w, int) and w >= 0 for w in ratio) and sum(ratio) > 0
+
+
 # Slabs cycle through this pattern (60% train, 20% val, 20% test), so every split sees
 # anatomy from the whole head; the cycle starts at a per-volume offset. It is
 # `split_pattern` of the default ratio 3:1:1.
@@ -79,23 +87,22 @@ class SimulationConfig:
 
     def validate(self) -> None:
         """Raise `CvxmriError` for impossible values."""
-        checks = {
-            "matrix": self.matrix >= 16,
-            "coils": self.coils >= 1,
-            "snr": np.isfinite(self.snr) and self.snr > 0,
-            "readout_oversampling": self.readout_oversampling >= 1,
-            "slice_step": self.slice_step >= 1,
-            "slab_slices": self.slab_slices >= 1,
-            "guard_slices": self.guard_slices >= 0,
-            "min_foreground": 0 <= self.min_foreground < 1,
-            "phase_strength": self.phase_strength >= 0,
-            "split_ratio": len(self.split_ratio) == 3
-            and all(isinstance(w, int) and w >= 0 for w in self.split_ratio)
-            and sum(self.split_ratio) > 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise CvxmriError(f"invalid simulation setting {name}={getattr(self, name)}")
+        check_settings(
+            "simulation",
+            self,
+            {
+                "matrix": (self.matrix >= 16, ">= 16"),
+                "coils": (self.coils >= 1, ">= 1"),
+                "snr": (bool(np.isfinite(self.snr)) and self.snr > 0, "> 0 and finite"),
+                "readout_oversampling": (self.readout_oversampling >= 1, ">= 1"),
+                "slice_step": (self.slice_step >= 1, ">= 1"),
+                "slab_slices": (self.slab_slices >= 1, ">= 1"),
+                "guard_slices": (self.guard_slices >= 0, ">= 0"),
+                "min_foreground": (0 <= self.min_foreground < 1, "in [0, 1)"),
+                "phase_strength": (self.phase_strength >= 0, ">= 0"),
+                "split_ratio": (valid_split_ratio(self.split_ratio), SPLIT_RATIO_RULE),
+            },
+        )
 
     @property
     def wanted_splits(self) -> list[str]:

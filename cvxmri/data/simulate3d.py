@@ -35,6 +35,7 @@ import torch
 from scipy import ndimage
 
 from cvxmri.data.simulate import (
+    SPLIT_RATIO_RULE,
     SPLITS,
     Source,
     birdcage_maps,
@@ -45,10 +46,11 @@ from cvxmri.data.simulate import (
     slabs,
     smooth_phase,
     split_pattern,
+    valid_split_ratio,
     write_dataset,
 )
 from cvxmri.data.volume3d import Volume3D, rss_volume, write_volume3d
-from cvxmri.errors import CvxmriError
+from cvxmri.errors import CvxmriError, check_settings
 from cvxmri.physics import fftnc
 
 log = logging.getLogger(__name__)
@@ -87,21 +89,26 @@ class Simulation3DConfig:
 
     def validate(self) -> None:
         """Raise `CvxmriError` for impossible values."""
-        checks = {
-            "matrix": len(self.matrix) == 3 and all(int(n) >= 8 for n in self.matrix),
-            "coils": self.coils >= 1,
-            "snr": np.isfinite(self.snr) and self.snr > 0,
-            "slab": 1 <= self.slab <= self.matrix[0],
-            "guard": self.guard >= 0,
-            "split_ratio": len(self.split_ratio) == 3
-            and all(isinstance(w, int) and w >= 0 for w in self.split_ratio)
-            and sum(self.split_ratio) > 0,
-            "min_foreground": 0 <= self.min_foreground < 1,
-            "phase_strength": self.phase_strength >= 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise CvxmriError(f"invalid simulation setting {name}={getattr(self, name)}")
+        check_settings(
+            "simulation",
+            self,
+            {
+                "matrix": (
+                    len(self.matrix) == 3 and all(int(n) >= 8 for n in self.matrix),
+                    "three sizes, each >= 8",
+                ),
+                "coils": (self.coils >= 1, ">= 1"),
+                "snr": (bool(np.isfinite(self.snr)) and self.snr > 0, "> 0 and finite"),
+                "slab": (
+                    1 <= self.slab <= self.matrix[0],
+                    f"in [1, {self.matrix[0]}] (the readout size)",
+                ),
+                "guard": (self.guard >= 0, ">= 0"),
+                "split_ratio": (valid_split_ratio(self.split_ratio), SPLIT_RATIO_RULE),
+                "min_foreground": (0 <= self.min_foreground < 1, "in [0, 1)"),
+                "phase_strength": (self.phase_strength >= 0, ">= 0"),
+            },
+        )
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from cvxmri.errors import CvxmriError
+from cvxmri.errors import check_settings
 from cvxmri.physics import (
     LinearOperator,
     apply_lines,
@@ -69,17 +69,17 @@ class DCConfig:
 
     def validate(self) -> None:
         """Raise `CvxmriError` naming the first invalid setting."""
-        checks = {
-            "kind": self.kind in DC_KINDS,
-            "eta": 0 < self.eta < 2,
-            "lamda": self.lamda > 0 and self.lamda < float("inf"),
-            "cg_iterations": self.cg_iterations >= 1,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise CvxmriError(
-                    f"invalid data-consistency setting dc.{name}={getattr(self, name)!r}"
-                )
+        check_settings(
+            "data-consistency",
+            self,
+            {
+                "kind": (self.kind in DC_KINDS, " or ".join(DC_KINDS)),
+                "eta": (0 < self.eta < 2, "in (0, 2) (a step that contracts)"),
+                "lamda": (0 < self.lamda < float("inf"), "> 0 and finite"),
+                "cg_iterations": (self.cg_iterations >= 1, ">= 1"),
+            },
+            "dc.",
+        )
 
     def build(self) -> DataConsistency:
         """The module of this setting."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cvxmri.data.prepare import is_dataset_root
-from cvxmri.errors import CvxmriError
+from cvxmri.errors import CvxmriError, check_settings
 from cvxmri.masks import MaskSpec
 from cvxmri.models.convex import ConvexStageConfig
 from cvxmri.models.dc import LINE_MASK_KINDS, LINEAR_DC_KINDS, DCConfig
@@ -106,23 +106,26 @@ class CertifiedConfig:
 
     def validate(self) -> None:
         """Raise `CvxmriError` naming the first invalid setting."""
-        checks = {
-            "tol": math.isfinite(self.tol) and 0 < self.tol < 1,
-            "betas": len(self.betas) > 0 and all(0 < b <= 1 for b in self.betas),
-            "seconds": math.isfinite(self.seconds) and self.seconds >= 0,
-            "gram_unknowns": self.gram_unknowns >= 0,
-            "check_every": self.check_every >= 1,
-            "max_iterations": self.max_iterations >= 1,
-            "subspace": self.subspace >= 0,
-            "subspace_rounds": self.subspace_rounds >= 0,
-            "subspace_unknowns": self.subspace_unknowns >= 1,
-            "min_gain": math.isfinite(self.min_gain) and self.min_gain >= 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise CvxmriError(
-                    f"invalid training setting certified.{name}={getattr(self, name)!r}"
-                )
+        check_settings(
+            "training",
+            self,
+            {
+                "tol": (math.isfinite(self.tol) and 0 < self.tol < 1, "in (0, 1)"),
+                "betas": (
+                    len(self.betas) > 0 and all(0 < b <= 1 for b in self.betas),
+                    "a non-empty list of fractions in (0, 1]",
+                ),
+                "seconds": (math.isfinite(self.seconds) and self.seconds >= 0, ">= 0 (0: none)"),
+                "gram_unknowns": (self.gram_unknowns >= 0, ">= 0"),
+                "check_every": (self.check_every >= 1, ">= 1"),
+                "max_iterations": (self.max_iterations >= 1, ">= 1"),
+                "subspace": (self.subspace >= 0, ">= 0"),
+                "subspace_rounds": (self.subspace_rounds >= 0, ">= 0"),
+                "subspace_unknowns": (self.subspace_unknowns >= 1, ">= 1"),
+                "min_gain": (math.isfinite(self.min_gain) and self.min_gain >= 0, ">= 0 dB"),
+            },
+            "certified.",
+        )
 
     def path_done(self, val_psnrs: list[float]) -> bool:
         """Whether the beta path stops after betas with these validation PSNRs (dB, in path
@@ -160,19 +163,25 @@ class UnrolledConfig:
 
     def validate(self, method: str) -> None:
         """Raise `CvxmriError` naming the first invalid setting."""
-        checks = {
-            "iterations": self.iterations >= 1,
-            "channels": self.channels >= 2 and self.channels % 2 == 0,
-            "kernel_size": self.kernel_size >= 1 and self.kernel_size % 2 == 1,
-            "shared": not self.shared or method == "end-to-end",
-            "gram_images": self.gram_images >= 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise CvxmriError(
-                    f"invalid training setting unrolled.{name}={getattr(self, name)!r}"
-                    + (" (shared weights need method end-to-end)" if name == "shared" else "")
-                )
+        check_settings(
+            "training",
+            self,
+            {
+                "iterations": (self.iterations >= 1, ">= 1"),
+                "channels": (
+                    self.channels >= 2 and self.channels % 2 == 0,
+                    "even and >= 2 (a convex iteration has channels / 2 gate patterns)",
+                ),
+                "kernel_size": (self.kernel_size >= 1 and self.kernel_size % 2 == 1, "odd"),
+                "shared": (
+                    not self.shared or method == "end-to-end",
+                    "false unless the method is end-to-end (greedy training trains one "
+                    "module per iteration)",
+                ),
+                "gram_images": (self.gram_images >= 0, ">= 0 (0: every training image)"),
+            },
+            "unrolled.",
+        )
         self.dc.validate()
         if method == "layerwise-convex" and self.dc.kind not in LINEAR_DC_KINDS:
             # A fixed number of CG steps is not linear in its right-hand side (its step
@@ -298,34 +307,46 @@ class TrainConfig:
         if self.mask.kind == "file":
             raise CvxmriError("mask 'file' is for evaluation; training draws its masks")
         self.convex.validate()
-        checks = {
-            "layers": self.layers >= 2,
-            "channels": self.channels >= 2 and self.channels % 2 == 0,
-            "kernel_size": self.kernel_size >= 1 and self.kernel_size % 2 == 1,
-            "hidden_layer": self.hidden_layer in ("gated", "relu"),
-            "optim.lr": math.isfinite(self.optim.lr) and self.optim.lr > 0,
-            "optim.step": self.optim.step >= 1,
-            "optim.gamma": 0 < self.optim.gamma <= 1,
-            "optim.epochs": self.optim.epochs >= 1,
-            "optim.batch_size": self.optim.batch_size >= 1,
-            "crop": self.crop == 0 or self.crop >= self.kernel_size,
-            "crops_per_image": self.crops_per_image >= 1
-            and (self.crop > 0 or self.crops_per_image == 1),
-            "stage_cache": self.stage_cache in ("memory", "disk", "none"),
-            "certificate_every": self.certificate_every >= 0,
-            "solver": self.solver in SOLVERS,
-            "fista_iterations": self.fista_iterations >= 1,
-            "fista_tol": 0 <= self.fista_tol < 1,
-            "pattern_chunk": self.pattern_chunk >= 0,
-            "device": self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-            "max_train_slices": self.max_train_slices >= 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                value = self
-                for part in name.split("."):
-                    value = getattr(value, part)
-                raise CvxmriError(f"invalid training setting {name}={value!r}")
+        check_settings(
+            "training",
+            self,
+            {
+                "layers": (self.layers >= 2, ">= 2 (a hidden layer and the last 1x1)"),
+                "channels": (
+                    self.channels >= 2 and self.channels % 2 == 0,
+                    "even and >= 2 (a convex stage has channels / 2 gate patterns)",
+                ),
+                "kernel_size": (self.kernel_size >= 1 and self.kernel_size % 2 == 1, "odd"),
+                "hidden_layer": (self.hidden_layer in ("gated", "relu"), "gated or relu"),
+                "optim.lr": (math.isfinite(self.optim.lr) and self.optim.lr > 0, "> 0"),
+                "optim.step": (self.optim.step >= 1, ">= 1 epoch"),
+                "optim.gamma": (0 < self.optim.gamma <= 1, "in (0, 1]"),
+                "optim.epochs": (self.optim.epochs >= 1, ">= 1"),
+                "optim.batch_size": (self.optim.batch_size >= 1, ">= 1"),
+                "crop": (
+                    self.crop == 0 or self.crop >= self.kernel_size,
+                    f"0 (whole images) or at least the kernel size {self.kernel_size}",
+                ),
+                "crops_per_image": (
+                    self.crops_per_image >= 1 and (self.crop > 0 or self.crops_per_image == 1),
+                    ">= 1, and 1 without crops",
+                ),
+                "stage_cache": (
+                    self.stage_cache in ("memory", "disk", "none"),
+                    "memory, disk or none",
+                ),
+                "certificate_every": (self.certificate_every >= 0, ">= 0 (0: never)"),
+                "solver": (self.solver in SOLVERS, " or ".join(SOLVERS)),
+                "fista_iterations": (self.fista_iterations >= 1, ">= 1"),
+                "fista_tol": (0 <= self.fista_tol < 1, "in [0, 1)"),
+                "pattern_chunk": (self.pattern_chunk >= 0, ">= 0 (0: all patterns at once)"),
+                "device": (
+                    self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+                    "auto, cpu, cuda or cuda:N",
+                ),
+                "max_train_slices": (self.max_train_slices >= 0, ">= 0 (0: all)"),
+            },
+        )
         if (
             self.hidden_layer == "relu"
             and self.convex.program != "cone"
