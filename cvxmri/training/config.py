@@ -175,8 +175,8 @@ class UnrolledConfig:
                 "kernel_size": (self.kernel_size >= 1 and self.kernel_size % 2 == 1, "odd"),
                 "shared": (
                     not self.shared or method == "end-to-end",
-                    "false unless the method is end-to-end (greedy training trains one "
-                    "module per iteration)",
+                    "false (shared weights need method end-to-end; greedy training trains "
+                    "one module per iteration)",
                 ),
                 "gram_images": (self.gram_images >= 0, ">= 0 (0: every training image)"),
             },
