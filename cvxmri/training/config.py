@@ -133,6 +133,19 @@ class CertifiedConfig:
         return len(val_psnrs) > 1 and val_psnrs[-1] <= max(val_psnrs[:-1]) + self.min_gain
 
 
+def hidden_layer_rules(channels: int, kernel_size: int) -> dict[str, tuple[bool, str]]:
+    """`check_settings` rules of a hidden layer's width and kernel (a CNN's layers, an
+    unrolled network's regularisers): convex programs split the width into gate patterns
+    of two channels each (``w`` and ``z``, or a complex output), and kernels are centred."""
+    return {
+        "channels": (
+            channels >= 2 and channels % 2 == 0,
+            "even and >= 2 (a convex layer has channels / 2 gate patterns)",
+        ),
+        "kernel_size": (kernel_size >= 1 and kernel_size % 2 == 1, "odd"),
+    }
+
+
 @dataclass
 class UnrolledConfig:
     """The unrolled network of ``arch: unrolled`` (`cvxmri.models.unrolled.UnrolledNet`).
@@ -168,11 +181,7 @@ class UnrolledConfig:
             self,
             {
                 "iterations": (self.iterations >= 1, ">= 1"),
-                "channels": (
-                    self.channels >= 2 and self.channels % 2 == 0,
-                    "even and >= 2 (a convex iteration has channels / 2 gate patterns)",
-                ),
-                "kernel_size": (self.kernel_size >= 1 and self.kernel_size % 2 == 1, "odd"),
+                **hidden_layer_rules(self.channels, self.kernel_size),
                 "shared": (
                     not self.shared or method == "end-to-end",
                     "false (shared weights need method end-to-end; greedy training trains "
@@ -312,11 +321,7 @@ class TrainConfig:
             self,
             {
                 "layers": (self.layers >= 2, ">= 2 (a hidden layer and the last 1x1)"),
-                "channels": (
-                    self.channels >= 2 and self.channels % 2 == 0,
-                    "even and >= 2 (a convex stage has channels / 2 gate patterns)",
-                ),
-                "kernel_size": (self.kernel_size >= 1 and self.kernel_size % 2 == 1, "odd"),
+                **hidden_layer_rules(self.channels, self.kernel_size),
                 "hidden_layer": (self.hidden_layer in ("gated", "relu"), "gated or relu"),
                 "optim.lr": (math.isfinite(self.optim.lr) and self.optim.lr > 0, "> 0"),
                 "optim.step": (self.optim.step >= 1, ">= 1 epoch"),
