@@ -145,10 +145,12 @@ def test_randomized_directions_span_the_leading_eigenvectors() -> None:
 def test_wide_initial_basis_through_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
     """Beyond `EIGH_SIZE` the first basis comes from convolutions (no patch held): the
     products ``U^T U q`` it iterates are the mean patch Gram's, so its leading direction
-    is the Gram's leading eigenvector."""
+    is the Gram's leading eigenvector (the eigendecomposition's Gram of every pixel, as
+    the convolutions')."""
     x, r = smooth_data(3, 3, 9, seed=24)
     stage, _ = make_stage(x, patterns=2, kernel_size=3)
     subset = [(x, r, stage.pattern_gates(x))]
+    monkeypatch.setattr(certified, "BASIS_PIXEL_STEP", 1)
     exact = certified.initial_basis(stage, subset, 4)
     gram = certified._mean_patch_gram(stage, subset)
     monkeypatch.setattr(certified, "EIGH_SIZE", 10)
@@ -584,9 +586,10 @@ def test_beta_path_stops_once_a_beta_gains_too_little() -> None:
 
 def test_held_bytes_count_the_subspace_routes_arrays() -> None:
     """``held_mib``: the Gram matrix ``(P r)^2`` float32, the right-hand side ``P r x out``
-    float64, the metric's eigenvectors ``P r^2`` float64 and the store: ``r`` coordinates
-    and ``out`` residuals per pixel, float32, and its code grouping (each pixel's place in
-    code order and back, each code's first pixel, count and ``P`` gates)."""
+    float64, the metric's eigenvectors ``P r^2`` float64 and the store: its buffer of
+    coordinates (every column it has room for) and ``out`` residuals per pixel, float32,
+    and its code grouping (each pixel's place in code order and back, each code's first
+    pixel, count and ``P`` gates)."""
     x, r = smooth_data(3, 2, 8, seed=22)
     stage, _ = make_stage(x, patterns=4, kernel_size=3)
     solver = StageSolver(stage, [(x, r, stage.pattern_gates(x))], gram_unknowns=0, subspace=5)
@@ -598,7 +601,7 @@ def test_held_bytes_count_the_subspace_routes_arrays() -> None:
     codes = store.groups.counts.numel()
     grouping = 8 * (2 * pixels + 2 * codes) + codes * p
     expected = 4 * (p * rank) ** 2 + 8 * (p * rank * out + p * rank**2)
-    expected += 4 * pixels * (rank + out) + grouping
+    expected += 4 * pixels * (store.columns + out) + grouping
     assert cert["held_mib"] * 2**20 == pytest.approx(expected, rel=1e-12)
 
 

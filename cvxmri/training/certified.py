@@ -68,6 +68,10 @@ RHS_PIXELS = 1 << 16
 # The first patch basis: a full eigendecomposition of the patch Gram up to this many patch
 # entries, a randomized subspace iteration beyond (`initial_basis`).
 EIGH_SIZE = 4096
+# ... from every this-many-th pixel's patch of its images: the leading directions of a
+# 16 thousand patches' sample (4 images of 128x128) are as good a start as those of all 65
+# thousand, at a quarter of the products.
+BASIS_PIXEL_STEP = 4
 RANGE_ITERATIONS = 4
 RANGE_OVERSAMPLING = 20
 # Bytes of explicit input patches (`_patches`) held at once by the mean patch Gram.
@@ -451,7 +455,9 @@ class PatchStore:
     whole set (51 thousand on the default data's stage 2), not each batch's codes again;
     and a grown basis computes only its new columns'
     coordinates. The coordinates take ``4 * pixels`` bytes per column, in one buffer of
-    `columns` columns whose pages are only touched as columns are added. Its Gram matrices
+    `columns` columns, zeroed when it is made: its rows are scattered to (code order), and
+    a first touch of its pages in that order cost seconds of page faults, where zeroing
+    touches them in sequence. Its Gram matrices
     are kept in float32 (half the memory; the refinement rounds' exact passes remove the
     rounding, and the main job's stages took the same rounds and iterations as with
     float64, docs/benchmarks.md).
@@ -483,18 +489,14 @@ class PatchStore:
         # Counted on every process's pixels together, so that all processes agree (each
         # holds only its share under torchrun, a stricter bound than needed).
         self.columns = min(columns, STORE_BYTES // (4 * max(1, int(pixels))))
-        self._buffer = torch.empty(d_all.shape[0], self.columns, device=d_all.device)
+        self._buffer = torch.zeros(d_all.shape[0], self.columns, device=d_all.device)
 
-    def held_bytes(self, columns: int) -> int:
-        """Bytes of the store with ``columns`` basis columns' coordinates: those, the
-        residuals, the code grouping and the codes' gates (the buffer's unused columns are
-        never touched)."""
-        per_pixel = 4 * columns
+    def held_bytes(self) -> int:
+        """Bytes of the store: the coordinates' buffer (all `columns` of it, zeroed when
+        made), the residuals, the code grouping and the codes' gates."""
         groups = self.groups
-        held = (self.residual, groups.order, self._position, groups.starts, groups.counts)
-        return self._buffer.shape[0] * per_pixel + sum(
-            t.numel() * t.element_size() for t in (*held, groups.codes)
-        )
+        held = (self._buffer, self.residual, groups.order, self._position, groups.starts)
+        return sum(t.numel() * t.element_size() for t in (*held, groups.counts, groups.codes))
 
     def _rhs(self, coordinates: Tensor) -> Tensor:
         """`_rhs_blocks` of ``coordinates`` ``(pixels, r)`` (code order), ``(P, r, out)``
@@ -1058,8 +1060,8 @@ class StageSolver:
         held = self.metric.vectors.numel() * self.metric.vectors.element_size()
         if hasattr(self, "system"):
             held += sum(t.numel() * t.element_size() for t in (self.system.gram, self.system.rhs))
-        if self.store is not None and self.basis is not None:
-            held += self.store.held_bytes(self.basis.shape[1])
+        if self.store is not None:
+            held += self.store.held_bytes()
         return held
 
     def _solve_subspace(
@@ -1271,20 +1273,21 @@ def _subset(data: _Data, count: int) -> _Data:
 
 
 @torch.no_grad()
-def _mean_patch_gram(stage: ConvexStage, subset: _Data) -> Tensor:
+def _mean_patch_gram(stage: ConvexStage, subset: _Data, pixel_step: int = 1) -> Tensor:
     """The mean patch Gram ``U^T U`` per image of the ``subset`` images, float64
-    ``(C_in K^d, C_in K^d)``."""
+    ``(C_in K^d, C_in K^d)``; with ``pixel_step`` s, of every s-th pixel's patch (times
+    s, an estimate)."""
     m = stage.in_channels * stage.config.kernel_size**stage.ndim
     patch_gram = torch.zeros(m, m, dtype=torch.float64, device=stage.gate_weight.device)
     images = 0
     for x, _, _ in stream(subset, patch_gram.device):
         for rows in patch_slabs(stage, x):
-            u = _patches(stage, x.float(), rows)
+            u = _patches(stage, x.float(), rows)[::pixel_step]
             patch_gram += (u.T @ u).double()
         images += x.shape[0]
     distributed.all_reduce_(patch_gram)
     images = int(distributed.sum_floats(images)[0])
-    return patch_gram / images
+    return patch_gram * (pixel_step / images)
 
 
 def _grow_basis(basis: Tensor, gradient: Tensor) -> Tensor:
@@ -1339,7 +1342,8 @@ def leading_directions(
 def initial_basis(stage: ConvexStage, subset: _Data, rank: int) -> Tensor:
     """The subspace route's first basis ``(C_in K^d, r)``: the leading principal
     directions of the ``subset`` images' patches. Up to `EIGH_SIZE` patch entries from
-    their mean patch Gram (`_mean_patch_gram`, `patch_basis`); beyond (``C_in K^d =
+    the mean patch Gram of every `BASIS_PIXEL_STEP`-th pixel (`_mean_patch_gram`,
+    `patch_basis`); beyond (``C_in K^d =
     12544`` at 256 channels and K 7, whose Gram takes ``C_in K^d`` times the pixels'
     products and its decomposition minutes) by `leading_directions` through convolutions:
     ``U^T (U q)`` is a convolution with the columns of ``q`` as filters and the weight
@@ -1348,7 +1352,7 @@ def initial_basis(stage: ConvexStage, subset: _Data, rank: int) -> Tensor:
     size = c_in * k**stage.ndim
     device = stage.gate_weight.device
     if size <= EIGH_SIZE:
-        return patch_basis(_mean_patch_gram(stage, subset), rank)
+        return patch_basis(_mean_patch_gram(stage, subset, BASIS_PIXEL_STEP), rank)
     kernel = (c_in, *([k] * stage.ndim))
 
     def gram_times(q: Tensor) -> Tensor:

@@ -6,17 +6,19 @@ for Poisson disc and 30 for 1D Cartesian, whole 320x320 images; for a GPU). `qui
 the whole comparison on 2 CPU cores in minutes: 32 channels, four 64x64 training crops
 per image and epoch, 30 epochs (per stage), and a larger learning rate, 1e-3 (chosen on the
 validation split); its convex stages are solved by the certified solver (a beta path on
-whole images, every beta to a relative duality gap of 1e-3), where `paper` keeps the
-paper's Adam: at 256 channels and a full training set the certified solver's subspace
-route outgrows its memory budget (`cvxmri.training.certified.STORE_BYTES`).
+whole images, every beta to a relative duality gap of 1e-3) and carry the previous depth's
+prediction (``carry``), where `paper` keeps the paper's Adam and plain stages: at 256
+channels and a full training set the certified solver's subspace route outgrows its memory
+budget (`cvxmri.training.certified.STORE_BYTES`).
 
 With ``dims`` 3 (true 3D training on volume files, `cvxmri.training.data.VolumeData`) every
 preset uses 3x3x3 kernels (the unrolled network's regularisers too), and its training crops
 are cubes: of side 12 (the default slab thickness of ``data/default3d``) for quick, 4 for
 tiny, and whole volumes for paper (the unrolled network always trains on whole volumes);
 convex stages take the memory-lean step (``pattern_chunk`` 32), as in the 3D memory
-benchmark, and Adam: the certified solver holds its stage's whole training set, which the
-3D comparison (memory is its point) does not afford.
+benchmark, and Adam without ``carry`` (the 3D comparison's setting): the certified solver
+holds its stage's whole training set, which the 3D comparison (memory is its point) does
+not afford.
 """
 
 from __future__ import annotations
@@ -415,6 +417,7 @@ def preset(name: str, mask_kind: str = "poisson", dims: int = 2) -> TrainConfig:
             pattern_chunk=32,
             unrolled=unrolled,
             solver="adam",
+            carry=False,
         )
     return config
 
@@ -436,6 +439,7 @@ def _preset2d(name: str, mask_kind: str) -> TrainConfig:
             certificate_every=10,
             optim=OptimConfig(lr=1e-3, step=10, gamma=0.5, epochs=30, batch_size=8),
             solver="certified",
+            carry=True,
         )
     if name == "tiny":
         return TrainConfig(
