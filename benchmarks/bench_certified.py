@@ -30,13 +30,11 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
-import torch
-from bench_data import DOC, update_section
+from bench_data import DOC, update_section, write_results
 
 from cvxmri.evaluate import EvaluateConfig, evaluate
 from cvxmri.masks import MaskSpec
 from cvxmri.reproduce import reproduce_preset, train_config
-from cvxmri.runs import environment
 from cvxmri.training.config import TrainConfig
 from cvxmri.training.run import train
 
@@ -82,6 +80,7 @@ def run_one(runs: Path, mask_name: str, variant: str) -> dict[str, object]:
 def test_metrics(runs: Path, mask_name: str, rows: list[dict]) -> None:
     """Add each row's test volume PSNR and SSIM (`cvxmri.evaluate`), per volume too."""
     out = runs / mask_name / "test"
+    out.mkdir(parents=True, exist_ok=True)
     evaluate(
         EvaluateConfig(methods=[], masks=[MASKS[mask_name]], models=[r["run"] for r in rows]),
         out,
@@ -151,14 +150,7 @@ def main() -> None:
     print(markdown)
     if args.no_doc:
         return
-    env = environment()
-    env["torch_threads"] = str(torch.get_num_threads())
-    RESULTS.write_text(
-        json.dumps(
-            {"date": str(date.today()), "environment": env, "args": vars(args), "rows": rows},
-            indent=2,
-        )
-    )
+    env = write_results(RESULTS, args=vars(args), rows=rows)
     command = (
         "`.venv/bin/python benchmarks/bench_certified.py --masks "
         + " ".join(args.masks)

@@ -259,6 +259,16 @@ def table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def write_results(path: Path, **record: object) -> dict[str, str]:
+    """Write ``record`` as JSON to ``path`` with the date and the machine (`environment`,
+    with torch's thread count); return that environment."""
+    env = environment()
+    env["torch_threads"] = str(torch.get_num_threads())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"date": str(date.today()), "environment": env, **record}, indent=2))
+    return env
+
+
 def update_section(path: Path, name: str, text: str) -> None:
     """Replace the section between ``<!-- name:start -->`` and ``<!-- name:end -->`` of a
     Markdown file (or append it)."""

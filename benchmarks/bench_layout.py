@@ -12,16 +12,14 @@ process, so their ratio is comparable.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
+from bench_data import write_results
 
 from cvxmri.models.cnn import ReconCNN
-from cvxmri.runs import environment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "layout.json"
 BLOCKS = ((16, 5), (64, 3))
@@ -67,11 +65,7 @@ def main() -> None:
             f"| {row['block']} | {row['contiguous_s']:.3f} | {row['channels_last_s']:.3f} "
             f"| {ratio:.2f} |"
         )
-    env = environment()
-    env["torch_threads"] = str(torch.get_num_threads())
-    RESULTS.write_text(
-        json.dumps({"date": str(date.today()), "environment": env, "rows": rows}, indent=2)
-    )
+    write_results(RESULTS, rows=rows)
     print(f"wrote {RESULTS}")
 
 

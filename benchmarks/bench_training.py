@@ -11,17 +11,14 @@ the trainer logs (training, validation and certificate); compare rows of one run
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
-import torch
-from bench_data import DOC, update_section
+from bench_data import DOC, update_section, write_results
 
-from cvxmri.runs import environment
 from cvxmri.training.config import TrainConfig, preset
 from cvxmri.training.trainer import Trainer
 
@@ -81,14 +78,7 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
-    env = environment()
-    env["torch_threads"] = str(torch.get_num_threads())
-    RESULTS.write_text(
-        json.dumps(
-            {"date": str(date.today()), "environment": env, "args": vars(args), "rows": rows},
-            indent=2,
-        )
-    )
+    env = write_results(RESULTS, args=vars(args), rows=rows)
     if not args.no_doc:
         header = (
             "## Training options: stage-input caching and bf16\n\n"

@@ -26,7 +26,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from bench_data import DOC, update_section
+from bench_data import DOC, update_section, write_results
 
 from cvxmri.evaluate import EvaluateConfig, evaluate
 from cvxmri.masks import MaskSpec
@@ -38,7 +38,6 @@ from cvxmri.reproduce import (
     reproduce_preset,
     unrolled_train_config,
 )
-from cvxmri.runs import environment
 from cvxmri.training.data import SliceData
 from cvxmri.training.run import train
 from cvxmri.training.trainer import image_metrics
@@ -193,20 +192,7 @@ def main() -> None:
     markdown = table(rows, classics, args.iterations)
     print(markdown)
     if not args.no_doc:
-        env = environment()
-        env["torch_threads"] = str(torch.get_num_threads())
-        RESULTS.write_text(
-            json.dumps(
-                {
-                    "date": str(date.today()),
-                    "environment": env,
-                    "args": vars(args),
-                    "rows": rows,
-                    "classical": classics,
-                },
-                indent=2,
-            )
-        )
+        env = write_results(RESULTS, args=vars(args), rows=rows, classical=classics)
         command = (
             "`.venv/bin/python benchmarks/bench_unrolled.py --masks "
             + " ".join(args.masks)

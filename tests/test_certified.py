@@ -81,13 +81,15 @@ def test_patch_store_grown_system_equals_one_built_whole(
     full = store.system(basis, grown)
     plain = gram_system(stage, data)
     blocks = torch.block_diag(*[basis] * 3)
-    assert full.gram.dtype == torch.float32  # (kept in float32: half the memory)
-    torch.testing.assert_close(
-        full.gram.double(), blocks.T @ plain.gram @ blocks, rtol=1e-5, atol=1e-6
-    )
-    v = torch.randn(full.gram.shape[0], 2, dtype=F64, generator=torch.Generator().manual_seed(2))
-    monkeypatch.setattr(certified, "GRAM_BLOCK_BYTES", 8 * full.gram.shape[1] * 5)
-    torch.testing.assert_close(full.times(v), full.gram.double() @ v, rtol=1e-14, atol=1e-14)
+    # Kept in float32 and packed: the 6 pattern-pair blocks of 3 patterns.
+    assert full.gram.dtype == torch.float32 and full.gram.shape == (6, 18, 18)
+    matrix = full.matrix().double()
+    torch.testing.assert_close(matrix, blocks.T @ plain.gram @ blocks, rtol=1e-5, atol=1e-6)
+    v = torch.randn(full.size, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
+    # Pattern-pair blocks two at a time, and all at once.
+    for block_bytes in (8 * 18 * 18 * 2, certified.GRAM_BLOCK_BYTES):
+        monkeypatch.setattr(certified, "GRAM_BLOCK_BYTES", block_bytes)
+        torch.testing.assert_close(full.times(v), matrix @ v, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(full.rhs, blocks.T @ plain.rhs, rtol=1e-5, atol=1e-6)
     assert (full.rr, full.count) == (pytest.approx(plain.rr, rel=1e-12), plain.count)
 
@@ -322,11 +324,14 @@ def test_screening_pass_is_close_to_the_exact_one() -> None:
     x, r = smooth_data(3, 4, 10, seed=23)
     stage, _ = make_stage(x, patterns=4, kernel_size=3)
     with torch.no_grad():
-        stage.v.copy_(0.1 * torch.randn(stage.v.shape, dtype=F64))
+        generator = torch.Generator().manual_seed(4)
+        stage.v.copy_(0.1 * torch.randn(stage.v.shape, dtype=F64, generator=generator))
     data = [(x[:2], r[:2], stage.pattern_gates(x[:2])), (x[2:], r[2:], stage.pattern_gates(x[2:]))]
     screened = certified._screened_statistics(stage, data)
     exact = certified._exact_certificate(stage, data, 0.0)[1]
-    torch.testing.assert_close(screened.gradient, exact.gradient, rtol=1e-5, atol=1e-6)
+    # (Entries near zero carry the rounding of the largest: the tolerance is the scale's.)
+    scale = float(exact.gradient.abs().max())
+    torch.testing.assert_close(screened.gradient, exact.gradient, rtol=1e-5, atol=1e-6 * scale)
     assert screened.re == pytest.approx(exact.re, rel=1e-5)
     assert screened.ee == pytest.approx(exact.ee, rel=1e-5)
     assert screened.count == exact.count == 3
@@ -585,7 +590,8 @@ def test_beta_path_stops_once_a_beta_gains_too_little() -> None:
 
 
 def test_held_bytes_count_the_subspace_routes_arrays() -> None:
-    """``held_mib``: the Gram matrix ``(P r)^2`` float32, the right-hand side ``P r x out``
+    """``held_mib``: the Gram matrix's ``P (P + 1) / 2`` pattern-pair blocks ``r x r``
+    float32, the right-hand side ``P r x out``
     float64, the metric's eigenvectors ``P r^2`` float64 and the store: its buffer of
     coordinates (every column it has room for) and ``out`` residuals per pixel, float32,
     and its code grouping (each pixel's place in code order and back, each code's first
@@ -600,7 +606,7 @@ def test_held_bytes_count_the_subspace_routes_arrays() -> None:
     pixels = 3 * 8 * 8
     codes = store.groups.counts.numel()
     grouping = 8 * (2 * pixels + 2 * codes) + codes * p
-    expected = 4 * (p * rank) ** 2 + 8 * (p * rank * out + p * rank**2)
+    expected = 4 * (p * (p + 1) // 2) * rank**2 + 8 * (p * rank * out + p * rank**2)
     expected += 4 * pixels * (store.columns + out) + grouping
     assert cert["held_mib"] * 2**20 == pytest.approx(expected, rel=1e-12)
 

@@ -120,8 +120,12 @@ class GramSystem:
     Attributes:
         gram: ``G = Phi^T Phi / N``, ``(n, n)``, ``n = P * C_in * K^d``; unknowns in the
             order of the weight ``(P, C_in, K...)``. Accumulated in float64 and kept in
-            float64, or in float32 on the subspace route (`PatchStore.system`: its matrix
-            is the one that grows to GiBs); its products are float64 (`times`).
+            float64; or, on the subspace route (`PatchStore.system`: its matrix is the one
+            that grows to GiBs), in float32 and packed: its pattern-pair blocks ``G_pq``
+            for ``p <= q`` (in the order of ``torch.triu_indices(P, P)``), ``(P (P + 1) /
+            2, m, m)``, since a basis shared by the patterns makes ``G_pq = G_qp`` (and
+            each block symmetric). Its products are float64 (`times`); `matrix` unfolds
+            it.
         rhs: ``b = Phi^T r / N``, float64 ``(n, out)``.
         rr: ``||r||^2 / N`` (all outputs).
         count: N, the number of training images.
@@ -143,15 +147,36 @@ class GramSystem:
     basis: Tensor | None = None
 
     @property
+    def packed(self) -> bool:
+        """Whether `gram` holds the pattern-pair blocks only."""
+        return self.gram.dim() == 3
+
+    @property
     def block(self) -> int:
-        """Unknowns per pattern and output, ``C_in * K^d``."""
-        return self.gram.shape[0] // self.patterns
+        """Unknowns per pattern and output, ``C_in * K^d`` (restricted: the basis rank)."""
+        return self.gram.shape[1] if self.packed else self.gram.shape[0] // self.patterns
+
+    @property
+    def size(self) -> int:
+        """``n``, the unknowns per output channel."""
+        return self.patterns * self.block
+
+    def matrix(self) -> Tensor:
+        """``G`` as an ``(n, n)`` matrix (a packed one unfolded)."""
+        if not self.packed:
+            return self.gram
+        p, m = self.patterns, self.block
+        blocks = self.gram[_pair_index(p, self.gram.device)]  # (P, P, m, m)
+        return blocks.permute(0, 2, 1, 3).reshape(p * m, p * m)
 
     def times(self, v: Tensor) -> Tensor:
         """``G v`` in float64 (``v`` ``(n, k)`` float64): a float32 matrix a block of rows
-        at a time (`GRAM_BLOCK_BYTES`) in float64, so that the products are exact ones of
-        the stored matrix. (Products in float32 leave the objective's last digits to
-        rounding, and FISTA's monotone steps then fail near the optimum.)"""
+        (packed: of pattern-pair blocks) at a time (`GRAM_BLOCK_BYTES`) in float64, so that
+        the products are exact ones of the stored matrix. (Products in float32 leave the
+        objective's last digits to rounding, and FISTA's monotone steps then fail near the
+        optimum.)"""
+        if self.packed:
+            return self._packed_times(v)
         if self.gram.dtype == torch.float64:
             return self.gram @ v
         n = self.gram.shape[0]
@@ -165,6 +190,29 @@ class GramSystem:
             part.copy_(self.gram[first:last])
             torch.matmul(part, v, out=out[first:last])
         return out
+
+    def _packed_times(self, v: Tensor) -> Tensor:
+        """`times` of a packed matrix: each stored block ``G_pq`` is read once for both
+        of its products, ``G_pq v_q`` (pattern p's rows) and ``G_pq v_p`` (q's, as
+        ``G_qp = G_pq``): half the memory traffic of the unfolded matrix, whose product is
+        bound by it."""
+        p, m, k = self.patterns, self.block, v.shape[1]
+        upper = torch.triu_indices(p, p, device=v.device)
+        per = v.view(p, m, k)
+        out = torch.zeros(p, m, k, dtype=torch.float64, device=v.device)
+        pairs = upper.shape[1]
+        chunk = min(pairs, max(1, GRAM_BLOCK_BYTES // (8 * m * m)))
+        buffer = torch.empty(chunk, m, m, dtype=torch.float64, device=v.device)
+        for first in range(0, pairs, chunk):
+            last = min(pairs, first + chunk)
+            blocks = buffer[: last - first]
+            blocks.copy_(self.gram[first:last])
+            rows, columns = upper[0, first:last], upper[1, first:last]
+            both = torch.bmm(blocks, torch.cat([per[columns], per[rows]], dim=2))
+            out.index_add_(0, rows, both[..., :k])
+            across = rows != columns  # (a diagonal block's product counts once)
+            out.index_add_(0, columns[across], both[across][..., k:])
+        return out.view(p * m, k)
 
     def per_pattern(self, v: Tensor) -> Tensor:
         """``v`` ``(n, out)`` in the per-pattern layout ``(P, out, C_in K^d)`` of a weight."""
@@ -356,25 +404,31 @@ def _code_sums(u: Tensor, w: Tensor, groups: CodeGroups, upper_p: Tensor) -> Ten
     return sums
 
 
-def _assemble_gram(
-    sums: Tensor, p: int, m: int, old: Tensor | None, dtype: torch.dtype = torch.float64
-) -> Tensor:
-    """The ``(P m, P m)`` matrix in ``dtype`` whose pattern blocks are ``sums``
-    (`_code_sums` of the rows of the last ``m - r0`` coordinates against all ``m``, summed
-    over every process) and, in the first ``r0`` coordinates of every pattern, ``old``
-    ``(P r0, P r0)``."""
-    r0 = 0 if old is None else old.shape[0] // p
-    pairs, index = sums.view(-1, m - r0, m), _pair_index(p, sums.device)
-    gram = torch.empty(p, m, p, m, dtype=dtype, device=sums.device)
+def _assemble_gram(sums: Tensor, p: int, m: int) -> Tensor:
+    """The ``(P m, P m)`` float64 matrix whose pattern blocks are ``sums`` (`_code_sums`
+    of all ``m`` coordinates against themselves, summed over every process)."""
+    pairs, index = sums.view(-1, m, m), _pair_index(p, sums.device)
+    gram = torch.empty(p, m, p, m, dtype=torch.float64, device=sums.device)
     # One pattern's rows at a time (the pairs re-indexed whole would be another matrix
-    # of the Gram's size): its new rows, then, by symmetry, its new columns.
+    # of the Gram's size).
     for q in range(p):
-        gram[q, r0:] = pairs[index[q]].transpose(0, 1)
-    for q in range(p):
-        gram[:, :, q, r0:] = pairs[index[q]].transpose(1, 2)
-    if old is not None:
-        gram[:, :r0, :, :r0] = old.view(p, r0, p, r0)
+        gram[q] = pairs[index[q]].transpose(0, 1)
     return gram.reshape(p * m, p * m)
+
+
+def _assemble_packed(sums: Tensor, m: int, old: Tensor | None) -> Tensor:
+    """The packed float32 matrix (`GramSystem.gram`) whose pattern-pair blocks have the
+    rows of their last ``m - r0`` coordinates (and, by symmetry, those columns) from
+    ``sums`` (`_code_sums`, summed over every process) and their first ``r0`` rows and
+    columns from the packed ``old`` ``(pairs, r0, r0)``."""
+    r0 = 0 if old is None else old.shape[1]
+    new = sums.view(-1, m - r0, m)
+    gram = torch.empty(new.shape[0], m, m, dtype=torch.float32, device=sums.device)
+    gram[:, r0:] = new
+    gram[:, :, r0:] = new.transpose(1, 2)
+    if old is not None:
+        gram[:, :r0, :r0] = old
+    return gram
 
 
 @torch.no_grad()
@@ -421,7 +475,7 @@ def gram_system(
     rr, total = distributed.sum_floats(rr, count)
     count = int(total)
     return GramSystem(
-        _assemble_gram(sums.div_(count), p, m, None),
+        _assemble_gram(sums.div_(count), p, m),
         rhs / count,
         rr / count,
         count,
@@ -460,7 +514,8 @@ class PatchStore:
     touches them in sequence. Its Gram matrices
     are kept in float32 (half the memory; the refinement rounds' exact passes remove the
     rounding, and the main job's stages took the same rounds and iterations as with
-    float64, docs/benchmarks.md).
+    float64, docs/benchmarks.md) and packed (`GramSystem.gram`: the pattern-pair blocks
+    once, another half).
     """
 
     def __init__(self, stage: ConvexStage, data: _Data, columns: int) -> None:
@@ -558,7 +613,7 @@ class PatchStore:
             kept = previous.gram
             rhs = torch.cat([previous.rhs.view(p, old, self.out), rhs], 1)
         return GramSystem(
-            _assemble_gram(sums, p, m, kept, torch.float32),
+            _assemble_packed(sums, m, kept),
             rhs.reshape(p * m, self.out),
             self.rr / self.count,
             self.count,
@@ -607,8 +662,12 @@ class BlockMetric:
     def from_gram(cls, system: GramSystem) -> BlockMetric:
         """The metric of the diagonal blocks ``G_pp`` of the Gram matrix."""
         p, m = system.patterns, system.block
-        blocks = system.gram.view(p, m, p, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1).double()
-        return cls(blocks, system.output_groups)
+        if system.packed:
+            diagonal = torch.arange(p, device=system.gram.device)
+            blocks = system.gram[_pair_index(p, system.gram.device)[diagonal, diagonal]]
+        else:
+            blocks = system.gram.view(p, m, p, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        return cls(blocks.double(), system.output_groups)
 
     def solve(self, g: Tensor) -> Tensor:
         """``M^{-1} g``."""
@@ -742,7 +801,7 @@ def solve_gram(
 
     step = lipschitz or metric_lipschitz(hessian, metric, per(system.rhs).shape, 100)
     current = (
-        torch.zeros(system.gram.shape[0], out, dtype=torch.float64, device=system.gram.device)
+        torch.zeros(system.size, out, dtype=torch.float64, device=system.gram.device)
         if start is None
         else start.clone()
     )
@@ -985,7 +1044,7 @@ class StageSolver:
             start[..., : self._power.shape[-1]] = self._power
             iterations = WARM_POWER_ITERATIONS
         self.lipschitz, self._power = power_iteration(hessian, self.metric, start, iterations)
-        self.unknowns = system.gram.shape[0]
+        self.unknowns = system.size
 
     def beta_max(self) -> float:
         """The smallest ``beta`` at which ``v = 0`` is optimal (one pass at 0: float64, or a
