@@ -53,6 +53,37 @@ def test_gram_system_is_the_explicit_normal_matrix(
     assert system.count == 3
 
 
+@pytest.mark.parametrize("rhs_pixels", [certified.RHS_PIXELS, 7])
+def test_patch_store_predicts_as_the_convolutions(
+    rhs_pixels: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`PatchStore.predictions` of coordinates ``a`` in the basis's first columns is the
+    gated model of the weights ``Q a`` (`ConvexStage.apply_weight`), batch by batch in the
+    data's order, whatever the number of pixels taken at once; a screening pass given them
+    is the one that convolves."""
+    monkeypatch.setattr(certified, "RHS_PIXELS", rhs_pixels)
+    x, r = smooth_data(3, 2, 7, seed=25)
+    stage, _ = make_stage(x, patterns=3, kernel_size=3)
+    data = [(x[:2], r[:2], stage.pattern_gates(x[:2])), (x[2:], r[2:], stage.pattern_gates(x[2:]))]
+    generator = torch.Generator().manual_seed(3)
+    basis, _ = torch.linalg.qr(torch.randn(18, 18, dtype=F64, generator=generator))
+    store = certified.PatchStore(stage, data, 18)
+    store.system(basis[:, :12])
+    coordinates = torch.randn(3, 2, 8, dtype=F64, generator=generator)
+    weight = (coordinates @ basis[:, :8].T).reshape(stage.v.shape)
+    predictions = store.predictions(coordinates)
+    for (xb, _, d), predicted in zip(data, predictions, strict=True):
+        expected = stage.apply_weight(xb.float(), weight.float(), d)
+        torch.testing.assert_close(predicted, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        stage.v.copy_(weight)
+    given = certified._screened_statistics(stage, data, predictions)
+    convolved = certified._screened_statistics(stage, data)
+    scale = float(convolved.gradient.abs().max())
+    torch.testing.assert_close(given.gradient, convolved.gradient, rtol=1e-5, atol=1e-6 * scale)
+    assert given.ee == pytest.approx(convolved.ee, rel=1e-5)
+
+
 @pytest.mark.parametrize(
     ("groups", "rhs_pixels"), [("separate", certified.RHS_PIXELS), ("frobenius", 7)]
 )

@@ -255,15 +255,16 @@ class GramSystem:
         the gradient ``-b`` at 0."""
         return float(self.group_norms(self.rhs).max())
 
-    def certificate(self, v: Tensor, beta: float) -> dict[str, float]:
-        """Primal, dual and duality gap of ``v`` (``(n, out)``) at ``beta``, exact in float64.
+    def certificate(self, v: Tensor, beta: float, gv: Tensor | None = None) -> dict[str, float]:
+        """Primal, dual and duality gap of ``v`` (``(n, out)``) at ``beta``, exact in float64
+        (``gv``: ``G v`` when the caller has it, saving the product).
 
         With the residual ``e = r - Phi v``: ``||e||^2 / N = rr - 2 b.v + v.Gv``,
         ``<r, e> / N = rr - b.v``, and the gradient is ``Gv - b``. The dual point is ``s e``
         with ``s = clip(<r, e> / ||e||^2, 0, beta / max_g ||(Gv - b)_g||)``, the best
         feasible multiple of the residual.
         """
-        gv = self.times(v)
+        gv = self.times(v) if gv is None else gv
         bv = float((self.rhs * v).sum())
         ee = max(self.rr - 2 * bv + float((v * gv).sum()), 0.0)
         re = self.rr - bv
@@ -567,6 +568,29 @@ class PatchStore:
             total += _rhs_blocks(gated, coordinates[part], p)
         return total
 
+    @torch.no_grad()
+    def predictions(self, coordinates: Tensor) -> list[Tensor]:
+        """The model's predictions ``sum_p D_p U Q a_p`` (float32) of weights with
+        coordinates ``coordinates`` ``(P, out, r)`` in the basis's first ``r`` columns,
+        per batch of the store's data ``(B, out, *spatial)``, from the stored coordinates
+        (``r`` products a pixel instead of a convolution's ``C_in K^d``)."""
+        p, r = coordinates.shape[0], coordinates.shape[2]
+        weights = coordinates.permute(2, 0, 1).reshape(r, -1).float()  # (r, P * out)
+        ordered = torch.empty(self.residual.shape, device=weights.device)
+        for start in range(0, ordered.shape[0], RHS_PIXELS):
+            stop = min(start + RHS_PIXELS, ordered.shape[0])
+            responses = (self._buffer[start:stop, :r] @ weights).view(stop - start, p, -1)
+            gates = self._gates(start, stop).to(responses.dtype)
+            ordered[start:stop] = (gates.unsqueeze(2) * responses).sum(dim=1)
+        pixels = ordered[self._position]  # back to the batches' order
+        out, first = [], 0
+        for _, r_batch, _ in self.data:
+            count = r_batch[:, 0].numel()
+            spatial = (r_batch.shape[0], *r_batch.shape[2:], r_batch.shape[1])
+            out.append(pixels[first : first + count].view(spatial).movedim(-1, 1))
+            first += count
+        return out
+
     def _gates(self, start: int, stop: int) -> Tensor:
         """The gates ``(stop - start, P)`` of the pixels ``start .. stop - 1`` in code
         order: their codes' gates, each repeated over the code's pixels there."""
@@ -771,7 +795,7 @@ def solve_gram(
     tol: float = 1e-3,
     max_iterations: int = 20000,
     max_seconds: float = math.inf,
-    check_every: int = 25,
+    check_every: int = 1,
     metric: BlockMetric | None = None,
     lipschitz: float | None = None,
     callback: Callable[[int, dict[str, float]], None] | None = None,
@@ -782,9 +806,10 @@ def solve_gram(
     ``start`` (``(n, out)``; zero by default): ``v' = prox_M(y - M^{-1} (G y - b) / L)``,
     with ``L`` the largest eigenvalue of ``M^{-1} G`` (`metric_lipschitz`), the momentum
     reset whenever the objective increases, and ``L`` doubled if a plain step does. Every
-    ``check_every`` iterations the exact certificate (`GramSystem.certificate`) is
-    evaluated and passed to ``callback(iteration, cert)``; the run stops at
-    ``relative_gap <= tol``, ``max_iterations`` or ``max_seconds``.
+    ``check_every`` iterations the exact certificate (`GramSystem.certificate`, from the
+    product ``G v`` the step carries: no product of its own) is evaluated and passed to
+    ``callback(iteration, cert)``; the run stops at ``relative_gap <= tol``,
+    ``max_iterations`` or ``max_seconds``.
 
     Returns the solution ``(n, out)`` and its certificate with ``iterations`` and
     ``seconds``.
@@ -810,7 +835,7 @@ def solve_gram(
     value = objective(system, current, g_current, beta)
     extrapolated, g_extrapolated, momentum, plain = current, g_current, 1.0, True
     done = halvings = 0
-    cert = system.certificate(current, beta)
+    cert = system.certificate(current, beta, g_current)
     while cert["relative_gap"] > tol and done < max_iterations:
         grad = per(g_extrapolated - system.rhs)
         candidate = flat(metric.prox(per(extrapolated) - metric.solve(grad) / step, step, beta))
@@ -835,12 +860,12 @@ def solve_gram(
         momentum, plain = following, factor == 0
         current, g_current, value = candidate, g_candidate, candidate_value
         if done % check_every == 0:
-            cert = system.certificate(current, beta)
+            cert = system.certificate(current, beta, g_current)
             if callback is not None:
                 callback(done, cert)
             if time.perf_counter() - began > max_seconds:
                 break
-    cert = system.certificate(current, beta)
+    cert = system.certificate(current, beta, g_current)
     return current, {**cert, "iterations": float(done), "seconds": time.perf_counter() - began}
 
 
@@ -877,18 +902,24 @@ def _exact_certificate(
     return _certificate_of(stage, stats, beta, basis), stats
 
 
-def _screened_statistics(stage: ConvexStage, data: _Data) -> ResidualStatistics:
+def _screened_statistics(
+    stage: ConvexStage, data: _Data, predictions: list[Tensor] | None = None
+) -> ResidualStatistics:
     """`residual_statistics` from float32 convolutions (each chunk's products in float32,
     their sums over the chunks in float64): a screening pass, several times faster than the
     exact float64 one and close to it (gradients within 3e-5, relative gaps within 3e-7 on
     the default data's stage 2), enough to see that a gap is still above ``tol`` and to
-    grow a basis, but not a certificate."""
+    grow a basis, but not a certificate. ``predictions``: the model's, per chunk, when the
+    caller has them (`PatchStore.predictions`), saving the forward convolutions."""
     weight = stage.effective_weight().detach().float()
     grad = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
     re = ee = 0.0
     with torch.no_grad():
-        for x, r, d in stream(data, weight.device, torch.float32):
-            e = r.float() - stage.apply_weight(x, weight, d)
+        for i, (x, r, d) in enumerate(stream(data, weight.device, torch.float32)):
+            prediction = None if predictions is None else predictions[i]
+            if prediction is None:
+                prediction = stage.apply_weight(x, weight, d)
+            e = r.float() - prediction
             re += float((r.double() * e).sum())
             ee += float(e.double().square().sum())
             grad -= stage.apply_adjoint(x, e, d).double()
@@ -1000,6 +1031,9 @@ class StageSolver:
         # The statistics of the last pass, the weights they are of, and whether the pass
         # was exact: a new beta starts where the last one ended.
         self._last: tuple[ResidualStatistics, Tensor, bool] | None = None
+        # The coordinates ``(P, out, r)`` in the basis of the weights the solver set last,
+        # and those weights: a screening pass at them takes the store's predictions.
+        self._coordinates: tuple[Tensor, Tensor] | None = None
         self._power: Tensor | None = None
         if self.unknowns <= gram_unknowns:
             self.route = "gram"
@@ -1075,7 +1109,12 @@ class StageSolver:
             stats, was_exact = _exact_certificate(stage, self.data, beta, self.basis)[1], True
             exact_passes += 1
         else:
-            stats, was_exact = _screened_statistics(stage, self.data), False
+            predictions = None
+            if self.store is not None and self._coordinates is not None:
+                coordinates, at = self._coordinates
+                if torch.equal(at, weights):
+                    predictions = self.store.predictions(coordinates)
+            stats, was_exact = _screened_statistics(stage, self.data, predictions), False
             screened += 1
         cert = _certificate_of(stage, stats, beta, self.basis)
         if not was_exact and cert["relative_gap"] <= SCREEN_MARGIN * self.tol:
@@ -1195,6 +1234,8 @@ class StageSolver:
             )
             iterations += int(inner["iterations"])
             _set_weight(stage, system.to_weight(v, stage.v.shape).to(stage.v.dtype))
+            if system.basis is not None:
+                self._coordinates = (system.per_pattern(v), stage.v.detach().clone())
         result = {
             **cert,
             "iterations": float(iterations),
