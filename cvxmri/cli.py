@@ -373,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --dims 3: inverse-FFT the readout and train on every readout position's "
         "(ky, kz) plane as a 2D sample (the data's decoupled view, <data>/decoupled)",
     )
+    train.add_argument(
+        "--carry",
+        action=argparse.BooleanOptionalAction,
+        help="convex stages after the first keep an always-on pattern that starts at the "
+        "previous depth's prediction (default: the preset's, on for quick)",
+    )
     train.add_argument("--device", help="cpu, cuda or auto")
     train.add_argument("--amp", action="store_true", help="bf16 autocast")
     train.add_argument("--seed", type=int, help="random seed")
@@ -850,6 +856,7 @@ def _train_config(args: argparse.Namespace) -> object:
         "dims": None if args.dims is None else dims,
         "stage_cache": args.stage_cache,
         "solver": args.solver,
+        "carry": args.carry,
         "device": args.device,
         "seed": args.seed,
         "data": None if args.data is None else str(args.data),

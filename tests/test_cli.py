@@ -415,6 +415,16 @@ def test_train_options_override_the_config_file(tmp_path: Path) -> None:
     assert (dc.kind, dc.lamda) == ("chebyshev", 0.02)
 
 
+def test_carry_follows_the_preset_unless_given() -> None:
+    """``carry`` is the quick preset's (on) and the paper's (off) unless ``--carry`` or
+    ``--no-carry`` says otherwise."""
+    quick = _resolved("--preset", "quick")
+    assert quick.carry is True  # type: ignore[attr-defined]
+    assert _resolved("--preset", "quick", "--no-carry").carry is False  # type: ignore[attr-defined]
+    assert _resolved("--preset", "paper").carry is False  # type: ignore[attr-defined]
+    assert _resolved("--preset", "paper", "--carry").carry is True  # type: ignore[attr-defined]
+
+
 def test_tiny_preset_keeps_its_calibration() -> None:
     """``train --preset tiny`` trains on the preset's 6x6 calibration, as ``reproduce
     --preset tiny`` does; ``--calib-size`` still overrides it."""
