@@ -101,7 +101,7 @@ class CertifiedConfig:
     check_every: int = 10
     max_iterations: int = 2000
     subspace: int = 100
-    subspace_rounds: int = 4
+    subspace_rounds: int = 6
     subspace_unknowns: int = 16384
     screen: bool = True
     min_gain: float = 0.05
