@@ -30,7 +30,7 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
-from bench_data import DOC, update_section, write_results
+from bench_data import DOC, add_no_doc, update_section, write_results
 
 from cvxmri.evaluate import EvaluateConfig, evaluate
 from cvxmri.masks import MaskSpec
@@ -134,11 +134,7 @@ def main() -> None:
     parser.add_argument("--masks", nargs="+", default=list(MASKS), choices=list(MASKS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--runs", default="runs/bench-certified")
-    parser.add_argument(
-        "--no-doc",
-        action="store_true",
-        help="print the table only: leave docs/benchmarks.md and the results JSON alone",
-    )
+    add_no_doc(parser)
     args = parser.parse_args()
     runs = Path(args.runs)
     rows = []

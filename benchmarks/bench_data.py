@@ -259,6 +259,15 @@ def table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def add_no_doc(parser: argparse.ArgumentParser) -> None:
+    """The ``--no-doc`` option of the benchmarks that write docs/benchmarks.md and JSON."""
+    parser.add_argument(
+        "--no-doc",
+        action="store_true",
+        help="print the table only: leave docs/benchmarks.md and the results JSON alone",
+    )
+
+
 def write_results(path: Path, **record: object) -> dict[str, str]:
     """Write ``record`` as JSON to ``path`` with the date and the machine (`environment`,
     with torch's thread count); return that environment."""

@@ -26,7 +26,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from bench_data import DOC, update_section, write_results
+from bench_data import DOC, add_no_doc, update_section, write_results
 
 from cvxmri.evaluate import EvaluateConfig, evaluate
 from cvxmri.masks import MaskSpec
@@ -176,11 +176,7 @@ def main() -> None:
     )
     parser.add_argument("--kernel", type=int, default=main_job.network.kernel_size)
     parser.add_argument("--runs", default="runs/bench-unrolled")
-    parser.add_argument(
-        "--no-doc",
-        action="store_true",
-        help="print the table only: leave docs/benchmarks.md and the results JSON alone",
-    )
+    add_no_doc(parser)
     args = parser.parse_args()
     rows = [
         run_one(args, mask_name, method, seed)
