@@ -84,6 +84,28 @@ def test_patch_store_predicts_as_the_convolutions(
     assert given.ee == pytest.approx(convolved.ee, rel=1e-5)
 
 
+def test_patch_store_takes_over_an_earlier_buffer() -> None:
+    """A store given an earlier store's buffer of its shape works in it (the trainer's
+    stages hand it on), whatever the buffer holds, and builds the system a fresh store
+    builds; a buffer of another shape is not taken."""
+    x, r = smooth_data(3, 2, 7, seed=21)
+    stage, _ = make_stage(x, patterns=3, kernel_size=3)
+    data = [(x[:2], r[:2], stage.pattern_gates(x[:2])), (x[2:], r[2:], stage.pattern_gates(x[2:]))]
+    basis, _ = torch.linalg.qr(
+        torch.randn(18, 8, dtype=F64, generator=torch.Generator().manual_seed(4))
+    )
+    fresh = certified.PatchStore(stage, data, 18)
+    expected = fresh.system(basis)
+    stale = torch.full_like(fresh.buffer, float("nan"))
+    store = certified.PatchStore(stage, data, 18, stale)
+    assert store.buffer is stale
+    system = store.system(basis)
+    torch.testing.assert_close(system.gram, expected.gram, rtol=0, atol=0)
+    torch.testing.assert_close(system.rhs, expected.rhs, rtol=0, atol=0)
+    narrow = certified.PatchStore(stage, data, 12, stale)
+    assert narrow.buffer is not stale and narrow.buffer.shape == (stale.shape[0], 12)
+
+
 @pytest.mark.parametrize(
     ("groups", "rhs_pixels"), [("separate", certified.RHS_PIXELS), ("frobenius", 7)]
 )
@@ -582,6 +604,39 @@ def test_trainer_beta_path_certifies_and_selects_on_validation(
     # One history row per beta, with its beta and certificate.
     assert [row["beta"] for row in trainer.history] == [c["beta"] for c in path]
     assert all("cert_relative_gap" in row for row in trainer.history)
+
+
+def test_trainer_hands_the_patch_buffer_from_stage_to_stage(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every stage on the subspace route works in the first one's patch buffer (its pages
+    touched once per run), and the trainer lets it go when the network is done."""
+    config: TrainConfig = replace(
+        preset("tiny"),
+        data=str(tiny_data),
+        layers=4,
+        solver="certified",
+        certified=CertifiedConfig(betas=(0.1,), gram_unknowns=0, subspace=4, subspace_unknowns=96),
+    )
+    made: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+    original = certified.PatchStore.__init__
+
+    def recording(
+        self: certified.PatchStore,
+        stage: ConvexStage,
+        data: list,
+        columns: int,
+        buffer: torch.Tensor | None = None,
+    ) -> None:
+        original(self, stage, data, columns, buffer)
+        made.append((buffer, self.buffer))
+
+    monkeypatch.setattr(certified.PatchStore, "__init__", recording)
+    trainer = Trainer(config, tmp_path)
+    trainer.fit()
+    assert len(made) == 3 and made[0][0] is None
+    assert all(given is made[0][1] and kept is made[0][1] for given, kept in made[1:])
+    assert trainer._patch_buffer is None
 
 
 def test_results_keep_the_selected_beta_of_a_path() -> None:

@@ -89,7 +89,12 @@ def assert_same_weights(expected: Path, got: Path) -> None:
     a, b = load_network(expected).state_dict(), load_network(got).state_dict()
     assert a.keys() == b.keys()
     for name, value in a.items():
-        torch.testing.assert_close(b[name], value, atol=1e-6, rtol=1e-5, msg=name)
+        # Sums over two processes round in another order, and training amplifies that
+        # (Adam's steps on near-zero gradients, a solver stopped at a duality gap): on an
+        # Intel host 1.4e-6 on weights of scale 3e-3 (Adam) and 2e-6 on a scale of 1
+        # (the subspace route), hence a tolerance of 1e-3 of each tensor's scale.
+        scale = float(value.abs().max()) if value.numel() else 0.0
+        torch.testing.assert_close(b[name], value, atol=1e-6 + 1e-3 * scale, rtol=1e-5, msg=name)
 
 
 def gaps(run: Path) -> list[float]:

@@ -315,8 +315,8 @@ def unrolled_config(tiny_data: Path, method: str, **changes) -> TrainConfig:
         method=method,
         arch="unrolled",
         crop=0,
-        unrolled=UnrolledConfig(iterations=2, channels=4, kernel_size=3),
-        certified=CertifiedConfig(tol=1e-3, betas=(0.1, 0.01)),
+        unrolled=UnrolledConfig(iterations=2, channels=4, kernel_size=3, betas=(0.1, 0.01)),
+        certified=CertifiedConfig(tol=1e-3),
         **changes,
     )
 

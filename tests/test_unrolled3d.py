@@ -33,8 +33,8 @@ def unrolled3d(data: Path, method: str, **changes: object) -> TrainConfig:
         data=str(data),
         mask=MASK,
         crop=0,
-        unrolled=UnrolledConfig(iterations=2, channels=4, kernel_size=3),
-        certified=CertifiedConfig(tol=1e-3, betas=(0.1, 0.01)),
+        unrolled=UnrolledConfig(iterations=2, channels=4, kernel_size=3, betas=(0.1, 0.01)),
+        certified=CertifiedConfig(tol=1e-3),
     )
     config = replace(config, optim=replace(config.optim, epochs=2))
     return replace(config, **changes)

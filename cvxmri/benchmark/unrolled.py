@@ -18,7 +18,7 @@ w.iterations``, on random multi-coil data (`random_batch`), with Adam:
     `COLUMN_CHUNK`), from the iteration's `IterationData` (the iterate, the residual
     ``x* - DC(x)`` and the sign patterns);
   - convex solve (``part="solve"``): one `IterationSolver.solve` at the first beta of the
-    default path (`CertifiedConfig`), the solver (its Gram matrix) built beforehand, its
+    default path (`UnrolledConfig.betas`), the solver (its Gram matrix) built beforehand, its
     refinement rounds stopped after `SOLVE_SECONDS`;
   - stage pass (once per iteration in the trainer): the images advanced through the trained
     block, ``DC(block(x))`` without autograd in chunks of `IMAGE_CHUNK` (convex: the gated
@@ -56,7 +56,7 @@ from cvxmri.models.dc import DC_KINDS, DataConsistency, DCConfig
 from cvxmri.models.stages import gated_layers
 from cvxmri.models.unrolled import UnrolledNet
 from cvxmri.physics import recon_sense
-from cvxmri.training.config import CertifiedConfig
+from cvxmri.training.config import CertifiedConfig, UnrolledConfig
 from cvxmri.training.unrolled import (
     IMAGE_CHUNK,
     IterationData,
@@ -363,7 +363,7 @@ class _Unrolled:
     def solve(self, inp: _Inputs) -> dict[str, float]:
         """One certified solve at the first beta of the default path."""
         assert inp.solver is not None
-        beta = CertifiedConfig().betas[0] * inp.solver.beta_max()
+        beta = UnrolledConfig().betas[0] * inp.solver.beta_max()
         return inp.solver.solve(beta, [])
 
 

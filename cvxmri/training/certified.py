@@ -510,19 +510,24 @@ class PatchStore:
     whole set (51 thousand on the default data's stage 2), not each batch's codes again;
     and a grown basis computes only its new columns'
     coordinates. The coordinates take ``4 * pixels`` bytes per column, in one buffer of
-    `columns` columns, zeroed when it is made: its rows are scattered to (code order), and
-    a first touch of its pages in that order cost seconds of page faults, where zeroing
-    touches them in sequence. Its Gram matrices
+    `columns` columns (`buffer`), zeroed when it is made: its rows are scattered to (code
+    order), and a first touch of its pages in that order cost seconds of page faults,
+    where zeroing touches them in sequence; the next stage's store can take it over. Its
+    Gram matrices
     are kept in float32 (half the memory; the refinement rounds' exact passes remove the
     rounding, and the main job's stages took the same rounds and iterations as with
     float64, docs/benchmarks.md) and packed (`GramSystem.gram`: the pattern-pair blocks
     once, another half).
     """
 
-    def __init__(self, stage: ConvexStage, data: _Data, columns: int) -> None:
+    def __init__(
+        self, stage: ConvexStage, data: _Data, columns: int, buffer: Tensor | None = None
+    ) -> None:
         """Sort the pixels of ``data`` (``(x, r, gates)`` batches) by gate code, with room
         for the coordinates of ``columns`` basis columns, fewer if `STORE_BYTES` holds
-        fewer."""
+        fewer. ``buffer``: an earlier store's `buffer`, taken as this one's when its shape
+        and device fit (its pages already touched: the first touch of a new one's costs
+        seconds, the stages of a network have the same pixels)."""
         self.stage, self.data = stage, data
         p = stage.config.patterns
         d_all = torch.cat([d.movedim(1, -1).reshape(-1, p) for _, _, d in data])
@@ -545,13 +550,15 @@ class PatchStore:
         # Counted on every process's pixels together, so that all processes agree (each
         # holds only its share under torchrun, a stricter bound than needed).
         self.columns = min(columns, STORE_BYTES // (4 * max(1, int(pixels))))
-        self._buffer = torch.zeros(d_all.shape[0], self.columns, device=d_all.device)
+        shape = (d_all.shape[0], self.columns)
+        fits = buffer is not None and buffer.shape == shape and buffer.device == d_all.device
+        self.buffer = buffer if fits else torch.zeros(shape, device=d_all.device)
 
     def held_bytes(self) -> int:
         """Bytes of the store: the coordinates' buffer (all `columns` of it, zeroed when
         made), the residuals, the code grouping and the codes' gates."""
         groups = self.groups
-        held = (self._buffer, self.residual, groups.order, self._position, groups.starts)
+        held = (self.buffer, self.residual, groups.order, self._position, groups.starts)
         return sum(t.numel() * t.element_size() for t in (*held, groups.counts, groups.codes))
 
     def _rhs(self, coordinates: Tensor) -> Tensor:
@@ -579,7 +586,7 @@ class PatchStore:
         ordered = torch.empty(self.residual.shape, device=weights.device)
         for start in range(0, ordered.shape[0], RHS_PIXELS):
             stop = min(start + RHS_PIXELS, ordered.shape[0])
-            responses = (self._buffer[start:stop, :r] @ weights).view(stop - start, p, -1)
+            responses = (self.buffer[start:stop, :r] @ weights).view(stop - start, p, -1)
             gates = self._gates(start, stop).to(responses.dtype)
             ordered[start:stop] = (gates.unsqueeze(2) * responses).sum(dim=1)
         pixels = ordered[self._position]  # back to the batches' order
@@ -616,7 +623,7 @@ class PatchStore:
             raise CvxmriError(f"a basis of {m} columns exceeds the store's {self.columns}")
         # Each batch's coordinates straight to their places in code order (the whole set's
         # at once, and a sorted copy of them, would take 8 bytes a pixel a new column).
-        new = self._buffer[:, old:m]
+        new = self.buffer[:, old:m]
         start = 0
         for x, _, _ in stream(self.data, new.device):
             coordinates = _projected_patches(stage, x, basis[:, old:])
@@ -624,7 +631,7 @@ class PatchStore:
             new.index_copy_(0, rows, coordinates)
             start += coordinates.shape[0]
         upper_p = torch.triu_indices(p, p, device=new.device)
-        sums = _code_sums(new, self._buffer[:, :m], self.groups, upper_p)
+        sums = _code_sums(new, self.buffer[:, :m], self.groups, upper_p)
         rhs = self._rhs(new)  # the new rows of every pattern
         distributed.all_reduce_(sums)
         distributed.all_reduce_(rhs)
@@ -844,6 +851,12 @@ def solve_gram(
         candidate_value = objective(system, candidate, g_candidate, beta)
         done += 1
         if candidate_value > value + 1e-12 * abs(value):
+            if plain and candidate_value - value <= 1e-12 * (abs(system.rr) + abs(value)):
+                # Within the rounding of the objective's terms (``||r||^2``, ``b^T v`` and
+                # ``v^T G v`` nearly cancel near a close fit): no step can be seen to
+                # decrease it, the precision's floor (a relative gap near 1e-8 on a small
+                # iteration, tests/test_unrolled.py).
+                break
             if plain:
                 # A plain step with a large enough constant never increases the objective:
                 # the power iteration under-estimated it.
@@ -1008,10 +1021,12 @@ class StageSolver:
         subspace_rounds: int = 0,
         subspace_unknowns: int = CertifiedConfig.subspace_unknowns,
         screen: bool = CertifiedConfig.screen,
+        buffer: Tensor | None = None,
     ) -> None:
         """Set up the route for ``stage`` on ``data`` (``(inputs, r, gates)`` chunks of
         whole images, gates as `ConvexStage.pattern_gates`, ``r`` and the gates on the
-        weights' device)."""
+        weights' device). ``buffer``: an earlier solver's ``store.buffer``, for the
+        subspace route's patch store to reuse (`PatchStore`)."""
         if stage.config.program != "gated":
             raise CvxmriError("the certified solver needs convex.program=gated")
         if not data:
@@ -1042,7 +1057,7 @@ class StageSolver:
             self.route = "subspace"
             # (The Gram route's rounds usually certify: a screening pass would be spent.)
             self.screen = screen and tol >= SCREEN_TOL
-            self.store = PatchStore(stage, data, max(1, subspace_unknowns // p))
+            self.store = PatchStore(stage, data, max(1, subspace_unknowns // p), buffer)
             self.room = self.store.columns
             self.basis = initial_basis(stage, _subset(data, self.count), min(subspace, self.room))
         else:

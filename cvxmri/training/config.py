@@ -60,10 +60,13 @@ class CertifiedConfig:
 
     Attributes:
         tol: relative duality gap at which a stage's program counts as solved.
-        betas: the beta path, as fractions of the stage's ``beta_max`` (the smallest beta
-            at which the zero weight is optimal), solved in this order, each warm-started
-            from the previous solution; the stage keeps the beta with the best validation
-            PSNR (`path_done` says when the path stops early).
+        betas: a CNN stage's beta path, as fractions of the stage's ``beta_max`` (the
+            smallest beta at which the zero weight is optimal), solved in this order, each
+            warm-started from the previous solution; the stage keeps the beta with the best
+            validation PSNR (`path_done` says when the path stops early). It starts at 1e-2:
+            on the default data no stage was better at 3e-2, and stages 2-4 there were
+            below the depth before them, at seconds each (docs/benchmarks.md). Unrolled
+            iterations have their own path (`UnrolledConfig.betas`).
         seconds: time budget per beta (0: none); a beta stopped by it reports the gap it
             reached.
         gram_unknowns: stages with at most this many unknowns per output channel
@@ -95,7 +98,7 @@ class CertifiedConfig:
     """
 
     tol: float = 1e-3
-    betas: tuple[float, ...] = (3e-2, 1e-2, 3e-3, 1e-3)
+    betas: tuple[float, ...] = (1e-2, 3e-3, 1e-3)
     seconds: float = 0.0
     gram_unknowns: int = 4096
     check_every: int = 10
@@ -113,10 +116,7 @@ class CertifiedConfig:
             self,
             {
                 "tol": (math.isfinite(self.tol) and 0 < self.tol < 1, "in (0, 1)"),
-                "betas": (
-                    len(self.betas) > 0 and all(0 < b <= 1 for b in self.betas),
-                    "a non-empty list of fractions in (0, 1]",
-                ),
+                "betas": beta_path_rule(self.betas),
                 "seconds": (math.isfinite(self.seconds) and self.seconds >= 0, ">= 0 (0: none)"),
                 "gram_unknowns": (self.gram_unknowns >= 0, ">= 0"),
                 "check_every": (self.check_every >= 1, ">= 1"),
@@ -133,6 +133,14 @@ class CertifiedConfig:
         """Whether the beta path stops after betas with these validation PSNRs (dB, in path
         order): once the last is at most `min_gain` above the best before it."""
         return len(val_psnrs) > 1 and val_psnrs[-1] <= max(val_psnrs[:-1]) + self.min_gain
+
+
+def beta_path_rule(betas: tuple[float, ...]) -> tuple[bool, str]:
+    """The `check_settings` rule of a beta path: fractions of ``beta_max`` in (0, 1]."""
+    return (
+        len(betas) > 0 and all(math.isfinite(b) and 0 < b <= 1 for b in betas),
+        "a non-empty list of fractions in (0, 1]",
+    )
 
 
 def hidden_layer_rules(channels: int, kernel_size: int) -> dict[str, tuple[bool, str]]:
@@ -167,6 +175,9 @@ class UnrolledConfig:
             Its exact passes, and so the certificate, still run over every training
             image: a smaller model costs a few more passes (cheap: two data-consistency
             steps an image) and saves most of the build (one per design column an image).
+        betas: greedy convex iterations: the beta path of each, as fractions of its
+            ``beta_max``, solved whole (`CertifiedConfig.min_gain`); the other settings of
+            the solver are ``certified``'s.
     """
 
     iterations: int = 8
@@ -175,6 +186,7 @@ class UnrolledConfig:
     dc: DCConfig = field(default_factory=DCConfig)
     shared: bool = False
     gram_images: int = 0
+    betas: tuple[float, ...] = (3e-2, 1e-2, 3e-3, 1e-3)
 
     def validate(self, method: str) -> None:
         """Raise `CvxmriError` naming the first invalid setting."""
@@ -190,6 +202,7 @@ class UnrolledConfig:
                     "one module per iteration)",
                 ),
                 "gram_images": (self.gram_images >= 0, ">= 0 (0: every training image)"),
+                "betas": beta_path_rule(self.betas),
             },
             "unrolled.",
         )

@@ -293,6 +293,8 @@ class Trainer:
         self.certificates: list[dict[str, Any]] = []
         self.depth_metrics: list[dict[str, Any]] = []
         self.writer: Any = None
+        # The certified solver's patch store buffer, passed from stage to stage.
+        self._patch_buffer: Tensor | None = None
 
     # ------------------------------------------------------------------ shared helpers
 
@@ -680,6 +682,7 @@ class Trainer:
             else:
                 self._train_stage(stage, optimizer, scheduler, inputs, index, first_epoch, budget)
             self._finish_stage(stage, inputs, index)
+        self._patch_buffer = None
         final = self._prefix(stages, torch.device("cpu"))
         assert final is not None
         return final
@@ -810,9 +813,12 @@ class Trainer:
             subspace_rounds=settings.subspace_rounds,
             subspace_unknowns=settings.subspace_unknowns,
             screen=settings.screen,
+            buffer=self._patch_buffer,
         )
         largest = solver.beta_max()
         store = solver.store
+        # The next stage's patch store takes the buffer over (its pages already touched).
+        self._patch_buffer = None if store is None else store.buffer
         log.info(
             "stage %d: %s route, %d unknowns per output, set-up %.1f s, beta_max %.4g%s",
             index + 1,

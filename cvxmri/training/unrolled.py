@@ -893,7 +893,7 @@ class UnrolledTrainer(Trainer):
         # The whole path (not `CertifiedConfig.path_done`): its betas share one Gram
         # matrix and cost a second or two each, and small gains compound over iterations.
         worse = 0
-        for position, fraction in enumerate(certified.betas):
+        for position, fraction in enumerate(settings.betas):
             beta = fraction * largest
             trace: list[list[float]] = []
             cert = solver.solve(beta, trace)
@@ -924,7 +924,7 @@ class UnrolledTrainer(Trainer):
                     **{f"cert_{k}": v for k, v in cert.items()},
                     "seconds": seconds,
                 },
-                t * len(certified.betas) + position + 1,
+                t * len(settings.betas) + position + 1,
             )
             if best is None or metrics["val_psnr"] > best[0]:
                 saved = {k: v.detach().clone() for k, v in stage.state_dict().items()}
