@@ -84,6 +84,26 @@ def test_patch_store_predicts_as_the_convolutions(
     assert given.ee == pytest.approx(convolved.ee, rel=1e-5)
 
 
+def test_solve_gram_certifies_a_close_fit() -> None:
+    """Near a close fit the objective's terms (``||r||^2 = 593``, ``b^T v``, ``v^T G v``)
+    cancel to 8e-4, and their rounding is far above 1e-12 of the value: it must not count
+    as an increase (which made the solver double its step constant until it gave up),
+    and the solve reaches a relative gap of 1e-8."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 12, dtype=F64, generator=generator)
+    r = a @ torch.randn(12, 1, dtype=F64, generator=generator)
+    r += 1e-3 * torch.randn(400, 1, dtype=F64, generator=generator)
+    n = 4
+    system = certified.GramSystem(
+        a.T @ a / n, a.T @ r / n, float(r.square().sum()) / n, n, 3, "separate"
+    )
+    beta = 1e-6 * float(system.group_norms(system.rhs).max())
+    v, cert = certified.solve_gram(system, beta, tol=1e-8, max_iterations=10_000)
+    assert cert["relative_gap"] <= 1e-8 and cert["primal"] < 1e-5 * system.rr
+    exact = torch.linalg.lstsq(a, r).solution
+    torch.testing.assert_close(v, exact, rtol=0, atol=1e-4)
+
+
 def test_patch_store_takes_over_an_earlier_buffer() -> None:
     """A store given an earlier store's buffer of its shape works in it (the trainer's
     stages hand it on), whatever the buffer holds, and builds the system a fresh store
