@@ -394,6 +394,12 @@ def test_unrolled_settings_are_checked() -> None:
     with pytest.raises(CvxmriError, match=r"unrolled\.gram_images=-1"):
         bad = UnrolledConfig(gram_images=-1)
         replace(preset("tiny"), arch="unrolled", unrolled=bad).validate()
+    for betas in [(), (0.0, 0.1), (float("nan"),), (1.5,)]:
+        with pytest.raises(CvxmriError, match=r"unrolled\.betas=.*fractions in \(0, 1\]"):
+            bad = UnrolledConfig(betas=betas)
+            replace(preset("tiny"), arch="unrolled", unrolled=bad).validate()
+    with pytest.raises(CvxmriError, match=r"certified\.betas=\(0\.0,\)"):
+        replace(preset("tiny"), certified=CertifiedConfig(betas=(0.0,))).validate()
 
 
 def test_cli_trains_an_unrolled_network_that_predict_and_evaluate_use(
