@@ -478,7 +478,7 @@ def _add_reproduce_parsers(commands: argparse._SubParsersAction) -> None:
         "--preset",
         choices=("quick", "paper", "tiny", "quick3d"),
         default="quick",
-        help="quick (2 CPU cores, 18 min or more), paper (GPU), tiny (tests) or quick3d "
+        help="quick (2 CPU cores, about 30 min), paper (GPU), tiny (tests) or quick3d "
         "(the 3D comparison on 3D volumes, 2 CPU cores)",
     )
     reproduce.add_argument(
