@@ -64,9 +64,9 @@ class CertifiedConfig:
             smallest beta at which the zero weight is optimal), solved in this order, each
             warm-started from the previous solution; the stage keeps the beta with the best
             validation PSNR (`path_done` says when the path stops early). It starts at 1e-2:
-            on the default data no stage was better at 3e-2, and stages 2-4 there were
-            below the depth before them, at seconds each (docs/benchmarks.md). Unrolled
-            iterations have their own path (`UnrolledConfig.betas`).
+            on the default data no stage selected 3e-2, and stages 3-4 were below the
+            depth before them there, at seconds each (docs/benchmarks.md, "a path from
+            1e-2"). Unrolled iterations have their own path (`UnrolledConfig.betas`).
         seconds: time budget per beta (0: none); a beta stopped by it reports the gap it
             reached.
         gram_unknowns: stages with at most this many unknowns per output channel
