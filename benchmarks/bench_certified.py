@@ -3,14 +3,17 @@ time, certificates, validation and test metrics; print a table, write JSON and u
 docs/benchmarks.md.
 
 Usage: .venv/bin/python benchmarks/bench_certified.py [--masks poisson cartesian]
-    [--variants certified adam adam-carry end-to-end] [--runs DIR] [--no-doc]
+    [--variants certified certified-pool1 adam adam-preset end-to-end] [--runs DIR]
+    [--no-doc]
 
 Every network trains on the default dataset (build it with `cvxmri data simulate`) with the
 quick preset, one after the other in this process, a mask at a time in the order of
 ``--variants``, so that their times are comparable (this machine drifts by 15% over an
 hour): ``certified`` is the preset as it is (layer-wise convex, the certified solver,
-``carry``); ``adam`` the paper's convex stages (``--solver adam``, no ``carry``; the issue's
-comparison); ``adam-carry`` Adam with the preset's ``carry``; ``end-to-end`` the
+``carry``, gates selected from four times as many candidates: ``convex.gate_pool`` 4);
+``certified-pool1`` the same with the gates as drawn (``gate_pool`` 1); ``adam`` the paper's
+convex stages (``--solver adam``, no ``carry``, gates as drawn; the issue's comparison);
+``adam-preset`` Adam on the preset's program (``carry``, selected gates); ``end-to-end`` the
 end-to-end network of the same depth and width. Training seconds are the trainer's
 (`metrics_val.json`: its stages' or epochs' times, validation included). Test metrics are
 fastMRI's volume PSNR and SSIM on the SENSE magnitude with the fixed per-file test masks of
@@ -41,18 +44,22 @@ from cvxmri.training.run import train
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "certified.json"
 MASKS = {"poisson": MaskSpec("poisson", 4.0), "cartesian": MaskSpec("cartesian", 4.0, 0.04)}
-VARIANTS = ("certified", "adam", "adam-carry", "end-to-end")
+VARIANTS = ("certified", "certified-pool1", "adam", "adam-preset", "end-to-end")
 
 
 def variant_config(variant: str, mask_name: str) -> TrainConfig:
     """One variant on one mask: the main job's configuration of its network
-    (`cvxmri.reproduce.train_config`, quick preset), the solver and ``carry`` changed."""
+    (`cvxmri.reproduce.train_config`, quick preset), the solver, ``carry`` and the gate
+    pool changed."""
     quick = reproduce_preset("quick")
     method = "end-to-end" if variant == "end-to-end" else "layerwise-convex"
     config = train_config(quick, method, MASKS[mask_name], quick.layers)
+    drawn = replace(config.convex, gate_pool=1)
+    if variant == "certified-pool1":
+        return replace(config, convex=drawn)
     if variant == "adam":
-        return replace(config, solver="adam", carry=False)
-    if variant == "adam-carry":
+        return replace(config, solver="adam", carry=False, convex=drawn)
+    if variant == "adam-preset":
         return replace(config, solver="adam")
     return config
 
@@ -115,7 +122,7 @@ def table(rows: list[dict]) -> str:
         for variant, row in mine.items():
             gaps = row["selected_gaps"]
             certified = "-"
-            if gaps and variant == "certified":
+            if gaps and variant.startswith("certified"):
                 certified = f"{sum(g <= 1e-3 for g in gaps)}/{len(gaps)} ({max(gaps):.1e})"
             ratio = f"{row['train_seconds'] / adam['train_seconds']:.2f}" if adam else "-"
             versus_adam = paired(row, adam) if adam and variant != "adam" else "-"
@@ -158,9 +165,11 @@ def main() -> None:
         "## The certified convex CNN against Adam's and end-to-end, one run (issue 12)\n\n"
         f"{date.today()}, {env['processor']} ({env['torch_threads']} torch threads), "
         f"command: {command}. Quick preset (5 layers, 32 channels, 7x7), default data, "
-        "trained one after the other; `certified`: the preset (certified solver, `carry`); "
-        "`adam`: the paper's convex stages (Adam, no `carry`); `adam-carry`: Adam with "
-        "`carry`. Test split (fixed per-file masks), volume PSNR/SSIM on the SENSE "
+        "trained one after the other; `certified`: the preset (certified solver, `carry`, "
+        "gates selected from 4x as many candidates, `convex.gate_pool: 4`); "
+        "`certified-pool1`: the same with the gates as drawn; `adam`: the paper's convex "
+        "stages (Adam, no `carry`, gates as drawn); `adam-preset`: Adam on the preset's "
+        "program. Test split (fixed per-file masks), volume PSNR/SSIM on the SENSE "
         "magnitude; differences paired over the 3 test volumes (mean ± standard error). "
         "`train s`: the trainer's seconds (validation included). JSON: "
         "`benchmarks/results/certified.json`.\n\n"

@@ -56,6 +56,9 @@ SLAB_POSITIONS = 2**17
 # The exact (float64) pass of the certificate holds a slab's shifted copies of the input,
 # ``K * C_in`` rows by the slab's padded positions, of at most this many bytes.
 EXACT_SLAB_BYTES = 64 * 2**20
+# `ConvexStage.pattern_scores` takes this many candidate patterns at a time (its working
+# set: the sample's gated residuals, candidates x outputs maps of the sample's size).
+PATTERN_SCORE_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,11 @@ class ConvexStageConfig:
         active_fraction: ``(low, high)``: each gate's bias puts its hyperplane at a quantile
             of its response on the sample so that the pattern is active on a fraction of the
             pixels drawn uniformly from this range (pilancilab/scnn's ``active_proportion``).
+        gate_pool: candidate patterns drawn per pattern kept. 1: the patterns are the first
+            draws. n > 1, when `ConvexStage.init_gates` is given the stage's residual target
+            (layer-wise CNN stages; the unrolled iterations draw theirs): n times as many
+            candidates, of which the stage keeps those with the largest `pattern_scores`,
+            the gradient norms of their groups at the stage's starting point.
     """
 
     patterns: int = 32
@@ -85,6 +93,7 @@ class ConvexStageConfig:
     output_groups: str = "separate"
     gate_seed: int = 0
     active_fraction: tuple[float, float] = (0.2, 0.8)
+    gate_pool: int = 1
 
     def validate(self) -> None:
         """Raise `CvxmriError` naming the first invalid setting."""
@@ -116,6 +125,8 @@ class ConvexStageConfig:
                 "active_fraction must be (low, high) with 0 < low <= high < 1, "
                 f"got {self.active_fraction!r}"
             )
+        if not _is_int(self.gate_pool) or self.gate_pool < 1:
+            raise CvxmriError(f"gate_pool must be an integer >= 1, got {self.gate_pool!r}")
 
 
 def _is_int(value: object) -> bool:
@@ -253,60 +264,96 @@ class ConvexStage(torch.nn.Module):
         return (x - mean) / std
 
     @torch.no_grad()
-    def init_gates(self, x: Tensor) -> None:
+    def init_gates(self, x: Tensor, residual: Tensor | None = None, reserved: int = 0) -> None:
         """Data-dependent gates from a sample batch ``x`` of stage inputs ``(B, C_in, H, W)``
         (3D: ``(B, C_in, D, H, W)``).
 
         Sets the per-channel input normalisation (used only inside the gate convolution) to
-        the sample's mean and std (std clamped at 1e-6, so all-zero channels are harmless),
-        draws gate filters i.i.d. ``N(0, 1/(C_in K K))`` from a generator seeded with
-        ``gate_seed``, and sets each bias at a quantile of the filter's response on the sample
-        (halfway between two neighbouring responses, so that no sample pixel sits on a tie):
-        the pattern is active on a fraction of the sample's pixels (voxels) drawn uniformly
-        from ``active_fraction``. On non-negative inputs a hyperplane through the origin would
-        be active almost everywhere, and near-constant patterns make the stage's Gram matrix
-        nearly singular. Patterns that are constant on
-        the sample (active fraction < 1% or > 99%) or duplicate an accepted pattern (> 99%
-        agreement) are redrawn, for at most 20 rounds; if some remain (a sample with no
-        spatial variation) they are kept and a RuntimeWarning says how many. Deterministic
-        for a given seed and sample.
+        the sample's mean and std (std clamped at 1e-6, so all-zero channels are harmless)
+        and draws the gate filters (`draw_patterns`: Gaussian filters, each bias at a
+        quantile of the filter's response, constant and duplicate patterns redrawn).
+
+        ``residual`` (``(B, out, *spatial)``: the sample's targets less the stage's
+        starting prediction) with ``gate_pool`` n > 1 selects the gates: n times as many
+        candidates are drawn as there are free patterns (all but the first ``reserved``,
+        which the caller sets: `carry_prediction`), and the free patterns are the
+        candidates with the largest `pattern_scores`, in the order they were drawn; the
+        reserved ones are left at zero. Without ``residual`` (or with ``gate_pool`` 1)
+        ``reserved`` changes nothing. Deterministic for a given seed and sample.
         """
         self._check_input(x)
-        batch, _, *spatial = x.shape
         p = self.config.patterns
-        pad = self.config.kernel_size // 2
+        if not _is_int(reserved) or not 0 <= reserved < p:
+            raise CvxmriError(f"reserved must be an integer in [0, {p}), got {reserved!r}")
         var, mean = torch.var_mean(x, dim=(0, *range(2, 2 + self.ndim)), correction=0)
         self.input_mean.copy_(mean)
         self.input_std.copy_(var.sqrt().clamp_min(1e-6))
+        gen = torch.Generator().manual_seed(self.config.gate_seed)
+        pool = self.config.gate_pool
+        if residual is None or pool == 1:
+            weight, bias = self.draw_patterns(x, p, gen)
+        else:
+            if residual.shape != (x.shape[0], self.out_channels, *x.shape[2:]):
+                raise CvxmriError(
+                    f"residual of shape {tuple(residual.shape)} for a sample of shape "
+                    f"{tuple(x.shape)} and {self.out_channels} outputs"
+                )
+            free = p - reserved
+            candidates, offsets = self.draw_patterns(x, free * pool, gen)
+            scores = self.pattern_scores(x, residual, candidates, offsets)
+            keep = scores.argsort(descending=True)[:free].sort().values.cpu()
+            weight = torch.zeros(p, *candidates.shape[1:], dtype=torch.float64)
+            bias = torch.zeros(p, dtype=torch.float64)
+            weight[reserved:] = candidates[keep]
+            bias[reserved:] = offsets[keep]
+        self.gate_weight.copy_(weight)
+        self.gate_bias.copy_(bias)
+
+    @torch.no_grad()
+    def draw_patterns(self, x: Tensor, count: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``count`` gate filters and biases (float64, on the CPU) for the sample ``x``,
+        from ``gen``, with the input normalisation already set.
+
+        Filters are i.i.d. ``N(0, 1/(C_in K K))``; each bias sets the hyperplane at a
+        quantile of the filter's response on the sample (halfway between two neighbouring
+        responses, so that no sample pixel sits on a tie): the pattern is active on a
+        fraction of the sample's pixels (voxels) drawn uniformly from ``active_fraction``.
+        On non-negative inputs a hyperplane through the origin would be active almost
+        everywhere, and near-constant patterns make the stage's Gram matrix nearly
+        singular. Patterns that are constant on the sample (active fraction < 1% or > 99%)
+        or duplicate an accepted pattern (> 99% agreement) are redrawn, for at most 20
+        rounds; if some remain (a sample with no spatial variation) they are kept and a
+        RuntimeWarning says how many.
+        """
+        batch, _, *spatial = x.shape
+        pad = self.config.kernel_size // 2
         xn = self._normalise(x)
         pixels = batch * math.prod(spatial)
-
-        gen = torch.Generator().manual_seed(self.config.gate_seed)
-        weight = torch.zeros(p, self.in_channels, *self.gate_weight.shape[2:], dtype=torch.float64)
-        bias = torch.zeros(p, dtype=torch.float64)
+        weight = torch.zeros(count, self.in_channels, *self._kernel, dtype=torch.float64)
+        bias = torch.zeros(count, dtype=torch.float64)
         # Accepted patterns as +-1 so that agreements are one matrix product.
-        signs = torch.zeros(p, pixels, dtype=x.dtype, device=x.device)
-        accepted = torch.zeros(p, dtype=torch.bool)
-        todo = list(range(p))
+        signs = torch.zeros(count, pixels, dtype=x.dtype, device=x.device)
+        accepted = torch.zeros(count, dtype=torch.bool)
+        todo = list(range(count))
         for _ in range(GATE_REDRAW_ROUNDS):
             if not todo:
                 break
-            count = len(todo)
-            filters = self._draw_filters(count, gen)
+            drawn = len(todo)
+            filters = self._draw_filters(drawn, gen)
             low, high = self.config.active_fraction
-            wanted = low + (high - low) * torch.rand(count, generator=gen, dtype=torch.float64)
-            response = self.ops.conv(xn, filters.to(x), padding=pad)  # (B, count, *spatial)
+            wanted = low + (high - low) * torch.rand(drawn, generator=gen, dtype=torch.float64)
+            response = self.ops.conv(xn, filters.to(x), padding=pad)  # (B, drawn, *spatial)
             # The threshold lies halfway between the sorted responses at the wanted quantile,
             # so that no sample pixel sits on the hyperplane (the patterns of the sample do
             # not flip with the dtype or device at a tie).
-            flat = response.transpose(0, 1).reshape(count, pixels)
+            flat = response.transpose(0, 1).reshape(drawn, pixels)
             ranked = flat.sort(dim=1).values
             inactive = ((1 - wanted) * pixels).round().long().clamp(1, pixels - 1).to(x.device)
-            rows = torch.arange(count, device=x.device)
+            rows = torch.arange(drawn, device=x.device)
             threshold = (ranked[rows, inactive - 1] + ranked[rows, inactive]) / 2
             offsets = -threshold
             active = response + self._channel_view(offsets) >= 0
-            cand = active.transpose(0, 1).reshape(count, pixels).to(x.dtype) * 2 - 1
+            cand = active.transpose(0, 1).reshape(drawn, pixels).to(x.dtype) * 2 - 1
             fractions = (cand.sum(dim=1) / pixels + 1) / 2
             # Agreement of each candidate with every accepted pattern and every candidate:
             # (1 + <s_a, s_b> / M) / 2.
@@ -334,14 +381,43 @@ class ConvexStage(torch.nn.Module):
             todo = remaining
         if todo:
             warnings.warn(
-                f"init_gates: {len(todo)} of {p} gate patterns are still constant or "
+                f"init_gates: {len(todo)} of {count} gate patterns are still constant or "
                 f"duplicate after {GATE_REDRAW_ROUNDS} rounds; the sample has too little "
                 "spatial variation",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        self.gate_weight.copy_(weight)
-        self.gate_bias.copy_(bias)
+        return weight, bias
+
+    @torch.no_grad()
+    def pattern_scores(self, x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """How much each candidate pattern (gate filters ``weight``, biases ``bias``) would
+        gain the stage: the sum of its groups' dual norms ``||Phi_g^T residual||``
+        (`group_norms_of`) on the sample ``x``, ``(count,)``.
+
+        At the stage's starting point (weights zero, or the carried prediction, whose
+        residual ``residual`` is), this is the gradient of the data term in the pattern's
+        groups: the patterns whose dual constraints the start violates most, the first a
+        column-generation (conditional gradient) method over the hyperplane arrangement
+        would add. Computed ``PATTERN_SCORE_CHUNK`` candidates at a time, in float32.
+        """
+        x = x.float()
+        residual = residual.to(x)
+        xn = self._normalise(x)
+        k = self.config.kernel_size
+        out = self.out_channels
+        scores = []
+        for start in range(0, weight.shape[0], PATTERN_SCORE_CHUNK):
+            w = weight[start : start + PATTERN_SCORE_CHUNK].to(x)
+            b = bias[start : start + PATTERN_SCORE_CHUNK].to(x)
+            count = w.shape[0]
+            gates = (self.ops.conv(xn, w, b, padding=k // 2) >= 0).to(x.dtype)
+            grad_y = (gates.unsqueeze(2) * residual.unsqueeze(1)).flatten(1, 2)
+            shape = (count * out, self.in_channels, *self._kernel)
+            grad = self.ops.conv_weight(x, shape, grad_y, padding=k // 2)
+            norms = group_norms_of(grad.view(count, out, -1), self.config.output_groups)
+            scores.append(norms.view(count, -1).sum(dim=1))
+        return torch.cat(scores)
 
     @torch.no_grad()
     def gates(self, x: Tensor) -> Tensor:

@@ -330,9 +330,12 @@ class ConvexTrainingStage(Stage):
         self.spec = spec
         self.patterns = module.config.patterns
 
-    def prepare(self, sample: Tensor) -> None:
-        """Data-dependent gates from a sample of stage inputs (`ConvexStage.init_gates`)."""
-        self.module.init_gates(sample)
+    def prepare(self, sample: Tensor, residual: Tensor | None = None, reserved: int = 0) -> None:
+        """Data-dependent gates from a sample of stage inputs (`ConvexStage.init_gates`),
+        selected on ``residual`` (the sample's targets less the stage's starting
+        prediction) when the program's ``gate_pool`` is above 1; the first ``reserved``
+        patterns are left to the caller."""
+        self.module.init_gates(sample, residual, reserved)
 
     def step(
         self,
@@ -408,6 +411,7 @@ def build_stage(
     in_channels: int,
     sample: Tensor,
     *,
+    residual: Tensor | None = None,
     seed: int = 0,
     previous_final: nn.Module | None = None,
     device: torch.device | str | None = None,
@@ -417,8 +421,11 @@ def build_stage(
     A convex stage is a `ConvexStage` with gate seed ``seed``, gates initialised on
     ``sample`` (a batch of its inputs, on the device the gates are computed on) and, with
     ``spec.carry`` after the first stage, started at the previous depth's prediction
-    (``previous_final``: the previous network's 1x1 output layer). A non-convex stage is a
-    `TwoLayerStage` initialised from ``torch.manual_seed(seed)``.
+    (``previous_final``: the previous network's 1x1 output layer, on ``sample``'s device).
+    ``residual`` (the residual targets ``x* - x0`` of ``sample``'s images, on its device)
+    lets a program with ``gate_pool`` above 1 select its gates on what the stage starts
+    from: ``residual`` less the carried prediction (`ConvexStage.init_gates`). A
+    non-convex stage is a `TwoLayerStage` initialised from ``torch.manual_seed(seed)``.
     """
     spec.validate()
     if spec.convex_method:
@@ -426,11 +433,15 @@ def build_stage(
             in_channels, IMAGE_CHANNELS, spec.convex_config(gate_seed=seed), spec.ndim
         )
         stage: Stage = ConvexTrainingStage(convex, spec)
-        stage.prepare(sample)
-        if spec.carry and index > 0:
-            if previous_final is None:
-                raise CvxmriError("carry needs the previous network's output layer")
-            carry_prediction(convex, previous_final)
+        carried = previous_final if spec.carry and index > 0 else None
+        if spec.carry and index > 0 and carried is None:
+            raise CvxmriError("carry needs the previous network's output layer")
+        if carried is not None and residual is not None:
+            with torch.no_grad():
+                residual = residual - carried(sample).to(residual)
+        stage.prepare(sample, residual, reserved=0 if carried is None else 1)
+        if carried is not None:
+            carry_prediction(convex, carried)
     else:
         torch.manual_seed(seed)
         module = TwoLayerStage(in_channels, spec.channels, spec.kernel_size, spec.ndim)

@@ -7,7 +7,8 @@ the whole comparison on 2 CPU cores in minutes: 32 channels, four 64x64 training
 per image and epoch, 30 epochs (per stage), and a larger learning rate, 1e-3 (chosen on the
 validation split); its convex stages are solved by the certified solver (a beta path on
 whole images, every beta to a relative duality gap of 1e-3) and carry the previous depth's
-prediction (``carry``), where `paper` keeps the paper's Adam and plain stages: at 256
+prediction (``carry``) through gates selected from four times as many candidates
+(``convex.gate_pool``), where `paper` keeps the paper's Adam and plain stages: at 256
 channels and a full training set the certified solver's subspace route outgrows its memory
 budget (`cvxmri.training.certified.STORE_BYTES`).
 
@@ -16,9 +17,9 @@ preset uses 3x3x3 kernels (the unrolled network's regularisers too), and its tra
 are cubes: of side 12 (the default slab thickness of ``data/default3d``) for quick, 4 for
 tiny, and whole volumes for paper (the unrolled network always trains on whole volumes);
 convex stages take the memory-lean step (``pattern_chunk`` 32), as in the 3D memory
-benchmark, and Adam without ``carry`` (the 3D comparison's setting): the certified solver
-holds its stage's whole training set, which the 3D comparison (memory is its point) does
-not afford.
+benchmark, and Adam without ``carry`` or gate selection (the 3D comparison's setting): the
+certified solver holds its stage's whole training set, which the 3D comparison (memory is
+its point) does not afford.
 """
 
 from __future__ import annotations
@@ -431,6 +432,7 @@ def preset(name: str, mask_kind: str = "poisson", dims: int = 2) -> TrainConfig:
             unrolled=unrolled,
             solver="adam",
             carry=False,
+            convex=replace(config.convex, gate_pool=1),
         )
     return config
 
@@ -453,6 +455,7 @@ def _preset2d(name: str, mask_kind: str) -> TrainConfig:
             optim=OptimConfig(lr=1e-3, step=10, gamma=0.5, epochs=30, batch_size=8),
             solver="certified",
             carry=True,
+            convex=ConvexStageConfig(gate_pool=4),
         )
     if name == "tiny":
         return TrainConfig(

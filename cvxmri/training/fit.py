@@ -119,10 +119,11 @@ def fit_layerwise(
     Each of the ``layers - 1`` stages (`build_stage`, from a `StageSpec` of ``method``,
     ``channels``, ``kernel_size``, ``convex``, ``hidden_layer``, ``carry``, ``amp``,
     ``pattern_chunk``, ``ndim``) gets its gates from its inputs on the first
-    ``gate_batches`` batches, trains for ``optim.epochs`` epochs with Adam
-    (`make_optimizer`) on ``r = target - x0`` from the frozen prefix's features, and is
-    frozen (`Stage.freeze`): its hidden layer is appended, and its 1x1 output layer is the
-    network's until the next stage replaces it. ``method``: ``layerwise-convex`` or
+    ``gate_batches`` batches (selected on their residuals with ``convex.gate_pool`` above
+    1), trains for ``optim.epochs`` epochs with Adam (`make_optimizer`) on
+    ``r = target - x0`` from the frozen prefix's features, and is frozen (`Stage.freeze`):
+    its hidden layer is appended, and its 1x1 output layer is the network's until the next
+    stage replaces it. ``method``: ``layerwise-convex`` or
     ``layerwise-nonconvex`` (non-convex stages). Every random choice derives from ``seed``
     (`stage_seed`); the batch order is the iterable's.
 
@@ -159,12 +160,14 @@ def fit_layerwise(
         return x0.float()
 
     for index in range(layers - 1):
-        sample = torch.cat([stage_inputs(_on(b, device)[0]) for b in islice(batches, gate_batches)])
+        gate_pairs = [_on(b, device) for b in islice(batches, gate_batches)]
+        sample = torch.cat([stage_inputs(x0) for x0, _ in gate_pairs])
         stage = build_stage(
             spec,
             index,
             sample.shape[1],
             sample,
+            residual=torch.cat([t - x0 for x0, t in gate_pairs]),
             seed=stage_seed(seed, index, method),
             previous_final=final,
             device=device,

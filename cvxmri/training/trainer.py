@@ -608,9 +608,13 @@ class Trainer:
             packed.append(pack_gates(gates).cpu())
         return torch.cat(packed)
 
-    def _new_stage(self, stage: int, sample: Tensor, inputs: StageInputs) -> Stage:
+    def _new_stage(
+        self, stage: int, sample: Tensor, residual: Tensor, inputs: StageInputs
+    ) -> Stage:
         """Stage ``stage`` from the run's `StageSpec` (`build_stage`), its gates from
-        ``sample``; a carried stage starts at the prefix's output layer."""
+        ``sample`` (selected on ``residual``, its images' residual targets, with
+        ``convex.gate_pool`` above 1); a carried stage starts at the prefix's output
+        layer."""
         cfg = self.config
         previous_final = None
         if cfg.carry and stage > 0:
@@ -622,6 +626,7 @@ class Trainer:
             stage,
             sample.shape[1],
             sample,
+            residual=residual,
             seed=stage_seed(cfg.seed, stage, cfg.method),
             previous_final=previous_final,
             device=self.device,
@@ -886,7 +891,9 @@ class Trainer:
         """A new stage (gates from a sample of its inputs), or the one a checkpoint holds."""
         # 16 images of 128x128 (2 of 320x320): the gates' sample, bounded in memory.
         sample = self._inputs_sample(inputs, 2 * self._chunk(self.val_pairs.x0.shape))
-        stage = self._new_stage(index, sample.to(self.device), inputs)
+        pairs = self._pairs(0)
+        residual = pairs.target[: len(sample)] - pairs.x0[: len(sample)]
+        stage = self._new_stage(index, sample.to(self.device), residual.to(self.device), inputs)
         optimizer, scheduler = make_optimizer(stage.module.parameters(), self.config.optim)
         if state is None or epoch == 0:
             return stage, optimizer, scheduler, 0
