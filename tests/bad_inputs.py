@@ -674,6 +674,12 @@ CASES = [
     ),
     Case("yaml-syntax", "YAML that does not parse", _yaml("layers: [1, 2\n"), "not valid YAML"),
     Case(
+        "yaml-gate-pool",
+        "YAML config with convex.gate_pool: 0 (no candidate to keep)",
+        _yaml("convex:\n  gate_pool: 0\n"),
+        "gate_pool must be an integer >= 1, got 0",
+    ),
+    Case(
         "unrolled-shared-greedy",
         "shared regulariser weights with greedy (layer-wise) training of an unrolled network",
         _args("train", "--arch", "unrolled", "--shared-weights", "--data", "{good}"),

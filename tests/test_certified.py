@@ -15,7 +15,8 @@ from test_convex import explicit_operator, group_slices, make_stage, smooth_data
 from torch import Tensor
 
 from cvxmri.errors import CvxmriError
-from cvxmri.models.convex import ConvexStage, duality_gap
+from cvxmri.models.cnn import ReconCNN
+from cvxmri.models.convex import ConvexStage, ConvexStageConfig, duality_gap
 from cvxmri.training import certified
 from cvxmri.training.certified import BlockMetric, StageSolver, gram_system
 from cvxmri.training.config import CertifiedConfig, TrainConfig, preset
@@ -657,6 +658,49 @@ def test_trainer_hands_the_patch_buffer_from_stage_to_stage(
     assert len(made) == 3 and made[0][0] is None
     assert all(given is made[0][1] and kept is made[0][1] for given, kept in made[1:])
     assert trainer._patch_buffer is None
+
+
+def test_trainer_selects_gates_on_the_sample_residual(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a gate pool the trainer hands each stage the residual targets of its gate
+    sample: ``x* - x0`` of the first training images at stage 1, less the carried
+    prediction (the previous network's output layer on the sample) after it."""
+    config: TrainConfig = replace(
+        preset("tiny"),
+        data=str(tiny_data),
+        layers=3,
+        carry=True,
+        convex=ConvexStageConfig(gate_pool=3),
+        solver="certified",
+        certified=CertifiedConfig(betas=(0.1,)),
+    )
+    seen: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+    original = ConvexStage.init_gates
+
+    def recording(
+        self: ConvexStage, x: torch.Tensor, residual: torch.Tensor | None = None, reserved: int = 0
+    ) -> None:
+        assert residual is not None
+        seen.append((x.clone(), residual.clone(), reserved))
+        original(self, x, residual, reserved)
+
+    monkeypatch.setattr(ConvexStage, "init_gates", recording)
+    trainer = Trainer(config, tmp_path)
+    model = trainer.fit()
+    pairs = trainer.fixed_pairs
+    assert pairs is not None and len(seen) == 2
+    (x1, r1, reserved1), (x2, r2, reserved2) = seen
+    n = len(x1)
+    torch.testing.assert_close(x1, pairs.x0[:n])
+    torch.testing.assert_close(r1, pairs.target[:n] - pairs.x0[:n])
+    depth2 = ReconCNN.load(tmp_path / "model_depth2.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(x2, depth2.last_hidden(pairs.x0[:n]))
+        torch.testing.assert_close(r2, r1 - depth2.final(x2), rtol=1e-5, atol=1e-6)
+    assert (reserved1, reserved2) == (0, 1)
+    # The network's gates are the selected ones: pattern 0 of stage 2 is the carry.
+    assert float(model.hidden[1].gate_bias[0]) == 1.0 and not model.hidden[1].gate_weight[0].any()
 
 
 def test_results_keep_the_selected_beta_of_a_path() -> None:

@@ -423,6 +423,9 @@ def test_carry_follows_the_preset_unless_given() -> None:
     assert _resolved("--preset", "quick", "--no-carry").carry is False  # type: ignore[attr-defined]
     assert _resolved("--preset", "paper").carry is False  # type: ignore[attr-defined]
     assert _resolved("--preset", "paper", "--carry").carry is True  # type: ignore[attr-defined]
+    # Gate selection goes with the quick preset's certified stages; the paper draws its gates.
+    assert quick.convex.gate_pool == 4  # type: ignore[attr-defined]
+    assert _resolved("--preset", "paper").convex.gate_pool == 1  # type: ignore[attr-defined]
 
 
 def test_tiny_preset_keeps_its_calibration() -> None:

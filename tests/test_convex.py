@@ -500,6 +500,73 @@ def test_gates_on_a_sample_without_variation_warn() -> None:
     assert torch.isfinite(stage.gate_weight).all() and torch.isfinite(stage.gate_bias).all()
 
 
+def test_a_pool_of_one_draws_the_gates_as_before() -> None:
+    # gate_pool 1, or no residual: the gates are the first draws of the seed, whatever
+    # `reserved` says (selection is what it changes).
+    x, r = smooth_data(3, 2, 10, seed=21, dtype=torch.float32)
+    plain, _ = make_stage(x, patterns=6, kernel_size=3, gate_seed=4)
+    pooled = ConvexStage(
+        2, 2, ConvexStageConfig(patterns=6, kernel_size=3, gate_seed=4, gate_pool=3)
+    )
+    pooled.init_gates(x, None, reserved=1)
+    single = ConvexStage(2, 2, plain.config)
+    single.init_gates(x, r, reserved=1)
+    for stage in (pooled, single):
+        assert torch.equal(stage.gate_weight, plain.gate_weight)
+        assert torch.equal(stage.gate_bias, plain.gate_bias)
+
+
+def autograd_scores(
+    x: torch.Tensor, r: torch.Tensor, gates: torch.Tensor, groups: str
+) -> torch.Tensor:
+    """Each candidate's groups' gradient norms at v = 0 from autograd on the explicit
+    model ``sum_c ||D_m * conv(x, v_c) - r_c||^2 / 2`` of that pattern alone."""
+    scores = []
+    for m in range(gates.shape[1]):
+        v = torch.zeros(r.shape[1], x.shape[1], 3, 3, dtype=x.dtype, requires_grad=True)
+        model = gates[:, m : m + 1] * F.conv2d(x, v, padding=1)
+        (0.5 * (model - r).square().sum()).backward()
+        assert v.grad is not None
+        norms = v.grad.flatten(1).norm(dim=1) if groups == "separate" else v.grad.norm()
+        scores.append(norms.sum())
+    return torch.stack(scores)
+
+
+@pytest.mark.parametrize("groups", ["separate", "frobenius"])
+@pytest.mark.parametrize("reserved", [0, 1])
+def test_gates_selected_from_a_pool_are_the_best_scored(groups: str, reserved: int) -> None:
+    x, r = smooth_data(3, 2, 10, seed=22)
+    settings = ConvexStageConfig(patterns=5, kernel_size=3, gate_seed=9, output_groups=groups)
+    pooled = ConvexStage(2, 2, dataclasses.replace(settings, gate_pool=3)).to(F64)
+    pooled.init_gates(x, r, reserved=reserved)
+    # The candidates, drawn again from the seed: (5 - reserved) x 3 of them.
+    free = 5 - reserved
+    reference = ConvexStage(2, 2, dataclasses.replace(settings, patterns=3 * free)).to(F64)
+    reference.init_gates(x)
+    scores = pooled.pattern_scores(
+        x, r, reference.gate_weight.double(), reference.gate_bias.double()
+    )
+    expected = autograd_scores(x, r, reference.gates(x), groups)
+    torch.testing.assert_close(scores, expected, rtol=1e-10, atol=0)
+    best = expected.argsort(descending=True)[:free].sort().values
+    torch.testing.assert_close(pooled.gate_weight[reserved:], reference.gate_weight[best])
+    torch.testing.assert_close(pooled.gate_bias[reserved:], reference.gate_bias[best])
+    if reserved:
+        assert not pooled.gate_weight[0].any() and float(pooled.gate_bias[0]) == 0
+    # Selection helps where it is meant to: the kept patterns' scores are the pool's best,
+    # above those of the first `free` draws (what gate_pool 1 would have kept).
+    assert expected[best].sum() > expected[:free].sum()
+
+
+def test_gate_selection_checks_its_arguments() -> None:
+    x, r = smooth_data(2, 2, 8, seed=23, dtype=torch.float32)
+    stage = ConvexStage(2, 2, ConvexStageConfig(patterns=3, kernel_size=3, gate_pool=2))
+    with pytest.raises(CvxmriError, match="residual of shape"):
+        stage.init_gates(x, r[:, :1])
+    with pytest.raises(CvxmriError, match="reserved"):
+        stage.init_gates(x, r, reserved=3)
+
+
 # ------------------------------------------------------------------ 6. gap at zero
 
 
@@ -540,6 +607,8 @@ def test_gap_at_zero_is_exact(groups: str) -> None:
         {"program": "relu"},
         {"output_groups": "nuclear"},
         {"cone_penalty": -1.0},
+        {"gate_pool": 0},
+        {"gate_pool": 1.5},
     ],
 )
 def test_invalid_configs_raise(settings: dict[str, object]) -> None:

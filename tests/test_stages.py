@@ -136,6 +136,39 @@ def test_carry_starts_at_the_previous_prediction() -> None:
     )
 
 
+def test_carried_stage_selects_its_gates_on_what_it_starts_from() -> None:
+    x0, r = batch(seed=2)
+    pooled = ConvexStageConfig(gate_pool=3)
+    first_stage = build_stage(StageSpec(channels=8, carry=True), 0, 2, x0, seed=1)
+    with torch.no_grad():
+        first_stage.module.v.normal_()
+    layer, last = first_stage.freeze()
+    prefix = ReconCNN([layer], last)
+    h = prefix.last_hidden(x0)
+    spec = StageSpec(channels=8, carry=True, convex=pooled)
+    second = build_stage(spec, 1, h.shape[1], h, residual=r, previous_final=last, seed=3)
+    # The same selection by hand: the residual less the carried prediction, pattern 0 kept
+    # for the carry.
+    by_hand = ConvexStage(h.shape[1], 2, spec.convex_config(gate_seed=3))
+    with torch.no_grad():
+        by_hand.init_gates(h, r - last(h), reserved=1)
+    module = second.module
+    assert isinstance(module, ConvexStage)
+    torch.testing.assert_close(module.gate_weight[1:], by_hand.gate_weight[1:], rtol=0, atol=0)
+    torch.testing.assert_close(module.gate_bias[1:], by_hand.gate_bias[1:], rtol=0, atol=0)
+    assert not module.gate_weight[0].any() and float(module.gate_bias[0]) == 1.0
+    # Selecting on the bare residual picks other gates: the carry is taken off.
+    on_residual = ConvexStage(h.shape[1], 2, spec.convex_config(gate_seed=3))
+    on_residual.init_gates(h, r, reserved=1)
+    assert not torch.equal(on_residual.gate_weight, by_hand.gate_weight)
+    # Without a residual the pool is not used: the stage draws as with gate_pool 1.
+    drawn = build_stage(spec, 1, h.shape[1], h, previous_final=last, seed=3)
+    plain = build_stage(
+        replace(spec, convex=ConvexStageConfig()), 1, h.shape[1], h, previous_final=last, seed=3
+    )
+    assert torch.equal(drawn.module.gate_weight, plain.module.gate_weight)
+
+
 @pytest.mark.parametrize(
     "spec",
     [

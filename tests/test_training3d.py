@@ -38,6 +38,8 @@ def test_3d_preset_has_cubic_kernels_and_patches() -> None:
     config = preset("quick", dims=3)
     assert (config.dims, config.kernel_size, config.crop, config.pattern_chunk) == (3, 3, 12, 32)
     assert config.stage_spec().ndim == 3
+    # The 3D comparison's Adam stages: no carry, gates as drawn.
+    assert not config.carry and config.convex.gate_pool == 1
     assert preset("quick").dims == 2 and preset("quick").kernel_size == 7
 
 

@@ -399,9 +399,10 @@ class ConvexStage(torch.nn.Module):
         residual ``residual`` is), this is the gradient of the data term in the pattern's
         groups: the patterns whose dual constraints the start violates most, the first a
         column-generation (conditional gradient) method over the hyperplane arrangement
-        would add. Computed ``PATTERN_SCORE_CHUNK`` candidates at a time, in float32.
+        would add. Computed ``PATTERN_SCORE_CHUNK`` candidates at a time, in at least
+        float32.
         """
-        x = x.float()
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         residual = residual.to(x)
         xn = self._normalise(x)
         k = self.config.kernel_size
@@ -415,7 +416,7 @@ class ConvexStage(torch.nn.Module):
             grad_y = (gates.unsqueeze(2) * residual.unsqueeze(1)).flatten(1, 2)
             shape = (count * out, self.in_channels, *self._kernel)
             grad = self.ops.conv_weight(x, shape, grad_y, padding=k // 2)
-            norms = group_norms_of(grad.view(count, out, -1), self.config.output_groups)
+            norms = group_norms_of(grad.reshape(count, out, -1), self.config.output_groups)
             scores.append(norms.view(count, -1).sum(dim=1))
         return torch.cat(scores)
 
