@@ -108,7 +108,7 @@ class CertifiedConfig:
     subspace_rounds: int = 6
     subspace_unknowns: int = 16384
     screen: bool = True
-    min_gain: float = 0.05
+    min_gain: float = 0.1
 
     def validate(self) -> None:
         """Raise `CvxmriError` naming the first invalid setting."""
