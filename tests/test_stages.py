@@ -18,6 +18,7 @@ from cvxmri.models.convex import ConvexStage, ConvexStageConfig, duality_gap
 from cvxmri.models.stages import (
     ConvexTrainingStage,
     NonConvexTrainingStage,
+    Stage,
     StageSpec,
     TwoLayerStage,
     build_stage,
@@ -115,13 +116,19 @@ def test_factory_builds_a_non_convex_stage() -> None:
     assert first is stage.module.first and last is stage.module.last
 
 
-def test_carry_starts_at_the_previous_prediction() -> None:
-    x0, _ = batch(seed=1)
+def trained_first_stage(x0: torch.Tensor) -> tuple[Stage, ReconCNN]:
+    """A carried network's first stage with random weights, and the depth-2 network."""
     first_stage = build_stage(StageSpec(channels=8, carry=True), 0, 2, x0, seed=1)
     with torch.no_grad():
         first_stage.module.v.normal_()
     layer, last = first_stage.freeze()
-    prefix = ReconCNN([layer], last)
+    return first_stage, ReconCNN([layer], last)
+
+
+def test_carry_starts_at_the_previous_prediction() -> None:
+    x0, _ = batch(seed=1)
+    first_stage, prefix = trained_first_stage(x0)
+    layer = prefix.hidden[0]
     h = prefix.last_hidden(x0)
     spec = StageSpec(channels=8, carry=True)
     with pytest.raises(CvxmriError, match="previous network's output layer"):
@@ -139,11 +146,8 @@ def test_carry_starts_at_the_previous_prediction() -> None:
 def test_carried_stage_selects_its_gates_on_what_it_starts_from() -> None:
     x0, r = batch(seed=2)
     pooled = ConvexStageConfig(gate_pool=3)
-    first_stage = build_stage(StageSpec(channels=8, carry=True), 0, 2, x0, seed=1)
-    with torch.no_grad():
-        first_stage.module.v.normal_()
-    layer, last = first_stage.freeze()
-    prefix = ReconCNN([layer], last)
+    _, prefix = trained_first_stage(x0)
+    last = prefix.final
     h = prefix.last_hidden(x0)
     spec = StageSpec(channels=8, carry=True, convex=pooled)
     second = build_stage(spec, 1, h.shape[1], h, residual=r, previous_final=last, seed=3)
