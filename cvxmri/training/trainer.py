@@ -609,7 +609,7 @@ class Trainer:
         return torch.cat(packed)
 
     def _new_stage(
-        self, stage: int, sample: Tensor, residual: Tensor, inputs: StageInputs
+        self, stage: int, sample: Tensor, residual: Tensor | None, inputs: StageInputs
     ) -> Stage:
         """Stage ``stage`` from the run's `StageSpec` (`build_stage`), its gates from
         ``sample`` (selected on ``residual``, its images' residual targets, with
@@ -891,9 +891,13 @@ class Trainer:
         """A new stage (gates from a sample of its inputs), or the one a checkpoint holds."""
         # 16 images of 128x128 (2 of 320x320): the gates' sample, bounded in memory.
         sample = self._inputs_sample(inputs, 2 * self._chunk(self.val_pairs.x0.shape))
-        pairs = self._pairs(0)
-        residual = pairs.target[: len(sample)] - pairs.x0[: len(sample)]
-        stage = self._new_stage(index, sample.to(self.device), residual.to(self.device), inputs)
+        residual = None
+        spec = self.config.stage_spec()
+        if spec.convex_method and spec.convex.gate_pool > 1:
+            # Only gate selection needs the sample's residual targets (`ConvexStage.init_gates`).
+            pairs = self._pairs(0)
+            residual = (pairs.target[: len(sample)] - pairs.x0[: len(sample)]).to(self.device)
+        stage = self._new_stage(index, sample.to(self.device), residual, inputs)
         optimizer, scheduler = make_optimizer(stage.module.parameters(), self.config.optim)
         if state is None or epoch == 0:
             return stage, optimizer, scheduler, 0
